@@ -1,0 +1,350 @@
+"""Typed configuration of a run. Defaults come from the spec (CSD_SPEC.md); presets override them.
+
+One definition drives the presets (``presets.py``), the command line and the ComfyUI nodes: each section is a
+dataclass, ``RunConfig.from_dict`` accepts nested dicts (unknown keys are an error naming the key), and
+``validate()`` checks every value and raises ``ConfigError`` naming the field and the fix.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from .errors import ConfigError
+from .schedules import ScheduleSpec, validate_schedule
+
+DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"
+
+GUIDANCE_MODES = ("csd", "sds", "edit")
+WEIGHTINGS = ("uniform", "sds", "fantasia3d")
+NORMAL_TYPES = ("analytic", "finite_difference")
+BACKGROUNDS = ("neural_env", "solid")
+ELEVATION_SAMPLING = ("csd-r1", "uniform-sphere", "uniform")
+
+
+@dataclass
+class PriorConfig:
+    """Which diffusion model to use. ``model`` is a diffusers folder, a single-file checkpoint or a hub id."""
+
+    model: str = ""
+    #: for single-file checkpoints: a diffusers folder or hub id to take the architecture's configs from
+    model_config: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float16 | float32 | bfloat16
+    #: image size the render is resized to before encoding (None: the model's native size, 512 for SD)
+    resolution: Optional[int] = None
+
+
+@dataclass
+class GuidanceConfig:
+    """Score distillation (spec §1, §5.6). CSD: c=ω1, u=−ω2, n=−(ω1−ω2), k=0."""
+
+    mode: str = "csd"  # csd | sds | edit
+    prompt: str = ""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    #: edit mode: the description of the current scene; it takes the negative slot (spec §4)
+    source_prompt: str = ""
+    #: ω1, the weight of the positive classifier score
+    guidance_weight: ScheduleSpec = 1.0
+    #: ω2, the (annealed) weight of the negative prompt; stage 1 ramps 0 → 1 over 5000 steps
+    negative_weight: ScheduleSpec = field(default_factory=lambda: [0, 0.0, 1.0, 5000])
+    #: SDS only: classifier-free guidance scale ω in ε_u + ω(ε_y − ε_u) (DreamFusion: 100)
+    cfg_scale: float = 100.0
+    weighting: str = "uniform"  # uniform | sds | fantasia3d
+    grad_normalize: bool = True
+    #: optional clamp of the gradient to ±clip (a schedule); None: no clamp
+    grad_clip: Optional[ScheduleSpec] = None
+    min_step_percent: ScheduleSpec = 0.02
+    max_step_percent: ScheduleSpec = field(default_factory=lambda: [5000, 0.98, 0.5, 5001])
+    view_dependent: bool = True
+    front_threshold: float = 45.0
+    back_threshold: float = 45.0
+    overhead_threshold: float = 60.0
+
+
+@dataclass
+class SceneConfig:
+    """The implicit volume (spec §5.1)."""
+
+    radius: float = 2.0
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    #: per-level scale b; None derives it from ``max_resolution``: N_max = N_min·b^(L−1)
+    per_level_scale: Optional[float] = None
+    max_resolution: int = 2048
+    mlp_width: int = 64
+    mlp_hidden_layers: int = 1
+    density_bias: str = "blob_magic3d"  # blob_magic3d | blob_dreamfusion | none
+    density_blob_scale: float = 10.0
+    density_blob_std: float = 0.5
+    normal_type: str = "analytic"  # analytic | finite_difference
+    finite_difference_eps: float = 0.01
+    background: str = "neural_env"  # neural_env | solid
+    background_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    #: replace the background by a random solid colour per batch item with this probability (random_aug)
+    random_background_prob: float = 0.5
+    encoding_backend: str = "auto"  # auto | torch (tinycudann arrives with the CUDA issue)
+
+    def level_scale(self) -> float:
+        if self.per_level_scale is not None:
+            return float(self.per_level_scale)
+        if self.n_levels == 1:
+            return 1.0
+        return math.exp(math.log(self.max_resolution / self.base_resolution) / (self.n_levels - 1))
+
+
+@dataclass
+class CameraConfig:
+    """Camera sampling (spec §3.1). Angles in degrees; positions (r·cosφ·cosθ, r·cosφ·sinθ, r·sinφ), up = +z."""
+
+    height: int = 64
+    width: int = 64
+    batch_size: int = 1
+    elevation_range: List[float] = field(default_factory=lambda: [-10.0, 90.0])
+    azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
+    distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
+    fovy_range: List[float] = field(default_factory=lambda: [40.0, 70.0])
+    #: stratified azimuth in the batch: (rand + i)/B·360 − 180
+    stratified_azimuth: bool = True
+    #: before this step, azimuth is only front (0±30°) or back (180±30°)
+    front_back_only_steps: int = 0
+    elevation_sampling: str = "csd-r1"  # csd-r1 (the official quirk) | uniform-sphere (fixed) | uniform
+    #: the very first step renders at elevation 15°, azimuth 0 (threestudio progressive_until=0)
+    first_step_fixed_view: bool = True
+    light_distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
+    light_position_perturb: float = 0.1
+    #: evaluation / preview views
+    eval_distance: float = 2.0
+    eval_fovy: float = 70.0
+    eval_elevation: float = 15.0
+
+
+@dataclass
+class RenderConfig:
+    """Volume rendering (spec §5.2)."""
+
+    num_samples_per_ray: int = 512
+    grid_resolution: int = 32
+    grid_update_every: int = 16
+    grid_ema_decay: float = 0.95
+    grid_threshold: float = 0.01
+    grid_warmup_steps: int = 256
+    #: prune samples with alpha below this before the differentiable pass (nerfacc alpha_thre)
+    alpha_threshold: float = 0.01
+    #: stop marching once transmittance falls below this (nerfacc early_stop_eps)
+    early_stop_eps: float = 1e-4
+    stratified: bool = True
+    #: shading after the warm-up: probability of albedo; the rest is split by textureless_prob
+    ambient_only_steps: int = 2001
+    albedo_prob: float = 0.5
+    #: of the non-albedo renders, the fraction that is "textureless" (the rest is Lambertian "diffuse")
+    textureless_prob: float = 1.0
+    #: textureless renders show the normal map n·0.5+0.5 (CSD) instead of grey Lambertian shading
+    textureless_normal: bool = True
+    ambient_light: float = 0.1
+    diffuse_light: float = 0.9
+    chunk_size: int = 1 << 18
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (schedules) for stage 1 (spec §3.1)."""
+
+    guidance: ScheduleSpec = 1.0
+    orient: ScheduleSpec = field(default_factory=lambda: [5000, 1.0, 20.0, 5000])
+    sparsity: ScheduleSpec = 1.0
+    opaque: ScheduleSpec = 0.0
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 10000
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-15
+    seed: int = 0
+    checkpoint_every: int = 500
+    preview_every: int = 100
+
+
+@dataclass
+class RunConfig:
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    scene: SceneConfig = field(default_factory=SceneConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    preset: str = ""
+
+    # ------------------------------------------------------------ conversion
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "RunConfig":
+        return merge_config(cls(), data)
+
+    def replace(self, **sections: Dict[str, Any]) -> "RunConfig":
+        """A copy with the given sections' fields overridden, e.g. ``cfg.replace(optim={"steps": 10})``."""
+        return merge_config(self, sections)
+
+    def with_steps(self, steps: int, rescale_schedules: bool = True) -> "RunConfig":
+        """A copy that runs ``steps`` steps; with ``rescale_schedules`` every step-valued schedule and step
+        count is stretched by ``steps / current steps`` so a shorter run keeps the same phases."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ConfigError("steps", f"must be a positive integer, got {steps!r}")
+        new = copy.deepcopy(self)
+        if rescale_schedules and steps != self.optim.steps:
+            f = steps / self.optim.steps
+            for section in (new.guidance, new.loss):
+                for fld in dataclasses.fields(section):
+                    v = getattr(section, fld.name)
+                    if isinstance(v, list) and len(v) in (3, 4):
+                        setattr(section, fld.name, _rescale_schedule(v, f))
+            new.camera.front_back_only_steps = int(round(new.camera.front_back_only_steps * f))
+            new.render.ambient_only_steps = int(round(new.render.ambient_only_steps * f))
+        new.optim.steps = steps
+        return new
+
+    # ------------------------------------------------------------ validation
+    def validate(self, require_model: bool = True) -> "RunConfig":
+        g, s, c, r, o = self.guidance, self.scene, self.camera, self.render, self.optim
+        if require_model and not self.prior.model.strip():
+            raise ConfigError("model", "no diffusion model given; pass a diffusers folder, a .safetensors file or a hub id")
+        _choice("guidance.mode", g.mode, GUIDANCE_MODES)
+        _choice("guidance.weighting", g.weighting, WEIGHTINGS)
+        if not g.prompt.strip():
+            raise ConfigError("prompt", "the prompt is empty; describe the object to generate, e.g. 'a DSLR photo of a corgi'")
+        if g.mode == "edit" and not g.source_prompt.strip():
+            raise ConfigError("source_prompt", "edit mode needs the description of the current scene as the source prompt")
+        for name in ("guidance_weight", "negative_weight", "min_step_percent", "max_step_percent"):
+            validate_schedule(getattr(g, name), f"guidance.{name}")
+        if g.grad_clip is not None:
+            validate_schedule(g.grad_clip, "guidance.grad_clip")
+        _positive("guidance.cfg_scale", g.cfg_scale, allow_zero=True)
+        for name in ("front_threshold", "back_threshold"):
+            _in_range(f"guidance.{name}", getattr(g, name), 0.0, 180.0)
+        _in_range("guidance.overhead_threshold", g.overhead_threshold, -90.0, 90.0)
+
+        _positive("scene.radius", s.radius)
+        for name in ("n_levels", "n_features_per_level", "base_resolution", "mlp_width"):
+            _int_range(f"scene.{name}", getattr(s, name), 1, 1 << 16)
+        _int_range("scene.log2_hashmap_size", s.log2_hashmap_size, 4, 26)
+        _int_range("scene.mlp_hidden_layers", s.mlp_hidden_layers, 0, 16)
+        if s.per_level_scale is None and s.max_resolution < s.base_resolution:
+            raise ConfigError("scene.max_resolution", f"{s.max_resolution} is below base_resolution {s.base_resolution}")
+        if s.per_level_scale is not None:
+            _positive("scene.per_level_scale", s.per_level_scale)
+        _choice("scene.density_bias", s.density_bias, ("blob_magic3d", "blob_dreamfusion", "none"))
+        _choice("scene.normal_type", s.normal_type, NORMAL_TYPES)
+        _choice("scene.background", s.background, BACKGROUNDS)
+        _choice("scene.encoding_backend", s.encoding_backend, ("auto", "torch"))
+        _in_range("scene.random_background_prob", s.random_background_prob, 0.0, 1.0)
+        _vec("scene.background_color", s.background_color, 3, 0.0, 1.0)
+
+        _int_range("camera.height", c.height, 8, 4096)
+        _int_range("camera.width", c.width, 8, 4096)
+        _int_range("camera.batch_size", c.batch_size, 1, 256)
+        _range_pair("camera.elevation_range", c.elevation_range, -90.0, 90.0)
+        _range_pair("camera.azimuth_range", c.azimuth_range, -360.0, 360.0)
+        _range_pair("camera.distance_range", c.distance_range, 1e-3, 1e4)
+        _range_pair("camera.fovy_range", c.fovy_range, 1.0, 179.0)
+        _range_pair("camera.light_distance_range", c.light_distance_range, 1e-3, 1e4)
+        _choice("camera.elevation_sampling", c.elevation_sampling, ELEVATION_SAMPLING)
+        _int_range("camera.front_back_only_steps", c.front_back_only_steps, 0, 1 << 30)
+        if min(c.distance_range) <= 0:
+            raise ConfigError("camera.distance_range", "distances must be positive")
+
+        _int_range("render.num_samples_per_ray", r.num_samples_per_ray, 4, 8192)
+        _int_range("render.grid_resolution", r.grid_resolution, 4, 512)
+        _int_range("render.grid_update_every", r.grid_update_every, 1, 1 << 20)
+        _in_range("render.grid_ema_decay", r.grid_ema_decay, 0.0, 1.0)
+        _in_range("render.albedo_prob", r.albedo_prob, 0.0, 1.0)
+        _in_range("render.textureless_prob", r.textureless_prob, 0.0, 1.0)
+        _in_range("render.alpha_threshold", r.alpha_threshold, 0.0, 1.0)
+        _int_range("render.chunk_size", r.chunk_size, 1024, 1 << 30)
+
+        for name in ("guidance", "orient", "sparsity", "opaque"):
+            validate_schedule(getattr(self.loss, name), f"loss.{name}")
+
+        _int_range("steps", o.steps, 1, 10_000_000)
+        _positive("optim.lr", o.lr)
+        _vec("optim.betas", o.betas, 2, 0.0, 0.999999)
+        _positive("optim.eps", o.eps)
+        _int_range("optim.checkpoint_every", o.checkpoint_every, 0, 1 << 30)
+        _int_range("optim.preview_every", o.preview_every, 0, 1 << 30)
+        _int_range("seed", o.seed, 0, 2**63 - 1)
+        return self
+
+
+def _rescale_schedule(v: List[float], f: float) -> List[float]:
+    if len(v) == 3:
+        return [v[0], v[1], int(round(v[2] * f))]
+    return [int(round(v[0] * f)), v[1], v[2], int(round(v[3] * f))]
+
+
+def merge_config(base, overrides: Dict[str, Any], prefix: str = ""):
+    """Deep-copy ``base`` (a dataclass) with ``overrides`` (nested dicts) applied. Unknown keys raise."""
+    new = copy.deepcopy(base)
+    if overrides is None:
+        return new
+    if not isinstance(overrides, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {type(overrides).__name__}")
+    names = {f.name: f for f in dataclasses.fields(new)}
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(path, f"unknown setting; valid ones are: {', '.join(sorted(names))}")
+        current = getattr(new, key)
+        if dataclasses.is_dataclass(current):
+            setattr(new, key, merge_config(current, value, prefix=f"{path}."))
+        else:
+            setattr(new, key, copy.deepcopy(value))
+    return new
+
+
+def _choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(name, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def _in_range(name: str, value: Any, lo: float, hi: float) -> None:
+    if not _is_number(value) or not lo <= value <= hi:
+        raise ConfigError(name, f"must be a number in [{lo}, {hi}], got {value!r}")
+
+
+def _int_range(name: str, value: Any, lo: int, hi: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ConfigError(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def _range_pair(name: str, value: Any, lo: float, hi: float) -> None:
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(v) for v in value):
+        raise ConfigError(name, f"must be a pair [min, max] of numbers, got {value!r}")
+    if value[0] > value[1]:
+        raise ConfigError(name, f"min {value[0]} is greater than max {value[1]}; swap them")
+    if value[0] < lo or value[1] > hi:
+        raise ConfigError(name, f"must lie within [{lo}, {hi}], got {list(value)}")
+
+
+def _vec(name: str, value: Any, n: int, lo: float, hi: float) -> None:
+    if not isinstance(value, (list, tuple)) or len(value) != n or not all(_is_number(v) and lo <= v <= hi for v in value):
+        raise ConfigError(name, f"must be {n} numbers in [{lo}, {hi}], got {value!r}")
+
+
+ConfigLike = Union[RunConfig, Dict[str, Any]]

@@ -1,0 +1,155 @@
+"""Score distillation over any ``DiffusionPrior``: CSD (spec §1), SDS (spec §5.6) and CSD editing (spec §4).
+
+Every mode is one linear combination of noise predictions,
+
+    g = w(t) · [ c·ε_y + u·ε_neg + n·ε_∅ + k·ε ]
+
+with per-mode coefficients (``coefficients``):
+- CSD:  c = ω1, u = −ω2, n = −(ω1 − ω2), k = 0 (the classifier score only; paper Eq. 10);
+- SDS:  c = ω, u = 1 − ω, n = 0, k = −1 (ε_u + ω(ε_y − ε_u) − ε, with ε_u the negative or "" prompt);
+- edit: as CSD with the *source* prompt in the negative slot (ω2 = 1 gives ε(y_tgt) − ε(y_src)).
+
+Branches that share an embedding are merged and zero coefficients are dropped before the single batched
+UNet call, so e.g. stage-1 CSD at step 0 (ω2 = 0) costs two branches, not three.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .config import GuidanceConfig
+from .errors import ConfigError
+from .priors.base import DiffusionPrior
+from .prompts import PromptEmbeddings
+from .schedules import schedule_value
+
+
+@dataclass
+class Coefficients:
+    c: float  # positive
+    u: float  # negative (or source prompt in edit mode)
+    n: float  # null ""
+    k: float  # the sampled noise ε
+
+
+@dataclass
+class GuidanceOutput:
+    loss: torch.Tensor  # scalar; ∂loss/∂z = grad / B
+    grad: torch.Tensor  # [B, C, h, w] the (post-processed) direction g
+    z: torch.Tensor  # [B, C, h, w] the prior's input (with autograd)
+    t: torch.Tensor  # [B] timesteps used
+    coefficients: Coefficients
+    grad_norm: float  # ‖g‖ before normalisation
+
+
+def coefficients(cfg: GuidanceConfig, step: int) -> Coefficients:
+    """The mixing coefficients of spec §1.1 at ``step``."""
+    if cfg.mode in ("csd", "edit"):
+        w1 = schedule_value(cfg.guidance_weight, step)
+        w2 = schedule_value(cfg.negative_weight, step)
+        return Coefficients(c=w1, u=-w2, n=-(w1 - w2), k=0.0)
+    if cfg.mode == "sds":
+        s = float(cfg.cfg_scale)
+        return Coefficients(c=s, u=1.0 - s, n=0.0, k=-1.0)
+    raise ConfigError("guidance.mode", f"{cfg.mode!r} is not one of 'csd', 'sds', 'edit'")
+
+
+def timestep_weight(weighting: str, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """w(t) for ``uniform`` (1), ``sds`` (1 − ᾱ) and ``fantasia3d`` (sqrt(ᾱ)·(1 − ᾱ))."""
+    a = alphas_cumprod_t
+    if weighting == "uniform":
+        return torch.ones_like(a)
+    if weighting == "sds":
+        return 1 - a
+    if weighting == "fantasia3d":
+        return a.sqrt() * (1 - a)
+    raise ConfigError("guidance.weighting", f"{weighting!r} is not one of 'uniform', 'sds', 'fantasia3d'")
+
+
+def timestep_range(cfg: GuidanceConfig, step: int, num_train_timesteps: int) -> tuple[int, int]:
+    """Inclusive integer range [t_min, t_max] at ``step``."""
+    lo = schedule_value(cfg.min_step_percent, step)
+    hi = schedule_value(cfg.max_step_percent, step)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ConfigError("guidance.min_step_percent/max_step_percent",
+                          f"need 0 <= min <= max <= 1 at step {step}, got min {lo} and max {hi}")
+    t_min = int(num_train_timesteps * lo)
+    t_max = min(int(num_train_timesteps * hi), num_train_timesteps - 1)
+    return t_min, max(t_min, t_max)
+
+
+class ScoreDistillation:
+    """CSD / SDS / edit guidance for one prompt set over one prior."""
+
+    def __init__(self, cfg: GuidanceConfig, prior: DiffusionPrior, prompts: Optional[PromptEmbeddings] = None):
+        self.cfg = cfg
+        self.prior = prior
+        if prompts is None:
+            negative = cfg.source_prompt if cfg.mode == "edit" else cfg.negative_prompt
+            prompts = PromptEmbeddings.build(prior, cfg.prompt, negative, cfg.view_dependent, cfg.front_threshold,
+                                             cfg.back_threshold, cfg.overhead_threshold)
+        self.prompts = prompts
+
+    def sample_timesteps(self, batch: int, step: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        t_min, t_max = timestep_range(self.cfg, step, self.prior.num_train_timesteps)
+        return torch.randint(t_min, t_max + 1, (batch,), generator=generator, dtype=torch.long)
+
+    def __call__(self, images: torch.Tensor, elevation: torch.Tensor, azimuth: torch.Tensor, step: int,
+                 t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                 generator: Optional[torch.Generator] = None) -> GuidanceOutput:
+        """Guidance for renders ``images`` ``[B, H, W, 3]`` seen from (elevation, azimuth) ``[B]`` degrees.
+
+        ``t`` ``[B]`` and ``noise`` (shaped like the prior's input) may be given for reproducibility; else they
+        are drawn from ``generator`` (on the CPU, then moved, so results do not depend on the device).
+        """
+        prior = self.prior
+        z = prior.encode_images(images)  # [B, C, h, w]
+        B = z.shape[0]
+        if t is None:
+            t = self.sample_timesteps(B, step, generator)
+        t = t.to(prior.device, torch.long)
+        if noise is None:
+            noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device)
+        coef = coefficients(self.cfg, step)
+
+        with torch.no_grad():
+            z_t = prior.add_noise(z.detach(), noise, t)
+            branches = self._branches(coef, elevation, azimuth, B)
+            embs = torch.cat([e for e, _ in branches], 0)
+            eps = prior.predict_noise(z_t.repeat(len(branches), 1, 1, 1), t.repeat(len(branches)), embs)
+            direction = coef.k * noise
+            for i, (_, weight) in enumerate(branches):
+                direction = direction + weight * eps[i * B:(i + 1) * B]
+            w = timestep_weight(self.cfg.weighting, prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
+            g = torch.nan_to_num(w * direction, nan=0.0, posinf=0.0, neginf=0.0)
+            if self.cfg.grad_clip is not None:
+                clip = schedule_value(self.cfg.grad_clip, step)
+                g = g.clamp(-clip, clip)
+            grad_norm = float(g.norm())
+            if self.cfg.grad_normalize:
+                g = g / (g.norm() + 1e-8)
+
+        target = (z - g).detach()
+        loss = 0.5 * ((z - target) ** 2).sum() / B
+        return GuidanceOutput(loss=loss, grad=g, z=z, t=t, coefficients=coef, grad_norm=grad_norm)
+
+    def _branches(self, coef: Coefficients, elevation, azimuth, batch: int):
+        """[(embeddings [B, L, D], weight)], merging branches with the same prompt and dropping zeros."""
+        p = self.prompts
+        merged: Dict[str, list] = {}
+
+        def add(key: str, emb_fn, weight: float):
+            if key in merged:
+                merged[key][1] += weight
+            else:
+                merged[key] = [emb_fn, weight]
+
+        add("positive", lambda: p.positive(elevation, azimuth), coef.c)
+        add(f"text:{p.negative_prompt}", lambda: p.negative.unsqueeze(0).expand(batch, *p.negative.shape), coef.u)
+        add("text:", lambda: p.null.unsqueeze(0).expand(batch, *p.null.shape), coef.n)
+        out = [(fn(), w) for fn, w in merged.values() if w != 0.0]
+        if not out:  # every coefficient is zero: keep one branch so shapes stay valid (direction = k·ε)
+            out = [(p.null.unsqueeze(0).expand(batch, *p.null.shape), 0.0)]
+        return out

@@ -1,0 +1,221 @@
+"""The optimisation loop: sample cameras → render → guidance + regularisers → Adam step.
+
+``Optimization`` owns a *copy* of the scene (inputs are never mutated), the renderer with its occupancy grid,
+the guidance, the optimiser and the RNG. Every random draw comes from one seeded ``torch.Generator`` (plus
+torch's global RNG, which the VAE's posterior sampling uses); both are in the checkpoint, so a resumed run
+continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import io
+from .config import RunConfig
+from .errors import Cancelled, CheckpointError, CSDError
+from .guidance import ScoreDistillation
+from .priors.base import DiffusionPrior
+from .regularizers import REGULARIZERS
+from .render.cameras import get_rays, sample_cameras
+from .render.volume_renderer import VolumeRenderer
+from .scene.volume import Scene
+from .schedules import schedule_value
+
+
+@dataclass
+class StepInfo:
+    step: int  # steps completed so far (1-based after the first step)
+    total: int
+    losses: Dict[str, float]
+    shading: str
+    timesteps: list
+    preview: Optional[torch.Tensor] = None  # [1, H, W, 3] the current render, detached, on the CPU
+    seconds: float = 0.0
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+class Optimization:
+    """One stage of text-to-3D optimisation."""
+
+    def __init__(self, config: RunConfig, prior: DiffusionPrior, scene: Optional[Scene] = None,
+                 out_dir: Optional[io.PathLike] = None, require_model: bool = False):
+        self.config = config
+        if scene is not None:  # optimise a copy of a given scene (editing); its own settings win
+            self.config = config = config.replace(scene=dataclasses.asdict(scene.cfg))
+        config.validate(require_model=require_model)
+        self.prior = prior
+        self.device = prior.device
+        prior.input_size(config.camera.height, config.camera.width)  # fail early on a size it cannot take
+        self.scene = (copy.deepcopy(scene) if scene is not None else Scene(config.scene)).to(self.device)
+        self.renderer = VolumeRenderer(config.render, config.scene.radius).to(self.device)
+        self.guidance = ScoreDistillation(config.guidance, prior)
+        o = config.optim
+        self.optimizer = torch.optim.Adam(self.scene.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.generator = torch.Generator().manual_seed(o.seed)
+        torch.manual_seed(o.seed)
+        self.step = 0
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.profile = False
+        self.timings: Dict[str, float] = {}
+
+    # ----------------------------------------------------------------- state
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        return self.out_dir / "checkpoints" / "last.ckpt" if self.out_dir is not None else None
+
+    def state_dict(self) -> dict:
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"config": self.config.to_dict(), "step": self.step, "scene": self.scene.state_dict(),
+                "renderer": self.renderer.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng,
+                "prior": getattr(self.prior, "name", "prior")}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.scene.load_state_dict(state["scene"])
+            self.renderer.load_state_dict(state["renderer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint does not match this configuration: {e}") from e
+        self.step = int(state["step"])
+        self.generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_checkpoint(self, path: Optional[io.PathLike] = None) -> Path:
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise CSDError("no checkpoint path: give the Optimization an out_dir or pass a path")
+        return io.save_checkpoint(path, self.state_dict())
+
+    @classmethod
+    def resume(cls, checkpoint: io.PathLike, prior: DiffusionPrior, out_dir: Optional[io.PathLike] = None,
+               steps: Optional[int] = None) -> "Optimization":
+        """Continue a run from its checkpoint (a file or a run folder). ``steps`` may extend the run."""
+        state = io.load_checkpoint(checkpoint)
+        config = RunConfig.from_dict(state["config"])
+        if steps is not None:
+            config = config.replace(optim={"steps": steps})
+        if out_dir is None:
+            p = io.find_checkpoint(checkpoint)
+            out_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+        opt = cls(config, prior, out_dir=out_dir)
+        opt.load_state_dict(state)
+        return opt
+
+    # ------------------------------------------------------------------ step
+    def choose_shading(self, step: int) -> str:
+        r = self.config.render
+        if step < r.ambient_only_steps:
+            return "albedo"
+        if torch.rand(1, generator=self.generator).item() < r.albedo_prob:
+            return "albedo"
+        return "textureless" if torch.rand(1, generator=self.generator).item() < r.textureless_prob else "diffuse"
+
+    def _tick(self, name: str, t0: float) -> float:
+        if self.profile:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - t0
+            return now
+        return t0
+
+    def train_step(self) -> StepInfo:
+        cfg, s, gen = self.config, self.step, self.generator
+        t_start = time.perf_counter()
+        self.scene.train()
+        self.renderer.train()
+        volume, background = self.scene.volume, self.scene.background
+        t0 = time.perf_counter()
+        self.renderer.update_grid(s, volume, gen)
+        t0 = self._tick("grid", t0)
+
+        cams = sample_cameras(cfg.camera, s, gen)
+        shading = self.choose_shading(s)
+        B = len(cams)
+        bg_colors = None
+        if cfg.scene.random_background_prob > 0 and torch.rand(1, generator=gen).item() < cfg.scene.random_background_prob:
+            bg_colors = torch.rand(B, 3, generator=gen).to(self.device)
+        weights = {name: schedule_value(getattr(cfg.loss, name), s) for name in ("guidance", *REGULARIZERS)}
+        need_normals = weights["orient"] > 0 or shading != "albedo"
+        cams = cams.to(self.device)
+        rays_o, rays_d = get_rays(cams)
+        out = self.renderer(volume, background, rays_o, rays_d, shading, cams.light_positions, bg_colors,
+                            need_normals, gen)
+        t0 = self._tick("render", t0)
+
+        g = self.guidance(out.rgb, cams.elevation, cams.azimuth, s, generator=gen)
+        t0 = self._tick("prior", t0)
+        losses = {"guidance": g.loss}
+        total = weights["guidance"] * g.loss
+        for name, fn in REGULARIZERS.items():
+            if weights[name] > 0:
+                losses[name] = fn(out)
+                total = total + weights[name] * losses[name]
+        if not torch.isfinite(total):
+            raise CSDError(f"the loss became {float(total)} at step {s}; lower optim.lr or check the prior's dtype "
+                           f"(fp16 on CPU is not supported). The last checkpoint is kept.")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        t0 = self._tick("backward", t0)
+        self.optimizer.step()
+        t0 = self._tick("optimizer", t0)
+        self.step += 1
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["total"] = float(total.detach())
+        values["grad_norm"] = g.grad_norm
+        return StepInfo(step=self.step, total=cfg.optim.steps, losses=values, shading=shading,
+                        timesteps=g.t.tolist(), preview=out.rgb[:1].detach().float().cpu(),
+                        seconds=time.perf_counter() - t_start)
+
+    # ------------------------------------------------------------------- run
+    def run(self, progress: Optional[Callable[[StepInfo], None]] = None,
+            cancel: Optional[Callable[[], bool]] = None) -> Scene:
+        """Optimise until ``config.optim.steps``. ``progress`` is called after every step; when ``cancel``
+        returns True the run saves its checkpoint (if it has an out_dir) and raises ``Cancelled``."""
+        o = self.config.optim
+        while self.step < o.steps:
+            if cancel is not None and cancel():
+                if self.out_dir is not None:
+                    self.save_checkpoint()
+                raise Cancelled(f"cancelled at step {self.step} of {o.steps}"
+                                + (f"; resume from {self.checkpoint_path}" if self.out_dir is not None else ""))
+            try:
+                info = self.train_step()
+            except KeyboardInterrupt:
+                if self.out_dir is not None:
+                    self.save_checkpoint()
+                raise
+            if self.out_dir is not None and o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0:
+                self.save_checkpoint()
+            if progress is not None:
+                progress(info)
+        if self.out_dir is not None:
+            self.save_checkpoint()
+        return self.scene
+
+    def trained_scene(self) -> Scene:
+        """A detached copy of the current scene (safe to hand out; later steps do not change it)."""
+        return copy.deepcopy(self.scene).eval()
+
+
+def load_scene(checkpoint: io.PathLike, map_location="cpu") -> tuple[Scene, RunConfig]:
+    """The scene (and run config) saved in a run checkpoint."""
+    state = io.load_checkpoint(checkpoint, map_location)
+    config = RunConfig.from_dict(state["config"])
+    scene = Scene(config.scene)
+    try:
+        scene.load_state_dict(state["scene"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the scene in {checkpoint} does not match its own configuration: {e}") from e
+    return scene.eval(), config
+

@@ -1,0 +1,526 @@
+"""Stable Diffusion 1.x / 2.x as a :class:`DiffusionPrior` (latent space, spec §1.4 stage 2 and §5.6).
+
+``load_stable_diffusion(source)`` takes
+
+* a diffusers folder (``model_index.json`` + ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``);
+* a single checkpoint file (``.safetensors``, or ``.ckpt``/``.pt``/``.pth`` read with ``weights_only=True``) in
+  the original LDM key layout, as found in ComfyUI's ``models/checkpoints``. Its architecture configs come from
+  ``config`` (a diffusers folder or hub id; the CLI flag is ``--model-config``) or, when that is not given, from
+  the diffusers configs of the matching reference model in the Hugging Face cache;
+* a Hugging Face hub id (``stabilityai/stable-diffusion-2-1-base``), resolved through the normal HF cache
+  (cache only when ``HF_HUB_OFFLINE`` is set).
+
+Every failure to find or read weights is a :class:`ModelNotFoundError` that says what was looked for, where, and
+how to fix it; the original exception is chained.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, ModelNotFoundError
+from .base import DiffusionPrior
+
+__all__ = ["StableDiffusionPrior", "load_stable_diffusion", "v_to_eps", "REQUIRED_SUBFOLDERS"]
+
+#: sub-folders of a diffusers SD folder that the prior needs
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
+_CONFIG_FLAG = "--model-config"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# reference diffusers configs for single LDM files (what diffusers itself infers, plus SD 2.x-base by file name)
+_REF_SD1 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_REF_SD2 = "stabilityai/stable-diffusion-2-1"
+_REF_SD2_BASE = "stabilityai/stable-diffusion-2-1-base"
+_KEY_UNET = "model.diffusion_model."
+_KEY_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_KEY_V2 = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+_KEY_SDXL = "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"
+_CONFIG_FILE_PATTERNS = ["model_index.json", "*/config.json", "*/scheduler_config.json", "tokenizer/*"]
+
+
+def v_to_eps(v: torch.Tensor, z_t: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """ε from a v-prediction: ``ε = sqrt(ᾱ)·v + sqrt(1-ᾱ)·z_t`` (``ᾱ`` broadcast per item, ``[N]``)."""
+    a = alphas_cumprod_t.to(v.dtype).view(-1, *([1] * (v.dim() - 1)))
+    return a.sqrt() * v + (1 - a).sqrt() * z_t
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+def _hf_offline() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    try:
+        from huggingface_hub import constants
+
+        return env or bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover - huggingface_hub always comes with diffusers
+        return env
+
+
+def _hf_cache_dir(cache_dir: Optional[str | os.PathLike]) -> str:
+    if cache_dir is not None:
+        return str(cache_dir)
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except Exception:  # pragma: no cover
+        return "~/.cache/huggingface/hub"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if isinstance(device, torch.device):
+        dev = device
+    elif str(device).lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(str(device))
+        except RuntimeError as e:
+            raise ConfigError("device", f"{device!r} is not a device; use 'auto', 'cpu' or 'cuda[:N]'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"{device!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return dev
+
+
+_DTYPES = {
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if key not in _DTYPES:
+        raise ConfigError("dtype", f"{dtype!r} is not supported; use 'auto', 'fp16', 'bf16' or 'fp32'")
+    return _DTYPES[key]
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _missing_parts(folder: Path) -> list:
+    return [name for name in REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
+
+
+def _fix_hint() -> str:
+    return (
+        f"pass a diffusers folder of the same architecture with {_CONFIG_FLAG} (config= in Python), "
+        "run once with internet access so that diffusers can fetch the configs into the Hugging Face cache, "
+        "or load a diffusers folder instead of the single file"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ prior
+class StableDiffusionPrior(DiffusionPrior):
+    """A frozen SD 1.x/2.x UNet + VAE + CLIP text encoder.
+
+    Inputs are renders ``[B, H, W, 3]`` in [0, 1]; the diffusion input is the scaled VAE latent ``[B, 4, h/8, w/8]``.
+    ``predict_noise`` always returns ε, converting v-predictions (SD 2.x 768) with :func:`v_to_eps`.
+    """
+
+    name = "stable-diffusion"
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        alphas_cumprod: torch.Tensor,
+        *,
+        prediction_type: str = "epsilon",
+        device: str | torch.device = "cpu",
+        resolution: Optional[int] = None,
+        source: str = "<components>",
+        scheduler=None,
+    ):
+        super().__init__(alphas_cumprod, device)
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(
+                "prediction_type", f"{prediction_type!r} is not supported; the scheduler must predict 'epsilon' or 'v_prediction'"
+            )
+        self.unet = _freeze(unet)
+        self.vae = _freeze(vae)
+        self.text_encoder = _freeze(text_encoder)
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type
+        self.source = str(source)
+        if resolution is None:
+            sample = getattr(vae.config, "sample_size", None)
+            resolution = sample if isinstance(sample, int) and not isinstance(sample, bool) else 512
+        if int(resolution) <= 0:
+            raise ConfigError("resolution", f"{resolution} must be a positive number of pixels (e.g. 512)")
+        self.resolution = int(resolution)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_components(
+        cls,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = None,
+        resolution: Optional[int] = None,
+        source: str = "<components>",
+    ) -> "StableDiffusionPrior":
+        """Build the prior from already-loaded diffusers/transformers modules.
+
+        ``scheduler`` is a diffusers scheduler (or a config dict for one); only its betas and prediction type are
+        used. The modules are moved to ``device`` (``"auto"``: CUDA if available); with ``dtype=None`` they keep
+        their dtype, otherwise they are cast (``"auto"``: fp16 on CUDA, fp32 on CPU).
+        """
+        from diffusers import DDIMScheduler
+
+        dev = resolve_device(device)
+        if isinstance(scheduler, dict):
+            scheduler = DDIMScheduler.from_config(scheduler)
+        sched_cfg = dict(scheduler.config)
+        ddim = scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(sched_cfg)
+        dt = None if dtype is None else resolve_dtype(dtype, dev)
+        mods = []
+        for m in (unet, vae, text_encoder):
+            m = m.to(device=dev)
+            if dt is not None and next(m.parameters()).dtype != dt:
+                m = m.to(dtype=dt)
+            mods.append(m)
+        return cls(
+            *mods,
+            tokenizer,
+            ddim.alphas_cumprod.clone(),
+            prediction_type=sched_cfg.get("prediction_type", "epsilon"),
+            device=dev,
+            resolution=resolution,
+            source=source,
+            scheduler=ddim,
+        )
+
+    # ---------------------------------------------------------------------- dtypes
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    # ------------------------------------------------------------------------ text
+    def _encode_text_uncached(self, prompts: Sequence[str]) -> torch.Tensor:
+        max_length = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
+        limit = int(getattr(self.text_encoder.config, "max_position_embeddings", 77))
+        if max_length <= 0 or max_length > limit:  # unset (huge) model_max_length
+            max_length = limit
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            out = self.text_encoder(tokens.input_ids.to(self.device))
+        hidden = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+        return hidden.to(device=self.device, dtype=self.unet_dtype)
+
+    # ---------------------------------------------------------------------- images
+    def input_size(self, height: int, width: int) -> Tuple[int, int]:
+        if int(height) <= 0 or int(width) <= 0:
+            raise ConfigError("render size", f"{height}×{width} must be positive")
+        h = self.resolution
+        w = int(round(self.resolution * int(width) / int(height)))
+        m = self.size_multiple
+        if h % m or w % m or w <= 0:
+            lo = (h // m) * m
+            options = [x for x in (lo, lo + m) if x > 0]
+            raise ConfigError(
+                "render size",
+                f"a {height}×{width} render is resized to {h}×{w} for this model (resolution {self.resolution}), "
+                f"but both sides must be multiples of {m} (VAE factor {self.vae_scale_factor} × UNet downsampling "
+                f"{m // self.vae_scale_factor}); use a resolution such as {' or '.join(map(str, options))} and an "
+                f"aspect ratio that keeps the width a multiple of {m} (e.g. square renders)",
+            )
+        return h, w
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"encode_images expects [B, H, W, 3] images in [0, 1], got {tuple(images.shape)}")
+        h, w = self.input_size(images.shape[1], images.shape[2])
+        x = images.to(self.device, torch.float32).permute(0, 3, 1, 2)
+        if x.shape[-2:] != (h, w):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        x = (x * 2 - 1).to(self.vae_dtype)
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample()  # no generator: seeding torch's global RNG makes it reproducible
+        return (z * self.scaling_factor).to(torch.float32)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        z = (z.to(self.device, torch.float32) / self.scaling_factor).to(self.vae_dtype)
+        x = self.vae.decode(z).sample.to(torch.float32)
+        return ((x + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+
+    # ----------------------------------------------------------------------- noise
+    @torch.no_grad()
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        dt = self.unet_dtype
+        z_t = z_t.detach().to(self.device)
+        t = torch.as_tensor(t, device=self.device).long().reshape(-1)
+        if t.numel() == 1 and z_t.shape[0] > 1:
+            t = t.expand(z_t.shape[0])
+        out = self.unet(z_t.to(dt), t, encoder_hidden_states=embeddings.detach().to(self.device, dt)).sample
+        out = out.to(torch.float32)
+        if self.prediction_type == "v_prediction":
+            out = v_to_eps(out, z_t.to(torch.float32), self.alphas_cumprod[t])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _load_from_location(location: str, *, local_files_only: bool, cache_dir, torch_dtype, where: str):
+    """Load the five components from a diffusers folder or hub id (one component per sub-folder)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = dict(local_files_only=local_files_only, cache_dir=cache_dir)
+    loaders = {
+        "scheduler": lambda: DDIMScheduler.from_config(DDIMScheduler.load_config(location, subfolder="scheduler", **kw)),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kw),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(location, subfolder="text_encoder", dtype=torch_dtype, **kw),
+        "vae": lambda: AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=torch_dtype, **kw),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=torch_dtype, **kw),
+    }
+    parts = {}
+    for name, load in loaders.items():
+        try:
+            parts[name] = load()
+        except Exception as e:
+            raise ModelNotFoundError(
+                f"could not load the Stable Diffusion component '{name}' from {where}: {type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}. Check that the '{name}' sub-folder holds "
+                "its config and weights (re-download the model if files are missing or truncated)."
+            ) from e
+    return parts
+
+
+def _checkpoint_keys(path: Path) -> dict:
+    """``{key: shape}`` of a single checkpoint file, read cheaply (safetensors header / mmap'd weights-only load)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in (_KEY_UNET_IN, _KEY_V2) if k in keys}
+        return {k: shapes.get(k) for k in keys}
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip-format file: mmap is impossible
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    while isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError("the file does not hold a state dict")
+    return {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in sd.items()}
+
+
+def _reference_repo(path: Path, keys: dict) -> str:
+    """The hub model whose diffusers configs fit an LDM single file (mirrors diffusers' inference)."""
+    in_shape = keys.get(_KEY_UNET_IN)
+    if _KEY_SDXL in keys or any(k.startswith("conditioner.") for k in keys):
+        raise ModelNotFoundError(
+            f"{path} looks like an SDXL checkpoint; only Stable Diffusion 1.x/2.x checkpoints are supported"
+        )
+    if not any(k.startswith(_KEY_UNET) for k in keys):
+        raise ModelNotFoundError(
+            f"{path} is not a Stable Diffusion 1.x/2.x checkpoint: it has no UNet weights under '{_KEY_UNET}*' "
+            "(is it a LoRA, a VAE or an embedding?). Point at a full SD checkpoint or a diffusers folder."
+        )
+    if in_shape is not None and len(in_shape) == 4 and in_shape[1] != 4:
+        raise ModelNotFoundError(
+            f"{path} is not a plain text-to-image checkpoint (its UNet takes {in_shape[1]} input channels, e.g. an "
+            "inpainting model); use a regular SD 1.x/2.x checkpoint"
+        )
+    v2 = keys.get(_KEY_V2)
+    if v2 is not None and v2[-1] == 1024:
+        # SD 2.x-base (512, ε) and SD 2.x (768, v) have the same weights layout: go by the file name.
+        return _REF_SD2_BASE if re.search(r"512|base", path.name, re.I) else _REF_SD2
+    return _REF_SD1
+
+
+def _check_config_folder(folder: Path, what: str) -> None:
+    missing = ([] if (folder / "model_index.json").is_file() else ["model_index.json"]) + _missing_parts(folder)
+    if missing:
+        raise ModelNotFoundError(
+            f"{what} {folder} is not a diffusers Stable Diffusion folder: missing {', '.join(missing)}. "
+            f"Pass a folder with model_index.json and the sub-folders {', '.join(REQUIRED_SUBFOLDERS)} "
+            f"(e.g. a downloaded stabilityai/stable-diffusion-2-1-base) with {_CONFIG_FLAG}."
+        )
+
+
+def _resolve_config(config: Optional[str], path: Path, *, offline: bool, cache_dir) -> str:
+    """A local diffusers folder (or, online, a hub id) holding the configs for the single file ``path``."""
+    if config is not None:
+        cfg = Path(os.path.expanduser(str(config)))
+        if cfg.exists():
+            if not cfg.is_dir():
+                raise ModelNotFoundError(
+                    f"{_CONFIG_FLAG} {cfg} is a file; it must be a diffusers folder (with model_index.json) or a hub id"
+                )
+            _check_config_folder(cfg, f"{_CONFIG_FLAG}")
+            return str(cfg)
+        if not _HUB_ID.match(str(config)):
+            raise ModelNotFoundError(f"{_CONFIG_FLAG} {config}: no such folder, and it is not a hub id (owner/name)")
+        repo, how = str(config), f"the configs of {config} (from {_CONFIG_FLAG})"
+    else:
+        try:
+            keys = _checkpoint_keys(path)
+        except ModelNotFoundError:
+            raise
+        except Exception as e:
+            raise ModelNotFoundError(
+                f"could not read the checkpoint {path}: {type(e).__name__}: {e}. Pickled checkpoints are read with "
+                "weights_only=True; convert the file to .safetensors if it holds other Python objects."
+            ) from e
+        repo = _reference_repo(path, keys)
+        how = f"the diffusers configs of {repo} (the reference model inferred from the checkpoint's layout)"
+    if not offline:
+        return repo  # diffusers fetches (only) the config files from the hub
+    from huggingface_hub import snapshot_download
+
+    where = _hf_cache_dir(cache_dir)
+    try:
+        snap = Path(snapshot_download(repo, local_files_only=True, cache_dir=cache_dir, allow_patterns=_CONFIG_FILE_PATTERNS))
+        _check_config_folder(snap, "the cached snapshot")
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"cannot load the single-file checkpoint {path} offline: it needs {how}, which are not in the Hugging "
+            f"Face cache ({where}) and HF_HUB_OFFLINE is set. To fix: {_fix_hint()}."
+        ) from e
+    return str(snap)
+
+
+def _load_single_file(path: Path, config: Optional[str], *, offline: bool, cache_dir, torch_dtype):
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        # refuse anything that is not plain tensors before diffusers opens it (weights_only semantics)
+        try:
+            _checkpoint_keys(path)
+        except Exception as e:
+            raise ModelNotFoundError(
+                f"could not read the checkpoint {path} with weights_only=True ({type(e).__name__}: {e}); convert it "
+                "to .safetensors or use a diffusers folder"
+            ) from e
+    cfg = _resolve_config(config, path, offline=offline, cache_dir=cache_dir)
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=cfg,
+            local_files_only=offline or os.path.isdir(cfg),
+            cache_dir=cache_dir,
+            torch_dtype=torch_dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except ModelNotFoundError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelNotFoundError(
+            f"could not load the single-file checkpoint {path} with the configs from {cfg}: {type(e).__name__}: "
+            f"{msg}. The configs must describe the same architecture as the checkpoint (SD 1.x vs 2.x); "
+            f"pass the matching diffusers folder with {_CONFIG_FLAG}."
+        ) from e
+    return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
+
+
+def load_stable_diffusion(
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    config: Optional[str | os.PathLike] = None,
+    resolution: Optional[int] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
+) -> StableDiffusionPrior:
+    """Load a frozen SD 1.x/2.x prior from a diffusers folder, an LDM single file or a hub id.
+
+    ``config``: for single files, a diffusers folder or hub id to take the architecture configs from.
+    ``resolution``: the side the renders are resized to (default: the VAE's ``sample_size``, else 512).
+    ``cache_dir``: Hugging Face hub cache to use instead of the default one.
+    """
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    offline = _hf_offline()
+    raw = str(source)
+    path = Path(os.path.expanduser(raw))
+    config = None if config is None else str(config)
+
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelNotFoundError(
+                f"{path}: unsupported model file type '{path.suffix or '(none)'}'. Use a Stable Diffusion checkpoint "
+                f"({', '.join(SINGLE_FILE_SUFFIXES)}) or a diffusers folder containing model_index.json."
+            )
+        parts = _load_single_file(path, config, offline=offline, cache_dir=cache_dir, torch_dtype=torch_dtype)
+    elif path.is_dir():
+        missing = _missing_parts(path)
+        if missing:
+            has_index = (path / "model_index.json").is_file()
+            checkpoints = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SINGLE_FILE_SUFFIXES)[:5]
+            hint = f" It contains checkpoint files ({', '.join(checkpoints)}): pass one of them instead." if checkpoints else ""
+            raise ModelNotFoundError(
+                f"{path} is not a diffusers Stable Diffusion folder: "
+                f"{'' if has_index else 'no model_index.json, '}missing sub-folders {', '.join(missing)}."
+                f"{hint} Expected model_index.json plus {', '.join(REQUIRED_SUBFOLDERS)} (as saved by diffusers), "
+                f"or a single .safetensors/.ckpt checkpoint."
+            )
+        parts = _load_from_location(str(path), local_files_only=True, cache_dir=cache_dir, torch_dtype=torch_dtype, where=str(path))
+    elif _HUB_ID.match(raw) and not raw.startswith((".", "~")):
+        where = _hf_cache_dir(cache_dir)
+        if offline:
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                cached = try_to_load_from_cache(raw, "model_index.json", cache_dir=cache_dir)
+            except Exception:  # malformed id etc.
+                cached = None
+            if not isinstance(cached, str):
+                raise ModelNotFoundError(
+                    f"'{raw}' is neither a local path (no such file or folder: {path.resolve()}) nor a model in the "
+                    f"Hugging Face cache ({where}), and HF_HUB_OFFLINE is set so it cannot be downloaded. To fix: "
+                    f"run `huggingface-cli download {raw}` on a machine with internet access (and copy the cache), "
+                    f"unset HF_HUB_OFFLINE, or point at a local diffusers folder or checkpoint file."
+                )
+        parts = _load_from_location(
+            raw, local_files_only=offline, cache_dir=cache_dir, torch_dtype=torch_dtype,
+            where=f"the hub model '{raw}' (Hugging Face cache {where})",
+        )
+    else:
+        parent = path.parent if str(path.parent) not in ("", ".") else Path.cwd()
+        raise ModelNotFoundError(
+            f"model not found: {path} does not exist (looked in {parent.resolve()}). Pass an existing diffusers "
+            f"folder, a .safetensors/.ckpt checkpoint file, or a hub id such as stabilityai/stable-diffusion-2-1-base."
+        )
+
+    return StableDiffusionPrior.from_components(
+        parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+        device=dev, dtype=torch_dtype, resolution=resolution, source=raw,
+    )

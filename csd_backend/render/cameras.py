@@ -1,0 +1,156 @@
+"""Cameras with the spec's conventions (spec §3.1).
+
+Camera position ``(r·cosφ·cosθ, r·cosφ·sinθ, r·sinφ)`` with elevation φ and azimuth θ in degrees, up = +z,
+looking at the origin; OpenGL ``c2w = [right, up, −lookat | position]``; focal ``0.5·H / tan(fovy/2)``; ray
+directions (normalised) ``[(i + 0.5 − W/2)/f, −(j + 0.5 − H/2)/f, −1]`` in camera space.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import CameraConfig
+
+
+@dataclass
+class Cameras:
+    """A batch of B pinhole cameras."""
+
+    c2w: torch.Tensor  # [B, 4, 4]
+    fovy: torch.Tensor  # [B] degrees
+    elevation: torch.Tensor  # [B] degrees
+    azimuth: torch.Tensor  # [B] degrees
+    distance: torch.Tensor  # [B]
+    light_positions: torch.Tensor  # [B, 3]
+    height: int
+    width: int
+
+    def __len__(self) -> int:
+        return self.c2w.shape[0]
+
+    @property
+    def focal(self) -> torch.Tensor:
+        """Focal length in pixels ``[B]``."""
+        return 0.5 * self.height / torch.tan(torch.deg2rad(self.fovy) / 2)
+
+    def intrinsics(self) -> torch.Tensor:
+        """``[B, 3, 3]`` pixel intrinsics (principal point at the image centre)."""
+        K = torch.zeros(len(self), 3, 3)
+        f = self.focal
+        K[:, 0, 0] = f
+        K[:, 1, 1] = f
+        K[:, 0, 2] = self.width / 2
+        K[:, 1, 2] = self.height / 2
+        K[:, 2, 2] = 1
+        return K
+
+    def to(self, device) -> "Cameras":
+        return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device), self.azimuth.to(device),
+                       self.distance.to(device), self.light_positions.to(device), self.height, self.width)
+
+
+def camera_positions(elevation: torch.Tensor, azimuth: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """``[B, 3]`` world positions for elevation/azimuth in degrees."""
+    e, a = torch.deg2rad(elevation), torch.deg2rad(azimuth)
+    return torch.stack([distance * torch.cos(e) * torch.cos(a), distance * torch.cos(e) * torch.sin(a),
+                        distance * torch.sin(e)], -1)
+
+
+def look_at(positions: torch.Tensor, center: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """OpenGL camera-to-world ``[B, 4, 4]`` looking from ``positions`` at ``center`` (origin), up = +z."""
+    if center is None:
+        center = torch.zeros_like(positions)
+    up = torch.tensor([0.0, 0.0, 1.0]).to(positions).expand_as(positions)
+    lookat = F.normalize(center - positions, dim=-1)
+    right = F.normalize(torch.cross(lookat, up, dim=-1), dim=-1)
+    # straight up or down: any right vector perpendicular to z
+    degenerate = right.norm(dim=-1) < 1e-6
+    if degenerate.any():
+        right[degenerate] = torch.tensor([0.0, 1.0, 0.0]).to(positions)
+    cam_up = F.normalize(torch.cross(right, lookat, dim=-1), dim=-1)
+    c2w = torch.zeros(positions.shape[0], 4, 4).to(positions)
+    c2w[:, :3, 0] = right
+    c2w[:, :3, 1] = cam_up
+    c2w[:, :3, 2] = -lookat
+    c2w[:, :3, 3] = positions
+    c2w[:, 3, 3] = 1
+    return c2w
+
+
+def make_cameras(elevation, azimuth, distance, fovy, height: int, width: int,
+                 light_positions: Optional[torch.Tensor] = None) -> Cameras:
+    elevation, azimuth, distance, fovy = (torch.as_tensor(v, dtype=torch.float32).reshape(-1)
+                                          for v in (elevation, azimuth, distance, fovy))
+    pos = camera_positions(elevation, azimuth, distance)
+    if light_positions is None:
+        light_positions = pos.clone()
+    return Cameras(look_at(pos), fovy, elevation, azimuth, distance, light_positions, height, width)
+
+
+def orbit_cameras(n_views: int, elevation: float = 15.0, distance: float = 2.0, fovy: float = 70.0,
+                  height: int = 256, width: int = 256, start_azimuth: float = 0.0) -> Cameras:
+    """A ring of ``n_views`` evenly spaced views (for previews and turntables)."""
+    az = start_azimuth + torch.arange(n_views, dtype=torch.float32) * (360.0 / n_views)
+    az = torch.remainder(az + 180.0, 360.0) - 180.0
+    n = n_views
+    return make_cameras(torch.full((n,), float(elevation)), az, torch.full((n,), float(distance)),
+                        torch.full((n,), float(fovy)), height, width)
+
+
+def _uniform(lo: float, hi: float, n: int, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def sample_cameras(cfg: CameraConfig, step: int, generator: torch.Generator) -> Cameras:
+    """Random training cameras for ``step`` (spec §3.1 camera sampler, including its quirks)."""
+    B, g = cfg.batch_size, generator
+    e0, e1 = cfg.elevation_range
+    if cfg.first_step_fixed_view and step == 0:
+        elevation = torch.full((B,), 15.0)
+        azimuth = torch.zeros(B)
+    else:
+        if cfg.elevation_sampling == "uniform":
+            elevation = _uniform(e0, e1, B, g)
+        elif cfg.elevation_sampling == "uniform-sphere":
+            s = _uniform(math.sin(math.radians(e0)), math.sin(math.radians(e1)), B, g)
+            elevation = torch.rad2deg(torch.asin(s))
+        else:  # csd-r1: half the time uniform in degrees, else asin(2·U[(e0+90)/180, (e1+90)/180] − 1)
+            uniform = _uniform(e0, e1, B, g)
+            u = _uniform((e0 + 90) / 180, (e1 + 90) / 180, B, g)
+            legacy = torch.rad2deg(torch.asin((2 * u - 1).clamp(-1, 1)))
+            elevation = torch.where(torch.rand(1, generator=g) < 0.5, uniform, legacy)
+        a0, a1 = cfg.azimuth_range
+        if step < cfg.front_back_only_steps:
+            back = torch.rand(B, generator=g) < 0.5
+            azimuth = _uniform(-30.0, 30.0, B, g) + back.float() * 180.0
+            azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0
+        elif cfg.stratified_azimuth:
+            azimuth = (torch.rand(B, generator=g) + torch.arange(B)) / B * (a1 - a0) + a0
+        else:
+            azimuth = _uniform(a0, a1, B, g)
+    distance = _uniform(*cfg.distance_range, B, g)
+    fovy = _uniform(*cfg.fovy_range, B, g)
+    pos = camera_positions(elevation, azimuth, distance)
+    # dreamfusion light strategy: direction = normalised camera position + N(0, perturb), distance U[...]
+    light_dir = F.normalize(pos + torch.randn(B, 3, generator=g) * cfg.light_position_perturb, dim=-1)
+    light = light_dir * _uniform(*cfg.light_distance_range, B, g).unsqueeze(-1)
+    return Cameras(look_at(pos), fovy, elevation, azimuth, distance, light, cfg.height, cfg.width)
+
+
+def get_rays(cams: Cameras):
+    """Ray origins and unit directions ``[B, H, W, 3]`` each (pixel centres)."""
+    H, W = cams.height, cams.width
+    device = cams.c2w.device
+    j, i = torch.meshgrid(torch.arange(H, dtype=torch.float32, device=device) + 0.5,
+                          torch.arange(W, dtype=torch.float32, device=device) + 0.5, indexing="ij")
+    f = cams.focal.to(device).view(-1, 1, 1)
+    x = (i - W / 2) / f  # [B, H, W]
+    y = -(j - H / 2) / f
+    dirs = torch.stack([x, y, -torch.ones_like(x)], -1)  # [B, H, W, 3] camera space
+    rays_d = F.normalize(torch.einsum("bhwc,brc->bhwr", dirs, cams.c2w[:, :3, :3]), dim=-1)
+    rays_o = cams.c2w[:, None, None, :3, 3].expand_as(rays_d)
+    return rays_o, rays_d

@@ -1,0 +1,242 @@
+"""Volume rendering in pure PyTorch (spec §5.2): occupancy grid, marching with a fixed step, pruning, and
+alpha compositing of packed samples.
+
+Samples are kept *packed* (a flat list with the index of their ray, sorted by ray), so empty space costs
+nothing past the occupancy lookup. A no-grad pass evaluates density at the samples in occupied cells and drops
+those with α < alpha_threshold or transmittance < early_stop_eps (as nerfacc's estimator does); the
+differentiable pass then evaluates the scene only at the survivors. Nothing loops over rays or samples in
+Python.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RenderConfig
+from ..scene.volume import ImplicitVolume
+
+SHADINGS = ("albedo", "textureless", "diffuse")
+
+
+class OccupancyGrid(nn.Module):
+    """A ``res³`` binary grid over ``[−r, r]³`` updated from the density by EMA (nerfacc's rule)."""
+
+    def __init__(self, radius: float, resolution: int = 32, ema_decay: float = 0.95, threshold: float = 0.01,
+                 warmup_steps: int = 256):
+        super().__init__()
+        self.radius, self.resolution = float(radius), int(resolution)
+        self.ema_decay, self.threshold, self.warmup_steps = ema_decay, threshold, warmup_steps
+        n = self.resolution ** 3
+        self.register_buffer("occs", torch.zeros(n))
+        self.register_buffer("binaries", torch.ones(n, dtype=torch.bool))
+        r = self.resolution
+        idx = torch.arange(n)
+        self.register_buffer("cell_coords", torch.stack([idx % r, (idx // r) % r, idx // (r * r)], -1),
+                             persistent=False)
+
+    def cell_index(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat cell index ``[N]`` of world points ``[N, 3]`` and whether they are inside the grid."""
+        u = (points + self.radius) / (2 * self.radius) * self.resolution
+        inside = ((u >= 0) & (u < self.resolution)).all(-1)
+        c = u.long().clamp(0, self.resolution - 1)
+        r = self.resolution
+        return c[:, 0] + c[:, 1] * r + c[:, 2] * r * r, inside
+
+    def occupied(self, points: torch.Tensor) -> torch.Tensor:
+        idx, inside = self.cell_index(points)
+        return self.binaries[idx] & inside
+
+    @torch.no_grad()
+    def update(self, step: int, density_fn, step_size: float, generator: torch.Generator,
+               chunk: int = 1 << 18) -> None:
+        n = self.occs.shape[0]
+        device = self.occs.device
+        if step < self.warmup_steps:
+            indices = torch.arange(n, device=device)
+        else:
+            quarter = n // 4
+            uniform = torch.randint(0, n, (quarter,), generator=generator).to(device)
+            occupied = torch.nonzero(self.binaries).squeeze(-1)
+            if occupied.numel() > quarter:
+                pick = torch.randperm(occupied.numel(), generator=generator)[:quarter].to(device)
+                occupied = occupied[pick]
+            indices = torch.cat([uniform, occupied])
+        jitter = torch.rand(indices.shape[0], 3, generator=generator).to(device)
+        x = (self.cell_coords[indices].float() + jitter) / self.resolution * 2 * self.radius - self.radius
+        occ = torch.cat([density_fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]) * step_size
+        self.occs[indices] = torch.maximum(self.occs[indices] * self.ema_decay, occ)
+        thre = torch.clamp(self.occs[self.occs >= 0].mean(), max=self.threshold)
+        self.binaries.copy_(self.occs > thre)
+
+
+def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, radius: float):
+    """Entry/exit distances ``[R]`` of rays with the box ``[−r, r]³`` (entry clamped at 0) and a hit mask."""
+    d = torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
+    t0 = (-radius - rays_o) / d
+    t1 = (radius - rays_o) / d
+    near = torch.minimum(t0, t1).amax(-1).clamp_min(0.0)
+    far = torch.maximum(t0, t1).amin(-1)
+    return near, far, far > near
+
+
+def exclusive_sum_packed(x: torch.Tensor, ray_indices: torch.Tensor) -> torch.Tensor:
+    """Per-ray exclusive cumulative sum of packed values ``x`` ``[N]`` (sorted by ray), in float64."""
+    if x.numel() == 0:
+        return x
+    xd = x.double()
+    excl = torch.cumsum(xd, 0) - xd
+    first = torch.ones_like(ray_indices, dtype=torch.bool)
+    first[1:] = ray_indices[1:] != ray_indices[:-1]
+    segment = torch.cumsum(first.long(), 0) - 1
+    return (excl - excl[first][segment]).to(x.dtype)
+
+
+def composite_weights(sigma: torch.Tensor, dt: torch.Tensor, ray_indices: torch.Tensor):
+    """α = 1 − exp(−σδ), T = exp(−Σ_{j<i} σ_j δ_j), w = T·α for packed samples."""
+    sd = sigma * dt
+    trans = torch.exp(-exclusive_sum_packed(sd, ray_indices))
+    alpha = 1.0 - torch.exp(-sd)
+    return trans * alpha, trans, alpha
+
+
+def accumulate(values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """Sum packed ``values`` ``[N, C]`` per ray → ``[n_rays, C]``."""
+    out = torch.zeros(n_rays, values.shape[-1], dtype=values.dtype, device=values.device)
+    return out.index_add(0, ray_indices, values)
+
+
+@dataclass
+class RenderOutput:
+    rgb: torch.Tensor  # [B, H, W, 3] composited over the background
+    opacity: torch.Tensor  # [B, H, W, 1]
+    depth: torch.Tensor  # [B, H, W, 1]
+    normal: torch.Tensor  # [B, H, W, 3] ((normalize(Σ w n) + 1) / 2) · opacity, zero without normals
+    # packed samples of the differentiable pass (for regularisers)
+    weights: torch.Tensor  # [N]
+    sample_normals: Optional[torch.Tensor]  # [N, 3]
+    sample_dirs: torch.Tensor  # [N, 3]
+    num_samples: int
+
+
+class VolumeRenderer(nn.Module):
+    def __init__(self, cfg: RenderConfig, radius: float):
+        super().__init__()
+        self.cfg = cfg
+        self.radius = float(radius)
+        self.step_size = 1.732 * 2 * self.radius / cfg.num_samples_per_ray
+        self.grid = OccupancyGrid(radius, cfg.grid_resolution, cfg.grid_ema_decay, cfg.grid_threshold,
+                                  cfg.grid_warmup_steps)
+
+    def update_grid(self, step: int, volume: ImplicitVolume, generator: torch.Generator) -> bool:
+        """Update the occupancy grid every ``grid_update_every`` steps; returns whether it ran."""
+        if step % self.cfg.grid_update_every != 0:
+            return False
+        self.grid.update(step, volume.density, self.step_size, generator, self.cfg.chunk_size)
+        return True
+
+    # --------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def _march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, volume: ImplicitVolume,
+               generator: Optional[torch.Generator]) -> Dict[str, torch.Tensor]:
+        """Packed samples that survive the occupancy grid and the α / transmittance pruning."""
+        R = rays_o.shape[0]
+        device = rays_o.device
+        near, far, hit = ray_aabb(rays_o, rays_d, self.radius)
+        step = self.step_size
+        n_steps = int(torch.ceil(((far - near).clamp_min(0).max()) / step).item()) + 1 if R else 0
+        if self.training and self.cfg.stratified and generator is not None:
+            near = near + torch.rand(R, generator=generator).to(device) * step
+        ray_idx, k = torch.nonzero(hit.unsqueeze(1) & (near.unsqueeze(1) + (torch.arange(max(n_steps, 0), device=device)
+                                                       + 0.5) * step < far.unsqueeze(1)), as_tuple=True)
+        t_start = near[ray_idx] + k.float() * step
+        t_end = t_start + step
+        t_end = torch.minimum(t_end, far[ray_idx])
+        mid = (t_start + t_end) / 2
+        pos = rays_o[ray_idx] + rays_d[ray_idx] * mid.unsqueeze(-1)
+        keep = self.grid.occupied(pos)
+        ray_idx, t_start, t_end, pos = ray_idx[keep], t_start[keep], t_end[keep], pos[keep]
+        if pos.shape[0] and (self.cfg.alpha_threshold > 0 or self.cfg.early_stop_eps > 0):
+            chunk = self.cfg.chunk_size
+            sigma = torch.cat([volume.density(pos[i:i + chunk]) for i in range(0, pos.shape[0], chunk)])
+            _, trans, alpha = composite_weights(sigma, t_end - t_start, ray_idx)
+            keep = (alpha >= self.cfg.alpha_threshold) & (trans >= self.cfg.early_stop_eps)
+            ray_idx, t_start, t_end, pos = ray_idx[keep], t_start[keep], t_end[keep], pos[keep]
+        return {"ray_idx": ray_idx, "t_start": t_start, "t_end": t_end, "pos": pos}
+
+    # -------------------------------------------------------------- rendering
+    def render_rays(self, volume: ImplicitVolume, background: nn.Module, rays_o: torch.Tensor,
+                    rays_d: torch.Tensor, shading: str = "albedo", light_positions: Optional[torch.Tensor] = None,
+                    bg_colors: Optional[torch.Tensor] = None, need_normals: bool = False,
+                    generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """Render flat rays ``[R, 3]``. ``light_positions`` / ``bg_colors`` are per ray ``[R, 3]``."""
+        if shading not in SHADINGS:
+            raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+        R = rays_o.shape[0]
+        s = self._march(rays_o, rays_d, volume, generator)
+        ray_idx = s["ray_idx"]
+        normals_needed = need_normals or shading != "albedo"
+        geo = volume(s["pos"], with_normal=normals_needed)
+        weights, _, _ = composite_weights(geo["density"], s["t_end"] - s["t_start"], ray_idx)
+        dirs = rays_d[ray_idx]
+        if shading == "albedo":
+            color = geo["albedo"]
+        else:
+            n = geo["normal"]
+            if shading == "textureless" and self.cfg.textureless_normal:
+                color = n * 0.5 + 0.5
+            else:
+                light = light_positions[ray_idx] if light_positions is not None else rays_o[ray_idx]
+                ldir = F.normalize(light - s["pos"], dim=-1)
+                lum = self.cfg.ambient_light + self.cfg.diffuse_light * (n * ldir).sum(-1, keepdim=True).clamp_min(0)
+                color = lum.expand(-1, 3) if shading == "textureless" else geo["albedo"] * lum
+        w = weights.unsqueeze(-1)
+        mids = ((s["t_start"] + s["t_end"]) / 2).unsqueeze(-1)
+        acc = accumulate(torch.cat([w, w * color, w * mids], -1), ray_idx, R)
+        opacity, rgb_fg, depth = acc[:, :1], acc[:, 1:4], acc[:, 4:5]
+        bg = bg_colors if bg_colors is not None else background(rays_d)
+        rgb = rgb_fg + bg * (1.0 - opacity)
+        if normals_needed:
+            n_acc = accumulate(w * geo["normal"], ray_idx, R)
+            comp_normal = (F.normalize(n_acc, dim=-1) + 1) / 2 * opacity
+        else:
+            comp_normal = torch.zeros_like(rgb)
+        return {"rgb": rgb, "opacity": opacity, "depth": depth, "normal": comp_normal, "weights": weights,
+                "sample_normals": geo.get("normal"), "sample_dirs": dirs, "num_samples": ray_idx.shape[0]}
+
+    def forward(self, volume: ImplicitVolume, background: nn.Module, rays_o: torch.Tensor, rays_d: torch.Tensor,
+                shading: str = "albedo", light_positions: Optional[torch.Tensor] = None,
+                bg_colors: Optional[torch.Tensor] = None, need_normals: bool = False,
+                generator: Optional[torch.Generator] = None) -> RenderOutput:
+        """Render images. ``rays_o``/``rays_d`` ``[B, H, W, 3]``; ``light_positions``/``bg_colors`` ``[B, 3]``.
+
+        Without autograd the rays are rendered in chunks, so large previews fit in memory.
+        """
+        B, H, W, _ = rays_o.shape
+        per_ray = H * W
+        o, d = rays_o.reshape(-1, 3), rays_d.reshape(-1, 3)
+        light = light_positions.repeat_interleave(per_ray, 0) if light_positions is not None else None
+        bgc = bg_colors.repeat_interleave(per_ray, 0) if bg_colors is not None else None
+        R = o.shape[0]
+        chunk = R if torch.is_grad_enabled() else max(1, self.cfg.chunk_size // 64)
+        parts = []
+        for i in range(0, R, chunk):
+            sl = slice(i, i + chunk)
+            parts.append(self.render_rays(volume, background, o[sl], d[sl], shading,
+                                          light[sl] if light is not None else None,
+                                          bgc[sl] if bgc is not None else None, need_normals, generator))
+        if len(parts) == 1:
+            out = parts[0]
+        else:
+            out = {k: (torch.cat([p[k] for p in parts]) if isinstance(parts[0][k], torch.Tensor) else
+                       (sum(p[k] for p in parts) if k == "num_samples" else None)) for k in parts[0]}
+
+        def img(x):
+            return x.view(B, H, W, -1)
+
+        return RenderOutput(rgb=img(out["rgb"]), opacity=img(out["opacity"]), depth=img(out["depth"]),
+                            normal=img(out["normal"]), weights=out["weights"], sample_normals=out["sample_normals"],
+                            sample_dirs=out["sample_dirs"], num_samples=int(out["num_samples"]))
