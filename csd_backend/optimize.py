@@ -35,6 +35,7 @@ class StepInfo:
     losses: Dict[str, float]
     shading: str
     timesteps: list
+    coefficients: Optional[object] = None  # guidance.Coefficients used at this step
     preview: Optional[torch.Tensor] = None  # [1, H, W, 3] the current render, detached, on the CPU
     seconds: float = 0.0
     timings: Dict[str, float] = field(default_factory=dict)
@@ -174,7 +175,7 @@ class Optimization:
         values["total"] = float(total.detach())
         values["grad_norm"] = g.grad_norm
         return StepInfo(step=self.step, total=cfg.optim.steps, losses=values, shading=shading,
-                        timesteps=g.t.tolist(), preview=out.rgb[:1].detach().float().cpu(),
+                        timesteps=g.t.tolist(), coefficients=g.coefficients, preview=out.rgb[:1].detach().float().cpu(),
                         seconds=time.perf_counter() - t_start)
 
     # ------------------------------------------------------------------- run

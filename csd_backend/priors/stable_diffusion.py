@@ -448,7 +448,35 @@ def _load_single_file(path: Path, config: Optional[str], *, offline: bool, cache
             f"{msg}. The configs must describe the same architecture as the checkpoint (SD 1.x vs 2.x); "
             f"pass the matching diffusers folder with {_CONFIG_FLAG}."
         ) from e
+    _verify_text_encoder(path, pipe.text_encoder)
     return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
+
+
+_TOKEN_EMBEDDING_KEYS = (
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",  # SD 1.x (CLIP)
+    "cond_stage_model.transformer.embeddings.token_embedding.weight",
+    "cond_stage_model.model.token_embedding.weight",  # SD 2.x (OpenCLIP)
+)
+
+
+def _verify_text_encoder(path: Path, text_encoder) -> None:
+    """Without ``accelerate`` diffusers loads the single-file text encoder with ``strict=False``, so a key layout it
+    does not expect leaves random weights without an error. Compare the token embedding with the file's."""
+    if path.suffix.lower() != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        key = next((k for k in _TOKEN_EMBEDDING_KEYS if k in f.keys()), None)
+        if key is None:
+            return
+        expected = f.get_tensor(key)
+    got = text_encoder.get_input_embeddings().weight.detach().to("cpu", torch.float32)
+    if got.shape != expected.shape or not torch.allclose(got, expected.to(torch.float32), rtol=1e-3, atol=1e-3):
+        raise ModelNotFoundError(
+            f"the text encoder weights of {path} were not loaded (its '{key}' does not match the loaded model); "
+            f"the file's text encoder layout is not one diffusers converts. Use a diffusers folder of this model."
+        )
 
 
 def load_stable_diffusion(
