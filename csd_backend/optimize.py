@@ -52,14 +52,14 @@ class Optimization:
         config.validate(require_model=require_model)
         self.prior = prior
         self.device = prior.device
+        o = config.optim
+        torch.manual_seed(o.seed)  # before building the scene: its initial weights follow the seed
         prior.input_size(config.camera.height, config.camera.width)  # fail early on a size it cannot take
         self.scene = (copy.deepcopy(scene) if scene is not None else Scene(config.scene)).to(self.device)
         self.renderer = VolumeRenderer(config.render, config.scene.radius).to(self.device)
         self.guidance = ScoreDistillation(config.guidance, prior)
-        o = config.optim
         self.optimizer = torch.optim.Adam(self.scene.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.generator = torch.Generator().manual_seed(o.seed)
-        torch.manual_seed(o.seed)
         self.step = 0
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.profile = False

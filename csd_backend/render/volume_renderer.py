@@ -68,7 +68,10 @@ class OccupancyGrid(nn.Module):
         jitter = torch.rand(indices.shape[0], 3, generator=generator).to(device)
         x = (self.cell_coords[indices].float() + jitter) / self.resolution * 2 * self.radius - self.radius
         occ = torch.cat([density_fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]) * step_size
-        self.occs[indices] = torch.maximum(self.occs[indices] * self.ema_decay, occ)
+        # a cell may be drawn twice (uniform + occupied): reduce duplicates by max, independent of thread order
+        fresh = torch.full_like(self.occs, -1.0).scatter_reduce(0, indices, occ, reduce="amax")
+        visited = fresh >= 0
+        self.occs.copy_(torch.where(visited, torch.maximum(self.occs * self.ema_decay, fresh), self.occs))
         thre = torch.clamp(self.occs[self.occs >= 0].mean(), max=self.threshold)
         self.binaries.copy_(self.occs > thre)
 
@@ -92,7 +95,9 @@ def exclusive_sum_packed(x: torch.Tensor, ray_indices: torch.Tensor) -> torch.Te
     first = torch.ones_like(ray_indices, dtype=torch.bool)
     first[1:] = ray_indices[1:] != ray_indices[:-1]
     segment = torch.cumsum(first.long(), 0) - 1
-    return (excl - excl[first][segment]).to(x.dtype)
+    # F.embedding's backward is deterministic on CPU, unlike the index_put behind ``tensor[index]``
+    start = F.embedding(segment, excl[first].unsqueeze(-1)).squeeze(-1)
+    return (excl - start).to(x.dtype)
 
 
 def composite_weights(sigma: torch.Tensor, dt: torch.Tensor, ray_indices: torch.Tensor):

@@ -76,6 +76,6 @@ class HashGridEncoding(nn.Module):
             h = h % size  # [N, 8]
             # trilinear weights per corner: prod over dims of frac or 1 - frac
             w = torch.where(corners.bool(), frac.unsqueeze(1), 1.0 - frac.unsqueeze(1)).prod(-1)  # [N, 8]
-            values = table[h]  # [N, 8, F]
+            values = torch.nn.functional.embedding(h, table)  # [N, 8, F]; deterministic backward on CPU
             feats.append((values * w.unsqueeze(-1)).sum(1))
         return torch.cat(feats, -1)

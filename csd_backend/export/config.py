@@ -1,0 +1,96 @@
+"""Settings of mesh export (spec §5.3, §5.5): one dataclass drives the engine, the command line and the nodes."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Union
+
+from ..errors import ConfigError
+
+AUTO = "auto"
+#: hard limits (memory: a 512³ float grid is 0.5 GB; xatlas and baking above 8192² are impractical on a CPU)
+MAX_RESOLUTION = 1024
+MAX_TEXTURE_SIZE = 8192
+
+
+@dataclass
+class ExportConfig:
+    """How a scene becomes a textured mesh.
+
+    ``threshold`` is the density τ of the surface ``σ = τ``: ``"auto"`` (spec §5.3: the mean of σ over the grid
+    samples with σ > 1e-5, taken over the whole bounding box) or a number (threestudio's default is 25; CSD's
+    stage 2 uses 10).
+    """
+
+    #: grid samples along the longest side of the (tight) bounding box; voxels are cubes
+    resolution: int = 256
+    threshold: Union[str, float] = AUTO
+    #: side of the square base-colour texture in texels; 0 = no UVs and no texture (vertex colours only)
+    texture_size: int = 1024
+    #: simplify to at most this many faces (quadric decimation); 0 = keep every face
+    face_budget: int = 100000
+    #: drop connected components with fewer than ``floater_fraction`` × the largest component's faces
+    remove_floaters: bool = True
+    floater_fraction: float = 0.01
+    #: per-vertex colours (albedo at each vertex), written to PLY and to GLB/OBJ when there is no texture
+    vertex_colors: bool = True
+    #: spec §5.3: find the object over the whole box on a coarse grid, then extract inside its padded box
+    coarse_to_fine: bool = True
+    #: query the fine grid only near the surface found on a coarser grid (≥ 64 cells a side) and interpolate
+    #: elsewhere: about 8× fewer density queries at 256³. Features thinner than a coarse cell that lie away
+    #: from the rest of the surface can be missed; False queries every grid point.
+    narrow_band: bool = True
+    #: xatlas padding between charts, in atlas texels (the gutter is also filled, so seams stay clean)
+    uv_padding: int = 4
+    #: write meshes Y-up with the front (+x of the scene, azimuth 0) facing +z, as glTF and three.js expect;
+    #: False keeps the scene's own Z-up frame
+    y_up: bool = True
+    #: points per density/albedo query (memory vs. speed)
+    chunk_size: int = 262144
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ExportConfig":
+        names = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"export.{key}", f"unknown setting; valid ones are: {', '.join(sorted(names))}")
+        return cls(**data).validate()
+
+    def threshold_value(self) -> Union[str, float]:
+        """``"auto"`` or the threshold as a float."""
+        if isinstance(self.threshold, str):
+            return AUTO
+        return float(self.threshold)
+
+    def validate(self) -> "ExportConfig":
+        _int("resolution", self.resolution, 8, MAX_RESOLUTION)
+        t = self.threshold
+        if isinstance(t, str):
+            if t.strip().lower() != AUTO:
+                raise ConfigError("threshold", f"must be 'auto' or a positive density, got {t!r}")
+            self.threshold = AUTO
+        elif isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ConfigError("threshold", f"must be 'auto' or a positive density (σ ≥ 0 everywhere, so the surface "
+                                           f"σ = τ needs τ > 0; threestudio uses 25, CSD 10), got {t!r}")
+        if self.texture_size != 0:
+            _int("texture_size", self.texture_size, 16, MAX_TEXTURE_SIZE)
+        _int("face_budget", self.face_budget, 0, 100_000_000)
+        if 0 < self.face_budget < 4:
+            raise ConfigError("face_budget", f"must be 0 (keep every face) or at least 4, got {self.face_budget}")
+        if isinstance(self.floater_fraction, bool) or not isinstance(self.floater_fraction, (int, float)) \
+                or not 0 <= self.floater_fraction <= 1:
+            raise ConfigError("floater_fraction", f"must be a number in [0, 1], got {self.floater_fraction!r}")
+        _int("uv_padding", self.uv_padding, 0, 64)
+        _int("chunk_size", self.chunk_size, 1024, 1 << 26)
+        for name in ("remove_floaters", "vertex_colors", "coarse_to_fine", "narrow_band", "y_up"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
+        return self
+
+
+def _int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(name, f"must be an integer in [{lo}, {hi}], got {value!r}")

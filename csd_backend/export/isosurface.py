@@ -1,0 +1,401 @@
+"""Isosurface of a density field (spec §5.3) and mesh clean-up.
+
+1. **Coarse pass** (``coarse_to_fine``): σ on a 64³ grid over the whole box ``[−r, r]³`` gives the automatic
+   threshold and the object's extent; the box of the occupied samples, grown by one coarse cell (the surface
+   lies within a cell of them) and then by 10 % of its size on each side, clamped to ``[−r, r]³``, is the tight
+   box (threestudio takes the same 10 % around the coarse mesh's AABB).
+2. **Fine grid** over the tight box: ``resolution`` samples along its longest side, cubic voxels. With
+   ``narrow_band`` the grid is refined level by level from a stride-``s`` sub-grid (≥ 64 cells a side): only
+   the points inside cells where the inside/outside label changes, grown by one cell, are queried at the next
+   finer level; every other point is trilinearly interpolated from the coarser level, which keeps its sign.
+   So the marching-cubes input equals the dense grid wherever the surface is, at a fraction of the queries.
+3. **Marching cubes** (scikit-image, Lewiner) on the grid padded with empty space (σ = 0), so a surface that
+   touches the box is closed there and the mesh is watertight.
+4. **Clean-up**: outward winding (positive signed volume), small floating components removed (fewer than
+   ``floater_fraction`` of the largest component's faces, as threestudio), optional quadric simplification to
+   the face budget (fast-simplification), unreferenced vertices dropped, vertex normals = normalised sum of
+   the unnormalised face normals (degenerate ones → +z), as spec §5.3.
+
+Everything here is numpy/scipy on arrays; the density comes through ``density_fn(points [N, 3]) -> σ [N]``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .mesh import MeshError
+
+DensityFn = Callable[[np.ndarray], np.ndarray]  # [N, 3] float32 → [N] float32
+ProgressFn = Callable[[float], None]  # fraction of this stage done, in [0, 1]
+
+#: spec §5.3: "auto" = mean of σ over samples with σ > 1e-5
+AUTO_EPS = 1e-5
+#: samples per side of the coarse pass over the whole box
+COARSE_RESOLUTION = 64
+#: the tight box is padded by this fraction of its size on each side
+BOX_PADDING = 0.1
+#: the narrow band starts from a sub-grid with at least this many samples along the longest side
+NARROW_BAND_BASE_SAMPLES = 64
+
+
+def _require_skimage():
+    try:
+        from skimage.measure import marching_cubes
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MeshError("mesh export needs scikit-image for marching cubes: pip install scikit-image") from e
+    return marching_cubes
+
+
+def _require_scipy():
+    try:
+        import scipy.ndimage  # noqa: F401
+        import scipy.sparse  # noqa: F401
+        import scipy.sparse.csgraph  # noqa: F401
+    except ImportError as e:  # pragma: no cover
+        raise MeshError("mesh export needs scipy: pip install scipy") from e
+    import scipy
+
+    return scipy
+
+
+# ----------------------------------------------------------------------------------------------------- grids
+@dataclass
+class Grid:
+    """Sample points ``lo + spacing · (i, j, k)`` for ``0 ≤ (i, j, k) < shape``."""
+
+    lo: np.ndarray  # [3] float64
+    spacing: float
+    shape: Tuple[int, int, int]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def hi(self) -> np.ndarray:
+        return self.lo + self.spacing * (np.asarray(self.shape) - 1)
+
+    def points(self, flat_ids: np.ndarray) -> np.ndarray:
+        idx = np.stack(np.unravel_index(flat_ids, self.shape), -1)  # [N, 3]
+        return (self.lo + idx * self.spacing).astype(np.float32)
+
+    def sub(self, stride: int) -> "Grid":
+        return Grid(self.lo, self.spacing * stride, tuple((n - 1) // stride + 1 for n in self.shape))
+
+
+class _Sampler:
+    """Queries σ at grid points in chunks; counts queries and reports progress within a phase."""
+
+    def __init__(self, fn: DensityFn, chunk: int, progress: Optional[ProgressFn]):
+        self.fn, self.chunk, self.progress = fn, int(chunk), progress
+        self.queries = 0
+        self.seconds = 0.0
+        self._span = (0.0, 1.0)
+
+    def phase(self, start: float, end: float) -> None:
+        self._span = (start, end)
+        self._tick(0.0)
+
+    def _tick(self, frac: float) -> None:
+        if self.progress is not None:
+            a, b = self._span
+            self.progress(a + (b - a) * min(max(frac, 0.0), 1.0))
+
+    def __call__(self, grid: Grid, flat_ids: Optional[np.ndarray] = None) -> np.ndarray:
+        """σ at the points ``flat_ids`` of ``grid`` (all of them, in C order, when None) → float32 ``[N]``."""
+        n = grid.size if flat_ids is None else len(flat_ids)
+        out = np.empty(n, np.float32)
+        t0 = time.perf_counter()
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            ids = np.arange(s, e, dtype=np.int64) if flat_ids is None else flat_ids[s:e]
+            sigma = np.asarray(self.fn(grid.points(ids)), dtype=np.float32).reshape(-1)
+            if sigma.shape[0] != e - s:
+                raise MeshError(f"the density function returned {sigma.shape[0]} values for {e - s} points")
+            out[s:e] = sigma
+            self._tick(e / max(n, 1))
+        if n and not np.isfinite(out).all():
+            bad = int((~np.isfinite(out)).sum())
+            raise MeshError(f"the scene's density is NaN or infinite at {bad} of {n} grid points; the scene is "
+                            f"broken (a diverged run?): use an earlier checkpoint")
+        self.queries += n
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def resolve_threshold(threshold: Union[str, float], samples: np.ndarray) -> float:
+    """τ: a given number, or "auto" = the mean of σ over the samples with σ > 1e-5 (spec §5.3)."""
+    if not isinstance(threshold, str):
+        return float(threshold)
+    pos = samples[samples > AUTO_EPS]
+    if pos.size == 0:
+        raise MeshError(f"no surface: the density is below {AUTO_EPS:g} everywhere in the box (max "
+                        f"{float(samples.max()) if samples.size else 0.0:.3g}); the scene is empty: train longer "
+                        f"or check the run")
+    return float(pos.astype(np.float64).mean())
+
+
+def _no_surface(tau: float, values: np.ndarray, where: str) -> MeshError:
+    return MeshError(f"no surface at threshold {tau:.4g}: density range is [{float(values.min()):.4g}, "
+                     f"{float(values.max()):.4g}] {where}; lower the threshold or train longer")
+
+
+def tight_box(coarse: np.ndarray, grid: Grid, tau: float, radius: float) -> np.ndarray:
+    """``[2, 3]``: the box of the coarse samples with σ > τ, grown by one coarse cell and 10 % a side."""
+    occ = np.argwhere(coarse > tau)
+    lo = grid.lo + (occ.min(0) - 1) * grid.spacing
+    hi = grid.lo + (occ.max(0) + 1) * grid.spacing
+    pad = BOX_PADDING * (hi - lo)
+    return np.stack([np.maximum(lo - pad, -radius), np.minimum(hi + pad, radius)])
+
+
+# ------------------------------------------------------------------------------------------ narrow band
+_CORNERS = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+
+
+def _band_points(inside: np.ndarray, dilation: int = 1) -> np.ndarray:
+    """Points of the twice-finer grid (shape ``2m − 1``) that lie in a cell (of ``inside``'s grid) where the label
+    changes, or within ``dilation`` cells of one."""
+    scipy = _require_scipy()
+    m = inside.shape
+    cells = tuple(n - 1 for n in m)
+    first = inside[:cells[0], :cells[1], :cells[2]]
+    any_in, all_in = first.copy(), first.copy()
+    for i, j, k in _CORNERS[1:]:
+        c = inside[i:i + cells[0], j:j + cells[1], k:k + cells[2]]
+        any_in |= c
+        all_in &= c
+    mark = any_in & ~all_in
+    if dilation > 0 and mark.any():
+        mark = scipy.ndimage.binary_dilation(mark, structure=np.ones((3, 3, 3), bool), iterations=dilation)
+    pts = np.zeros(tuple(2 * n - 1 for n in m), bool)
+    pts[:-1, :-1, :-1] = mark.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    # close the cells: a cell [2i, 2i+2] owns its far corners too
+    pts[1:] |= pts[:-1]
+    pts[:, 1:] |= pts[:, :-1]
+    pts[:, :, 1:] |= pts[:, :, :-1]
+    return pts
+
+
+def _upsample(coarse: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation onto the twice-finer grid (shape ``2m − 1``)."""
+    out = np.empty(tuple(2 * n - 1 for n in coarse.shape), np.float32)
+    out[::2, ::2, ::2] = coarse
+    out[1::2, ::2, ::2] = 0.5 * (coarse[:-1] + coarse[1:])
+    out[:, 1::2, ::2] = 0.5 * (out[:, :-1:2, ::2] + out[:, 2::2, ::2])
+    out[:, :, 1::2] = 0.5 * (out[:, :, :-1:2] + out[:, :, 2::2])
+    return out
+
+
+def fine_grid(lo: np.ndarray, hi: np.ndarray, resolution: int, stride: int) -> Grid:
+    """Cubic voxels with ``resolution`` samples along the longest side; every side a multiple of ``stride`` cells,
+    centred on the box."""
+    extent = np.maximum(hi - lo, 1e-9)
+    h = float(extent.max()) / (resolution - 1)
+    cells = np.maximum(np.ceil(extent / h / stride - 1e-6).astype(np.int64), 1) * stride
+    centre = (lo + hi) / 2
+    return Grid(centre - cells * h / 2, h, tuple(int(c) + 1 for c in cells))
+
+
+def sample_grid(sampler: _Sampler, lo: np.ndarray, hi: np.ndarray, resolution: int, narrow_band: bool,
+                threshold: Union[str, float], progress_span: Tuple[float, float] = (0.0, 1.0)
+                ) -> Tuple[np.ndarray, Grid, float, Dict[str, int]]:
+    """σ on the fine grid of the box ``[lo, hi]``; returns ``(values, grid, τ, stats)``.
+
+    ``threshold`` may still be "auto" (then τ comes from the first, coarsest level, which covers the box)."""
+    stride = 1
+    if narrow_band:
+        while (resolution - 1) / (stride * 2) + 1 >= NARROW_BAND_BASE_SAMPLES:
+            stride *= 2
+    grid = fine_grid(lo, hi, resolution, stride)
+    values = np.full(grid.shape, np.nan, np.float32)
+    levels = int(math.log2(stride)) + 1
+    a, b = progress_span
+    span = lambda i: (a + (b - a) * i / levels, a + (b - a) * (i + 1) / levels)  # noqa: E731
+    sampler.phase(*span(0))
+    base = grid.sub(stride)
+    values[::stride, ::stride, ::stride] = sampler(base).reshape(base.shape)
+    tau = resolve_threshold(threshold, values[::stride, ::stride, ::stride])
+    stats = {"grid_points": grid.size, "levels": levels}
+    level = 1
+    while stride > 1:
+        half = stride // 2
+        coarse = values[::stride, ::stride, ::stride]
+        finer = values[::half, ::half, ::half]  # a view: assignments below write into ``values``
+        sampler.phase(*span(level))
+        need = _band_points(coarse > tau) & np.isnan(finer)
+        ids = np.flatnonzero(need)
+        if ids.size:
+            finer[need] = sampler(grid.sub(half), ids)
+        missing = np.isnan(finer)
+        if missing.any():
+            finer[missing] = _upsample(coarse)[missing]
+        stride, level = half, level + 1
+    return values, grid, tau, stats
+
+
+# ---------------------------------------------------------------------------------------- marching cubes
+def marching_cubes(values: np.ndarray, grid: Grid, tau: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Triangles of ``σ = τ`` (inside: σ > τ), closed at the grid's border, counter-clockwise from outside."""
+    mc = _require_skimage()
+    empty = 0.0 if tau > 0 else tau - 1.0  # σ = 0 is empty space
+    padded = np.pad(values, 1, mode="constant", constant_values=empty)
+    verts, faces, _normals, _values = mc(padded, level=tau, spacing=(grid.spacing,) * 3, method="lewiner")
+    vertices = (grid.lo - grid.spacing + verts).astype(np.float32)
+    faces = faces.astype(np.int64)
+    return orient_outward(vertices, faces)
+
+
+def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    v = vertices.astype(np.float64)[faces]
+    return float(np.einsum("ij,ij->i", v[:, 0], np.cross(v[:, 1], v[:, 2])).sum() / 6.0)
+
+
+def orient_outward(vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Flip every face if the enclosed volume is negative (marching cubes orients all faces alike)."""
+    if len(faces) and signed_volume(vertices, faces) < 0:
+        faces = np.ascontiguousarray(faces[:, ::-1])
+    return vertices, faces
+
+
+# ------------------------------------------------------------------------------------------------ clean-up
+def compact(vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Drop faces with a repeated vertex and vertices no face uses."""
+    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+    used = np.zeros(len(vertices), bool)
+    used[faces.ravel()] = True
+    remap = np.cumsum(used) - 1
+    return np.ascontiguousarray(vertices[used]), remap[faces].astype(np.int64)
+
+
+def component_labels(n_vertices: int, faces: np.ndarray) -> np.ndarray:
+    """Connected component of every face (vertices joined by edges)."""
+    scipy = _require_scipy()
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
+    graph = scipy.sparse.coo_matrix((np.ones(len(e), np.int8), (e[:, 0], e[:, 1])), shape=(n_vertices,) * 2)
+    _n, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    return labels[faces[:, 0]]
+
+
+def remove_floaters(vertices: np.ndarray, faces: np.ndarray, fraction: float
+                    ) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Keep the components with at least ``fraction`` × the largest component's faces; returns the number dropped."""
+    labels = component_labels(len(vertices), faces)
+    counts = np.bincount(labels)
+    present = counts > 0
+    keep_label = counts >= fraction * counts.max()
+    dropped = int((present & ~keep_label).sum())
+    if dropped:
+        vertices, faces = compact(vertices, faces[keep_label[labels]])
+    return vertices, faces, dropped
+
+
+def simplify(vertices: np.ndarray, faces: np.ndarray, budget: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Quadric decimation to at most ``budget`` faces (fast-simplification)."""
+    try:
+        import fast_simplification
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MeshError("simplifying to a face budget needs fast-simplification: pip install fast-simplification "
+                        "(or set the face budget to 0 to keep every face)") from e
+    v, f = vertices, faces
+    for attempt in range(4):  # the decimator lands near, not always under, the target
+        if len(f) <= budget:
+            break
+        reduction = 1.0 - budget * (1.0 - 0.01 * attempt) / len(f)
+        v, f = fast_simplification.simplify(np.ascontiguousarray(v, np.float32), np.ascontiguousarray(f, np.int32),
+                                            target_reduction=float(min(max(reduction, 0.0), 0.999)))
+        v, f = compact(np.asarray(v, np.float32), np.asarray(f, np.int64))
+    return orient_outward(v, f)
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Sum of the unnormalised (area-weighted) face normals at each vertex, normalised; degenerate → +z."""
+    v = vertices.astype(np.float64)
+    fn = np.cross(v[faces[:, 1]] - v[faces[:, 0]], v[faces[:, 2]] - v[faces[:, 0]])  # [F, 3]
+    flat = faces.reshape(-1)
+    acc = np.stack([np.bincount(flat, weights=np.repeat(fn[:, c], 3), minlength=len(v)) for c in range(3)], -1)
+    norm = np.linalg.norm(acc, axis=-1, keepdims=True)
+    out = np.where(norm > 1e-20, acc / np.maximum(norm, 1e-300), np.array([0.0, 0.0, 1.0]))
+    return out.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------- driver
+@dataclass
+class Isosurface:
+    vertices: np.ndarray  # [V, 3] float32, scene frame
+    faces: np.ndarray  # [F, 3] int64, outward
+    normals: np.ndarray  # [V, 3] float32
+    threshold: float
+    bbox: np.ndarray  # [2, 3]
+    info: Dict[str, object] = field(default_factory=dict)
+
+
+def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 256,
+                       threshold: Union[str, float] = "auto", coarse_to_fine: bool = True, narrow_band: bool = True,
+                       remove_floaters_fraction: Optional[float] = 0.01, face_budget: int = 0,
+                       chunk_size: int = 262144, progress: Optional[ProgressFn] = None) -> Isosurface:
+    """The surface ``σ = τ`` of ``density_fn`` inside ``[−radius, radius]³`` (see the module docstring)."""
+    timings: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    sampler = _Sampler(density_fn, chunk_size, progress)
+    r = float(radius)
+    lo, hi = np.full(3, -r), np.full(3, r)
+    info: Dict[str, object] = {"resolution": resolution}
+    span = (0.0, 0.9)
+    if coarse_to_fine:
+        sampler.phase(0.0, 0.1)
+        n1 = min(COARSE_RESOLUTION, resolution)
+        g1 = Grid(lo.copy(), 2 * r / (n1 - 1), (n1,) * 3)
+        coarse = sampler(g1).reshape(g1.shape)
+        tau = resolve_threshold(threshold, coarse)
+        if not (coarse > tau).any():
+            raise _no_surface(tau, coarse, f"over the {n1}³ coarse grid of the box ±{r:g}")
+        box = tight_box(coarse, g1, tau, r)
+        lo, hi = box[0], box[1]
+        threshold = tau
+        span = (0.1, 0.9)
+        timings["coarse"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    values, grid, tau, stats = sample_grid(sampler, lo, hi, resolution, narrow_band, threshold, span)
+    timings["fine"] = time.perf_counter() - t1
+    info.update(stats)
+    info["density_queries"] = sampler.queries
+    info["density_seconds"] = sampler.seconds
+    vmax, vmin = float(values.max()), float(values.min())
+    if vmax <= tau:
+        raise _no_surface(tau, values, "on the extraction grid")
+    if vmin > tau:
+        raise MeshError(f"no surface at threshold {tau:.4g}: the density exceeds it everywhere in the box "
+                        f"(range [{vmin:.4g}, {vmax:.4g}]); raise the threshold")
+    if progress:
+        progress(0.9)
+    t2 = time.perf_counter()
+    vertices, faces = marching_cubes(values, grid, tau)
+    del values
+    vertices, faces = compact(vertices, faces)
+    if len(faces) == 0:
+        raise MeshError(f"no surface at threshold {tau:.4g}: marching cubes found no triangles; lower the threshold "
+                        f"or raise the resolution")
+    info["faces_marching_cubes"] = int(len(faces))
+    timings["marching_cubes"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    dropped = 0
+    if remove_floaters_fraction:
+        vertices, faces, dropped = remove_floaters(vertices, faces, float(remove_floaters_fraction))
+    info["components_removed"] = dropped
+    if face_budget and len(faces) > face_budget:
+        vertices, faces = simplify(vertices, faces, face_budget)
+        if len(faces) == 0:  # pragma: no cover - the decimator never empties a mesh with budget ≥ 4
+            raise MeshError("simplification removed every face; raise the face budget")
+    timings["cleanup"] = time.perf_counter() - t3
+    normals = vertex_normals(vertices, faces)
+    timings["total"] = time.perf_counter() - t0
+    info["timings"] = timings
+    if progress:
+        progress(1.0)
+    return Isosurface(vertices.astype(np.float32), faces.astype(np.int64), normals, float(tau),
+                      np.stack([grid.lo, grid.hi]).astype(np.float32), info)

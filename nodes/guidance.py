@@ -1,0 +1,82 @@
+"""CSD Guidance: prompts and the score-distillation settings (CSD, the SDS baseline, or editing)."""
+from __future__ import annotations
+
+import dataclasses
+
+from csd_backend.config import GUIDANCE_MODES, WEIGHTINGS
+
+from . import _common as c
+
+_D = c.GuidanceSpec()  # widget defaults = the spec's stage-1 settings (GuidanceConfig defaults)
+
+
+class CSDGuidance:
+    DESCRIPTION = ("Prompts and score-distillation settings. csd: Classifier Score Distillation (ω1 on the "
+                   "classifier score, ω2 on the annealed negative prompt); sds: the DreamFusion baseline with "
+                   "classifier-free guidance; edit: change a trained scene, the source prompt describing it. Step "
+                   "schedules are fractions of the run, so they follow the steps set on CSD Optimize.")
+    CATEGORY = c.CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (c.GUIDANCE,)
+    RETURN_NAMES = ("guidance",)
+    OUTPUT_TOOLTIPS = ("Guidance settings for CSD Optimize.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "prompt": c.string_input(_D.prompt, "what to generate (or, in edit mode, what the scene should become)",
+                                     multiline=True),
+            "negative_prompt": c.string_input(_D.negative_prompt, "csd/sds: what to move away from", multiline=True),
+            "mode": c.combo_input(list(GUIDANCE_MODES), _D.mode, "csd: Classifier Score Distillation; sds: the "
+                                                                 "DreamFusion baseline; edit: edit the input scene"),
+            "source_prompt": c.string_input(_D.source_prompt, "edit mode: a description of the current scene (it "
+                                                              "takes the negative prompt's place)", multiline=True),
+            "guidance_weight": c.float_input(_D.guidance_weight, 0.0, 1000.0, 0.1,
+                                             "ω1: weight of the classifier score (spec: 1)"),
+            "negative_weight_start": c.float_input(_D.negative_weight_start, 0.0, 1000.0, 0.1,
+                                                   "ω2 at the start of the run (spec: 0)"),
+            "negative_weight_end": c.float_input(_D.negative_weight_end, 0.0, 1000.0, 0.1,
+                                                 "ω2 at the end of its ramp (spec: 1)"),
+            "negative_weight_anneal_until": c.float_input(
+                _D.negative_weight_anneal_until, 0.0, 1.0, 0.01,
+                "fraction of the run over which ω2 ramps linearly from start to end (spec: 0.5 = steps 0 → 5000 of "
+                "10000); 0: ω2 = end from the first step"),
+            "cfg_scale": c.float_input(_D.cfg_scale, 0.0, 1000.0, 0.5,
+                                       "sds only: classifier-free guidance scale (DreamFusion: 100)"),
+            "weighting": c.combo_input(list(WEIGHTINGS), _D.weighting,
+                                       "w(t): uniform (CSD), sds (1 − ᾱ, DreamFusion) or fantasia3d"),
+            "grad_normalize": c.bool_input(_D.grad_normalize, "normalise the gradient per item (CSD: on)"),
+            "t_min": c.float_input(_D.t_min, 0.0, 1.0, 0.01, "smallest diffusion timestep, as a fraction of T"),
+            "t_max_start": c.float_input(_D.t_max_start, 0.0, 1.0, 0.01,
+                                         "largest diffusion timestep (fraction of T) before the switch"),
+            "t_max_end": c.float_input(_D.t_max_end, 0.0, 1.0, 0.01,
+                                       "largest diffusion timestep (fraction of T) after the switch"),
+            "t_max_switch_at": c.float_input(_D.t_max_switch_at, 0.0, 1.0, 0.01,
+                                             "fraction of the run at which the largest timestep drops from "
+                                             "t_max_start to t_max_end (spec: 0.5 = step 5000 of 10000)"),
+            "view_dependent": c.bool_input(_D.view_dependent,
+                                           "add ', front view' / ', side view' / ', back view' / ', overhead view' "
+                                           "to the prompt by camera angle"),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt=None, mode=None, source_prompt=None, t_min=None, t_max_start=None,
+                        t_max_end=None):
+        values = dict(prompt=prompt, mode=mode, source_prompt=source_prompt, t_min=t_min, t_max_start=t_max_start,
+                      t_max_end=t_max_end)
+        err = c.check_widgets(cls, values)
+        if err:
+            return err
+        if prompt is None or mode is None or source_prompt is None:  # linked: checked when the node runs
+            return True
+        spec = dataclasses.replace(_D, **{k: v for k, v in values.items() if v is not None})
+        return c.error_text(spec.validate) or True
+
+    def build(self, **kwargs):
+        spec = c.GuidanceSpec(**kwargs)
+        spec.validate()
+        return (spec,)
+
+
+NODE_CLASS_MAPPINGS = {"CSDGuidance": CSDGuidance}
+NODE_DISPLAY_NAME_MAPPINGS = {"CSDGuidance": "CSD Guidance"}

@@ -1,0 +1,84 @@
+"""CSD Load Diffusion Model: a Stable Diffusion 1.x/2.x prior from ComfyUI's model folders."""
+from __future__ import annotations
+
+from csd_backend.config import PriorConfig
+
+from . import _common as c
+
+_DEVICES = ["auto", "cpu", "cuda"]
+_DTYPES = ["auto", "float32", "float16", "bfloat16"]
+
+
+class CSDLoadDiffusionModel:
+    DESCRIPTION = ("Loads a frozen Stable Diffusion 1.x/2.x model as the score-distillation prior: a diffusers folder "
+                   "(found by model_index.json under models/diffusers) or a single-file checkpoint "
+                   "(models/checkpoints). The CSD paper uses stabilityai/stable-diffusion-2-1-base.")
+    CATEGORY = c.CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (c.PRIOR,)
+    RETURN_NAMES = ("prior",)
+    OUTPUT_TOOLTIPS = ("The diffusion prior, for CSD Optimize.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        models = c.model_choices()
+        configs = [c.AUTO_CONFIG] + [f"diffusers/{m}" for m in c.diffusers_models()]
+        return {"required": {
+            "model": c.combo_input(models, None, "diffusers/<folder> from models/diffusers, or checkpoints/<file> "
+                                                 "(an SD 1.x/2.x .safetensors) from models/checkpoints"),
+            "device": c.combo_input(_DEVICES, default_of_prior("device"),
+                                    "auto: ComfyUI's device (CUDA unless started with --cpu)"),
+            "dtype": c.combo_input(_DTYPES, default_of_prior("dtype"), "auto: float16 on CUDA, float32 on the CPU"),
+            "resolution": c.int_input(0, 0, 4096, "side the renders are resized to before the VAE; 0: the model's "
+                                                  "native size (512 for SD 2.1-base). Must be a multiple of 64 for "
+                                                  "SD (VAE 8 × UNet 8)", step=8),
+            "config_from": c.combo_input(configs, c.AUTO_CONFIG,
+                                         "single-file checkpoints only: a diffusers folder of the same architecture "
+                                         "to take the component configs from ((auto): inferred, needs the configs "
+                                         "in the Hugging Face cache or internet access)"),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, device=None, dtype=None):
+        err = c.check_widgets(cls, {"device": device, "dtype": dtype})
+        if err:
+            return err
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return "device: 'cuda' was chosen but CUDA is not available; use 'auto' or 'cpu'"
+        if device == "cpu" and dtype == "float16":
+            return "dtype: float16 is not supported on the CPU; use 'auto', 'float32' or 'bfloat16'"
+        return True
+
+    @c.autograd_allowed
+    def load(self, model, device, dtype, resolution, config_from):
+        from csd_backend.errors import ConfigError
+        from csd_backend.priors import load_prior
+
+        err = self.VALIDATE_INPUTS(device=device, dtype=dtype)
+        if err is not True:
+            raise ConfigError(err.split(":", 1)[0], err.split(":", 1)[1].strip())
+        path = c.resolve_model(model)
+        model_config = None
+        if config_from and config_from != c.AUTO_CONFIG:
+            model_config = c.resolve_model(config_from)
+        if device == "auto":
+            device = c.comfy_device() or "auto"
+        cfg = PriorConfig(model=path, model_config=model_config, device=device, dtype=dtype,
+                          resolution=int(resolution) or None)
+        try:
+            prior = load_prior(cfg)
+        except ConfigError as e:
+            raise c.named_error(e, "CSD Load Diffusion Model") from e
+        c.log.info("CSD: loaded %s on %s (render size %s)", model, prior.device, getattr(prior, "resolution", "?"))
+        return (prior,)
+
+
+def default_of_prior(name: str) -> str:
+    return c.default_of(PriorConfig, name)
+
+
+NODE_CLASS_MAPPINGS = {"CSDLoadDiffusionModel": CSDLoadDiffusionModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"CSDLoadDiffusionModel": "CSD Load Diffusion Model"}

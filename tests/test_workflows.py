@@ -1,0 +1,186 @@
+"""The shipped example workflows: UI/API twins agree, and the API workflows run end to end (tiny model, stubbed
+ComfyUI), with progress previews, Cancel and resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import comfy_stubs as cs
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, tiny_sd):
+    env = cs.install(monkeypatch, tmp_path)
+    (env.models_dir / "diffusers" / "tiny-sd").symlink_to(tiny_sd["folder"], target_is_directory=True)
+    return env
+
+
+@pytest.fixture
+def classes(env):
+    return cs.node_classes(cs.load_pack())
+
+
+def _mesh_nodes_available(classes) -> bool:
+    return "CSDExtractMesh" in classes and "CSDSaveMesh" in classes
+
+
+def _prompt(name, classes):
+    api = cs.load_api(name)
+    if not all(node["class_type"] in classes for node in api.values()):
+        pytest.skip("nodes/mesh.py (CSDExtractMesh, CSDSaveMesh) is not in the pack")
+    return cs.for_tests(api, classes)
+
+
+def _checkpoint(env, run_folder):
+    from csd_backend.io import load_checkpoint
+
+    return load_checkpoint(env.output_dir / "csd3d" / "runs" / run_folder)
+
+
+# ------------------------------------------------------------------------------------------------ the files
+def test_every_ui_workflow_has_an_api_twin():
+    ui = sorted(p.stem for p in cs.UI_DIR.glob("*.json"))
+    assert ui == cs.workflow_names() and "csd_text_to_3d" in ui and len(ui) >= 3
+    for name in ui:
+        wf = cs.load_ui(name)
+        ids = [n["id"] for n in wf["nodes"]]
+        assert len(set(ids)) == len(ids) and wf["last_node_id"] >= max(ids), name
+        link_ids = [link[0] for link in wf["links"]]
+        assert len(set(link_ids)) == len(link_ids) and wf["last_link_id"] >= max(link_ids), name
+        nodes = {n["id"]: n for n in wf["nodes"]}
+        for lid, src, slot, dst, dst_slot, typ in wf["links"]:  # both ends of every link agree
+            assert lid in nodes[src]["outputs"][slot]["links"] and nodes[src]["outputs"][slot]["type"] == typ, name
+            assert nodes[dst]["inputs"][dst_slot]["link"] == lid, name
+
+
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_ui_and_api_twins_have_the_same_nodes_links_and_values(name, classes):
+    ui = cs.load_ui(name)
+    if not all(n["type"] in classes for n in ui["nodes"]):
+        pytest.skip("nodes/mesh.py (CSDExtractMesh, CSDSaveMesh) is not in the pack")
+    strip = lambda wf: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in wf.items()}  # noqa: E731
+    assert strip(cs.ui_to_api(ui, classes)) == strip(cs.load_api(name))
+
+
+def test_text_to_3d_ends_with_mesh_export_and_preview_3d():
+    api = cs.load_api("csd_text_to_3d")
+    by_class = {v["class_type"]: (k, v) for k, v in api.items()}
+    _, preview = by_class["Preview3D"]
+    save_id, save = by_class["CSDSaveMesh"]
+    extract_id, _ = by_class["CSDExtractMesh"]
+    optimize_id, _ = by_class["CSDOptimize"]
+    assert preview["inputs"]["model_file"] == [save_id, 0]
+    assert save["inputs"]["textured_mesh"] == [extract_id, 1]
+    assert api[extract_id]["inputs"]["scene"] == [optimize_id, 0]
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def _check_optimize_progress(env, node_id, steps):
+    updates = [p for p in env.progress if p[0] == node_id]
+    assert [p[1] for p in updates] == list(range(1, steps + 1)), "one progress update per step"
+    assert all(p[2] == steps for p in updates)
+    for _node, _value, _total, preview in updates:  # preview_every = 1 in the test settings
+        kind, image, max_size = preview
+        assert kind == "JPEG" and image.size == (16, 16) and image.mode == "RGB" and max_size == 512
+
+
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_api_workflow_runs_end_to_end(name, env, classes):
+    prompt = _prompt(name, classes)
+    run = cs.execute_prompt(prompt, classes, env)
+    steps = cs.TEST_OVERRIDES["CSDOptimize"]["steps"]
+    for nid, node in prompt.items():
+        kind = node["class_type"]
+        assert nid in run.results, f"{kind} did not run"
+        if kind == "CSDOptimize":
+            _check_optimize_progress(env, nid, steps)
+            ckpt = _checkpoint(env, f"{node['inputs']['run_name']}_00001")
+            assert ckpt["step"] == steps
+            assert ckpt["config"]["guidance"]["mode"] == prompt[node["inputs"]["guidance"][0]]["inputs"]["mode"]
+            assert run.results[nid][1].shape == (1, 16, 16, 3)
+        elif kind == "SaveImage":
+            images = run.outputs[nid]["images"]
+            assert len(images) == cs.TEST_OVERRIDES["CSDRenderViews"]["n_views"]
+            for img in images:
+                assert (env.output_dir / img["subfolder"] / img["filename"]).is_file()
+        elif kind == "Preview3D":
+            model_file = run.outputs[nid]["result"][0]
+            assert not model_file.startswith("/") and (env.output_dir / model_file).is_file()
+            assert model_file.endswith(".glb")
+    if name == "csd_edit_scene":
+        _check_edit(env, prompt, run)
+
+
+def _check_edit(env, prompt, run):
+    """ComfyUI caches node outputs: Optimize must return a new scene and never modify its input."""
+    from csd_backend.optimize import load_scene
+
+    generate = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize" and v["inputs"]["run_name"] == "corgi")
+    edit = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize" and k != generate)
+    assert prompt[edit]["inputs"]["scene"] == [generate, 0]
+    saved, _ = load_scene(env.output_dir / "csd3d" / "runs" / "corgi_00001")
+    generated, edited = run.results[generate][0], run.results[edit][0]
+    assert generated is not edited
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, generated.state_dict()[key]), f"the edit changed its input scene ({key})"
+    assert any(not torch.equal(v, edited.state_dict()[k]) for k, v in generated.state_dict().items())
+    cfg = _checkpoint(env, "corgi_party_hat_00001")["config"]
+    assert cfg["guidance"]["mode"] == "edit" and cfg["guidance"]["source_prompt"] == "a DSLR photo of a corgi"
+    assert cfg["scene"] == _checkpoint(env, "corgi_00001")["config"]["scene"]
+
+
+def _optimize_only(classes, steps):
+    """The text-to-3D workflow up to Optimize (+ its preview), for the Cancel tests."""
+    api = cs.for_tests(cs.without_missing_nodes(cs.load_api("csd_text_to_3d"), classes), classes)
+    keep = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize", "PreviewImage"}
+    prompt = {k: v for k, v in api.items() if v["class_type"] in keep}
+    opt = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize")
+    prompt[opt]["inputs"].update({"steps": steps, "checkpoint_every": 0, "run_name": "cancel_me"})
+    return prompt, opt
+
+
+@pytest.mark.parametrize("when", ["during_step", "between_steps"])
+def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(env, classes, when):
+    """Cancel (ComfyUI's interrupt flag) stops Optimize within a step with InterruptProcessingException, a
+    checkpoint is kept although checkpoint_every is 0, and resume=True continues it to the same result."""
+    prompt, opt = _optimize_only(classes, steps=3)
+
+    def press_cancel(env, value, total):
+        if env.current_node == opt and value == 1:
+            env.interrupt()
+
+    # during a step: the flag is seen by ComfyUI's progress hook; between steps: by the engine's cancel check
+    if when == "during_step":
+        env.on_progress = press_cancel
+    else:
+        env.on_progress_after = press_cancel
+    with pytest.raises(env.mm.InterruptProcessingException):
+        cs.execute_prompt(prompt, classes, env)
+    assert env.mm.processing_interrupted() is False, "the interrupt is consumed, as ComfyUI does"
+    assert _checkpoint(env, "cancel_me_00001")["step"] == 1
+    env.on_progress = env.on_progress_after = None
+
+    env.progress.clear()
+    prompt[opt]["inputs"]["resume"] = True
+    resumed = cs.execute_prompt(prompt, classes, env)
+    assert [p[1] for p in env.progress if p[0] == opt] == [1, 2, 3]  # the bar starts where the run was
+    assert _checkpoint(env, "cancel_me_00001")["step"] == 3
+    assert not (env.output_dir / "csd3d" / "runs" / "cancel_me_00002").exists()
+    if when == "between_steps":
+        return
+    prompt[opt]["inputs"]["resume"] = False  # the same run without Cancel
+    straight = cs.execute_prompt(prompt, classes, env)
+    assert _checkpoint(env, "cancel_me_00002")["step"] == 3
+    a, b = resumed.results[opt][0].state_dict(), straight.results[opt][0].state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_resume_without_a_checkpoint_is_rejected(env, classes):
+    prompt, opt = _optimize_only(classes, steps=2)
+    prompt[opt]["inputs"]["resume"] = True
+    with pytest.raises(cs.PromptRejected) as info:
+        cs.execute_prompt(prompt, classes, env)
+    assert "resume" in json.dumps(info.value.errors)
