@@ -1,0 +1,131 @@
+"""Per-step time split: render forward, prior (VAE encode + UNet), backward, optimiser step.
+
+    python benchmarks/bench_step.py                     # CPU, tiny random SD prior, preview-cpu and csd-coarse
+    python benchmarks/bench_step.py --device cuda --full-size   # CUDA, SD-2.1-base-shaped random weights, fp16
+
+Prints a table with medians over the measured steps, the UNet-forward time of the same 3-branch batch (the
+floor) and the ratio step / UNet floor; "engine" is everything but the UNet forward.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from csd_backend.optimize import Optimization  # noqa: E402
+from csd_backend.presets import get_preset  # noqa: E402
+
+
+def build_prior(args, workdir: Path):
+    from csd_backend.priors.stable_diffusion import load_stable_diffusion
+
+    if args.full_size:
+        from full_size_sd import build_sd21_base_shaped  # noqa: F401  (CUDA issue)
+
+        folder = build_sd21_base_shaped(workdir)
+    else:
+        from tiny_sd import build_tiny_sd
+
+        folder = build_tiny_sd(workdir)["folder"]
+    return load_stable_diffusion(folder, device=args.device, dtype=args.dtype)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_preset(name: str, prior, args) -> dict:
+    cfg = get_preset(name).replace(guidance={"prompt": "a DSLR photo of a corgi"}, prior={"model": "bench"},
+                                   optim={"checkpoint_every": 0})
+    # the preset's prior input size (512 for csd-coarse: 64² renders upsampled for the VAE), or an override
+    prior.resolution = args.resolution or cfg.prior.resolution or prior.resolution
+    opt = Optimization(cfg, prior)
+    opt.profile = True
+    # UNet time inside the step: wrap predict_noise
+    unet_times = []
+    orig = prior.predict_noise
+
+    def timed(z_t, t, emb):
+        sync(prior.device)
+        t0 = time.perf_counter()
+        out = orig(z_t, t, emb)
+        sync(prior.device)
+        unet_times.append(time.perf_counter() - t0)
+        return out
+
+    prior.predict_noise = timed
+    rows = []
+    try:
+        for i in range(args.warmup + args.steps):
+            opt.timings.clear()
+            unet_times.clear()
+            # past warm-up phases so the measured steps include normal-map renders and all three branches
+            opt.step = max(opt.step, args.start_step)
+            info = opt.train_step()
+            if i >= args.warmup:
+                t = dict(opt.timings)
+                t["unet"] = sum(unet_times)
+                t["step"] = info.seconds
+                t["samples"] = 0
+                rows.append(t)
+    finally:
+        prior.predict_noise = orig
+    # the floor: one UNet forward on the same 3-branch batch
+    B = cfg.camera.batch_size
+    h, w = prior.input_size(cfg.camera.height, cfg.camera.width)
+    z = torch.randn(3 * B, 4, h // 8, w // 8, device=prior.device)
+    t = torch.full((3 * B,), 500, device=prior.device, dtype=torch.long)
+    emb = prior.encode_text(["a", "b", "c"] * B)
+    floor = []
+    for i in range(args.warmup + args.steps):
+        sync(prior.device)
+        t0 = time.perf_counter()
+        prior.predict_noise(z, t, emb)
+        sync(prior.device)
+        if i >= args.warmup:
+            floor.append(time.perf_counter() - t0)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    med["floor"] = statistics.median(floor)
+    med["engine"] = med["step"] - med["unet"]
+    return med
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="preview-cpu,csd-coarse")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--full-size", action="store_true", help="SD-2.1-base-shaped random weights (needs a GPU)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--start-step", type=int, default=6000, help="measure past the warm-up phases (default 6000)")
+    p.add_argument("--resolution", type=int, default=None, help="prior input size override")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as d:
+        prior = build_prior(args, Path(d))
+        print(f"device {prior.device}, dtype {next(prior.unet.parameters()).dtype}, "
+              f"torch threads {torch.get_num_threads()}")
+        cols = ["grid", "render", "prior", "unet", "backward", "optimizer", "engine", "step", "floor"]
+        print(f"{'preset':<22}" + "".join(f"{c:>10}" for c in cols) + f"{'step/floor':>12}")
+        for name in args.presets.split(","):
+            m = bench_preset(name, prior, args)
+            print(f"{name + ' @' + str(prior.resolution):<22}" + "".join(f"{m.get(c, 0.0) * 1000:>9.1f}m" for c in cols)
+                  + f"{m['step'] / m['floor']:>12.2f}")
+        print("(milliseconds, medians; 'prior' = VAE encode + UNet; 'engine' = step − UNet forward)")
+
+
+if __name__ == "__main__":
+    main()
