@@ -29,13 +29,13 @@ def build_prior(args, workdir: Path):
     from csd_backend.priors.stable_diffusion import load_stable_diffusion
 
     if args.full_size:
-        from full_size_sd import build_sd21_base_shaped  # noqa: F401  (CUDA issue)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from full_size_sd import build_sd21_base_prior
 
-        folder = build_sd21_base_shaped(workdir)
-    else:
-        from tiny_sd import build_tiny_sd
+        return build_sd21_base_prior(args.device, args.dtype)
+    from tiny_sd import build_tiny_sd
 
-        folder = build_tiny_sd(workdir)["folder"]
+    folder = build_tiny_sd(workdir)["folder"]
     return load_stable_diffusion(folder, device=args.device, dtype=args.dtype)
 
 
