@@ -196,6 +196,15 @@ class Optimization:
                 if self.out_dir is not None:
                     self.save_checkpoint()
                 raise
+            except torch.OutOfMemoryError as e:
+                c = self.config
+                where = f" The last checkpoint is kept in {self.checkpoint_path}." if self.out_dir else ""
+                raise CSDError(
+                    f"out of memory at step {self.step} on {self.device}. Try, in this order: fp16 weights "
+                    f"(dtype float16 on CUDA), a smaller camera.batch_size (now {c.camera.batch_size}), fewer "
+                    f"render.num_samples_per_ray (now {c.render.num_samples_per_ray}), a smaller render "
+                    f"({c.camera.height}x{c.camera.width}) or prior resolution, or the preview-cpu preset." + where
+                ) from e
             if self.out_dir is not None and o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0:
                 self.save_checkpoint()
             if progress is not None:

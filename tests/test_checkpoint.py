@@ -143,3 +143,21 @@ def test_same_seed_same_result_and_seed_matters():
     _assert_same(a, b)  # bit-identical on a multi-threaded CPU: no order-dependent scatter anywhere in a step
     c = train(4)
     assert not torch.equal(a[0], c[0])
+
+
+def test_out_of_memory_gives_the_fix_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    opt = Optimization(_cfg(steps=6), AnalyticPrior(16), out_dir=tmp_path)
+    real_step = opt.train_step
+
+    def step():
+        if opt.step == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step()
+
+    monkeypatch.setattr(opt, "train_step", step)
+    with pytest.raises(Exception) as e:
+        opt.run()
+    msg = str(e.value)
+    assert "out of memory at step 4" in msg and "batch_size" in msg and "num_samples_per_ray" in msg
+    assert "last checkpoint is kept" in msg
+    assert io.load_checkpoint(tmp_path)["step"] == 3
