@@ -69,14 +69,16 @@ def bench_preset(name: str, prior, args) -> dict:
         for i in range(args.warmup + args.steps):
             opt.timings.clear()
             unet_times.clear()
-            # past warm-up phases so the measured steps include normal-map renders and all three branches
-            opt.step = max(opt.step, args.start_step)
+            # train from step 0 for the warm-up steps, then measure past the warm-up phases so the measured
+            # steps include normal-map renders and all three branches
+            if i == args.warmup:
+                opt.step = max(opt.step, args.start_step)
             info = opt.train_step()
             if i >= args.warmup:
                 t = dict(opt.timings)
                 t["unet"] = sum(unet_times)
                 t["step"] = info.seconds
-                t["samples"] = 0
+                t["samples"] = info.num_samples
                 rows.append(t)
     finally:
         prior.predict_noise = orig
@@ -107,8 +109,10 @@ def main():
     p.add_argument("--dtype", default="auto")
     p.add_argument("--full-size", action="store_true", help="SD-2.1-base-shaped random weights (needs a GPU)")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--start-step", type=int, default=6000, help="measure past the warm-up phases (default 6000)")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--start-step", type=int, default=6000,
+                   help="step index the measured steps use, past the warm-up phases (default 6000); the scene "
+                        "itself is trained for --warmup steps first")
     p.add_argument("--resolution", type=int, default=None, help="prior input size override")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
@@ -119,11 +123,12 @@ def main():
         print(f"device {prior.device}, dtype {next(prior.unet.parameters()).dtype}, "
               f"torch threads {torch.get_num_threads()}")
         cols = ["grid", "render", "prior", "unet", "backward", "optimizer", "engine", "step", "floor"]
-        print(f"{'preset':<22}" + "".join(f"{c:>10}" for c in cols) + f"{'step/floor':>12}")
+        print("(columns in milliseconds; samples = packed samples per step after empty-space skipping)")
+        print(f"{'preset':<22}" + "".join(f"{c:>10}" for c in cols) + f"{'step/floor':>12}{'samples':>10}")
         for name in args.presets.split(","):
             m = bench_preset(name, prior, args)
             print(f"{name + ' @' + str(prior.resolution):<22}" + "".join(f"{m.get(c, 0.0) * 1000:>9.1f}m" for c in cols)
-                  + f"{m['step'] / m['floor']:>12.2f}")
+                  + f"{m['step'] / m['floor']:>12.2f}{int(m['samples']):>10}")
         print("(milliseconds, medians; 'prior' = VAE encode + UNet; 'engine' = step − UNet forward)")
 
 

@@ -38,6 +38,7 @@ class StepInfo:
     coefficients: Optional[object] = None  # guidance.Coefficients used at this step
     preview: Optional[torch.Tensor] = None  # [1, H, W, 3] the current render, detached, on the CPU
     seconds: float = 0.0
+    num_samples: int = 0  # packed samples rendered this step (after empty-space skipping)
     timings: Dict[str, float] = field(default_factory=dict)
 
 
@@ -176,7 +177,7 @@ class Optimization:
         values["grad_norm"] = g.grad_norm
         return StepInfo(step=self.step, total=cfg.optim.steps, losses=values, shading=shading,
                         timesteps=g.t.tolist(), coefficients=g.coefficients, preview=out.rgb[:1].detach().float().cpu(),
-                        seconds=time.perf_counter() - t_start)
+                        seconds=time.perf_counter() - t_start, num_samples=out.num_samples)
 
     # ------------------------------------------------------------------- run
     def run(self, progress: Optional[Callable[[StepInfo], None]] = None,
