@@ -225,6 +225,13 @@ class RunConfig:
             raise ConfigError("source_prompt", "edit mode needs the description of the current scene as the source prompt")
         for name in ("guidance_weight", "negative_weight", "min_step_percent", "max_step_percent"):
             validate_schedule(getattr(g, name), f"guidance.{name}")
+        for step in _schedule_knots(g.min_step_percent, g.max_step_percent, total=self.optim.steps):
+            from .schedules import schedule_value
+
+            lo, hi = schedule_value(g.min_step_percent, step), schedule_value(g.max_step_percent, step)
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ConfigError("guidance.min_step_percent/max_step_percent",
+                                  f"need 0 <= min <= max <= 1 at every step; at step {step} min is {lo} and max is {hi}")
         if g.grad_clip is not None:
             validate_schedule(g.grad_clip, "guidance.grad_clip")
         _positive("guidance.cfg_scale", g.cfg_scale, allow_zero=True)
@@ -281,6 +288,16 @@ class RunConfig:
         _int_range("optim.preview_every", o.preview_every, 0, 1 << 30)
         _int_range("seed", o.seed, 0, 2**63 - 1)
         return self
+
+
+def _schedule_knots(*specs, total: int = 0):
+    """Steps where piecewise-linear schedules can reach their extremes: 0, every knot, and the last step."""
+    steps = {0, max(total - 1, 0)}
+    for spec in specs:
+        if isinstance(spec, (list, tuple)) and len(spec) in (3, 4):
+            s0, s1 = (0, spec[2]) if len(spec) == 3 else (spec[0], spec[3])
+            steps.update({int(s0), int(s1)})
+    return sorted(steps)
 
 
 def _rescale_schedule(v: List[float], f: float) -> List[float]:

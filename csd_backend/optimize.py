@@ -209,7 +209,13 @@ class Optimization:
             if self.out_dir is not None and o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0:
                 self.save_checkpoint()
             if progress is not None:
-                progress(info)
+                try:
+                    progress(info)
+                except BaseException:
+                    # the state right after a step is consistent: keep it so the run can resume
+                    if self.out_dir is not None:
+                        self.save_checkpoint()
+                    raise
         if self.out_dir is not None:
             self.save_checkpoint()
         return self.scene

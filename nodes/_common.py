@@ -291,9 +291,10 @@ def check_interrupt() -> None:
 
 
 def is_interrupt(exc: BaseException) -> bool:
+    """True for ComfyUI's ``InterruptProcessingException`` (Cancel pressed)."""
     mm = _model_management()
     cls = getattr(mm, "InterruptProcessingException", None) if mm is not None else None
-    return (cls is not None and isinstance(exc, cls)) or isinstance(exc, KeyboardInterrupt)
+    return cls is not None and isinstance(exc, cls)
 
 
 def comfy_device() -> Optional[str]:

@@ -126,7 +126,11 @@ class CSDOptimize:
                 untrained = bool(getattr(scene, c.UNTRAINED_ATTR, False))
                 out_dir = c.new_run_folder(run_name)
                 # an untrained scene is re-initialised from the seed (like the command line); a trained one is copied
-                opt = Optimization(cfg, prior, scene=None if untrained else scene, out_dir=out_dir)
+                try:
+                    opt = Optimization(cfg, prior, scene=None if untrained else scene, out_dir=out_dir)
+                except BaseException:
+                    out_dir.rmdir()  # still empty: leave no run folder behind for a run that never started
+                    raise
                 text = json.dumps(opt.config.to_dict(), indent=2)
                 atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
                 c.log.info("CSD Optimize: run %s, %d steps", out_dir, cfg.optim.steps)

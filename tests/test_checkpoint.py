@@ -161,3 +161,15 @@ def test_out_of_memory_gives_the_fix_and_keeps_the_checkpoint(tmp_path, monkeypa
     assert "out of memory at step 4" in msg and "batch_size" in msg and "num_samples_per_ray" in msg
     assert "last checkpoint is kept" in msg
     assert io.load_checkpoint(tmp_path)["step"] == 3
+
+
+def test_a_failing_progress_callback_keeps_a_resumable_checkpoint(tmp_path):
+    opt = Optimization(_cfg(steps=6), AnalyticPrior(16), out_dir=tmp_path)
+
+    def progress(info):
+        if info.step == 2:
+            raise RuntimeError("host interrupted")
+
+    with pytest.raises(RuntimeError, match="host interrupted"):
+        opt.run(progress=progress)
+    assert io.load_checkpoint(tmp_path)["step"] == 2

@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"scene": {"radius": 0.0}}, "scene.radius"),
     ({"render": {"num_samples_per_ray": 1}}, "render.num_samples_per_ray"),
     ({"scene": {"log2_hashmap_size": 40}}, "scene.log2_hashmap_size"),
+    ({"guidance": {"min_step_percent": 0.6, "max_step_percent": [10, 0.98, 0.5, 11]}},
+     "guidance.min_step_percent/max_step_percent"),
 ])
 def test_invalid_config_names_the_field(sections, field):
     cfg = small_config("red").replace(**sections)

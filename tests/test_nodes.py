@@ -15,6 +15,18 @@ MY_NODES = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "C
 SMALL_SCENE = dict(radius=1.0, n_levels=4, log2_hashmap_size=12, max_resolution=64, background="neural_env")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny model gains nothing from threads, and on a loaded 2-core machine OpenMP's spinning threads make
+    these tests many times slower; one intra-op thread keeps them fast either way (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     return cs.install(monkeypatch, tmp_path)
@@ -118,10 +130,6 @@ def test_model_list_finds_diffusers_folders_and_checkpoints(env, pack, tiny_sd):
 
 
 # ------------------------------------------------------------------------------------------------- contracts
-def _node_items():
-    return sorted(cs.load_pack().NODE_CLASS_MAPPINGS.items())
-
-
 def test_every_node_contract(env, pack):
     assert MY_NODES <= set(pack.NODE_CLASS_MAPPINGS)
     for node_id, cls in sorted(pack.NODE_CLASS_MAPPINGS.items()):
@@ -287,6 +295,7 @@ def test_render_size_error_names_the_inputs(env, pack, tiny_sd):
     assert info.value.class_type == "CSDOptimize"
     assert "width/height (CSD Cameras)" in str(info.value.exception)
     assert not any(p[0] == info.value.node_id for p in env.progress)
+    assert not (env.output_dir / "csd3d" / "runs" / "corgi_00001").exists(), "no run folder for a run never started"
 
 
 def test_guidance_spec_is_the_guidance_config(common):
@@ -296,3 +305,20 @@ def test_guidance_spec_is_the_guidance_config(common):
     assert (cfg.mode, cfg.source_prompt, cfg.negative_weight, cfg.max_step_percent) == ("edit", "a corgi", 1.0, 0.5)
     ramp = dataclasses.replace(spec, negative_weight_start=0.0, negative_weight_anneal_until=0.25).config(2000)
     assert ramp.negative_weight == [0, 0.0, 1.0, 500]
+
+
+def test_is_changed_follows_the_checkpoint_on_disk(env, pack):
+    """With resume on, the checkpoint is an input: ComfyUI must re-run Optimize when it changed."""
+    m = pack.NODE_CLASS_MAPPINGS
+    assert m["CSDOptimize"].IS_CHANGED(resume=False, run_name="x") == ""
+    ckpt = env.output_dir / "csd3d" / "runs" / "x_00003" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"1")
+    first = m["CSDOptimize"].IS_CHANGED(resume=True, run_name="x")
+    assert "x_00003" in first
+    ckpt.write_bytes(b"22")
+    assert m["CSDOptimize"].IS_CHANGED(resume=True, run_name="x") != first
+    assert m["CSDOptimize"].VALIDATE_INPUTS(run_name="x", resume=True) is True
+    assert m["CSDScene"].IS_CHANGED(source="x_00003") != m["CSDScene"].IS_CHANGED(source="(new scene)")
+    assert m["CSDScene"].INPUT_TYPES()["required"]["source"][0] == ["(new scene)", "x_00003"]
+

@@ -10,6 +10,18 @@ import torch
 import comfy_stubs as cs
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """The tiny model gains nothing from threads, and on a loaded 2-core machine OpenMP's spinning threads make
+    these tests many times slower; one intra-op thread keeps them fast either way (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch, tiny_sd):
     env = cs.install(monkeypatch, tmp_path)
@@ -168,7 +180,13 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(env, classes, whe
     assert [p[1] for p in env.progress if p[0] == opt] == [1, 2, 3]  # the bar starts where the run was
     assert _checkpoint(env, "cancel_me_00001")["step"] == 3
     assert not (env.output_dir / "csd3d" / "runs" / "cancel_me_00002").exists()
-    if when == "between_steps":
+    if when == "between_steps":  # the saved run is offered by CSD 3D Scene and loads the trained scene
+        scene_node = classes["CSDScene"]
+        assert "cancel_me_00001" in scene_node.INPUT_TYPES()["required"]["source"][0]
+        kwargs = {name: entry[1]["default"] for name, entry in scene_node.INPUT_TYPES()["required"].items()}
+        (loaded,) = scene_node().make(**{**kwargs, "source": "cancel_me_00001"})
+        for key, value in resumed.results[opt][0].state_dict().items():
+            assert torch.equal(value, loaded.state_dict()[key]), key
         return
     prompt[opt]["inputs"]["resume"] = False  # the same run without Cancel
     straight = cs.execute_prompt(prompt, classes, env)
