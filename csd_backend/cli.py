@@ -5,6 +5,9 @@
   previews/step_NNNNN.png    the current render every --preview-every steps
   renders/view_NN.png        a ring of views of the final scene
   config.json                the full resolved configuration
+  mesh.glb                   the textured mesh of the final scene (--mesh-format glb|obj|ply, --no-mesh)
+
+``export`` writes the textured mesh of a saved run (GLB, OBJ + MTL + PNG, or PLY).
 """
 from __future__ import annotations
 
@@ -72,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any configuration field, e.g. --set render.num_samples_per_ray=256 "
                         "--set guidance.negative_weight='[0,0,1,5000]' (JSON values)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--mesh-format", default="glb", choices=["glb", "obj", "ply"],
+                   help="format of the mesh written into --out at the end (default %(default)s)")
+    g.add_argument("--no-mesh", action="store_true", help="do not export a mesh at the end of the run")
+    g.add_argument("--mesh-resolution", type=int, default=None, help="marching-cubes grid of that mesh (default 256)")
+    g.add_argument("--mesh-texture-size", type=int, default=None,
+                   help="its texture size (default 1024; 0: vertex colours only)")
 
     v = sub.add_parser("render", help="render a ring of views of a saved run")
     v.add_argument("checkpoint", help="run folder or checkpoint")
@@ -80,8 +89,52 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--size", type=int, default=256)
     v.add_argument("--shading", default="albedo", choices=["albedo", "textureless", "diffuse"])
 
+    x = sub.add_parser("export", help="export the mesh of a saved run as GLB, OBJ (+MTL+PNG) or PLY")
+    x.add_argument("checkpoint", help="run folder or checkpoint")
+    x.add_argument("--out", required=True, help="a .glb/.obj/.ply file (never overwritten) or a folder "
+                                                "(mesh_NNNNN_.<format> inside it)")
+    x.add_argument("--format", default=None, choices=["glb", "obj", "ply"],
+                   help="default: from the suffix of --out, else glb")
+    _add_export_flags(x)
+
     sub.add_parser("presets", help="list the presets and their settings")
     return p
+
+
+def _add_export_flags(p: argparse.ArgumentParser) -> None:
+    """The ``ExportConfig`` settings as flags (defaults taken from the dataclass)."""
+    from .export.config import ExportConfig
+
+    d = ExportConfig()
+    p.add_argument("--resolution", type=int, default=d.resolution,
+                   help="grid samples along the longest side of the object's box (default %(default)s)")
+    p.add_argument("--threshold", default=str(d.threshold),
+                   help="surface density: 'auto' (mean density where there is any) or a number (threestudio 25, "
+                        "CSD 10); default %(default)s")
+    p.add_argument("--texture-size", type=int, default=d.texture_size,
+                   help="texture side in pixels; 0: vertex colours only (default %(default)s)")
+    p.add_argument("--face-budget", type=int, default=d.face_budget,
+                   help="simplify to at most this many faces; 0: keep all (default %(default)s)")
+    p.add_argument("--keep-floaters", action="store_true", help="keep small disconnected parts")
+    p.add_argument("--no-vertex-colors", action="store_true", help="no per-vertex colours")
+    p.add_argument("--no-coarse-to-fine", action="store_true", help="extract over the whole box, not the object's")
+    p.add_argument("--dense", action="store_true", help="query every grid point (no narrow band; slower)")
+    p.add_argument("--z-up", action="store_true", help="keep the scene's Z-up frame instead of glTF's Y-up")
+
+
+def _export_config(args):
+    from .export.config import ExportConfig
+
+    threshold = args.threshold
+    if str(threshold).strip().lower() != "auto":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            raise ConfigError("--threshold", f"must be 'auto' or a number, got {threshold!r}") from None
+    return ExportConfig(resolution=args.resolution, threshold=threshold, texture_size=args.texture_size,
+                        face_budget=args.face_budget, remove_floaters=not args.keep_floaters,
+                        vertex_colors=not args.no_vertex_colors, coarse_to_fine=not args.no_coarse_to_fine,
+                        narrow_band=not args.dense, y_up=not args.z_up).validate()
 
 
 def _overrides(items: List[str]) -> dict:
@@ -208,6 +261,22 @@ def cmd_generate(args) -> int:
     for i, img in enumerate(ring):
         path = out / "renders" / f"view_{i:02d}.png"
         _save_png(img, path if not path.exists() else unique_path(path.parent, path.stem, ".png"))
+    if not args.no_mesh:
+        from .export import ExportConfig, extract_textured_mesh, save_mesh, save_mesh_unique
+        from .errors import OutputExistsError
+
+        mesh_over = {k: v for k, v in (("resolution", args.mesh_resolution), ("texture_size", args.mesh_texture_size))
+                if v is not None}
+        try:
+            mesh = extract_textured_mesh(scene, ExportConfig(**mesh_over))
+            try:
+                path = save_mesh(mesh, out / f"mesh.{args.mesh_format}", args.mesh_format)
+            except OutputExistsError:  # a resumed run: keep the earlier mesh
+                path = save_mesh_unique(mesh, out, "mesh", args.mesh_format)
+            print(f"mesh: {path} ({mesh.num_faces} faces)", file=sys.stderr)
+        except CSDError as e:  # the run itself succeeded; say how to export later
+            print(f"warning: no mesh written: {e}. Export later with: python -m csd_backend export {out} "
+                  f"--out {out} --threshold <value>", file=sys.stderr)
     print(f"done: {opt.step} steps in {time.time() - t0:.1f} s; checkpoint {opt.checkpoint_path}; "
           f"renders in {out / 'renders'}", file=sys.stderr)
     return 0
@@ -228,6 +297,28 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import extract_textured_mesh, save_mesh, save_mesh_unique
+    from .optimize import load_scene
+
+    cfg = _export_config(args)
+    out = Path(args.out)
+    suffix = out.suffix.lower().lstrip(".")
+    is_file = suffix in ("glb", "obj", "ply")
+    fmt = args.format or (suffix if is_file else "glb")
+    if is_file and args.format and args.format != suffix:
+        raise ConfigError("--format", f"{args.format} does not match the suffix of --out {out.name}")
+    if is_file and out.exists():  # fail before the (long) extraction
+        raise ConfigError("--out", f"{out} exists; outputs are never overwritten. Choose another name or a folder.")
+    scene, _config = load_scene(args.checkpoint)
+    t0 = time.time()
+    mesh = extract_textured_mesh(scene, cfg)
+    path = save_mesh(mesh, out, fmt) if is_file else save_mesh_unique(mesh, out, "mesh", fmt)
+    print(f"wrote {path}: {mesh.num_vertices} vertices, {mesh.num_faces} faces, threshold {mesh.threshold:.4g}, "
+          f"{time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .presets import PRESETS
 
@@ -239,9 +330,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if os.environ.get("CSD_DEBUG"):
-        return {"generate": cmd_generate, "render": cmd_render, "presets": cmd_presets}[args.command](args)
+        return {"generate": cmd_generate, "render": cmd_render, "export": cmd_export,
+                "presets": cmd_presets}[args.command](args)
     try:
-        return {"generate": cmd_generate, "render": cmd_render, "presets": cmd_presets}[args.command](args)
+        return {"generate": cmd_generate, "render": cmd_render, "export": cmd_export,
+                "presets": cmd_presets}[args.command](args)
     except CSDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,18 +6,39 @@ Main entry points::
     mesh = extract_textured_mesh(scene, ExportConfig(resolution=256, threshold="auto", texture_size=1024))
     save_mesh(mesh, "out/mesh.glb")            # never overwrites; .obj writes .mtl + .png beside it
 
+Modules: ``config`` (ExportConfig), ``mesh`` (TexturedMesh, MeshError, ComfyUI tensors), ``isosurface`` (grid,
+threshold, marching cubes, clean-up), ``texture`` (xatlas unwrap, UV rasteriser, bake, gutter fill),
+``writers`` (files, output names), ``pipeline`` (scene → TexturedMesh).
+
 Needs scikit-image (marching cubes), scipy, trimesh, and for textures xatlas, for simplification
 fast-simplification; each is imported when used and a missing one raises ``MeshError`` naming the pip package.
+The names below are loaded on first use, so ``import csd_backend.export.config`` stays cheap (no torch).
 """
-from .config import AUTO, ExportConfig
-from .isosurface import Isosurface, extract_isosurface
-from .mesh import MeshError, TexturedMesh, mesh_tensors, scene_to_y_up
-from .pipeline import SceneField, extract_textured_mesh
-from .texture import UVAtlas, bake_texture, sample_texture, unwrap
-from .writers import (FORMATS, relative_model_path, resolve_output_prefix, save_mesh, save_mesh_unique,
-                      to_trimesh)
+from __future__ import annotations
 
-__all__ = ["AUTO", "ExportConfig", "Isosurface", "extract_isosurface", "MeshError", "TexturedMesh", "mesh_tensors",
-           "scene_to_y_up", "SceneField", "extract_textured_mesh", "UVAtlas", "bake_texture", "sample_texture",
-           "unwrap", "FORMATS", "relative_model_path", "resolve_output_prefix", "save_mesh", "save_mesh_unique",
-           "to_trimesh"]
+import importlib
+
+_EXPORTS = {
+    "AUTO": "config", "ExportConfig": "config",
+    "Isosurface": "isosurface", "extract_isosurface": "isosurface",
+    "MeshError": "mesh", "TexturedMesh": "mesh", "mesh_tensors": "mesh", "scene_to_y_up": "mesh",
+    "SceneField": "pipeline", "extract_textured_mesh": "pipeline",
+    "UVAtlas": "texture", "bake_texture": "texture", "sample_texture": "texture", "unwrap": "texture",
+    "FORMATS": "writers", "relative_model_path": "writers", "resolve_output_prefix": "writers",
+    "save_mesh": "writers", "save_mesh_unique": "writers", "to_trimesh": "writers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

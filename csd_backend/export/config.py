@@ -36,12 +36,13 @@ class ExportConfig:
     vertex_colors: bool = True
     #: spec §5.3: find the object over the whole box on a coarse grid, then extract inside its padded box
     coarse_to_fine: bool = True
-    #: query the fine grid only near the surface found on a coarser grid (≥ 64 cells a side) and interpolate
-    #: elsewhere: about 8× fewer density queries at 256³. Features thinner than a coarse cell that lie away
-    #: from the rest of the surface can be missed; False queries every grid point.
+    #: query the fine grid only near the surface found on a coarser grid (≥ 64 samples a side) and interpolate
+    #: elsewhere: 4-6× fewer density queries at 256³. Details smaller than a coarse cell that lie away from the
+    #: rest of the surface can be missed; False queries every grid point.
     narrow_band: bool = True
-    #: xatlas padding between charts, in atlas texels (the gutter is also filled, so seams stay clean)
-    uv_padding: int = 4
+    #: xatlas padding between charts, in atlas texels (spec §5.5: 2); the space between charts is filled with
+    #: the nearest baked colour, so seams stay clean with bilinear filtering and mip-maps
+    uv_padding: int = 2
     #: write meshes Y-up with the front (+x of the scene, azimuth 0) facing +z, as glTF and three.js expect;
     #: False keeps the scene's own Z-up frame
     y_up: bool = True

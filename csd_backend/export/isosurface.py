@@ -5,10 +5,11 @@
    lies within a cell of them) and then by 10 % of its size on each side, clamped to ``[−r, r]³``, is the tight
    box (threestudio takes the same 10 % around the coarse mesh's AABB).
 2. **Fine grid** over the tight box: ``resolution`` samples along its longest side, cubic voxels. With
-   ``narrow_band`` the grid is refined level by level from a stride-``s`` sub-grid (≥ 64 cells a side): only
-   the points inside cells where the inside/outside label changes, grown by one cell, are queried at the next
+   ``narrow_band`` the grid is refined level by level from a stride-``s`` sub-grid (≥ 64 samples a side): only
+   the points inside cells where the inside/outside label changes, grown by two cells, are queried at the next
    finer level; every other point is trilinearly interpolated from the coarser level, which keeps its sign.
-   So the marching-cubes input equals the dense grid wherever the surface is, at a fraction of the queries.
+   So the marching-cubes input equals the dense grid wherever the surface is, at a fraction of the queries;
+   only details smaller than a coarse cell and two cells away from any other surface can be missed.
 3. **Marching cubes** (scikit-image, Lewiner) on the grid padded with empty space (σ = 0), so a surface that
    touches the box is closed there and the mesh is watertight.
 4. **Clean-up**: outward winding (positive signed volume), small floating components removed (fewer than
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -40,6 +41,10 @@ COARSE_RESOLUTION = 64
 BOX_PADDING = 0.1
 #: the narrow band starts from a sub-grid with at least this many samples along the longest side
 NARROW_BAND_BASE_SAMPLES = 64
+#: cells around a label change that are refined at the next level. On a noisy trained scene (a spongy surface
+#: of 1.3M faces at 256³) one cell missed 0.5 % of the dense grid's faces and two cells 0.1 %, for 2.8M and 3.6M
+#: queries instead of 15.2M; on clean surfaces both give the dense grid's mesh exactly.
+BAND_DILATION = 2
 
 
 def _require_skimage():
@@ -157,7 +162,7 @@ def tight_box(coarse: np.ndarray, grid: Grid, tau: float, radius: float) -> np.n
 _CORNERS = [(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)]
 
 
-def _band_points(inside: np.ndarray, dilation: int = 1) -> np.ndarray:
+def _band_points(inside: np.ndarray, dilation: int = BAND_DILATION) -> np.ndarray:
     """Points of the twice-finer grid (shape ``2m − 1``) that lie in a cell (of ``inside``'s grid) where the label
     changes, or within ``dilation`` cells of one."""
     scipy = _require_scipy()
@@ -208,10 +213,11 @@ def sample_grid(sampler: _Sampler, lo: np.ndarray, hi: np.ndarray, resolution: i
 
     ``threshold`` may still be "auto" (then τ comes from the first, coarsest level, which covers the box)."""
     stride = 1
-    if narrow_band:
-        while (resolution - 1) / (stride * 2) + 1 >= NARROW_BAND_BASE_SAMPLES:
-            stride *= 2
-    grid = fine_grid(lo, hi, resolution, stride)
+    while (resolution - 1) / (stride * 2) + 1 >= NARROW_BAND_BASE_SAMPLES:
+        stride *= 2
+    grid = fine_grid(lo, hi, resolution, stride)  # the same grid with or without the narrow band
+    if not narrow_band:
+        stride = 1
     values = np.full(grid.shape, np.nan, np.float32)
     levels = int(math.log2(stride)) + 1
     a, b = progress_span
@@ -227,7 +233,7 @@ def sample_grid(sampler: _Sampler, lo: np.ndarray, hi: np.ndarray, resolution: i
         coarse = values[::stride, ::stride, ::stride]
         finer = values[::half, ::half, ::half]  # a view: assignments below write into ``values``
         sampler.phase(*span(level))
-        need = _band_points(coarse > tau) & np.isnan(finer)
+        need = _band_points(coarse > tau, BAND_DILATION) & np.isnan(finer)
         ids = np.flatnonzero(need)
         if ids.size:
             finer[need] = sampler(grid.sub(half), ids)
@@ -312,6 +318,18 @@ def simplify(vertices: np.ndarray, faces: np.ndarray, budget: int) -> Tuple[np.n
     return orient_outward(v, f)
 
 
+def is_watertight(faces: np.ndarray) -> bool:
+    """Every edge is shared by exactly two faces, in opposite directions (closed and consistently wound)."""
+    directed = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).astype(np.int64)
+    n = int(directed.max()) + 1 if len(directed) else 1
+    keys = directed[:, 0] * n + directed[:, 1]
+    reverse = directed[:, 1] * n + directed[:, 0]
+    uniq = np.unique(keys)
+    if len(uniq) != len(keys) or not len(keys):  # a directed edge used twice: non-manifold or flipped faces
+        return False
+    return bool(np.isin(reverse, uniq).all())
+
+
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Sum of the unnormalised (area-weighted) face normals at each vertex, normalised; degenerate → +z."""
     v = vertices.astype(np.float64)
@@ -391,7 +409,11 @@ def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 2
         vertices, faces = simplify(vertices, faces, face_budget)
         if len(faces) == 0:  # pragma: no cover - the decimator never empties a mesh with budget ≥ 4
             raise MeshError("simplification removed every face; raise the face budget")
+        if remove_floaters_fraction:  # decimating a noisy surface can cut off slivers
+            vertices, faces, more = remove_floaters(vertices, faces, float(remove_floaters_fraction))
+            info["components_removed"] = dropped + more
     timings["cleanup"] = time.perf_counter() - t3
+    info["watertight"] = is_watertight(faces)
     normals = vertex_normals(vertices, faces)
     timings["total"] = time.perf_counter() - t0
     info["timings"] = timings

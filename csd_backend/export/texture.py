@@ -75,7 +75,7 @@ class UVAtlas:
     utilization: float
 
 
-def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int = 4,
+def unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding: int = 2,
            part_faces: int = UV_PART_FACES) -> UVAtlas:
     """One xatlas atlas for the mesh, charted part by part; ``uv_faces`` keeps the mesh's face order."""
     xatlas = _require_xatlas()
