@@ -53,9 +53,11 @@ def bench_preset(name: str, prior, args) -> dict:
     opt.profile = True
     # UNet time inside the step: wrap predict_noise
     unet_times = []
+    unet_batch = []
     orig = prior.predict_noise
 
     def timed(z_t, t, emb):
+        unet_batch.append(z_t.shape[0])
         sync(prior.device)
         t0 = time.perf_counter()
         out = orig(z_t, t, emb)
@@ -82,12 +84,13 @@ def bench_preset(name: str, prior, args) -> dict:
                 rows.append(t)
     finally:
         prior.predict_noise = orig
-    # the floor: one UNet forward on the same 3-branch batch
-    B = cfg.camera.batch_size
+    # the floor: one UNet forward on the same batch as the step's (branches with zero weight are skipped, so
+    # stage 1 past step 5000 runs 2 branches: positive and negative)
+    n = unet_batch[-1]
     h, w = prior.input_size(cfg.camera.height, cfg.camera.width)
-    z = torch.randn(3 * B, 4, h // 8, w // 8, device=prior.device)
-    t = torch.full((3 * B,), 500, device=prior.device, dtype=torch.long)
-    emb = prior.encode_text(["a", "b", "c"] * B)
+    z = torch.randn(n, 4, h // 8, w // 8, device=prior.device)
+    t = torch.full((n,), 500, device=prior.device, dtype=torch.long)
+    emb = prior.encode_text([str(i) for i in range(n)])
     floor = []
     for i in range(args.warmup + args.steps):
         sync(prior.device)
@@ -98,6 +101,7 @@ def bench_preset(name: str, prior, args) -> dict:
             floor.append(time.perf_counter() - t0)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     med["floor"] = statistics.median(floor)
+    med["unet_batch"] = n
     med["engine"] = med["step"] - med["unet"]
     return med
 
@@ -127,9 +131,10 @@ def main():
         print(f"{'preset':<22}" + "".join(f"{c:>10}" for c in cols) + f"{'step/floor':>12}{'samples':>10}")
         for name in args.presets.split(","):
             m = bench_preset(name, prior, args)
-            print(f"{name + ' @' + str(prior.resolution):<22}" + "".join(f"{m.get(c, 0.0) * 1000:>9.1f}m" for c in cols)
+            print(f"{name + ' @' + str(prior.resolution) + ' x' + str(m['unet_batch']):<22}" + "".join(f"{m.get(c, 0.0) * 1000:>9.1f}m" for c in cols)
                   + f"{m['step'] / m['floor']:>12.2f}{int(m['samples']):>10}")
-        print("(milliseconds, medians; 'prior' = VAE encode + UNet; 'engine' = step − UNet forward)")
+        print("(milliseconds, medians; @prior input size, xUNet batch; 'prior' = VAE encode + UNet; "
+              "'engine' = step − UNet forward; 'floor' = one UNet forward on the step's batch)")
 
 
 if __name__ == "__main__":
