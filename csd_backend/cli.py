@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-config", default=None,
                    help="for single-file checkpoints offline: a diffusers folder (or cached hub id) of the same "
                         "architecture to take the component configs from")
-    g.add_argument("--preset", default="csd-coarse", choices=preset_names(), help="named configuration (default %(default)s)")
+    g.add_argument("--preset", default=None, choices=preset_names(), help="named configuration (default csd-coarse)")
     g.add_argument("--steps", type=int, default=None, help="number of steps (default: the preset's)")
     g.add_argument("--no-rescale-schedules", action="store_true",
                    help="with --steps: keep the preset's schedules in absolute steps instead of stretching them")
@@ -185,14 +185,25 @@ def cmd_generate(args) -> int:
     if args.resume:
         from .io import load_checkpoint
 
+        fixed = [flag for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
+                                          ("--source-prompt", args.source_prompt), ("--preset", args.preset),
+                                          ("--seed", args.seed), ("--resolution", args.resolution),
+                                          ("--init-scene", args.init_scene), ("--set", args.set or None),
+                                          ("--preview-every", args.preview_every),
+                                          ("--checkpoint-every", args.checkpoint_every), ("--out", args.out))
+                 if value is not None]
+        if fixed:
+            raise ConfigError("--resume", f"{', '.join(fixed)} cannot change on resume: a resumed run keeps the "
+                                          "settings saved in its checkpoint (only --steps, --model, --model-config, "
+                                          "--device and --dtype may change). Start a new run to change them.")
         state = load_checkpoint(args.resume)
         config = RunConfig.from_dict(state["config"])
-        if args.model:
-            config = config.replace(prior={"model": args.model})
-        if args.model_config:
-            config = config.replace(prior={"model_config": args.model_config})
+        prior_over = {k: getattr(args, k) for k in ("model", "model_config", "device", "dtype")
+                      if getattr(args, k) is not None}
+        config = config.replace(prior=prior_over)
         prior = load_prior(config.prior)
         opt = Optimization.resume(args.resume, prior, steps=args.steps)
+        opt.config = opt.config.replace(prior=prior_over)  # the checkpoint records the model it continued with
         out = opt.out_dir
         print(f"resuming {out} at step {opt.step} of {opt.config.optim.steps}", file=sys.stderr)
     else:
@@ -202,7 +213,7 @@ def cmd_generate(args) -> int:
         if out.exists() and any(out.iterdir()):
             raise ConfigError("--out", f"{out} exists and is not empty; outputs are never overwritten. "
                                        "Choose a new folder, or continue that run with --resume.")
-        config = get_preset(args.preset)
+        config = get_preset(args.preset or "csd-coarse")
         over = _overrides(args.set)
         guid = over.setdefault("guidance", {})
         if args.prompt is not None:
@@ -254,7 +265,9 @@ def cmd_generate(args) -> int:
         if bar is not None:
             bar.close()
     c = opt.config.camera
+    # render with the trained occupancy grid (EMA over the whole run), not one refitted from a single pass
     ring = render_ring(scene, args.views, args.view_size, c.eval_elevation, c.eval_distance, c.eval_fovy,
+                       renderer=opt.renderer,
                        render_cfg=opt.config.render)
     from .io import unique_path
 

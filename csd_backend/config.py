@@ -155,7 +155,7 @@ class LossConfig:
     """Loss weights (schedules) for stage 1 (spec §3.1)."""
 
     guidance: ScheduleSpec = 1.0
-    orient: ScheduleSpec = field(default_factory=lambda: [5000, 1.0, 20.0, 5000])
+    orient: ScheduleSpec = field(default_factory=lambda: [5000, 1.0, 20.0, 5001])
     sparsity: ScheduleSpec = 1.0
     opaque: ScheduleSpec = 0.0
 
@@ -219,12 +219,22 @@ class RunConfig:
             raise ConfigError("model", "no diffusion model given; pass a diffusers folder, a .safetensors file or a hub id")
         _choice("guidance.mode", g.mode, GUIDANCE_MODES)
         _choice("guidance.weighting", g.weighting, WEIGHTINGS)
+        for name in ("prompt", "negative_prompt", "source_prompt"):
+            if not isinstance(getattr(g, name), str):
+                raise ConfigError(name, f"must be text, got {type(getattr(g, name)).__name__}")
+        for section, names in ((g, ("grad_normalize", "view_dependent")), (r, ("stratified", "textureless_normal")),
+                               (c, ("stratified_azimuth", "first_step_fixed_view"))):
+            for name in names:
+                if not isinstance(getattr(section, name), bool):
+                    raise ConfigError(name, f"must be true or false, got {getattr(section, name)!r}")
         if not g.prompt.strip():
             raise ConfigError("prompt", "the prompt is empty; describe the object to generate, e.g. 'a DSLR photo of a corgi'")
         if g.mode == "edit" and not g.source_prompt.strip():
             raise ConfigError("source_prompt", "edit mode needs the description of the current scene as the source prompt")
-        for name in ("guidance_weight", "negative_weight", "min_step_percent", "max_step_percent"):
+        for name in ("guidance_weight", "negative_weight"):
             validate_schedule(getattr(g, name), f"guidance.{name}")
+        for name in ("min_step_percent", "max_step_percent"):
+            validate_schedule(getattr(g, name), f"guidance.{name}", minimum=0.0)
         for step in _schedule_knots(g.min_step_percent, g.max_step_percent, total=self.optim.steps):
             from .schedules import schedule_value
 
@@ -233,7 +243,7 @@ class RunConfig:
                 raise ConfigError("guidance.min_step_percent/max_step_percent",
                                   f"need 0 <= min <= max <= 1 at every step; at step {step} min is {lo} and max is {hi}")
         if g.grad_clip is not None:
-            validate_schedule(g.grad_clip, "guidance.grad_clip")
+            validate_schedule(g.grad_clip, "guidance.grad_clip", positive=True)
         _positive("guidance.cfg_scale", g.cfg_scale, allow_zero=True)
         for name in ("front_threshold", "back_threshold"):
             _in_range(f"guidance.{name}", getattr(g, name), 0.0, 180.0)
@@ -252,6 +262,9 @@ class RunConfig:
         _choice("scene.normal_type", s.normal_type, NORMAL_TYPES)
         _choice("scene.background", s.background, BACKGROUNDS)
         _choice("scene.encoding_backend", s.encoding_backend, ("auto", "torch"))
+        _positive("scene.density_blob_std", s.density_blob_std)
+        _positive("scene.density_blob_scale", s.density_blob_scale, allow_zero=True)
+        _positive("scene.finite_difference_eps", s.finite_difference_eps)
         _in_range("scene.random_background_prob", s.random_background_prob, 0.0, 1.0)
         _vec("scene.background_color", s.background_color, 3, 0.0, 1.0)
 
@@ -276,9 +289,19 @@ class RunConfig:
         _in_range("render.textureless_prob", r.textureless_prob, 0.0, 1.0)
         _in_range("render.alpha_threshold", r.alpha_threshold, 0.0, 1.0)
         _int_range("render.chunk_size", r.chunk_size, 1024, 1 << 30)
+        _int_range("render.ambient_only_steps", r.ambient_only_steps, 0, 1 << 40)
+        _int_range("render.grid_warmup_steps", r.grid_warmup_steps, 0, 1 << 40)
+        _in_range("render.grid_threshold", r.grid_threshold, 0.0, 1e6)
+        _in_range("render.early_stop_eps", r.early_stop_eps, 0.0, 1.0)
+        _in_range("render.ambient_light", r.ambient_light, 0.0, 1.0)
+        _in_range("render.diffuse_light", r.diffuse_light, 0.0, 1.0)
+        _positive("camera.eval_distance", c.eval_distance)
+        _in_range("camera.eval_fovy", c.eval_fovy, 1.0, 179.0)
+        _in_range("camera.eval_elevation", c.eval_elevation, -90.0, 90.0)
+        _positive("camera.light_position_perturb", c.light_position_perturb, allow_zero=True)
 
         for name in ("guidance", "orient", "sparsity", "opaque"):
-            validate_schedule(getattr(self.loss, name), f"loss.{name}")
+            validate_schedule(getattr(self.loss, name), f"loss.{name}", minimum=0.0)
 
         _int_range("steps", o.steps, 1, 10_000_000)
         _positive("optim.lr", o.lr)

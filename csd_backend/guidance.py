@@ -41,7 +41,7 @@ class GuidanceOutput:
     z: torch.Tensor  # [B, C, h, w] the prior's input (with autograd)
     t: torch.Tensor  # [B] timesteps used
     coefficients: Coefficients
-    grad_norm: float  # ‖g‖ before normalisation
+    grad_norm: torch.Tensor  # ‖g‖ before normalisation (0-dim)
 
 
 def coefficients(cfg: GuidanceConfig, step: int) -> Coefficients:
@@ -75,7 +75,7 @@ def timestep_range(cfg: GuidanceConfig, step: int, num_train_timesteps: int) -> 
     if not 0.0 <= lo <= hi <= 1.0:
         raise ConfigError("guidance.min_step_percent/max_step_percent",
                           f"need 0 <= min <= max <= 1 at step {step}, got min {lo} and max {hi}")
-    t_min = int(num_train_timesteps * lo)
+    t_min = min(int(num_train_timesteps * lo), num_train_timesteps - 1)
     t_max = min(int(num_train_timesteps * hi), num_train_timesteps - 1)
     return t_min, max(t_min, t_max)
 
@@ -127,9 +127,9 @@ class ScoreDistillation:
             if self.cfg.grad_clip is not None:
                 clip = schedule_value(self.cfg.grad_clip, step)
                 g = g.clamp(-clip, clip)
-            grad_norm = float(g.norm())
+            grad_norm = g.norm()  # a tensor: no host-device sync inside the step
             if self.cfg.grad_normalize:
-                g = g / (g.norm() + 1e-8)
+                g = g / (grad_norm + 1e-8)
 
         target = (z - g).detach()
         loss = 0.5 * ((z - target) ** 2).sum() / B

@@ -73,8 +73,8 @@ class Optimization:
 
     def state_dict(self) -> dict:
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"config": self.config.to_dict(), "step": self.step, "scene": self.scene.state_dict(),
                 "renderer": self.renderer.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng,
                 "prior": getattr(self.prior, "name", "prior")}
@@ -84,13 +84,14 @@ class Optimization:
             self.scene.load_state_dict(state["scene"])
             self.renderer.load_state_dict(state["renderer"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
+            self.step = int(state["step"])
+            self.generator.set_state(state["rng"]["generator"])
+            torch.set_rng_state(state["rng"]["torch"])
+            cuda_state = state["rng"].get("cuda")
+            if isinstance(cuda_state, torch.Tensor) and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_state, self.device)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"checkpoint does not match this configuration: {e}") from e
-        self.step = int(state["step"])
-        self.generator.set_state(state["rng"]["generator"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save_checkpoint(self, path: Optional[io.PathLike] = None) -> Path:
         path = Path(path) if path is not None else self.checkpoint_path
@@ -174,7 +175,7 @@ class Optimization:
         self.step += 1
         values = {k: float(v.detach()) for k, v in losses.items()}
         values["total"] = float(total.detach())
-        values["grad_norm"] = g.grad_norm
+        values["grad_norm"] = float(g.grad_norm)
         return StepInfo(step=self.step, total=cfg.optim.steps, losses=values, shading=shading,
                         timesteps=g.t.tolist(), coefficients=g.coefficients, preview=out.rgb[:1].detach().float().cpu(),
                         seconds=time.perf_counter() - t_start, num_samples=out.num_samples)

@@ -5,7 +5,8 @@
 - ``csd-coarse-character``: the character config (`csd-if.yaml`): radius 1, 12 levels up to 512, front/back
   warm-up for 1000 steps, thresholds 30°, orientation 1→100 and sparsity 10→1 over 5000 steps. Perp-Neg of the
   official character config is not implemented (noted in the README).
-- ``sds-dreamfusion``: the DreamFusion baseline as threestudio's `dreamfusion-sd.yaml` (CFG 100, w = 1 − ᾱ).
+- ``sds-dreamfusion``: the DreamFusion baseline as threestudio's `dreamfusion-sd.yaml` (CFG 100, w = 1 − ᾱ,
+  view thresholds 45°).
 - ``csd-edit``: edit an existing scene: the source description in the negative slot, ω1 = ω2 = 1, stage-2-like
   t-range and weighting, short.
 - ``preview-cpu``: a small grid, few samples and a few hundred steps that converge on a laptop CPU.
@@ -21,7 +22,7 @@ from .errors import ConfigError
 _STAGE1_OBJECT: Dict[str, Any] = {
     "guidance": {"mode": "csd", "guidance_weight": 1.0, "negative_weight": [0, 0.0, 1.0, 5000],
                  "weighting": "uniform", "grad_normalize": True, "min_step_percent": 0.02,
-                 "max_step_percent": [5000, 0.98, 0.5, 5001], "front_threshold": 45.0, "back_threshold": 45.0},
+                 "max_step_percent": [5000, 0.98, 0.5, 5001], "front_threshold": 30.0, "back_threshold": 30.0},
     "scene": {"radius": 2.0, "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19,
               "base_resolution": 16, "per_level_scale": 1.381912879967776, "max_resolution": 2048,
               "random_background_prob": 0.5},
@@ -49,7 +50,6 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
 PRESETS: Dict[str, Dict[str, Any]] = {
     "csd-coarse": _STAGE1_OBJECT,
     "csd-coarse-character": _merge(_STAGE1_OBJECT, {
-        "guidance": {"front_threshold": 30.0, "back_threshold": 30.0},
         "scene": {"radius": 1.0, "n_levels": 12, "per_level_scale": 1.3703509847201883, "max_resolution": 512},
         "camera": {"elevation_range": [-10.0, 45.0], "stratified_azimuth": False, "front_back_only_steps": 1000},
         "render": {"ambient_only_steps": 5001},
@@ -57,6 +57,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     }),
     "sds-dreamfusion": _merge(_STAGE1_OBJECT, {
         "guidance": {"mode": "sds", "cfg_scale": 100.0, "weighting": "sds", "grad_normalize": False,
+                     "front_threshold": 45.0, "back_threshold": 45.0,
                      "negative_prompt": "", "min_step_percent": 0.02, "max_step_percent": 0.98},
         "scene": {"per_level_scale": 1.447269237440378, "max_resolution": 4096},
         "camera": {"elevation_range": [-10.0, 45.0], "stratified_azimuth": False},

@@ -7,21 +7,42 @@ steps and held at the ends. A 3-element list ``[start_value, end_value, end_step
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+import math
+from typing import Optional, Sequence, Union
 
 from .errors import ConfigError
 
 ScheduleSpec = Union[float, int, Sequence[float]]
 
 
-def validate_schedule(spec: ScheduleSpec, field: str = "schedule") -> ScheduleSpec:
-    """Return ``spec`` unchanged if it is a valid schedule, else raise ``ConfigError`` naming ``field``."""
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate_schedule(spec: ScheduleSpec, field: str = "schedule", minimum: Optional[float] = None,
+                      positive: bool = False) -> ScheduleSpec:
+    """Return ``spec`` unchanged if it is a valid schedule, else raise ``ConfigError`` naming ``field``.
+
+    Values must be finite; with ``minimum`` (or ``positive``) every value must be at least (above) it.
+    """
+    _validate_shape(spec, field)
+    values = [spec] if isinstance(spec, (int, float)) else list(_normalise(spec)[1:3])
+    for v in values:
+        if (minimum is not None and v < minimum) or (positive and v <= 0):
+            bound = f"> {0}" if positive else f">= {minimum}"
+            raise ConfigError(field, f"values must be {bound}, got {spec!r}")
+    return spec
+
+
+def _validate_shape(spec: ScheduleSpec, field: str) -> None:
     if isinstance(spec, bool):
         raise ConfigError(field, f"expected a number or [start_step, start_value, end_value, end_step], got {spec!r}")
     if isinstance(spec, (int, float)):
-        return spec
+        if not math.isfinite(spec):
+            raise ConfigError(field, f"must be a finite number, got {spec!r}")
+        return
     if isinstance(spec, (list, tuple)):
-        if len(spec) not in (3, 4) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+        if len(spec) not in (3, 4) or not all(_finite(v) for v in spec):
             raise ConfigError(
                 field,
                 f"expected a number or a list [start_step, start_value, end_value, end_step] of numbers, got {spec!r}",
@@ -29,7 +50,7 @@ def validate_schedule(spec: ScheduleSpec, field: str = "schedule") -> ScheduleSp
         s0, _, _, s1 = _normalise(spec)
         if s1 < s0:
             raise ConfigError(field, f"end_step {s1} is before start_step {s0}; swap them")
-        return spec
+        return
     raise ConfigError(field, f"expected a number or [start_step, start_value, end_value, end_step], got {spec!r}")
 
 

@@ -45,7 +45,7 @@ class CSDGuidance:
                                        "sds only: classifier-free guidance scale (DreamFusion: 100)"),
             "weighting": c.combo_input(list(WEIGHTINGS), _D.weighting,
                                        "w(t): uniform (CSD), sds (1 − ᾱ, DreamFusion) or fantasia3d"),
-            "grad_normalize": c.bool_input(_D.grad_normalize, "normalise the gradient per item (CSD: on)"),
+            "grad_normalize": c.bool_input(_D.grad_normalize, "divide the gradient by its L2 norm over the whole batch (CSD stage 1: on)"),
             "t_min": c.float_input(_D.t_min, 0.0, 1.0, 0.01, "smallest diffusion timestep, as a fraction of T"),
             "t_max_start": c.float_input(_D.t_max_start, 0.0, 1.0, 0.01,
                                          "largest diffusion timestep (fraction of T) before the switch"),

@@ -37,6 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"scene": {"radius": 0.0}}, "scene.radius"),
     ({"render": {"num_samples_per_ray": 1}}, "render.num_samples_per_ray"),
     ({"scene": {"log2_hashmap_size": 40}}, "scene.log2_hashmap_size"),
+    ({"guidance": {"grad_clip": -1.0}}, "guidance.grad_clip"),
+    ({"guidance": {"guidance_weight": float("nan")}}, "guidance.guidance_weight"),
+    ({"guidance": {"negative_prompt": None}}, "negative_prompt"),
+    ({"guidance": {"view_dependent": "false"}}, "view_dependent"),
+    ({"render": {"ambient_only_steps": "5"}}, "render.ambient_only_steps"),
+    ({"scene": {"density_blob_std": 0.0}}, "scene.density_blob_std"),
+    ({"scene": {"finite_difference_eps": 0.0}}, "scene.finite_difference_eps"),
+    ({"loss": {"sparsity": -1.0}}, "loss.sparsity"),
     ({"guidance": {"min_step_percent": 0.6, "max_step_percent": [10, 0.98, 0.5, 11]}},
      "guidance.min_step_percent/max_step_percent"),
 ])
@@ -149,6 +157,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "steps" in capsys.readouterr().err
     assert main(["generate", "--resume", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--resume", str(tmp_path / "nothing"), "--seed", "3", "--set", "optim.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed, --set cannot change on resume" in err
     with pytest.raises(SystemExit):
         main(["generate", "--preset", "nope"])
 

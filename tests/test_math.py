@@ -78,6 +78,11 @@ def test_t_range_stage1_step_change():
     assert timestep_range(cfg, 5001, 1000) == (20, 500)
 
 
+def test_t_range_at_the_top_is_a_valid_index():
+    cfg = GuidanceConfig(prompt="x", min_step_percent=1.0, max_step_percent=1.0)
+    assert timestep_range(cfg, 0, 1000) == (999, 999)
+
+
 def test_weightings():
     a = torch.tensor([0.25, 0.81])
     assert torch.allclose(timestep_weight("uniform", a), torch.ones(2))

@@ -39,7 +39,7 @@ class Cameras:
 
     def intrinsics(self) -> torch.Tensor:
         """``[B, 3, 3]`` pixel intrinsics (principal point at the image centre)."""
-        K = torch.zeros(len(self), 3, 3)
+        K = torch.zeros(len(self), 3, 3, device=self.fovy.device, dtype=self.fovy.dtype)
         f = self.focal
         K[:, 0, 0] = f
         K[:, 1, 1] = f

@@ -72,7 +72,7 @@ class OccupancyGrid(nn.Module):
         fresh = torch.full_like(self.occs, -1.0).scatter_reduce(0, indices, occ, reduce="amax")
         visited = fresh >= 0
         self.occs.copy_(torch.where(visited, torch.maximum(self.occs * self.ema_decay, fresh), self.occs))
-        thre = torch.clamp(self.occs[self.occs >= 0].mean(), max=self.threshold)
+        thre = torch.clamp(self.occs.mean(), max=self.threshold)  # occs is never negative
         self.binaries.copy_(self.occs > thre)
 
 
@@ -109,9 +109,20 @@ def composite_weights(sigma: torch.Tensor, dt: torch.Tensor, ray_indices: torch.
 
 
 def accumulate(values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
-    """Sum packed ``values`` ``[N, C]`` per ray → ``[n_rays, C]``."""
+    """Sum packed ``values`` ``[N, C]`` (sorted by ray) per ray → ``[n_rays, C]``.
+
+    Differences of a float64 cumulative sum at segment ends, instead of ``index_add`` whose CUDA atomics add in
+    no fixed order: the result is bit-reproducible on CPU and GPU alike.
+    """
     out = torch.zeros(n_rays, values.shape[-1], dtype=values.dtype, device=values.device)
-    return out.index_add(0, ray_indices, values)
+    if values.shape[0] == 0:
+        return out
+    cs = torch.cumsum(values.double(), 0)  # [N, C]
+    last = torch.ones_like(ray_indices, dtype=torch.bool)
+    last[:-1] = ray_indices[1:] != ray_indices[:-1]
+    ends = cs[last]  # [S, C] running totals at the end of each ray's segment
+    sums = torch.diff(ends, dim=0, prepend=torch.zeros_like(ends[:1]))
+    return out.index_copy(0, ray_indices[last], sums.to(values.dtype))
 
 
 @dataclass

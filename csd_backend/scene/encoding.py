@@ -48,6 +48,8 @@ class HashGridEncoding(nn.Module):
             offsets.append(offsets[-1] + size)
         self.offsets = offsets
         self.params = nn.Parameter(torch.empty(offsets[-1] * n_features_per_level).uniform_(-1e-4, 1e-4))
+        # on the module's device, so the forward never copies from the host (a sync on CUDA)
+        self.register_buffer("corners", _CORNERS.clone(), persistent=False)
 
     def level_table(self, level: int) -> torch.Tensor:
         """View of one level's table ``[size, F]``."""
@@ -56,7 +58,7 @@ class HashGridEncoding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, 3] in [0, 1]
-        corners = _CORNERS.to(x.device)
+        corners = self.corners
         feats = []
         for level in range(self.n_levels):
             scale = self.scales[level]
