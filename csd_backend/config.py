@@ -87,7 +87,7 @@ class SceneConfig:
     background_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     #: replace the background by a random solid colour per batch item with this probability (random_aug)
     random_background_prob: float = 0.5
-    encoding_backend: str = "auto"  # auto | torch (tinycudann arrives with the CUDA issue)
+    encoding_backend: str = "auto"  # auto (tcnn on CUDA when usable, else torch) | torch | tcnn
 
     def level_scale(self) -> float:
         if self.per_level_scale is not None:
@@ -261,7 +261,7 @@ class RunConfig:
         _choice("scene.density_bias", s.density_bias, ("blob_magic3d", "blob_dreamfusion", "none"))
         _choice("scene.normal_type", s.normal_type, NORMAL_TYPES)
         _choice("scene.background", s.background, BACKGROUNDS)
-        _choice("scene.encoding_backend", s.encoding_backend, ("auto", "torch"))
+        _choice("scene.encoding_backend", s.encoding_backend, ("auto", "torch", "tcnn"))
         _positive("scene.density_blob_std", s.density_blob_std)
         _positive("scene.density_blob_scale", s.density_blob_scale, allow_zero=True)
         _positive("scene.finite_difference_eps", s.finite_difference_eps)

@@ -56,7 +56,7 @@ class Optimization:
         o = config.optim
         torch.manual_seed(o.seed)  # before building the scene: its initial weights follow the seed
         prior.input_size(config.camera.height, config.camera.width)  # fail early on a size it cannot take
-        self.scene = (copy.deepcopy(scene) if scene is not None else Scene(config.scene)).to(self.device)
+        self.scene = (copy.deepcopy(scene) if scene is not None else Scene(config.scene, self.device)).to(self.device)
         self.renderer = VolumeRenderer(config.render, config.scene.radius).to(self.device)
         self.guidance = ScoreDistillation(config.guidance, prior)
         self.optimizer = torch.optim.Adam(self.scene.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SceneConfig
-from .encoding import HashGridEncoding
+from .backends import make_hash_grid
 
 
 def make_mlp(n_in: int, n_out: int, width: int, hidden_layers: int) -> nn.Sequential:
@@ -27,20 +27,20 @@ def make_mlp(n_in: int, n_out: int, width: int, hidden_layers: int) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
-def make_encoding(cfg: SceneConfig) -> nn.Module:
-    # The tinycudann backend plugs in here with the same parameters (CUDA issue); "auto" is torch for now.
-    return HashGridEncoding(cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size, cfg.base_resolution,
-                            cfg.level_scale())
+def make_encoding(cfg: SceneConfig, device=None) -> nn.Module:
+    """The hash grid on ``cfg.encoding_backend`` (auto | torch | tcnn), see ``backends.py``."""
+    return make_hash_grid(cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size, cfg.base_resolution,
+                          cfg.level_scale(), cfg.encoding_backend, device)
 
 
 class ImplicitVolume(nn.Module):
     """Hash grid + density and albedo heads; ``forward`` returns density, albedo and (optionally) normals."""
 
-    def __init__(self, cfg: SceneConfig):
+    def __init__(self, cfg: SceneConfig, device=None):
         super().__init__()
         self.cfg = cfg
         self.radius = float(cfg.radius)
-        self.encoding = make_encoding(cfg)
+        self.encoding = make_encoding(cfg, device)
         n_enc = self.encoding.n_output_dims
         self.density_mlp = make_mlp(n_enc, 1, cfg.mlp_width, cfg.mlp_hidden_layers)
         self.feature_mlp = make_mlp(n_enc, 3, cfg.mlp_width, cfg.mlp_hidden_layers)
@@ -149,10 +149,11 @@ def make_background(cfg: SceneConfig) -> nn.Module:
 class Scene(nn.Module):
     """What an optimisation trains: the volume and its background. ``state_dict`` is the whole scene."""
 
-    def __init__(self, cfg: SceneConfig):
+    def __init__(self, cfg: SceneConfig, device=None):
+        """``device``: where the scene will live; it picks the encoding backend (tcnn needs CUDA)."""
         super().__init__()
         self.cfg = cfg
-        self.volume = ImplicitVolume(cfg)
+        self.volume = ImplicitVolume(cfg, device)
         self.background = make_background(cfg)
 
     @property
