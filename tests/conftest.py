@@ -23,3 +23,15 @@ def tiny_sd(tmp_path_factory):
     from tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module: tiny models gain nothing from threads, and on a loaded 2-core
+    machine OpenMP's spinning threads make such tests many times slower (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

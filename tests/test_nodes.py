@@ -15,16 +15,7 @@ MY_NODES = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "C
 SMALL_SCENE = dict(radius=1.0, n_levels=4, log2_hashmap_size=12, max_resolution=64, background="neural_env")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model gains nothing from threads, and on a loaded 2-core machine OpenMP's spinning threads make
-    these tests many times slower; one intra-op thread keeps them fast either way (restored afterwards)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

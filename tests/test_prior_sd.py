@@ -9,13 +9,7 @@ from csd_backend.priors.base import DiffusionPrior
 from csd_backend.priors.stable_diffusion import StableDiffusionPrior, load_stable_diffusion, v_to_eps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is far too small for intra-op threads; on a busy 2-core machine they make it ~5× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,7 @@ import torch
 import comfy_stubs as cs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model gains nothing from threads, and on a loaded 2-core machine OpenMP's spinning threads make
-    these tests many times slower; one intra-op thread keeps them fast either way (restored afterwards)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
