@@ -150,13 +150,14 @@ class Optimization:
             bg_colors = torch.rand(B, 3, generator=gen).to(self.device)
         weights = {name: schedule_value(getattr(cfg.loss, name), s) for name in ("guidance", *REGULARIZERS)}
         need_normals = weights["orient"] > 0 or shading != "albedo"
+        angles = cams.elevation, cams.azimuth  # on the CPU: the view-dependent prompt lookup needs no GPU sync
         cams = cams.to(self.device)
         rays_o, rays_d = get_rays(cams)
         out = self.renderer(volume, background, rays_o, rays_d, shading, cams.light_positions, bg_colors,
                             need_normals, gen)
         t0 = self._tick("render", t0)
 
-        g = self.guidance(out.rgb, cams.elevation, cams.azimuth, s, generator=gen)
+        g = self.guidance(out.rgb, *angles, s, generator=gen)
         t0 = self._tick("prior", t0)
         losses = {"guidance": g.loss}
         total = weights["guidance"] * g.loss

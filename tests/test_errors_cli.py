@@ -143,6 +143,15 @@ def test_cli_generate_resume_and_render(tmp_path):
     assert (out / "renders" / "view_00_00001.png").exists() or len(list((out / "renders").iterdir())) == 3
     assert main(["render", str(out), "--out", str(tmp_path / "views"), "--views", "2", "--size", "16"]) == 0
     assert len(list((tmp_path / "views").iterdir())) == 2
+    # edit the saved scene: the source description takes the negative slot
+    edited = tmp_path / "edited"
+    assert main(["generate", "--preset", "csd-edit", "--init-scene", str(out), "--source-prompt", "a red ball",
+                 "--prompt", "a blue ball", "--model", "analytic:16", "--steps", "3", "--out", str(edited),
+                 "--quiet", "--no-mesh", "--views", "1", "--view-size", "16", "--set", "camera.height=24",
+                 "--set", "camera.width=24", "--set", "render.num_samples_per_ray=32"]) == 0
+    cfg = json.loads((edited / "config.json").read_text())
+    assert cfg["guidance"]["mode"] == "edit" and cfg["guidance"]["source_prompt"] == "a red ball"
+    assert cfg["scene"]["n_levels"] == 8  # the edited scene keeps the settings of the scene it started from
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
