@@ -65,6 +65,8 @@ class Optimization:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.profile = False
         self.timings: Dict[str, float] = {}
+        self._updating = False  # inside optimizer.step()
+        self._step_start: dict = {}
 
     # ----------------------------------------------------------------- state
     @property
@@ -132,8 +134,14 @@ class Optimization:
             return now
         return t0
 
+    def _step_start_state(self) -> dict:
+        """What a step changes before its parameter update: the RNGs and the occupancy grid (32³, cheap)."""
+        return {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                "grid": {k: v.clone() for k, v in self.renderer.grid.state_dict().items()}}
+
     def train_step(self) -> StepInfo:
         cfg, s, gen = self.config, self.step, self.generator
+        self._step_start = self._step_start_state()  # to save a clean state if interrupted mid-step
         t_start = time.perf_counter()
         self.scene.train()
         self.renderer.train()
@@ -171,7 +179,9 @@ class Optimization:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         t0 = self._tick("backward", t0)
+        self._updating = True
         self.optimizer.step()
+        self._updating = False
         t0 = self._tick("optimizer", t0)
         self.step += 1
         values = {k: float(v.detach()) for k, v in losses.items()}
@@ -196,7 +206,14 @@ class Optimization:
             try:
                 info = self.train_step()
             except KeyboardInterrupt:
-                if self.out_dir is not None:
+                # Interrupted before the parameter update: the weights are those of the last finished step, so
+                # rewind the RNGs and the grid to that step's start and save: the resumed run then equals an
+                # uninterrupted one.
+                # Interrupted inside the update: the weights are half-updated; keep the last periodic checkpoint.
+                if self.out_dir is not None and not self._updating:
+                    self.generator.set_state(self._step_start["generator"])
+                    torch.set_rng_state(self._step_start["torch"])
+                    self.renderer.grid.load_state_dict(self._step_start["grid"])
                     self.save_checkpoint()
                 raise
             except torch.OutOfMemoryError as e:

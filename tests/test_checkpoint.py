@@ -173,3 +173,25 @@ def test_a_failing_progress_callback_keeps_a_resumable_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="host interrupted"):
         opt.run(progress=progress)
     assert io.load_checkpoint(tmp_path)["step"] == 2
+
+
+def test_ctrl_c_mid_step_saves_a_clean_state_and_resumes_identically(tmp_path, monkeypatch):
+    cfg = _cfg(steps=7)
+    full = Optimization(cfg, AnalyticPrior(16))
+    full.run()
+    part = Optimization(cfg, AnalyticPrior(16), out_dir=tmp_path)
+    real_guidance = part.guidance.__call__.__func__
+
+    def interrupted(self, *args, **kwargs):
+        if part.step == 4:
+            raise KeyboardInterrupt  # after the camera, shading and sample draws of step 5
+        return real_guidance(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(part.guidance), "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        part.run()
+    monkeypatch.undo()
+    assert io.load_checkpoint(tmp_path)["step"] == 4
+    resumed = Optimization.resume(tmp_path, AnalyticPrior(16))
+    resumed.run()
+    _assert_same(_params(full.scene), _params(resumed.scene))
