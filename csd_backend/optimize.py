@@ -18,7 +18,7 @@ import torch
 
 from . import io
 from .config import RunConfig
-from .errors import Cancelled, CheckpointError, CSDError
+from .errors import Cancelled, CheckpointError, ConfigError, CSDError
 from .guidance import ScoreDistillation
 from .priors.base import DiffusionPrior
 from .regularizers import REGULARIZERS
@@ -107,8 +107,17 @@ class Optimization:
         """Continue a run from its checkpoint (a file or a run folder). ``steps`` may extend the run."""
         state = io.load_checkpoint(checkpoint)
         config = RunConfig.from_dict(state["config"])
+        done = int(state.get("step", 0))
         if steps is not None:
+            if steps < done:
+                raise ConfigError("steps", f"the run being resumed has already done {done} steps; give at least "
+                                           f"{done} (more extends the run)")
             config = config.replace(optim={"steps": steps})
+        saved_prior = state.get("prior")
+        if saved_prior and saved_prior != getattr(prior, "name", "prior"):
+            raise CheckpointError(f"this run was trained with a '{saved_prior}' prior, not "
+                                  f"'{getattr(prior, 'name', 'prior')}'; resume it with the model it started with "
+                                  f"({config.prior.model or 'see its config.json'})")
         if out_dir is None:
             p = io.find_checkpoint(checkpoint)
             out_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent

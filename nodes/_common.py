@@ -446,11 +446,13 @@ def run_folders(run_name: str) -> List[Path]:
 
 
 def latest_checkpoint(run_name: str) -> Optional[Path]:
-    for folder in reversed(run_folders(run_name)):
-        ckpt = folder / "checkpoints" / "last.ckpt"
-        if ckpt.is_file():
-            return ckpt
-    return None
+    """The checkpoint of the newest ``<run_name>_NNNNN`` run, or None. Never an older run: if the newest one
+    crashed before its first checkpoint, resuming must not silently continue a different run."""
+    folders = run_folders(run_name)
+    if not folders:
+        return None
+    ckpt = folders[-1] / "checkpoints" / "last.ckpt"
+    return ckpt if ckpt.is_file() else None
 
 
 def new_run_folder(run_name: str) -> Path:

@@ -90,6 +90,16 @@ class CSDExtractMesh:
                                                "meshes take longer to unwrap."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, face_budget=None):
+        # ComfyUI skips its own min/max check for inputs named here, so check the whole range
+        if face_budget is None:  # linked from another node: checked when it runs
+            return True
+        b = int(face_budget)
+        if not (b == 0 or 4 <= b <= 2000000):
+            return f"face_budget: must be 0 (keep every face) or between 4 and 2000000, got {b}"
+        return True
+
     def extract(self, scene, resolution, threshold, texture_size, face_budget):
         from csd_backend.export import ExportConfig, extract_textured_mesh, mesh_tensors
 

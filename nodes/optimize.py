@@ -72,8 +72,10 @@ class CSDOptimize:
         if err:
             return err
         if resume and c.latest_checkpoint(run_name) is None:
-            return (f"resume: there is no checkpoint of run '{run_name}' in {c.runs_directory()}; turn resume off "
-                    f"to start a new run")
+            folders = c.run_folders(run_name)
+            where = (f"its newest run {folders[-1]} has no checkpoint (it stopped before the first one)" if folders
+                     else f"there is no run '{run_name}' in {c.runs_directory()}")
+            return f"resume: {where}; turn resume off to start a new run"
         return True
 
     # ------------------------------------------------------------------------------------------------ config
@@ -157,11 +159,10 @@ class CSDOptimize:
             c.raise_interrupt()
             raise
         except BaseException as e:
-            if c.is_interrupt(e):  # raised by ComfyUI's progress hook right after a completed step
-                opt.save_checkpoint()
+            if c.is_interrupt(e):  # raised by ComfyUI's progress hook; the engine saved the checkpoint already
                 c.log.info("CSD Optimize: cancelled at step %d; resume from %s", opt.step, opt.checkpoint_path)
             raise
-        trained.eval()
+        trained = opt.trained_scene()  # a detached copy: no gradients held while ComfyUI caches the output
         cam = opt.config.camera
         size = max(cam.height, cam.width)
         preview = render_ring(trained, 1, size, cam.eval_elevation, cam.eval_distance, cam.eval_fovy,

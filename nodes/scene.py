@@ -83,6 +83,7 @@ class CSDScene:
             if not (folder / "checkpoints" / "last.ckpt").is_file():
                 raise ConfigError("source", f"{folder} has no checkpoints/last.ckpt")
             scene, _ = load_scene(folder)
+            scene = scene.to(c.comfy_device() or "cpu")  # Render Views / Extract Mesh run where the scene lives
             c.log.info("CSD: loaded the scene of %s (the scene widgets are ignored)", folder)
             return (scene,)
         cfg = self.scene_config(preset, radius=radius, n_levels=n_levels, log2_hashmap_size=log2_hashmap_size,

@@ -195,3 +195,18 @@ def test_ctrl_c_mid_step_saves_a_clean_state_and_resumes_identically(tmp_path, m
     resumed = Optimization.resume(tmp_path, AnalyticPrior(16))
     resumed.run()
     _assert_same(_params(full.scene), _params(resumed.scene))
+
+
+def test_resume_refuses_fewer_steps_or_another_prior(tmp_path):
+    from csd_backend.errors import ConfigError
+    from csd_backend.priors.base import DiffusionPrior
+
+    opt = Optimization(_cfg(steps=4), AnalyticPrior(16), out_dir=tmp_path)
+    opt.run()
+    with pytest.raises(ConfigError, match="already done 4 steps"):
+        Optimization.resume(tmp_path, AnalyticPrior(16), steps=2)
+    other = AnalyticPrior(16)
+    other.name = "stable-diffusion"
+    with pytest.raises(CheckpointError, match="trained with a 'analytic' prior"):
+        Optimization.resume(tmp_path, other)
+    assert isinstance(other, DiffusionPrior)

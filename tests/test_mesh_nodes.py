@@ -238,3 +238,13 @@ def test_save_refuses_prefixes_that_leave_the_output_folder(nodes, output_dir, e
 def test_save_rejects_something_else_than_a_textured_mesh(nodes, output_dir, extracted):
     with pytest.raises(ValueError, match="textured_mesh"):
         nodes.CSDSaveMesh().save(extracted[0], "glb", "csd3d/mesh")  # the MESH output, wired by mistake
+
+
+def test_face_budget_between_1_and_3_is_rejected_before_the_run():
+    from nodes.mesh import CSDExtractMesh
+
+    assert CSDExtractMesh.VALIDATE_INPUTS(face_budget=0) is True
+    assert CSDExtractMesh.VALIDATE_INPUTS(face_budget=100000) is True
+    assert CSDExtractMesh.VALIDATE_INPUTS(face_budget=None) is True
+    for bad in (1, 3, -5, 2000001):
+        assert "face_budget" in CSDExtractMesh.VALIDATE_INPUTS(face_budget=bad)

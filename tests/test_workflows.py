@@ -193,3 +193,18 @@ def test_resume_without_a_checkpoint_is_rejected(env, classes):
     with pytest.raises(cs.PromptRejected) as info:
         cs.execute_prompt(prompt, classes, env)
     assert "resume" in json.dumps(info.value.errors)
+
+
+def test_resume_never_falls_back_to_an_older_run(env, classes):
+    """The newest run of a name crashed before its first checkpoint: resume must say so, not silently continue
+    the older run (with its other settings)."""
+    prompt, opt = _optimize_only(classes, steps=2)
+    cs.execute_prompt(prompt, classes, env)
+    assert _checkpoint(env, "cancel_me_00001")["step"] == 2
+    crashed = env.output_dir / "csd3d" / "runs" / "cancel_me_00002"
+    crashed.mkdir()
+    (crashed / "config.json").write_text("{}")
+    prompt[opt]["inputs"]["resume"] = True
+    with pytest.raises(cs.PromptRejected) as info:
+        cs.execute_prompt(prompt, classes, env)
+    assert "cancel_me_00002 has no checkpoint" in json.dumps(info.value.errors)

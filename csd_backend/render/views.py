@@ -29,13 +29,15 @@ def render_cameras(scene: Scene, cams: Cameras, shading: str = "albedo", render_
     """Images ``[N, H, W, 3]`` in [0, 1] on the CPU. ``background``: an rgb ``[3]`` instead of the env map."""
     was_training = scene.training
     scene.eval()
-    renderer = prepare_renderer(scene, render_cfg, renderer)
-    device = next(scene.parameters()).device
-    cams = cams.to(device)
-    rays_o, rays_d = get_rays(cams)
-    bg = background.to(device).expand(len(cams), 3) if background is not None else None
-    out = renderer(scene.volume, scene.background, rays_o, rays_d, shading, cams.light_positions, bg)
-    scene.train(was_training)
+    try:
+        renderer = prepare_renderer(scene, render_cfg, renderer)
+        device = next(scene.parameters()).device
+        cams = cams.to(device)
+        rays_o, rays_d = get_rays(cams)
+        bg = background.to(device).expand(len(cams), 3) if background is not None else None
+        out = renderer(scene.volume, scene.background, rays_o, rays_d, shading, cams.light_positions, bg)
+    finally:
+        scene.train(was_training)
     return out.rgb.clamp(0, 1).cpu()
 
 
