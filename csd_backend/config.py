@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from .errors import ConfigError
-from .schedules import ScheduleSpec, validate_schedule
+from .schedules import ScheduleSpec, schedule_value, validate_schedule
 
 DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"
 
@@ -236,8 +236,6 @@ class RunConfig:
         for name in ("min_step_percent", "max_step_percent"):
             validate_schedule(getattr(g, name), f"guidance.{name}", minimum=0.0)
         for step in _schedule_knots(g.min_step_percent, g.max_step_percent, total=self.optim.steps):
-            from .schedules import schedule_value
-
             lo, hi = schedule_value(g.min_step_percent, step), schedule_value(g.max_step_percent, step)
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ConfigError("guidance.min_step_percent/max_step_percent",
