@@ -21,7 +21,23 @@ GUIDANCE_MODES = ("csd", "sds", "edit")
 WEIGHTINGS = ("uniform", "sds", "fantasia3d")
 NORMAL_TYPES = ("analytic", "finite_difference")
 BACKGROUNDS = ("neural_env", "solid")
-ELEVATION_SAMPLING = ("csd-r1", "uniform-sphere", "uniform")
+ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
+
+
+def schedule(default: Any, doc: str = "") -> Any:
+    """A dataclass field holding a schedule (``schedules.py``): ``with_steps`` stretches it with the run."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"schedule": True})
+    return field(default=default, metadata={"schedule": True})
+
+
+def step_count(default: int) -> Any:
+    """A dataclass field holding a step number (a phase boundary): ``with_steps`` stretches it with the run."""
+    return field(default=default, metadata={"steps": True})
+
+
+def schedule_fields(section) -> List[str]:
+    return [f.name for f in dataclasses.fields(section) if f.metadata.get("schedule")]
 
 
 @dataclass
@@ -47,17 +63,17 @@ class GuidanceConfig:
     #: edit mode: the description of the current scene; it takes the negative slot (spec §4)
     source_prompt: str = ""
     #: ω1, the weight of the positive classifier score
-    guidance_weight: ScheduleSpec = 1.0
+    guidance_weight: ScheduleSpec = schedule(1.0)
     #: ω2, the (annealed) weight of the negative prompt; stage 1 ramps 0 → 1 over 5000 steps
-    negative_weight: ScheduleSpec = field(default_factory=lambda: [0, 0.0, 1.0, 5000])
-    #: SDS only: classifier-free guidance scale ω in ε_u + ω(ε_y − ε_u) (DreamFusion: 100)
+    negative_weight: ScheduleSpec = schedule([0, 0.0, 1.0, 5000])
+    #: SDS only: classifier-free guidance scale s in threestudio's ε_y + s(ε_y − ε_u) (DreamFusion: 100)
     cfg_scale: float = 100.0
     weighting: str = "uniform"  # uniform | sds | fantasia3d
     grad_normalize: bool = True
     #: optional clamp of the gradient to ±clip (a schedule); None: no clamp
-    grad_clip: Optional[ScheduleSpec] = None
-    min_step_percent: ScheduleSpec = 0.02
-    max_step_percent: ScheduleSpec = field(default_factory=lambda: [5000, 0.98, 0.5, 5001])
+    grad_clip: Optional[ScheduleSpec] = schedule(None)
+    min_step_percent: ScheduleSpec = schedule(0.02)
+    max_step_percent: ScheduleSpec = schedule([5000, 0.98, 0.5, 5001])
     view_dependent: bool = True
     front_threshold: float = 45.0
     back_threshold: float = 45.0
@@ -76,6 +92,10 @@ class SceneConfig:
     #: per-level scale b; None derives it from ``max_resolution``: N_max = N_min·b^(L−1)
     per_level_scale: Optional[float] = None
     max_resolution: int = 2048
+    #: hash-grid levels in use (a schedule, rounded down; None = all): threestudio's progressive band hash grid
+    #: (start level 8, one more every 500 steps from step 2000) is ``[2000, 8, 16, 6000]``; the finer levels
+    #: output zeros until they switch on
+    active_levels: Optional[ScheduleSpec] = schedule(None)
     mlp_width: int = 64
     mlp_hidden_layers: int = 1
     density_bias: str = "blob_magic3d"  # blob_magic3d | blob_dreamfusion | none
@@ -103,7 +123,8 @@ class CameraConfig:
 
     height: int = 64
     width: int = 64
-    batch_size: int = 1
+    #: the official object config trains with 4 views a step (stratified azimuth)
+    batch_size: int = 4
     elevation_range: List[float] = field(default_factory=lambda: [-10.0, 90.0])
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
     distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
@@ -111,12 +132,21 @@ class CameraConfig:
     #: stratified azimuth in the batch: (rand + i)/B·360 − 180
     stratified_azimuth: bool = True
     #: before this step, azimuth is only front (0±30°) or back (180±30°)
-    front_back_only_steps: int = 0
-    elevation_sampling: str = "csd-r1"  # csd-r1 (the official quirk) | uniform-sphere (fixed) | uniform
+    front_back_only_steps: int = step_count(0)
+    #: csd-r1: half uniform in degrees, half the official asin(2u − 1) quirk; threestudio: half uniform in degrees,
+    #: half uniform on the sphere (asin(U[sin e0, sin e1])); uniform-sphere; uniform (in degrees)
+    elevation_sampling: str = "csd-r1"
+    #: jitter of the camera position: uniform in ±camera_perturb per coordinate (world units; threestudio 0.1)
+    camera_perturb: ScheduleSpec = schedule(0.0)
+    #: jitter of the look-at point: normal with this std per coordinate (threestudio 0.2)
+    center_perturb: ScheduleSpec = schedule(0.0)
+    #: jitter of the up vector (+z) before orthogonalisation: normal with this std (threestudio 0.02)
+    up_perturb: ScheduleSpec = schedule(0.0)
     #: the very first step renders at elevation 15°, azimuth 0 (threestudio progressive_until=0)
     first_step_fixed_view: bool = True
     light_distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
-    light_position_perturb: float = 0.1
+    #: dreamfusion light: direction = normalise(camera position + N(0, light_position_perturb²)) (threestudio 1.0)
+    light_position_perturb: ScheduleSpec = schedule(0.1)
     #: evaluation / preview views
     eval_distance: float = 2.0
     eval_fovy: float = 70.0
@@ -139,7 +169,7 @@ class RenderConfig:
     early_stop_eps: float = 1e-4
     stratified: bool = True
     #: shading after the warm-up: probability of albedo; the rest is split by textureless_prob
-    ambient_only_steps: int = 2001
+    ambient_only_steps: int = step_count(2001)
     albedo_prob: float = 0.5
     #: of the non-albedo renders, the fraction that is "textureless" (the rest is Lambertian "diffuse")
     textureless_prob: float = 1.0
@@ -154,10 +184,10 @@ class RenderConfig:
 class LossConfig:
     """Loss weights (schedules) for stage 1 (spec §3.1)."""
 
-    guidance: ScheduleSpec = 1.0
-    orient: ScheduleSpec = field(default_factory=lambda: [5000, 1.0, 20.0, 5001])
-    sparsity: ScheduleSpec = 1.0
-    opaque: ScheduleSpec = 0.0
+    guidance: ScheduleSpec = schedule(1.0)
+    orient: ScheduleSpec = schedule([5000, 1.0, 20.0, 5001])
+    sparsity: ScheduleSpec = schedule(1.0)
+    opaque: ScheduleSpec = schedule(0.0)
 
 
 @dataclass
@@ -166,6 +196,9 @@ class OptimConfig:
     lr: float = 1e-3
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-15
+    #: learning rates of parts of the scene by parameter-name prefix, e.g. {"background": 0.001} (threestudio's
+    #: optimizer.params); every other parameter uses ``lr``
+    group_lr: Dict[str, float] = field(default_factory=dict)
     seed: int = 0
     checkpoint_every: int = 500
     preview_every: int = 100
@@ -195,20 +228,21 @@ class RunConfig:
         return merge_config(self, sections)
 
     def with_steps(self, steps: int, rescale_schedules: bool = True) -> "RunConfig":
-        """A copy that runs ``steps`` steps; with ``rescale_schedules`` every step-valued schedule and step
-        count is stretched by ``steps / current steps`` so a shorter run keeps the same phases."""
+        """A copy that runs ``steps`` steps; with ``rescale_schedules`` every schedule and phase boundary (the
+        fields declared with ``schedule()`` / ``step_count()``) is stretched by ``steps / current steps`` so a
+        shorter run keeps the same phases."""
         if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
             raise ConfigError("steps", f"must be a positive integer, got {steps!r}")
         new = copy.deepcopy(self)
         if rescale_schedules and steps != self.optim.steps:
             f = steps / self.optim.steps
-            for section in (new.guidance, new.loss):
+            for section in (new.guidance, new.scene, new.camera, new.render, new.loss, new.optim):
                 for fld in dataclasses.fields(section):
                     v = getattr(section, fld.name)
-                    if isinstance(v, list) and len(v) in (3, 4):
+                    if fld.metadata.get("schedule") and isinstance(v, list) and len(v) in (3, 4):
                         setattr(section, fld.name, _rescale_schedule(v, f))
-            new.camera.front_back_only_steps = int(round(new.camera.front_back_only_steps * f))
-            new.render.ambient_only_steps = int(round(new.render.ambient_only_steps * f))
+                    elif fld.metadata.get("steps"):
+                        setattr(section, fld.name, int(round(v * f)))
         new.optim.steps = steps
         return new
 
@@ -256,6 +290,8 @@ class RunConfig:
             raise ConfigError("scene.max_resolution", f"{s.max_resolution} is below base_resolution {s.base_resolution}")
         if s.per_level_scale is not None:
             _positive("scene.per_level_scale", s.per_level_scale)
+        if s.active_levels is not None:  # values above n_levels mean every level (threestudio clamps too)
+            validate_schedule(s.active_levels, "scene.active_levels", minimum=1.0)
         _choice("scene.density_bias", s.density_bias, ("blob_magic3d", "blob_dreamfusion", "none"))
         _choice("scene.normal_type", s.normal_type, NORMAL_TYPES)
         _choice("scene.background", s.background, BACKGROUNDS)
@@ -296,7 +332,8 @@ class RunConfig:
         _positive("camera.eval_distance", c.eval_distance)
         _in_range("camera.eval_fovy", c.eval_fovy, 1.0, 179.0)
         _in_range("camera.eval_elevation", c.eval_elevation, -90.0, 90.0)
-        _positive("camera.light_position_perturb", c.light_position_perturb, allow_zero=True)
+        for name in ("camera_perturb", "center_perturb", "up_perturb", "light_position_perturb"):
+            validate_schedule(getattr(c, name), f"camera.{name}", minimum=0.0)
 
         for name in ("guidance", "orient", "sparsity", "opaque"):
             validate_schedule(getattr(self.loss, name), f"loss.{name}", minimum=0.0)
@@ -305,6 +342,14 @@ class RunConfig:
         _positive("optim.lr", o.lr)
         _vec("optim.betas", o.betas, 2, 0.0, 0.999999)
         _positive("optim.eps", o.eps)
+        if not isinstance(o.group_lr, dict):
+            raise ConfigError("optim.group_lr", f"must be a mapping of parameter-name prefix to learning rate, e.g. "
+                                                f'{{"background": 0.001}}, got {o.group_lr!r}')
+        for prefix, lr in o.group_lr.items():
+            if not isinstance(prefix, str) or not prefix:
+                raise ConfigError("optim.group_lr", f"keys must be parameter-name prefixes such as 'background', "
+                                                    f"got {prefix!r}")
+            _positive(f"optim.group_lr.{prefix}", lr)
         _int_range("optim.checkpoint_every", o.checkpoint_every, 0, 1 << 30)
         _int_range("optim.preview_every", o.preview_every, 0, 1 << 30)
         _int_range("seed", o.seed, 0, 2**63 - 1)

@@ -6,7 +6,8 @@ Every mode is one linear combination of noise predictions,
 
 with per-mode coefficients (``coefficients``):
 - CSD:  c = ω1, u = −ω2, n = −(ω1 − ω2), k = 0 (the classifier score only; paper Eq. 10);
-- SDS:  c = ω, u = 1 − ω, n = 0, k = −1 (ε_u + ω(ε_y − ε_u) − ε, with ε_u the negative or "" prompt);
+- SDS:  c = 1 + s, u = −s, n = 0, k = −1 (threestudio's ε_y + s(ε_y − ε_u) − ε, with ε_u the negative or ""
+  prompt: the effective classifier-free guidance scale is s + 1, threestudio issue #289);
 - edit: as CSD with the *source* prompt in the negative slot (ω2 = 1 gives ε(y_tgt) − ε(y_src)).
 
 Branches that share an embedding are merged and zero coefficients are dropped before the single batched
@@ -52,7 +53,7 @@ def coefficients(cfg: GuidanceConfig, step: int) -> Coefficients:
         return Coefficients(c=w1, u=-w2, n=-(w1 - w2), k=0.0)
     if cfg.mode == "sds":
         s = float(cfg.cfg_scale)
-        return Coefficients(c=s, u=1.0 - s, n=0.0, k=-1.0)
+        return Coefficients(c=1.0 + s, u=-s, n=0.0, k=-1.0)
     raise ConfigError("guidance.mode", f"{cfg.mode!r} is not one of 'csd', 'sds', 'edit'")
 
 
@@ -123,7 +124,7 @@ class ScoreDistillation:
             for i, (_, weight) in enumerate(branches):
                 direction = direction + weight * eps[i * B:(i + 1) * B]
             w = timestep_weight(self.cfg.weighting, prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
-            g = torch.nan_to_num(w * direction, nan=0.0, posinf=0.0, neginf=0.0)
+            g = torch.nan_to_num(w * direction)  # as the official code: NaN → 0, ±Inf → ± the largest float
             if self.cfg.grad_clip is not None:
                 clip = schedule_value(self.cfg.grad_clip, step)
                 g = g.clamp(-clip, clip)

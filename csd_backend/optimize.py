@@ -59,7 +59,8 @@ class Optimization:
         self.scene = (copy.deepcopy(scene) if scene is not None else Scene(config.scene, self.device)).to(self.device)
         self.renderer = VolumeRenderer(config.render, config.scene.radius).to(self.device)
         self.guidance = ScoreDistillation(config.guidance, prior)
-        self.optimizer = torch.optim.Adam(self.scene.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = torch.optim.Adam(parameter_groups(self.scene, o.lr, o.group_lr), lr=o.lr,
+                                          betas=tuple(o.betas), eps=o.eps)
         self.generator = torch.Generator().manual_seed(o.seed)
         self.step = 0
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -87,6 +88,7 @@ class Optimization:
             self.renderer.load_state_dict(state["renderer"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step = int(state["step"])
+            self.scene.update_step(self.step)
             self.generator.set_state(state["rng"]["generator"])
             torch.set_rng_state(state["rng"]["torch"])
             cuda_state = state["rng"].get("cuda")
@@ -154,6 +156,7 @@ class Optimization:
         t_start = time.perf_counter()
         self.scene.train()
         self.renderer.train()
+        self.scene.update_step(s)
         volume, background = self.scene.volume, self.scene.background
         t0 = time.perf_counter()
         self.renderer.update_grid(s, volume, gen)
@@ -253,6 +256,22 @@ class Optimization:
         return copy.deepcopy(self.scene).eval()
 
 
+def parameter_groups(scene: torch.nn.Module, lr: float, group_lr: Dict[str, float]) -> list:
+    """Adam parameter groups: parameters whose name starts with a ``group_lr`` prefix (the longest match wins) get
+    that learning rate, the others ``lr``. A prefix that matches no parameter is a ``ConfigError``."""
+    names = [n for n, _ in scene.named_parameters()]
+    for prefix in group_lr:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"optim.group_lr.{prefix}", f"matches no parameter of the scene; use a part such as "
+                                                          f"{', '.join(tops)} (or a deeper name like volume.encoding)")
+    groups: Dict[float, list] = {}
+    for name, p in scene.named_parameters():
+        match = max((k for k in group_lr if name == k or name.startswith(k + ".")), key=len, default=None)
+        groups.setdefault(lr if match is None else float(group_lr[match]), []).append(p)
+    return [{"params": ps, "lr": value} for value, ps in groups.items()]
+
+
 def load_scene(checkpoint: io.PathLike, map_location="cpu") -> tuple[Scene, RunConfig]:
     """The scene (and run config) saved in a run checkpoint."""
     state = io.load_checkpoint(checkpoint, map_location)
@@ -262,5 +281,6 @@ def load_scene(checkpoint: io.PathLike, map_location="cpu") -> tuple[Scene, RunC
         scene.load_state_dict(state["scene"])
     except RuntimeError as e:
         raise CheckpointError(f"the scene in {checkpoint} does not match its own configuration: {e}") from e
+    scene.update_step(int(state.get("step", config.optim.steps)))
     return scene.eval(), config
 

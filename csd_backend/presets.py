@@ -1,12 +1,13 @@
 """Named configurations (data, not code branches). Each is a set of overrides on ``RunConfig``'s defaults.
 
 - ``csd-coarse``: spec stage 1 (object config, `csd-if-object.yaml`) coefficients with an SD prior; renders at
-  64² upsampled to 512 for the VAE; batch 1 (DESIGN §6).
+  64² upsampled to 512 for the VAE; batch 4 with stratified azimuth, as the official object config.
 - ``csd-coarse-character``: the character config (`csd-if.yaml`): radius 1, 12 levels up to 512, front/back
   warm-up for 1000 steps, thresholds 30°, orientation 1→100 and sparsity 10→1 over 5000 steps. Perp-Neg of the
   official character config is not implemented (noted in the README).
-- ``sds-dreamfusion``: the DreamFusion baseline as threestudio's `dreamfusion-sd.yaml` (CFG 100, w = 1 − ᾱ,
-  view thresholds 45°).
+- ``sds-dreamfusion``: the DreamFusion baseline exactly as threestudio's `dreamfusion-sd.yaml` (threestudio
+  @28d9d80): CFG 100 in threestudio's form, w = 1 − ᾱ, progressive band hash grid, background lr 1e-3, camera /
+  centre / up jitter, dreamfusion light jitter, threestudio's elevation sampling, view thresholds 45°.
 - ``csd-edit``: edit an existing scene: the source description in the negative slot, ω1 = ω2 = 1, stage-2-like
   t-range and weighting, short.
 - ``preview-cpu``: a small grid, few samples and a few hundred steps that converge on a laptop CPU.
@@ -26,8 +27,10 @@ _STAGE1_OBJECT: Dict[str, Any] = {
     "scene": {"radius": 2.0, "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19,
               "base_resolution": 16, "per_level_scale": 1.381912879967776, "max_resolution": 2048,
               "random_background_prob": 0.5},
-    "camera": {"height": 64, "width": 64, "batch_size": 1, "elevation_range": [-10.0, 90.0],
-               "stratified_azimuth": True, "front_back_only_steps": 0},
+    "camera": {"height": 64, "width": 64, "batch_size": 4, "elevation_range": [-10.0, 90.0],
+               "stratified_azimuth": True, "front_back_only_steps": 0, "elevation_sampling": "csd-r1",
+               "camera_perturb": 0.0, "center_perturb": 0.0, "up_perturb": 0.0, "light_position_perturb": 0.1,
+               "light_distance_range": [1.5, 2.0]},
     "render": {"num_samples_per_ray": 512, "ambient_only_steps": 2001, "albedo_prob": 0.5, "textureless_prob": 1.0,
                "textureless_normal": True},
     "loss": {"orient": [5000, 1.0, 20.0, 5001], "sparsity": 1.0, "opaque": 0.0},
@@ -51,20 +54,31 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "csd-coarse": _STAGE1_OBJECT,
     "csd-coarse-character": _merge(_STAGE1_OBJECT, {
         "scene": {"radius": 1.0, "n_levels": 12, "per_level_scale": 1.3703509847201883, "max_resolution": 512},
-        "camera": {"elevation_range": [-10.0, 45.0], "stratified_azimuth": False, "front_back_only_steps": 1000},
+        "camera": {"batch_size": 1, "elevation_range": [-10.0, 45.0], "stratified_azimuth": False,
+                   "front_back_only_steps": 1000},
         "render": {"ambient_only_steps": 5001},
         "loss": {"orient": [0, 1.0, 100.0, 5000], "sparsity": [0, 10.0, 1.0, 5000]},
     }),
+    # threestudio configs/dreamfusion-sd.yaml (and the defaults of the classes it names), value for value
     "sds-dreamfusion": _merge(_STAGE1_OBJECT, {
         "guidance": {"mode": "sds", "cfg_scale": 100.0, "weighting": "sds", "grad_normalize": False,
-                     "front_threshold": 45.0, "back_threshold": 45.0,
+                     "front_threshold": 45.0, "back_threshold": 45.0, "overhead_threshold": 60.0,
                      "negative_prompt": "", "min_step_percent": 0.02, "max_step_percent": 0.98},
-        "scene": {"per_level_scale": 1.447269237440378, "max_resolution": 4096},
-        "camera": {"elevation_range": [-10.0, 45.0], "stratified_azimuth": False},
-        "render": {"ambient_only_steps": 2001, "albedo_prob": 0.25, "textureless_prob": 0.5,
-                   "textureless_normal": False},
-        "loss": {"orient": [0, 10.0, 1000.0, 5000], "sparsity": 1.0},
-        "optim": {"lr": 1e-2, "betas": [0.9, 0.99]},
+        "scene": {"radius": 2.0, "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19,
+                  "base_resolution": 16, "per_level_scale": 1.447269237440378, "max_resolution": 4096,
+                  "active_levels": [2000, 8, 16, 6000], "density_bias": "blob_magic3d", "density_blob_scale": 10.0,
+                  "density_blob_std": 0.5, "normal_type": "analytic", "background": "neural_env",
+                  "random_background_prob": 0.0},
+        "camera": {"batch_size": 1, "height": 64, "width": 64, "elevation_range": [-10.0, 45.0],
+                   "distance_range": [1.5, 2.0], "fovy_range": [40.0, 70.0], "stratified_azimuth": True,
+                   "elevation_sampling": "threestudio", "camera_perturb": 0.1, "center_perturb": 0.2,
+                   "up_perturb": 0.02, "light_position_perturb": 1.0, "light_distance_range": [0.8, 1.5],
+                   "eval_distance": 2.0, "eval_fovy": 70.0, "eval_elevation": 15.0},
+        "render": {"num_samples_per_ray": 512, "ambient_only_steps": 2001, "albedo_prob": 0.25,
+                   "textureless_prob": 0.5, "textureless_normal": False, "ambient_light": 0.1, "diffuse_light": 0.9},
+        "loss": {"guidance": 1.0, "orient": [0, 10.0, 1000.0, 5000], "sparsity": 1.0, "opaque": 0.0},
+        "optim": {"steps": 10000, "lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-15, "group_lr": {"background": 1e-3}},
+        "prior": {"resolution": 512},
     }),
     "csd-edit": _merge(_STAGE1_OBJECT, {
         "guidance": {"mode": "edit", "guidance_weight": 1.0, "negative_weight": 1.0, "weighting": "sds",

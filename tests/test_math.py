@@ -65,8 +65,9 @@ def test_csd_coefficients_stage2(step):
 
 
 def test_sds_and_edit_coefficients():
+    # threestudio: ε_y + s(ε_y − ε_u) − ε  ⇒  c = 1 + s, u = −s, k = −1 (effective CFG scale s + 1)
     c = coefficients(GuidanceConfig(prompt="x", mode="sds", cfg_scale=7.5), 0)
-    assert (c.c, c.u, c.n, c.k) == pytest.approx((7.5, -6.5, 0.0, -1.0))
+    assert (c.c, c.u, c.n, c.k) == pytest.approx((8.5, -7.5, 0.0, -1.0))
     c = coefficients(get_preset("csd-edit").guidance, 1234)
     assert (c.c, c.u, c.n, c.k) == pytest.approx((1.0, -1.0, 0.0, 0.0))
 
@@ -145,8 +146,33 @@ def test_sds_gradient_formula_and_clip():
     out = guid(images, torch.zeros(1), torch.zeros(1), 0, t=t, noise=noise)
     z_t = prior.add_noise(images.permute(0, 3, 1, 2) * 2 - 1, noise, t)
     e_y, e_u = _expected_eps(prior, z_t, t, "red"), _expected_eps(prior, z_t, t, "green")
-    g = (e_u + 10.0 * (e_y - e_u) - noise).clamp(-0.5, 0.5)
+    g = (e_y + 10.0 * (e_y - e_u) - noise).clamp(-0.5, 0.5)  # threestudio's form, not ε_u + s(ε_y − ε_u)
     assert torch.allclose(out.grad, g, atol=1e-5)
+
+
+def test_nan_and_inf_become_zero_and_the_largest_float():
+    """As the official code, torch.nan_to_num with its defaults: NaN → 0, ±Inf → ± the largest float."""
+    prior = AnalyticPrior(resolution=8)
+    orig = prior.predict_noise
+
+    def broken(z_t, t, emb):
+        eps = orig(z_t, t, emb).clone()
+        eps[:, 0, 0, 0] = float("nan")
+        eps[:, 1, 0, 0] = float("inf")
+        eps[:, 2, 0, 0] = float("-inf")
+        return eps
+
+    prior.predict_noise = broken
+    # SDS with s = 0 and zero noise: g = ε_y (one branch), so the non-finite values reach the post-processing as is
+    sds = ScoreDistillation(GuidanceConfig(prompt="red", negative_prompt="", view_dependent=False, mode="sds",
+                                           cfg_scale=0.0, weighting="uniform", grad_normalize=False), prior)
+    out = sds(torch.rand(1, 8, 8, 3), torch.zeros(1), torch.zeros(1), 0, t=torch.tensor([500]),
+              noise=torch.zeros(1, 3, 8, 8))
+    big = torch.finfo(torch.float32).max
+    assert out.grad[0, 0, 0, 0].item() == 0.0
+    assert out.grad[0, 1, 0, 0].item() == big
+    assert out.grad[0, 2, 0, 0].item() == -big
+    assert torch.isfinite(out.grad).all()
 
 
 def test_zero_coefficient_branches_are_skipped():

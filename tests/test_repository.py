@@ -78,6 +78,6 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     bad = escaping_symlinks([tmp_path / n for n in ("ok", "out", "up")], tmp_path)
     assert [b.split(" ")[0] for b in bad] == ["out", "up"]
     pattern = machine_path_pattern()
-    assert pattern.search("see " + "/home/alice/models/sd")
+    assert pattern.search("see /" + "home/alice/models/sd")
     assert pattern.search(str(ROOT.parent) + "/somewhere") or str(ROOT.parent) == "/"
     assert not pattern.search("models/diffusers/stable-diffusion-2-1-base")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CameraConfig
+from ..schedules import schedule_value
 
 
 @dataclass
@@ -60,11 +61,14 @@ def camera_positions(elevation: torch.Tensor, azimuth: torch.Tensor, distance: t
                         distance * torch.sin(e)], -1)
 
 
-def look_at(positions: torch.Tensor, center: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """OpenGL camera-to-world ``[B, 4, 4]`` looking from ``positions`` at ``center`` (origin), up = +z."""
+def look_at(positions: torch.Tensor, center: Optional[torch.Tensor] = None,
+            up: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """OpenGL camera-to-world ``[B, 4, 4]`` looking from ``positions`` at ``center`` (default the origin) with the
+    approximate ``up`` (default +z; it is orthogonalised)."""
     if center is None:
         center = torch.zeros_like(positions)
-    up = torch.tensor([0.0, 0.0, 1.0]).to(positions).expand_as(positions)
+    if up is None:
+        up = torch.tensor([0.0, 0.0, 1.0]).to(positions).expand_as(positions)
     lookat = F.normalize(center - positions, dim=-1)
     right = F.normalize(torch.cross(lookat, up, dim=-1), dim=-1)
     # straight up or down: any right vector perpendicular to z
@@ -105,40 +109,68 @@ def _uniform(lo: float, hi: float, n: int, g: torch.Generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=g)
 
 
-def sample_cameras(cfg: CameraConfig, step: int, generator: torch.Generator) -> Cameras:
-    """Random training cameras for ``step`` (spec §3.1 camera sampler, including its quirks)."""
-    B, g = cfg.batch_size, generator
+def sample_elevation(cfg: CameraConfig, B: int, g: torch.Generator) -> torch.Tensor:
+    """Elevations ``[B]`` in degrees by ``cfg.elevation_sampling`` (spec §3.1; one coin decides the whole batch)."""
     e0, e1 = cfg.elevation_range
+    mode = cfg.elevation_sampling
+    if mode == "uniform":
+        return _uniform(e0, e1, B, g)
+    if mode == "uniform-sphere":
+        return torch.rad2deg(torch.asin(_uniform(math.sin(math.radians(e0)), math.sin(math.radians(e1)), B, g)))
+    uniform = _uniform(e0, e1, B, g)
+    if mode == "threestudio":  # half uniform in degrees, half uniform on the sphere (current threestudio)
+        other = torch.rad2deg(torch.asin(_uniform(math.sin(math.radians(e0)), math.sin(math.radians(e1)), B, g)))
+    else:  # csd-r1: half uniform in degrees, half asin(2·U[(e0+90)/180, (e1+90)/180] − 1) (the official quirk)
+        u = _uniform((e0 + 90) / 180, (e1 + 90) / 180, B, g)
+        other = torch.rad2deg(torch.asin((2 * u - 1).clamp(-1, 1)))
+    return torch.where(torch.rand(1, generator=g) < 0.5, uniform, other)
+
+
+def sample_azimuth(cfg: CameraConfig, step: int, B: int, g: torch.Generator) -> torch.Tensor:
+    a0, a1 = cfg.azimuth_range
+    if step < cfg.front_back_only_steps:
+        back = torch.rand(B, generator=g) < 0.5
+        azimuth = _uniform(-30.0, 30.0, B, g) + back.float() * 180.0
+        return torch.remainder(azimuth + 180.0, 360.0) - 180.0
+    if cfg.stratified_azimuth:
+        return (torch.rand(B, generator=g) + torch.arange(B)) / B * (a1 - a0) + a0
+    return _uniform(a0, a1, B, g)
+
+
+def _jitter(spec, step: int) -> float:
+    """A perturbation's magnitude at ``step``; None when the schedule is 0 throughout (no random draw then, so
+    runs without jitter keep their random stream)."""
+    if spec == 0 or spec == 0.0:
+        return None
+    return schedule_value(spec, step)
+
+
+def sample_cameras(cfg: CameraConfig, step: int, generator: torch.Generator) -> Cameras:
+    """Random training cameras for ``step`` (spec §3.1 camera sampler, including its quirks, and threestudio's
+    camera, look-at and up perturbations). ``elevation``/``azimuth`` are the unperturbed angles (they pick the
+    view-dependent prompt); the pose and the light use the perturbed position."""
+    B, g = cfg.batch_size, generator
     if cfg.first_step_fixed_view and step == 0:
         elevation = torch.full((B,), 15.0)
         azimuth = torch.zeros(B)
     else:
-        if cfg.elevation_sampling == "uniform":
-            elevation = _uniform(e0, e1, B, g)
-        elif cfg.elevation_sampling == "uniform-sphere":
-            s = _uniform(math.sin(math.radians(e0)), math.sin(math.radians(e1)), B, g)
-            elevation = torch.rad2deg(torch.asin(s))
-        else:  # csd-r1: half the time uniform in degrees, else asin(2·U[(e0+90)/180, (e1+90)/180] − 1)
-            uniform = _uniform(e0, e1, B, g)
-            u = _uniform((e0 + 90) / 180, (e1 + 90) / 180, B, g)
-            legacy = torch.rad2deg(torch.asin((2 * u - 1).clamp(-1, 1)))
-            elevation = torch.where(torch.rand(1, generator=g) < 0.5, uniform, legacy)
-        a0, a1 = cfg.azimuth_range
-        if step < cfg.front_back_only_steps:
-            back = torch.rand(B, generator=g) < 0.5
-            azimuth = _uniform(-30.0, 30.0, B, g) + back.float() * 180.0
-            azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0
-        elif cfg.stratified_azimuth:
-            azimuth = (torch.rand(B, generator=g) + torch.arange(B)) / B * (a1 - a0) + a0
-        else:
-            azimuth = _uniform(a0, a1, B, g)
+        elevation = sample_elevation(cfg, B, g)
+        azimuth = sample_azimuth(cfg, step, B, g)
     distance = _uniform(*cfg.distance_range, B, g)
     fovy = _uniform(*cfg.fovy_range, B, g)
     pos = camera_positions(elevation, azimuth, distance)
+    center = up = None
+    if (p := _jitter(cfg.camera_perturb, step)) is not None:
+        pos = pos + (torch.rand(B, 3, generator=g) * 2 - 1) * p
+    if (p := _jitter(cfg.center_perturb, step)) is not None:
+        center = torch.randn(B, 3, generator=g) * p
+    if (p := _jitter(cfg.up_perturb, step)) is not None:
+        up = torch.tensor([0.0, 0.0, 1.0]) + torch.randn(B, 3, generator=g) * p
     # dreamfusion light strategy: direction = normalised camera position + N(0, perturb), distance U[...]
-    light_dir = F.normalize(pos + torch.randn(B, 3, generator=g) * cfg.light_position_perturb, dim=-1)
+    light_perturb = schedule_value(cfg.light_position_perturb, step)
+    light_dir = F.normalize(pos + torch.randn(B, 3, generator=g) * light_perturb, dim=-1)
     light = light_dir * _uniform(*cfg.light_distance_range, B, g).unsqueeze(-1)
-    return Cameras(look_at(pos), fovy, elevation, azimuth, distance, light, cfg.height, cfg.width)
+    return Cameras(look_at(pos, center, up), fovy, elevation, azimuth, distance, light, cfg.height, cfg.width)
 
 
 def get_rays(cams: Cameras):

@@ -3,7 +3,8 @@ alpha compositing of packed samples.
 
 Samples are kept *packed* (a flat list with the index of their ray, sorted by ray), so empty space costs
 nothing past the occupancy lookup. A no-grad pass evaluates density at the samples in occupied cells and drops
-those with α < alpha_threshold or transmittance < early_stop_eps (as nerfacc's estimator does); the
+those with α < min(alpha_threshold, mean grid occupancy) or transmittance < early_stop_eps (as nerfacc's
+estimator does); the
 differentiable pass then evaluates the scene only at the survivors. Nothing loops over rays or samples in
 Python.
 """
@@ -154,6 +155,13 @@ class VolumeRenderer(nn.Module):
         self.grid.update(step, volume.density, self.step_size, generator, self.cfg.chunk_size)
         return True
 
+    def alpha_threshold(self) -> torch.Tensor:
+        """nerfacc's pruning threshold: ``min(alpha_threshold, mean occupancy of the grid)`` (0-dim, no host sync).
+
+        The occupancy values are σ·step_size, so at the initial blob the mean is far below 0.01 and samples of
+        low density keep their gradient (nerfacc ``OccGridEstimator.sampling``)."""
+        return torch.clamp(self.grid.occs.mean(), max=self.cfg.alpha_threshold)
+
     # --------------------------------------------------------------- sampling
     @torch.no_grad()
     def _march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, volume: ImplicitVolume,
@@ -179,7 +187,7 @@ class VolumeRenderer(nn.Module):
             chunk = self.cfg.chunk_size
             sigma = torch.cat([volume.density(pos[i:i + chunk]) for i in range(0, pos.shape[0], chunk)])
             _, trans, alpha = composite_weights(sigma, t_end - t_start, ray_idx)
-            keep = (alpha >= self.cfg.alpha_threshold) & (trans >= self.cfg.early_stop_eps)
+            keep = (alpha >= self.alpha_threshold()) & (trans >= self.cfg.early_stop_eps)
             ray_idx, t_start, t_end, pos = ray_idx[keep], t_start[keep], t_end[keep], pos[keep]
         return {"ray_idx": ray_idx, "t_start": t_start, "t_end": t_end, "pos": pos}
 

@@ -61,10 +61,20 @@ class TcnnHashGridEncoding(nn.Module):
         self.params = impl.params
         with torch.no_grad():
             self.params.copy_(reference.params.to(self.params))  # the same initialisation as the torch backend
+        self.n_levels, self.n_features = n_levels, n_features_per_level
         self.n_output_dims = n_levels * n_features_per_level
+        self.active_levels = n_levels
+
+    def set_active_levels(self, n: int) -> None:
+        """As the torch backend: levels past ``n`` output zeros (tinycudann evaluates them anyway)."""
+        self.active_levels = max(1, min(int(n), self.n_levels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._impl(x).float()
+        out = self._impl(x).float()
+        if self.active_levels < self.n_levels:
+            keep = self.active_levels * self.n_features
+            out = torch.cat([out[:, :keep], out[:, keep:] * 0.0], -1)
+        return out
 
 
 def make_hash_grid(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale,

@@ -31,6 +31,8 @@ class HashGridEncoding(nn.Module):
         self.base_resolution = base_resolution
         self.per_level_scale = per_level_scale
         self.n_output_dims = n_levels * n_features_per_level
+        #: levels in use; the others output zeros and are not evaluated (progressive band, ``set_active_levels``)
+        self.active_levels = n_levels
         max_params = 2 ** log2_hashmap_size
         offsets: List[int] = [0]
         self.scales: List[float] = []
@@ -56,11 +58,14 @@ class HashGridEncoding(nn.Module):
         F = self.n_features
         return self.params[self.offsets[level] * F:self.offsets[level + 1] * F].view(-1, F)
 
+    def set_active_levels(self, n: int) -> None:
+        self.active_levels = max(1, min(int(n), self.n_levels))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, 3] in [0, 1]
         corners = self.corners
         feats = []
-        for level in range(self.n_levels):
+        for level in range(self.active_levels):
             scale = self.scales[level]
             pos = x * scale + 0.5  # [N, 3]
             grid = torch.floor(pos)
@@ -80,4 +85,6 @@ class HashGridEncoding(nn.Module):
             w = torch.where(corners.bool(), frac.unsqueeze(1), 1.0 - frac.unsqueeze(1)).prod(-1)  # [N, 8]
             values = torch.nn.functional.embedding(h, table)  # [N, 8, F]; deterministic backward on CPU
             feats.append((values * w.unsqueeze(-1)).sum(1))
+        if self.active_levels < self.n_levels:  # inactive levels contribute zeros (and get no gradient)
+            feats.append(x.new_zeros(x.shape[0], (self.n_levels - self.active_levels) * self.n_features))
         return torch.cat(feats, -1)

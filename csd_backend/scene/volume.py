@@ -6,6 +6,7 @@ second-order gradients) or central finite differences. Points are in world units
 """
 from __future__ import annotations
 
+import math
 from typing import Dict
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import SceneConfig
+from ..schedules import schedule_value
 from .backends import make_hash_grid
 
 
@@ -44,6 +46,17 @@ class ImplicitVolume(nn.Module):
         n_enc = self.encoding.n_output_dims
         self.density_mlp = make_mlp(n_enc, 1, cfg.mlp_width, cfg.mlp_hidden_layers)
         self.feature_mlp = make_mlp(n_enc, 3, cfg.mlp_width, cfg.mlp_hidden_layers)
+        self.update_step(0)
+
+    def active_levels(self, step: int) -> int:
+        """Hash-grid levels in use at ``step`` (``cfg.active_levels`` rounded down; all when it is None)."""
+        if self.cfg.active_levels is None:
+            return self.cfg.n_levels
+        return min(self.cfg.n_levels, max(1, math.floor(schedule_value(self.cfg.active_levels, step) + 1e-6)))
+
+    def update_step(self, step: int) -> None:
+        """Apply the step-dependent settings (the progressive band of hash-grid levels) for ``step``."""
+        self.encoding.set_active_levels(self.active_levels(step))
 
     # --------------------------------------------------------------- fields
     def density_bias(self, points: torch.Tensor) -> torch.Tensor:
@@ -159,6 +172,10 @@ class Scene(nn.Module):
     @property
     def radius(self) -> float:
         return self.volume.radius
+
+    def update_step(self, step: int) -> None:
+        """Called by the loop before every step (and after loading a checkpoint) with the run's step."""
+        self.volume.update_step(step)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
