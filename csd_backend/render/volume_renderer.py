@@ -47,6 +47,16 @@ class OccupancyGrid(nn.Module):
         r = self.resolution
         return c[:, 0] + c[:, 1] * r + c[:, 2] * r * r, inside
 
+    def occupied_box(self) -> Optional[torch.Tensor]:
+        """``[2, 3]`` world box of the occupied cells (None when no cell is occupied): samples outside it are
+        empty, so rays are only marched across it."""
+        idx = torch.nonzero(self.binaries).squeeze(-1)
+        if idx.numel() == 0:
+            return None
+        c = self.cell_coords[idx]
+        cell = 2 * self.radius / self.resolution
+        return torch.stack([c.amin(0), c.amax(0) + 1]).float() * cell - self.radius
+
     def occupied(self, points: torch.Tensor) -> torch.Tensor:
         idx, inside = self.cell_index(points)
         return self.binaries[idx] & inside
@@ -77,11 +87,13 @@ class OccupancyGrid(nn.Module):
         self.binaries.copy_(self.occs > thre)
 
 
-def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, radius: float):
-    """Entry/exit distances ``[R]`` of rays with the box ``[−r, r]³`` (entry clamped at 0) and a hit mask."""
+def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, radius, upper=None):
+    """Entry/exit distances ``[R]`` of rays with the box ``[−r, r]³`` (or ``[radius, upper]`` given as two
+    corners ``[3]``), the entry clamped at 0, and a hit mask."""
+    lo, hi = (-radius, radius) if upper is None else (radius, upper)
     d = torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
-    t0 = (-radius - rays_o) / d
-    t1 = (radius - rays_o) / d
+    t0 = (lo - rays_o) / d
+    t1 = (hi - rays_o) / d
     near = torch.minimum(t0, t1).amax(-1).clamp_min(0.0)
     far = torch.maximum(t0, t1).amin(-1)
     return near, far, far > near
@@ -163,26 +175,50 @@ class VolumeRenderer(nn.Module):
         return torch.clamp(self.grid.occs.mean(), max=self.cfg.alpha_threshold)
 
     # --------------------------------------------------------------- sampling
+    def _lattice(self, rays_o: torch.Tensor, rays_d: torch.Tensor, generator: Optional[torch.Generator]):
+        """The sample lattice of every ray: sample ``j`` of ray ``r`` starts at ``near[r] + (first[r] + j)·step``
+        for ``j < count[r]``. The lattice is the one of the whole box (entry + optional stratified jitter, fixed
+        step), but only the part that crosses the box of occupied cells is enumerated (with a one-step margin):
+        every sample outside it would be dropped by the occupancy grid anyway."""
+        R, device, step = rays_o.shape[0], rays_o.device, self.step_size
+        near, far, hit = ray_aabb(rays_o, rays_d, self.radius)
+        if self.training and self.cfg.stratified and generator is not None:
+            near = near + torch.rand(R, generator=generator).to(device) * step
+        box = self.grid.occupied_box()
+        if box is None or R == 0:
+            zero = torch.zeros(R, dtype=torch.long, device=device)
+            return near, far, zero, zero
+        n2, f2, hit2 = ray_aabb(rays_o, rays_d, box[0], box[1])
+        first = torch.floor((n2 - near) / step).long().clamp_min(1) - 1
+        end = torch.minimum(torch.ceil((f2 - near) / step).long() + 1,
+                            torch.ceil((far - near).clamp_min(0) / step).long() + 1)
+        count = torch.where(hit & hit2, (end - first).clamp_min(0), torch.zeros_like(first))
+        return near, far, first, count
+
+    def _samples(self, rays_o, rays_d, near, far, first, count, j0: int, j1: int, rays=None):
+        """Occupied samples ``j0 ≤ j < j1`` of the lattice (of the rays ``rays``, default all), packed and sorted
+        by ray then depth: (ray index, t_start, t_end, position)."""
+        step = self.step_size
+        rays = torch.arange(rays_o.shape[0], device=rays_o.device) if rays is None else rays
+        j = torch.arange(j0, j1, device=rays_o.device)
+        k = first[rays, None] + j  # [r, J]
+        t_start = near[rays, None] + k.float() * step
+        valid = (j < count[rays, None]) & (t_start + 0.5 * step < far[rays, None])
+        local, jj = torch.nonzero(valid, as_tuple=True)
+        ray_idx = rays[local]
+        t_start = t_start[local, jj]
+        t_end = torch.minimum(t_start + step, far[ray_idx])
+        pos = rays_o[ray_idx] + rays_d[ray_idx] * ((t_start + t_end) / 2).unsqueeze(-1)
+        keep = self.grid.occupied(pos)
+        return ray_idx[keep], t_start[keep], t_end[keep], pos[keep]
+
     @torch.no_grad()
     def _march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, volume: ImplicitVolume,
                generator: Optional[torch.Generator]) -> Dict[str, torch.Tensor]:
         """Packed samples that survive the occupancy grid and the α / transmittance pruning."""
-        R = rays_o.shape[0]
-        device = rays_o.device
-        near, far, hit = ray_aabb(rays_o, rays_d, self.radius)
-        step = self.step_size
-        n_steps = int(torch.ceil(((far - near).clamp_min(0).max()) / step).item()) + 1 if R else 0
-        if self.training and self.cfg.stratified and generator is not None:
-            near = near + torch.rand(R, generator=generator).to(device) * step
-        ray_idx, k = torch.nonzero(hit.unsqueeze(1) & (near.unsqueeze(1) + (torch.arange(max(n_steps, 0), device=device)
-                                                       + 0.5) * step < far.unsqueeze(1)), as_tuple=True)
-        t_start = near[ray_idx] + k.float() * step
-        t_end = t_start + step
-        t_end = torch.minimum(t_end, far[ray_idx])
-        mid = (t_start + t_end) / 2
-        pos = rays_o[ray_idx] + rays_d[ray_idx] * mid.unsqueeze(-1)
-        keep = self.grid.occupied(pos)
-        ray_idx, t_start, t_end, pos = ray_idx[keep], t_start[keep], t_end[keep], pos[keep]
+        near, far, first, count = self._lattice(rays_o, rays_d, generator)
+        width = int(count.max().item()) if count.numel() else 0
+        ray_idx, t_start, t_end, pos = self._samples(rays_o, rays_d, near, far, first, count, 0, width)
         if pos.shape[0] and (self.cfg.alpha_threshold > 0 or self.cfg.early_stop_eps > 0):
             chunk = self.cfg.chunk_size
             sigma = torch.cat([volume.density(pos[i:i + chunk]) for i in range(0, pos.shape[0], chunk)])
@@ -192,11 +228,36 @@ class VolumeRenderer(nn.Module):
         return {"ray_idx": ray_idx, "t_start": t_start, "t_end": t_end, "pos": pos}
 
     # -------------------------------------------------------------- rendering
+    def _shade(self, geo: Dict[str, torch.Tensor], pos: torch.Tensor, lights: Optional[torch.Tensor],
+               shading: str) -> torch.Tensor:
+        """Colour ``[N, 3]`` of samples: albedo, the normal map (CSD's textureless) or Lambertian shading."""
+        if shading == "albedo":
+            return geo["albedo"]
+        n = geo["normal"]
+        if shading == "textureless" and self.cfg.textureless_normal:
+            return n * 0.5 + 0.5
+        ldir = F.normalize(lights - pos, dim=-1)
+        lum = self.cfg.ambient_light + self.cfg.diffuse_light * (n * ldir).sum(-1, keepdim=True).clamp_min(0)
+        return lum.expand(-1, 3) if shading == "textureless" else geo["albedo"] * lum
+
+    def _finish(self, acc: torch.Tensor, rays_d: torch.Tensor, background: nn.Module,
+                bg_colors: Optional[torch.Tensor], with_normals: bool) -> Dict[str, torch.Tensor]:
+        """Per-ray sums ``acc`` ``[R, 5 (+3)]`` = (Σw, Σw·c, Σw·t, [Σw·n]) → rgb over the background, opacity,
+        depth and the composited normal map."""
+        opacity, rgb_fg, depth = acc[:, :1], acc[:, 1:4], acc[:, 4:5]
+        bg = bg_colors if bg_colors is not None else background(rays_d)
+        rgb = rgb_fg + bg * (1.0 - opacity)
+        if with_normals:
+            comp_normal = (F.normalize(acc[:, 5:8], dim=-1) + 1) / 2 * opacity
+        else:
+            comp_normal = torch.zeros_like(rgb)
+        return {"rgb": rgb, "opacity": opacity, "depth": depth, "normal": comp_normal}
+
     def render_rays(self, volume: ImplicitVolume, background: nn.Module, rays_o: torch.Tensor,
                     rays_d: torch.Tensor, shading: str = "albedo", light_positions: Optional[torch.Tensor] = None,
                     bg_colors: Optional[torch.Tensor] = None, need_normals: bool = False,
                     generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-        """Render flat rays ``[R, 3]``. ``light_positions`` / ``bg_colors`` are per ray ``[R, 3]``."""
+        """Render flat rays ``[R, 3]`` differentiably. ``light_positions`` / ``bg_colors`` are per ray ``[R, 3]``."""
         if shading not in SHADINGS:
             raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
         R = rays_o.shape[0]
@@ -205,31 +266,69 @@ class VolumeRenderer(nn.Module):
         normals_needed = need_normals or shading != "albedo"
         geo = volume(s["pos"], with_normal=normals_needed)
         weights, _, _ = composite_weights(geo["density"], s["t_end"] - s["t_start"], ray_idx)
-        dirs = rays_d[ray_idx]
-        if shading == "albedo":
-            color = geo["albedo"]
-        else:
-            n = geo["normal"]
-            if shading == "textureless" and self.cfg.textureless_normal:
-                color = n * 0.5 + 0.5
-            else:
-                light = light_positions[ray_idx] if light_positions is not None else rays_o[ray_idx]
-                ldir = F.normalize(light - s["pos"], dim=-1)
-                lum = self.cfg.ambient_light + self.cfg.diffuse_light * (n * ldir).sum(-1, keepdim=True).clamp_min(0)
-                color = lum.expand(-1, 3) if shading == "textureless" else geo["albedo"] * lum
+        lights = light_positions[ray_idx] if light_positions is not None else rays_o[ray_idx]
+        color = self._shade(geo, s["pos"], lights, shading)
         w = weights.unsqueeze(-1)
         mids = ((s["t_start"] + s["t_end"]) / 2).unsqueeze(-1)
-        acc = accumulate(torch.cat([w, w * color, w * mids], -1), ray_idx, R)
-        opacity, rgb_fg, depth = acc[:, :1], acc[:, 1:4], acc[:, 4:5]
-        bg = bg_colors if bg_colors is not None else background(rays_d)
-        rgb = rgb_fg + bg * (1.0 - opacity)
-        if normals_needed:
-            n_acc = accumulate(w * geo["normal"], ray_idx, R)
-            comp_normal = (F.normalize(n_acc, dim=-1) + 1) / 2 * opacity
-        else:
-            comp_normal = torch.zeros_like(rgb)
-        return {"rgb": rgb, "opacity": opacity, "depth": depth, "normal": comp_normal, "weights": weights,
-                "sample_normals": geo.get("normal"), "sample_dirs": dirs, "num_samples": ray_idx.shape[0]}
+        parts = [w, w * color, w * mids] + ([w * geo["normal"]] if normals_needed else [])
+        out = self._finish(accumulate(torch.cat(parts, -1), ray_idx, R), rays_d, background, bg_colors,
+                           normals_needed)
+        out.update(weights=weights, sample_normals=geo.get("normal"), sample_dirs=rays_d[ray_idx],
+                   num_samples=ray_idx.shape[0])
+        return out
+
+    @torch.no_grad()
+    def render_rays_eval(self, volume: ImplicitVolume, background: nn.Module, rays_o: torch.Tensor,
+                         rays_d: torch.Tensor, shading: str = "albedo", light_positions: Optional[torch.Tensor] = None,
+                         bg_colors: Optional[torch.Tensor] = None, slab: int = 32) -> Dict[str, torch.Tensor]:
+        """The same image as ``render_rays`` without autograd, in one pass with early termination.
+
+        Rays are marched ``slab`` steps at a time; each occupied sample is evaluated once (density, albedo and
+        normal together), and a ray stops as soon as its transmittance falls below ``early_stop_eps``, so the
+        space behind a surface costs nothing. Two optical depths are carried along each ray: over every occupied
+        sample (for the pruning decision, as the no-grad pass of ``render_rays``) and over the kept samples (for
+        compositing, as the differentiable pass): the result equals ``render_rays`` without stratification.
+        """
+        if shading not in SHADINGS:
+            raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+        R, device = rays_o.shape[0], rays_o.device
+        normals_needed = shading != "albedo"
+        near, far, first, count = self._lattice(rays_o, rays_d, None)
+        width = int(count.max().item()) if R else 0
+        eps, thre = self.cfg.early_stop_eps, self.alpha_threshold()
+        depth_all = torch.zeros(R, device=device)  # Σσδ over occupied samples (pruning)
+        depth_kept = torch.zeros(R, device=device)  # Σσδ over kept samples (compositing)
+        acc = torch.zeros(R, 8 if normals_needed else 5, device=device)
+        alive = count > 0
+        n_samples = 0
+        for j0 in range(0, width, slab):
+            rays = torch.nonzero(alive).squeeze(-1)
+            if rays.numel() == 0:
+                break
+            ray_idx, ts, te, p = self._samples(rays_o, rays_d, near, far, first, count, j0, min(j0 + slab, width),
+                                               rays)
+            if ray_idx.numel():
+                geo = volume(p, with_normal=normals_needed)
+                sd = geo["density"] * (te - ts)
+                trans_all = torch.exp(-(exclusive_sum_packed(sd, ray_idx) + depth_all[ray_idx]))
+                alpha = 1.0 - torch.exp(-sd)
+                keep = (alpha >= thre) & (trans_all >= eps)
+                sd_kept = torch.where(keep, sd, torch.zeros_like(sd))
+                trans = torch.exp(-(exclusive_sum_packed(sd_kept, ray_idx) + depth_kept[ray_idx]))
+                w = (trans * torch.where(keep, alpha, torch.zeros_like(alpha))).unsqueeze(-1)
+                lights = light_positions[ray_idx] if light_positions is not None else rays_o[ray_idx]
+                color = self._shade(geo, p, lights, shading)
+                parts = [w, w * color, w * ((ts + te) / 2).unsqueeze(-1)] + ([w * geo["normal"]] if normals_needed
+                                                                             else [])
+                acc += accumulate(torch.cat(parts, -1), ray_idx, R)
+                depth_all += accumulate(sd.unsqueeze(-1), ray_idx, R)[:, 0]
+                depth_kept += accumulate(sd_kept.unsqueeze(-1), ray_idx, R)[:, 0]
+                n_samples += int(keep.sum())
+            alive &= (torch.exp(-depth_all) >= eps) & (count > j0 + slab)
+        out = self._finish(acc, rays_d, background, bg_colors, normals_needed)
+        out.update(weights=torch.zeros(0, device=device), sample_normals=None,
+                   sample_dirs=torch.zeros(0, 3, device=device), num_samples=n_samples)
+        return out
 
     def forward(self, volume: ImplicitVolume, background: nn.Module, rays_o: torch.Tensor, rays_d: torch.Tensor,
                 shading: str = "albedo", light_positions: Optional[torch.Tensor] = None,
@@ -245,13 +344,15 @@ class VolumeRenderer(nn.Module):
         light = light_positions.repeat_interleave(per_ray, 0) if light_positions is not None else None
         bgc = bg_colors.repeat_interleave(per_ray, 0) if bg_colors is not None else None
         R = o.shape[0]
-        chunk = R if torch.is_grad_enabled() else max(1, self.cfg.chunk_size // 64)
+        differentiable = torch.is_grad_enabled()
+        chunk = R if differentiable else max(1, self.cfg.chunk_size // 32)
         parts = []
         for i in range(0, R, chunk):
             sl = slice(i, i + chunk)
-            parts.append(self.render_rays(volume, background, o[sl], d[sl], shading,
-                                          light[sl] if light is not None else None,
-                                          bgc[sl] if bgc is not None else None, need_normals, generator))
+            args = (volume, background, o[sl], d[sl], shading, light[sl] if light is not None else None,
+                    bgc[sl] if bgc is not None else None)
+            parts.append(self.render_rays(*args, need_normals, generator) if differentiable
+                         else self.render_rays_eval(*args))
         if len(parts) == 1:
             out = parts[0]
         else:
