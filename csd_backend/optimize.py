@@ -67,6 +67,7 @@ class Optimization:
         self.timings: Dict[str, float] = {}
         self._updating = False  # inside optimizer.step()
         self._step_start: dict = {}
+        self._saved_step: Optional[int] = None  # the step of the checkpoint this object last wrote
 
     # ----------------------------------------------------------------- state
     @property
@@ -99,7 +100,15 @@ class Optimization:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise CSDError("no checkpoint path: give the Optimization an out_dir or pass a path")
-        return io.save_checkpoint(path, self.state_dict())
+        saved = io.save_checkpoint(path, self.state_dict())
+        if path == self.checkpoint_path:
+            self._saved_step = self.step
+        return saved
+
+    def _save_unless_saved(self) -> None:
+        """Save the run's checkpoint unless it already holds this step (so previous.ckpt stays one step older)."""
+        if self.out_dir is not None and self._saved_step != self.step:
+            self.save_checkpoint()
 
     @classmethod
     def resume(cls, checkpoint: io.PathLike, prior: DiffusionPrior, out_dir: Optional[io.PathLike] = None,
@@ -208,8 +217,7 @@ class Optimization:
         o = self.config.optim
         while self.step < o.steps:
             if cancel is not None and cancel():
-                if self.out_dir is not None:
-                    self.save_checkpoint()
+                self._save_unless_saved()
                 raise Cancelled(f"cancelled at step {self.step} of {o.steps}"
                                 + (f"; resume from {self.checkpoint_path}" if self.out_dir is not None else ""))
             try:
@@ -223,7 +231,7 @@ class Optimization:
                     self.generator.set_state(self._step_start["generator"])
                     torch.set_rng_state(self._step_start["torch"])
                     self.renderer.grid.load_state_dict(self._step_start["grid"])
-                    self.save_checkpoint()
+                    self._save_unless_saved()
                 raise
             except torch.OutOfMemoryError as e:
                 c = self.config
@@ -241,11 +249,9 @@ class Optimization:
                     progress(info)
                 except BaseException:
                     # the state right after a step is consistent: keep it so the run can resume
-                    if self.out_dir is not None:
-                        self.save_checkpoint()
+                    self._save_unless_saved()
                     raise
-        if self.out_dir is not None:
-            self.save_checkpoint()
+        self._save_unless_saved()
         return self.scene
 
     def trained_scene(self) -> Scene:
