@@ -84,18 +84,18 @@ def atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool =
     return path
 
 
-def _non_finite_path(value: Any, where: str = "") -> Optional[str]:
+def non_finite_path(value: Any, where: str = "") -> Optional[str]:
     """The dotted path of the first NaN/±Infinity inside ``value`` (dicts, lists), or None."""
     if isinstance(value, float) and not math.isfinite(value):
         return where or "value"
     if isinstance(value, dict):
         for k, v in value.items():
-            found = _non_finite_path(v, f"{where}.{k}" if where else str(k))
+            found = non_finite_path(v, f"{where}.{k}" if where else str(k))
             if found:
                 return found
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            found = _non_finite_path(v, f"{where}[{i}]")
+            found = non_finite_path(v, f"{where}[{i}]")
             if found:
                 return found
     return None
@@ -103,7 +103,7 @@ def _non_finite_path(value: Any, where: str = "") -> Optional[str]:
 
 def write_json(path: PathLike, data: Any, overwrite: bool = False) -> Path:
     """Atomically write strict JSON (no NaN or Infinity, which other JSON readers reject)."""
-    bad = _non_finite_path(data)
+    bad = non_finite_path(data)
     if bad is not None:
         raise CSDError(f"cannot write {Path(path).name}: {bad} is not a finite number (NaN and Infinity are not JSON)")
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
