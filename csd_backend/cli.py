@@ -1,20 +1,32 @@
-"""Command line: ``python -m csd_backend generate|export-views|presets``.
+"""Command line: ``python -m csd_backend generate|render|export|presets``.
 
 ``generate`` runs one optimisation stage and writes into ``--out``:
   checkpoints/last.ckpt      the resumable run state (atomically replaced every --checkpoint-every steps)
+  checkpoints/previous.ckpt  the checkpoint before it (kept in case last.ckpt is damaged)
   previews/step_NNNNN.png    the current render every --preview-every steps
   renders/view_NN.png        a ring of views of the final scene
   config.json                the full resolved configuration
   mesh.glb                   the textured mesh of the final scene (--mesh-format glb|obj|ply, --no-mesh)
 
-``export`` writes the textured mesh of a saved run (GLB, OBJ + MTL + PNG, or PLY).
+``export`` writes the textured mesh of a saved run (GLB, OBJ + MTL + PNG, or PLY); ``render`` a ring of views.
+
+Every phase shows a progress bar on stderr (training, views, and the export stages extraction, simplification,
+vertex colors, UVs, baking); ``--quiet`` hides them. Errors are one ``error: ...`` line, engine warnings
+``warning: ...`` lines. Ctrl-C and SIGTERM stop a command with a one-line message (training keeps a checkpoint).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import logging
 import os
+import shlex
+import signal
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -31,11 +43,20 @@ EPILOG = """examples:
 """
 
 
-def _parse_value(text: str):
+def _parse_value(text: str, key: str = "--set"):
+    """A --set value: JSON when it parses (numbers, lists, true/false, null), else the text itself. NaN and
+    ±Infinity (which Python's JSON reader accepts) are refused, naming the field."""
+    from .io import non_finite_path
+
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return text
+    bad = non_finite_path(value)
+    if bad is not None:
+        where = "" if bad == "value" else f" (at {bad})"
+        raise ConfigError(key, f"{text!r} is not a finite number{where}; NaN and Infinity are not allowed")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="auto | float16 | float32 | bfloat16 (default auto: fp16 on CUDA)")
     g.add_argument("--resolution", type=int, default=None, help="image size fed to the prior (default: the preset's)")
     g.add_argument("--out", help="output folder (must be new or empty unless --resume)")
-    g.add_argument("--resume", default=None, help="a run folder or checkpoint to continue")
+    g.add_argument("--resume", default=None,
+                   help="a run folder or checkpoint to continue (checkpoints/previous.ckpt too). Other flags may be "
+                        "repeated if their values equal the saved run's; --steps sets where it ends (more extends "
+                        "it; fewer than planned ends it early, with a warning); --model/--device/--dtype may change. "
+                        "A run stopped before its first checkpoint restarts from step 0 with its config.json")
     g.add_argument("--init-scene", default=None, help="start from the scene of a run folder or checkpoint (editing)")
     g.add_argument("--preview-every", type=int, default=None, help="write a preview PNG every K steps (0: never)")
     g.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
@@ -74,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any configuration field, e.g. --set render.num_samples_per_ray=256 "
                         "--set guidance.negative_weight='[0,0,1,5000]' (JSON values)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--mesh-format", default="glb", choices=["glb", "obj", "ply"],
                    help="format of the mesh written into --out at the end (default %(default)s)")
     g.add_argument("--no-mesh", action="store_true", help="do not export a mesh at the end of the run")
@@ -88,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--views", type=int, default=8)
     v.add_argument("--size", type=int, default=256)
     v.add_argument("--shading", default="albedo", choices=["albedo", "textureless", "diffuse"])
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
 
     x = sub.add_parser("export", help="export the mesh of a saved run as GLB, OBJ (+MTL+PNG) or PLY")
     x.add_argument("checkpoint", help="run folder or checkpoint")
@@ -95,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(mesh_NNNNN_.<format> inside it)")
     x.add_argument("--format", default=None, choices=["glb", "obj", "ply"],
                    help="default: from the suffix of --out, else glb")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_export_flags(x)
 
     sub.add_parser("presets", help="list the presets and their settings")
@@ -144,189 +171,533 @@ def _overrides(items: List[str]) -> dict:
             raise ConfigError("--set", f"'{item}' is not SECTION.FIELD=VALUE, e.g. optim.lr=0.01")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = _parse_value(value)
+        out.setdefault(section, {})[name] = _parse_value(value, key)
     return out
 
 
-def _save_png(image, path: Path) -> None:
+# ------------------------------------------------------------------------------------------ output helpers
+#: previews (and tiny renders) are enlarged to at least this many pixels on their shorter side
+MIN_PNG_SIDE = 256
+
+
+def _save_png(image, path: Path, min_side: int = 0) -> None:
+    """Save an ``[H, W, 3]`` image in [0, 1]; with ``min_side`` enlarged by the smallest integer factor that makes
+    its shorter side at least that long (nearest neighbour: every render pixel becomes a k×k block)."""
+    import numpy as np
     from PIL import Image
 
     from .io import atomic_write
 
     arr = (image.clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")
+    short = min(arr.shape[0], arr.shape[1])
+    if min_side and 0 < short < min_side:
+        k = -(-min_side // short)
+        arr = np.repeat(np.repeat(arr, k, axis=0), k, axis=1)
     atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
-def _progress_printer(total: int, start: int, quiet: bool):
+def _missing_dirs(path: Path) -> List[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    p = path
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _check_out_dir(path: Path, flag: str = "--out") -> List[Path]:
+    """Make sure ``path`` is (or can become) a writable folder, before anything slow runs. Returns the folders it
+    created (deepest first) so that a run that fails before it starts can remove them again."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(flag, f"{path} is a file, not a folder; give a folder (new or empty)")
+    created = _missing_dirs(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(flag, f"cannot create the folder {path}: {e.strerror or e}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".csd-write-test-", dir=str(path))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        _remove_empty(created)
+        raise ConfigError(flag, f"cannot write into {path}: {e.strerror or e}") from None
+    return created
+
+
+def _remove_empty(folders: List[Path]) -> None:
+    for p in folders:  # deepest first
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+def _bar(quiet: bool, **kwargs):
+    """A tqdm progress bar on stderr, or None with --quiet (or without tqdm)."""
     if quiet:
-        return None, lambda info: None
+        return None
     try:
         from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-        def update(info):
-            bar.update(1)
-            bar.set_postfix(loss=f"{info.losses['total']:.4f}", shading=info.shading)
-        return bar, update
     except ImportError:  # pragma: no cover
-        def update(info):
-            print(f"step {info.step}/{info.total} loss {info.losses['total']:.4f}", flush=True)
-        return None, update
+        return None
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
-def cmd_generate(args) -> int:
-    from .config import RunConfig
-    from .optimize import Optimization, load_scene
+def _progress_printer(total: int, start: int, quiet: bool):
+    bar = _bar(quiet, total=total, initial=start, unit="step", desc="training")
+    if bar is None:
+        return None, lambda info: None
+
+    def update(info):
+        bar.update(1)
+        bar.set_postfix(loss=f"{info.losses['total']:.4f}", shading=info.shading)
+    return bar, update
+
+
+class _StageBars:
+    """``progress(fraction, stage)`` for ``extract_textured_mesh``: one bar per export stage."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        from .export.pipeline import stage_fraction
+
+        _raise_pending()
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = _bar(self.quiet, total=100, desc=stage, unit="%",
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]")
+        if self.bar is not None:
+            n = int(round(100 * stage_fraction(fraction, stage)))
+            if n > self.bar.n:
+                self.bar.update(n - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(100 - self.bar.n)
+            self.bar.close()
+            self.bar = None
+
+
+def _render_views(scene, n_views: int, size: int, camera_cfg, shading: str, render_cfg, renderer, quiet: bool,
+                  save) -> int:
+    """Render a ring of views one at a time (a tick of the "views" bar each) and ``save(index, image)`` each as
+    soon as it is done."""
+    from .render.cameras import Cameras, orbit_cameras
+    from .render.views import prepare_renderer, render_cameras
+
+    c = camera_cfg
+    cams = orbit_cameras(n_views, c.eval_elevation, c.eval_distance, c.eval_fovy, size, size)
+    bar = _bar(quiet, total=n_views, desc="views", unit="view")
+    try:
+        renderer = prepare_renderer(scene, render_cfg, renderer)
+        for i in range(n_views):
+            _raise_pending()
+            one = Cameras(cams.c2w[i:i + 1], cams.fovy[i:i + 1], cams.elevation[i:i + 1], cams.azimuth[i:i + 1],
+                          cams.distance[i:i + 1], cams.light_positions[i:i + 1], cams.height, cams.width)
+            save(i, render_cameras(scene, one, shading, render_cfg, renderer)[0])
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return n_views
+
+
+def _export(scene, config, quiet: bool):
+    from .export import extract_textured_mesh
+
+    bars = _StageBars(quiet)
+    try:
+        return extract_textured_mesh(scene, config, progress=bars)
+    finally:
+        bars.close()
+
+
+# ------------------------------------------------------------------------------------------ signals
+#: the signal that stopped the command; while ``defer()`` is true (the parameter update of a step) a signal is
+#: only recorded ("pending") and raised at the end of the step, so that the checkpoint holds complete weights
+_STOP = {"signal": None, "pending": False, "defer": None}
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """While the command runs, SIGTERM (``timeout``, job schedulers, ``kill``) raises KeyboardInterrupt like
+    Ctrl-C, so a run saves its checkpoint and exits with the one-line message; neither signal cuts a parameter
+    update in half. The previous handlers come back afterwards."""
+    _STOP.update(signal=None, pending=False, defer=None)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        name = "SIGTERM" if signum == getattr(signal, "SIGTERM", None) else "SIGINT"
+        first = _STOP["signal"] is None
+        _STOP["signal"] = _STOP["signal"] or name
+        # pending until the command reports the stop: if some library swallows the KeyboardInterrupt (a bare
+        # except), the training loop raises it again at the end of the step
+        _STOP["pending"] = True
+        defer = _STOP["defer"]
+        if (defer is not None and defer()) or _in_import(frame):
+            return  # raised at the next safe point: the end of the step, or of the import
+        if first or name == "SIGINT":  # a second SIGTERM does not break the checkpoint the first one saves
+            raise KeyboardInterrupt
+
+    installed = []
+    try:
+        for sig in (getattr(signal, "SIGTERM", None), signal.SIGINT):
+            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                installed.append((sig, signal.signal(sig, on_signal)))
+        yield
+    finally:
+        for sig, previous in installed:
+            signal.signal(sig, previous)
+        _STOP.update(pending=False, defer=None)
+
+
+def _in_import(frame) -> bool:
+    """True while a module is being imported: an exception there can leave a half-initialised extension module
+    behind (and some imports swallow it), so the signal waits for the next safe point."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_pending() -> None:
+    """Raise the interrupt a signal asked for during a parameter update, now that the step is complete."""
+    if _STOP["pending"]:
+        _STOP["pending"] = False
+        raise KeyboardInterrupt
+
+
+def _stopped(what: str) -> int:
+    """Print how the command was stopped (one line) and return its exit code."""
+    _STOP["pending"] = False
+    by = "stopped by SIGTERM" if _STOP["signal"] == "SIGTERM" else "interrupted"
+    print(f"\n{by} {what}", file=sys.stderr)
+    return 143 if _STOP["signal"] == "SIGTERM" else 130
+
+
+def _q(path) -> str:
+    return shlex.quote(str(path))
+
+
+# ------------------------------------------------------------------------------------------ generate
+#: settings that may differ from the saved run on --resume (they do not change what is trained)
+_RESUME_FREE = {"prior.model", "prior.model_config", "prior.device", "prior.dtype", "optim.steps"}
+_FLAG_FIELDS = {"prompt": "guidance.prompt", "negative_prompt": "guidance.negative_prompt",
+                "source_prompt": "guidance.source_prompt", "seed": "optim.seed",
+                "preview_every": "optim.preview_every", "checkpoint_every": "optim.checkpoint_every",
+                "resolution": "prior.resolution", "model": "prior.model", "model_config": "prior.model_config",
+                "device": "prior.device", "dtype": "prior.dtype"}
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _build_config(args, preset: str, steps: Optional[int], init_scene_cfg=None):
+    """The configuration the flags describe, built as for a new run: preset, --set, the flags, then --steps
+    (stretching the schedules unless --no-rescale-schedules), then the scene settings of --init-scene."""
     from .presets import get_preset
+
+    config = get_preset(preset)
+    over = _overrides(args.set)
+    guid = over.setdefault("guidance", {})
+    for key in ("prompt", "negative_prompt", "source_prompt"):
+        if getattr(args, key) is not None:
+            guid[key] = getattr(args, key)
+    pri = over.setdefault("prior", {})
+    for key in ("model", "model_config", "device", "dtype", "resolution"):
+        if getattr(args, key) is not None:
+            pri[key] = getattr(args, key)
+    opt_over = over.setdefault("optim", {})
+    for key in ("seed", "preview_every", "checkpoint_every"):
+        if getattr(args, key) is not None:
+            opt_over[key] = getattr(args, key)
+    config = config.replace(**over)
+    if steps is not None:
+        config = config.with_steps(steps, rescale_schedules=not args.no_rescale_schedules)
+    if init_scene_cfg is not None:  # an edited scene keeps its own settings (as Optimization does)
+        config = config.replace(scene=dataclasses.asdict(init_scene_cfg))
+    return config
+
+
+def _given_fields(args) -> set:
+    """The configuration fields the command line sets explicitly (a preset sets every field it names)."""
+    from .config import SceneConfig
+    from .presets import PRESETS
+
+    fields = set()
+    if args.preset:
+        fields |= {"preset"} | set(_flatten(PRESETS[args.preset]))
+    fields |= {field for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    fields |= {item.split("=", 1)[0] for item in args.set}
+    if args.init_scene:
+        fields |= {f"scene.{f.name}" for f in dataclasses.fields(SceneConfig)}
+    return fields
+
+
+def _resume_target(path: Path):
+    """(run folder, checkpoint or None) of ``--resume PATH``."""
+    from .io import find_checkpoint
+    from .optimize import RUN_CONFIG_FILE, run_checkpoint
+
+    if path.is_dir():
+        ckpt = run_checkpoint(path)
+        if ckpt is None and not (path / RUN_CONFIG_FILE).is_file():
+            raise ConfigError("--resume", f"{path} is not a run folder: it has no checkpoints/last.ckpt and no "
+                                          f"{RUN_CONFIG_FILE}. Pass the folder written by `generate --out`.")
+        return path, ckpt
+    ckpt = find_checkpoint(path)
+    return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent), ckpt
+
+
+def _check_resume_flags(args, run_dir: Path, saved) -> None:
+    """Refuse flags whose values differ from the saved run (naming the field, the saved and the new value).
+
+    The flags are turned into a configuration exactly as for a new run; schedules are stretched to the run's
+    planned length (its config.json), which is what the original --steps did. Flags left out keep the saved
+    values; --steps sets where the resumed run ends; the model, device and dtype may change."""
+    from .optimize import load_scene
+    from .presets import PRESETS
+
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise ConfigError("--out", f"{args.out} is not the folder of the run being resumed ({run_dir}); a resumed "
+                                   "run writes into its own folder. Leave --out out, or start a new run there "
+                                   "without --resume.")
+    given = _given_fields(args) - _RESUME_FREE
+    if not given:
+        return
+    preset = args.preset or (saved.preset if saved.preset in PRESETS else "csd-coarse")
+    init_cfg = load_scene(args.init_scene)[0].cfg if args.init_scene else None
+    # --steps of the original command stretched the schedules to the run's planned length: do the same
+    new = _flatten(_build_config(args, preset, saved.optim.steps, init_cfg).to_dict())
+    old = _flatten(saved.to_dict())
+    names = sorted(new, key=lambda name: name != "preset")  # the preset first: it explains the rest
+    diffs = [f"{name}: saved {old.get(name)!r}, new {new[name]!r}" for name in names
+             if name in given and old.get(name) != new[name]]
+    if diffs:
+        more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
+        raise ConfigError("--resume", f"these settings differ from the saved run {run_dir}: "
+                                      f"{'; '.join(diffs[:6])}{more}. A resumed run keeps its saved settings: "
+                                      "leave these flags out (or give the saved values), or start a new run "
+                                      "in another --out folder.")
+
+
+def _resume(args):
+    """(Optimization, run folder) for ``generate --resume``; checks every flag before the model is loaded."""
+    from .config import RunConfig
+    from .io import load_checkpoint
+    from .optimize import RUN_CONFIG_FILE, Optimization, read_run_config
     from .priors import load_prior
-    from .render.views import render_ring
 
-    if args.resume:
-        from .io import load_checkpoint
+    run_dir, ckpt = _resume_target(Path(args.resume))
+    state_config = RunConfig.from_dict(load_checkpoint(ckpt)["config"]) if ckpt is not None else None
+    try:  # the settings the run started with (config.json); the checkpoint's otherwise
+        saved = read_run_config(run_dir) if (run_dir / RUN_CONFIG_FILE).is_file() else state_config
+    except CSDError:
+        if state_config is None:
+            raise
+        saved = state_config
+    _check_resume_flags(args, run_dir, saved)
+    _check_out_dir(run_dir)
+    prior_over = {k: getattr(args, k) for k in ("model", "model_config", "device", "dtype")
+                  if getattr(args, k) is not None}
+    base = state_config if state_config is not None else saved
+    prior = load_prior(base.replace(prior=prior_over).prior)
+    _raise_pending()
+    opt = Optimization.resume(ckpt if ckpt is not None else run_dir, prior, steps=args.steps)
+    opt.config = opt.config.replace(prior=prior_over)  # the checkpoint records the model it continued with
+    print(f"resuming {run_dir} at step {opt.step} of {opt.config.optim.steps}", file=sys.stderr)
+    return opt, run_dir
 
-        fixed = [flag for flag, value in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt),
-                                          ("--source-prompt", args.source_prompt), ("--preset", args.preset),
-                                          ("--seed", args.seed), ("--resolution", args.resolution),
-                                          ("--init-scene", args.init_scene), ("--set", args.set or None),
-                                          ("--preview-every", args.preview_every),
-                                          ("--checkpoint-every", args.checkpoint_every), ("--out", args.out))
-                 if value is not None]
-        if fixed:
-            raise ConfigError("--resume", f"{', '.join(fixed)} cannot change on resume: a resumed run keeps the "
-                                          "settings saved in its checkpoint (only --steps, --model, --model-config, "
-                                          "--device and --dtype may change). Start a new run to change them.")
-        state = load_checkpoint(args.resume)
-        config = RunConfig.from_dict(state["config"])
-        prior_over = {k: getattr(args, k) for k in ("model", "model_config", "device", "dtype")
-                      if getattr(args, k) is not None}
-        config = config.replace(prior=prior_over)
-        prior = load_prior(config.prior)
-        opt = Optimization.resume(args.resume, prior, steps=args.steps)
-        opt.config = opt.config.replace(prior=prior_over)  # the checkpoint records the model it continued with
-        out = opt.out_dir
-        print(f"resuming {out} at step {opt.step} of {opt.config.optim.steps}", file=sys.stderr)
-    else:
-        if not args.out:
-            raise ConfigError("--out", "give an output folder (or --resume a run)")
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise ConfigError("--out", f"{out} exists and is not empty; outputs are never overwritten. "
-                                       "Choose a new folder, or continue that run with --resume.")
-        config = get_preset(args.preset or "csd-coarse")
-        over = _overrides(args.set)
-        guid = over.setdefault("guidance", {})
-        if args.prompt is not None:
-            guid["prompt"] = args.prompt
-        if args.negative_prompt is not None:
-            guid["negative_prompt"] = args.negative_prompt
-        if args.source_prompt is not None:
-            guid["source_prompt"] = args.source_prompt
-        pri = over.setdefault("prior", {})
-        for key in ("model", "model_config", "device", "dtype", "resolution"):
-            if getattr(args, key) is not None:
-                pri[key] = getattr(args, key)
-        opt_over = over.setdefault("optim", {})
-        for key in ("seed", "preview_every", "checkpoint_every"):
-            if getattr(args, key) is not None:
-                opt_over[key] = getattr(args, key)
-        config = config.replace(**over)
-        if args.steps is not None:
-            config = config.with_steps(args.steps, rescale_schedules=not args.no_rescale_schedules)
-        config.validate(require_model=True)
+
+def _new_run(args):
+    """(Optimization, run folder) for a new run; the folder is checked (and made) before the model loads."""
+    from .io import write_json
+    from .optimize import RUN_CONFIG_FILE, Optimization, load_scene
+    from .priors import load_prior
+
+    if not args.out:
+        raise ConfigError("--out", "give an output folder (or --resume a run)")
+    out = Path(args.out)
+    config = _build_config(args, args.preset or "csd-coarse", args.steps)
+    config.validate(require_model=True)
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError("--out", f"{out} exists and is not empty; outputs are never overwritten. "
+                                   "Choose a new folder, or continue that run with --resume.")
+    created = _check_out_dir(out)
+    try:
         scene = None
         if args.init_scene:
             scene, _ = load_scene(args.init_scene)
+        _raise_pending()
         prior = load_prior(config.prior)
+        _raise_pending()
         opt = Optimization(config, prior, scene=scene, out_dir=out)
-        out.mkdir(parents=True, exist_ok=True)
-        from .io import atomic_write
+        _raise_pending()
+        if scene is not None:  # the starting scene exists only here: keep it, so a stopped run can resume
+            opt.save_checkpoint()
+        write_json(out / RUN_CONFIG_FILE, opt.config.to_dict())
+    except BaseException:
+        _remove_empty(created)  # only what this command created, and only while empty
+        raise
+    return opt, out
 
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(opt.config.to_dict(), indent=2)))
+
+def cmd_generate(args) -> int:
+    try:
+        opt, out = _resume(args) if args.resume else _new_run(args)
+    except KeyboardInterrupt:
+        return _stopped("before the run started; nothing was trained.")
 
     every = opt.config.optim.preview_every
     bar, update = _progress_printer(opt.config.optim.steps, opt.step, args.quiet)
 
     def progress(info):
+        _raise_pending()  # a signal during this step's update: stop now (the engine saves the finished step)
         update(info)
         if every and (info.step % every == 0 or info.step == info.total):
             path = out / "previews" / f"step_{info.step:05d}.png"
             if not path.exists():
-                _save_png(info.preview[0], path)
+                _save_png(info.preview[0], path, MIN_PNG_SIDE)
 
     t0 = time.time()
+    _STOP["defer"] = lambda: opt.updating
     try:
+        _raise_pending()  # a signal that some library swallowed while the run was being set up
         scene = opt.run(progress=progress)
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {opt.step}; checkpoint kept in {opt.checkpoint_path}. "
-              f"Continue with: python -m csd_backend generate --resume {out}", file=sys.stderr)
-        return 130
-    finally:
         if bar is not None:
             bar.close()
-    c = opt.config.camera
-    # render with the trained occupancy grid (EMA over the whole run), not one refitted from a single pass
-    ring = render_ring(scene, args.views, args.view_size, c.eval_elevation, c.eval_distance, c.eval_fovy,
-                       renderer=opt.renderer,
-                       render_cfg=opt.config.render)
+            bar = None
+        ckpt = opt.checkpoint_path
+        if opt.saved_step is not None:
+            kept = f"checkpoint at step {opt.saved_step} kept in {ckpt}"
+        elif ckpt.is_file():
+            kept = f"the last checkpoint is kept in {ckpt}"
+        else:
+            kept = "no checkpoint yet: --resume restarts it from step 0 with its config.json"
+        return _stopped(f"at step {opt.step}; {kept}. Continue with: python -m csd_backend generate --resume "
+                        f"{_q(out)}")
+    finally:
+        _STOP["defer"] = None
+        if bar is not None:
+            bar.close()
     from .io import unique_path
 
-    for i, img in enumerate(ring):
-        path = out / "renders" / f"view_{i:02d}.png"
-        _save_png(img, path if not path.exists() else unique_path(path.parent, path.stem, ".png"))
-    if not args.no_mesh:
-        from .export import ExportConfig, extract_textured_mesh, save_mesh, save_mesh_unique
-        from .errors import OutputExistsError
+    phase = "while rendering the views"
+    try:
+        _raise_pending()  # a signal during the last step's update
+        def save_view(i, img):
+            path = out / "renders" / f"view_{i:02d}.png"
+            _save_png(img, path if not path.exists() else unique_path(path.parent, path.stem, ".png"), MIN_PNG_SIDE)
 
-        mesh_over = {k: v for k, v in (("resolution", args.mesh_resolution), ("texture_size", args.mesh_texture_size))
-                if v is not None}
-        try:
-            mesh = extract_textured_mesh(scene, ExportConfig(**mesh_over))
-            try:
-                path = save_mesh(mesh, out / f"mesh.{args.mesh_format}", args.mesh_format)
-            except OutputExistsError:  # a resumed run: keep the earlier mesh
-                path = save_mesh_unique(mesh, out, "mesh", args.mesh_format)
-            print(f"mesh: {path} ({mesh.num_faces} faces)", file=sys.stderr)
-        except CSDError as e:  # the run itself succeeded; say how to export later
-            print(f"warning: no mesh written: {e}. Export later with: python -m csd_backend export {out} "
-                  f"--out {out} --threshold <value>", file=sys.stderr)
+        # render with the trained occupancy grid (EMA over the whole run), not one refitted from a single pass
+        _render_views(scene, args.views, args.view_size, opt.config.camera, "albedo", opt.config.render,
+                      opt.renderer, args.quiet, save_view)
+        if not args.no_mesh:
+            phase = "while exporting the mesh"
+            _generate_mesh(args, scene, out)
+    except KeyboardInterrupt:
+        return _stopped(f"{phase}; the run itself is complete and its checkpoint is saved in "
+                        f"{opt.checkpoint_path}. Later: python -m csd_backend render {_q(out)} --out "
+                        f"{_q(out / 'renders')} --views {args.views} --size {args.view_size}; "
+                        f"python -m csd_backend export {_q(out)} --out {_q(out)}")
     print(f"done: {opt.step} steps in {time.time() - t0:.1f} s; checkpoint {opt.checkpoint_path}; "
           f"renders in {out / 'renders'}", file=sys.stderr)
     return 0
 
 
-def cmd_render(args) -> int:
-    from .optimize import load_scene
-    from .render.views import render_ring
-    from .io import unique_path
+def _generate_mesh(args, scene, out: Path) -> None:
+    from .errors import OutputExistsError
+    from .export import ExportConfig, save_mesh, save_mesh_unique
 
-    scene, config = load_scene(args.checkpoint)
-    c = config.camera
-    ring = render_ring(scene, args.views, args.size, c.eval_elevation, c.eval_distance, c.eval_fovy, args.shading,
-                       render_cfg=config.render)
-    for img in ring:
-        _save_png(img, unique_path(Path(args.out), "view", ".png"))
-    print(f"wrote {len(ring)} views to {args.out}", file=sys.stderr)
+    mesh_over = {k: v for k, v in (("resolution", args.mesh_resolution), ("texture_size", args.mesh_texture_size))
+                 if v is not None}
+    try:
+        mesh = _export(scene, ExportConfig(**mesh_over), args.quiet)
+        try:
+            path = save_mesh(mesh, out / f"mesh.{args.mesh_format}", args.mesh_format)
+        except OutputExistsError:  # a resumed run: keep the earlier mesh
+            path = save_mesh_unique(mesh, out, "mesh", args.mesh_format)
+        print(f"mesh: {path} ({mesh.num_faces} faces)", file=sys.stderr)
+    except CSDError as e:  # the run itself succeeded; say how to export later
+        print(f"warning: no mesh written: {e}. Export later with: python -m csd_backend export {_q(out)} "
+              f"--out {_q(out)} --threshold <value>", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ render, export
+def cmd_render(args) -> int:
+    from .io import unique_path
+    from .optimize import load_scene
+
+    out = Path(args.out)
+    created = _check_out_dir(out)
+    try:
+        scene, config = load_scene(args.checkpoint)
+        _raise_pending()
+    except BaseException:
+        _remove_empty(created)
+        raise
+    written = []
+
+    def save(i, img):
+        path = unique_path(out, "view", ".png")
+        _save_png(img, path)
+        written.append(path)
+
+    try:
+        _render_views(scene, args.views, args.size, config.camera, args.shading, config.render, None, args.quiet,
+                      save)
+    except KeyboardInterrupt:
+        return _stopped(f"after {len(written)} of {args.views} views (written to {out}).")
+    print(f"wrote {len(written)} views to {out}", file=sys.stderr)
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import extract_textured_mesh, save_mesh, save_mesh_unique
+    from .export import save_mesh, save_mesh_unique
     from .optimize import load_scene
 
     cfg = _export_config(args)
     out = Path(args.out)
     suffix = out.suffix.lower().lstrip(".")
-    is_file = suffix in ("glb", "obj", "ply")
+    is_file = suffix in ("glb", "obj", "ply") and not out.is_dir()
     fmt = args.format or (suffix if is_file else "glb")
     if is_file and args.format and args.format != suffix:
         raise ConfigError("--format", f"{args.format} does not match the suffix of --out {out.name}")
     if is_file and out.exists():  # fail before the (long) extraction
         raise ConfigError("--out", f"{out} exists; outputs are never overwritten. Choose another name or a folder.")
-    scene, _config = load_scene(args.checkpoint)
+    created = _check_out_dir(out.parent if is_file else out)
+    try:
+        scene, _config = load_scene(args.checkpoint)
+        _raise_pending()
+    except BaseException:
+        _remove_empty(created)
+        raise
     t0 = time.time()
-    mesh = extract_textured_mesh(scene, cfg)
-    path = save_mesh(mesh, out, fmt) if is_file else save_mesh_unique(mesh, out, "mesh", fmt)
+    try:
+        mesh = _export(scene, cfg, args.quiet)
+        path = save_mesh(mesh, out, fmt) if is_file else save_mesh_unique(mesh, out, "mesh", fmt)
+    except KeyboardInterrupt:
+        return _stopped("before the mesh was written; nothing was written.")
     print(f"wrote {path}: {mesh.num_vertices} vertices, {mesh.num_faces} faces, threshold {mesh.threshold:.4g}, "
           f"{time.time() - t0:.1f} s", file=sys.stderr)
     return 0
@@ -335,19 +706,44 @@ def cmd_export(args) -> int:
 def cmd_presets(args) -> int:
     from .presets import PRESETS
 
-    print(json.dumps(PRESETS, indent=2))
+    print(json.dumps(PRESETS, indent=2, allow_nan=False))
     return 0
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _engine_warnings():
+    """The engine's warnings (logger ``csd_backend``) as ``warning: ...`` lines on stderr."""
+    logger = logging.getLogger("csd_backend")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_LevelFormatter())
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if os.environ.get("CSD_DEBUG"):
-        return {"generate": cmd_generate, "render": cmd_render, "export": cmd_export,
-                "presets": cmd_presets}[args.command](args)
-    try:
-        return {"generate": cmd_generate, "render": cmd_render, "export": cmd_export,
-                "presets": cmd_presets}[args.command](args)
-    except CSDError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    command = {"generate": cmd_generate, "render": cmd_render, "export": cmd_export,
+               "presets": cmd_presets}[args.command]
+    with _engine_warnings(), _signals_interrupt():
+        if os.environ.get("CSD_DEBUG"):
+            return command(args)
+        try:
+            return command(args)
+        except CSDError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a full disk, a permission changed meanwhile, ...
+            print(f"error: {e} (set CSD_DEBUG=1 for the traceback)", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return _stopped("before the command finished.")

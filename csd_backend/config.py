@@ -251,6 +251,8 @@ class RunConfig:
         g, s, c, r, o = self.guidance, self.scene, self.camera, self.render, self.optim
         if require_model and not self.prior.model.strip():
             raise ConfigError("model", "no diffusion model given; pass a diffusers folder, a .safetensors file or a hub id")
+        if self.prior.resolution is not None:
+            _int_range("prior.resolution", self.prior.resolution, 8, 8192)
         _choice("guidance.mode", g.mode, GUIDANCE_MODES)
         _choice("guidance.weighting", g.weighting, WEIGHTINGS)
         for name in ("prompt", "negative_prompt", "source_prompt"):

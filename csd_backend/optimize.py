@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,11 @@ from .render.cameras import get_rays, sample_cameras
 from .render.volume_renderer import VolumeRenderer
 from .scene.volume import Scene
 from .schedules import schedule_value
+
+log = logging.getLogger(__name__)
+
+#: the resolved configuration written into every run folder when the run starts
+RUN_CONFIG_FILE = "config.json"
 
 
 @dataclass
@@ -68,8 +75,15 @@ class Optimization:
         self.timings: Dict[str, float] = {}
         self._updating = False  # inside optimizer.step()
         self._step_start: dict = {}
+        self.saved_step: Optional[int] = None  # the step of the checkpoint this object last wrote (None: none yet)
 
     # ----------------------------------------------------------------- state
+    @property
+    def updating(self) -> bool:
+        """True inside the parameter update: an interrupt there leaves half-updated weights (no checkpoint of
+        them is written), so a signal handler may rather wait until the step is complete."""
+        return self._updating
+
     @property
     def checkpoint_path(self) -> Optional[Path]:
         return self.out_dir / "checkpoints" / "last.ckpt" if self.out_dir is not None else None
@@ -101,20 +115,35 @@ class Optimization:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise CSDError("no checkpoint path: give the Optimization an out_dir or pass a path")
-        return io.save_checkpoint(path, self.state_dict())
+        saved = io.save_checkpoint(path, self.state_dict())
+        if path == self.checkpoint_path:
+            self.saved_step = self.step
+        return saved
+
+    def _save_unless_saved(self) -> None:
+        """Save the run's checkpoint unless it already holds this step (so previous.ckpt stays one step older)."""
+        if self.out_dir is not None and self.saved_step != self.step:
+            self.save_checkpoint()
 
     @classmethod
     def resume(cls, checkpoint: io.PathLike, prior: DiffusionPrior, out_dir: Optional[io.PathLike] = None,
                steps: Optional[int] = None) -> "Optimization":
-        """Continue a run from its checkpoint (a file or a run folder). ``steps`` may extend the run."""
+        """Continue a run from its checkpoint (a file or a run folder). ``steps`` may extend the run.
+
+        A run folder with a ``config.json`` but no checkpoint yet (the run was stopped before its first one)
+        restarts from step 0 with that configuration. ``steps`` below the planned total (but not below the
+        steps done) ends the run early, with a warning: its schedules stay as planned."""
+        folder = Path(checkpoint)
+        if folder.is_dir() and run_checkpoint(folder) is None and (folder / RUN_CONFIG_FILE).is_file():
+            config = read_run_config(folder)
+            config = _resumed_steps(config, 0, steps)
+            log.warning("%s has no checkpoint yet (the run stopped before its first one): it restarts from step 0 "
+                        "with the settings of its %s", folder, RUN_CONFIG_FILE)
+            return cls(config, prior, out_dir=out_dir if out_dir is not None else folder)
         state = io.load_checkpoint(checkpoint)
         config = RunConfig.from_dict(state["config"])
         done = int(state.get("step", 0))
-        if steps is not None:
-            if steps < done:
-                raise ConfigError("steps", f"the run being resumed has already done {done} steps; give at least "
-                                           f"{done} (more extends the run)")
-            config = config.replace(optim={"steps": steps})
+        config = _resumed_steps(config, done, steps)
         saved_prior = state.get("prior")
         if saved_prior and saved_prior != getattr(prior, "name", "prior"):
             raise CheckpointError(f"this run was trained with a '{saved_prior}' prior, not "
@@ -211,8 +240,7 @@ class Optimization:
         o = self.config.optim
         while self.step < o.steps:
             if cancel is not None and cancel():
-                if self.out_dir is not None:
-                    self.save_checkpoint()
+                self._save_unless_saved()
                 raise Cancelled(f"cancelled at step {self.step} of {o.steps}"
                                 + (f"; resume from {self.checkpoint_path}" if self.out_dir is not None else ""))
             try:
@@ -226,7 +254,7 @@ class Optimization:
                     self.generator.set_state(self._step_start["generator"])
                     torch.set_rng_state(self._step_start["torch"])
                     self.renderer.grid.load_state_dict(self._step_start["grid"])
-                    self.save_checkpoint()
+                    self._save_unless_saved()
                 raise
             except torch.OutOfMemoryError as e:
                 c = self.config
@@ -244,11 +272,9 @@ class Optimization:
                     progress(info)
                 except BaseException:
                     # the state right after a step is consistent: keep it so the run can resume
-                    if self.out_dir is not None:
-                        self.save_checkpoint()
+                    self._save_unless_saved()
                     raise
-        if self.out_dir is not None:
-            self.save_checkpoint()
+        self._save_unless_saved()
         return self.scene
 
     def trained_scene(self) -> Scene:
@@ -270,6 +296,40 @@ def parameter_groups(scene: torch.nn.Module, lr: float, group_lr: Dict[str, floa
         match = max((k for k in group_lr if name == k or name.startswith(k + ".")), key=len, default=None)
         groups.setdefault(lr if match is None else float(group_lr[match]), []).append(p)
     return [{"params": ps, "lr": value} for value, ps in groups.items()]
+
+
+def _resumed_steps(config: RunConfig, done: int, steps: Optional[int]) -> RunConfig:
+    """``config`` ending at ``steps`` (None: as planned). Fewer than ``done`` is refused; fewer than planned warns."""
+    if steps is None:
+        return config
+    planned = config.optim.steps
+    if steps < done:
+        raise ConfigError("steps", f"the run being resumed has already done {done} steps; give at least "
+                                   f"{done} (more extends the run)")
+    if steps < planned:
+        log.warning("steps %d is below the %d steps this run planned: it ends at step %d instead of %d, with its "
+                    "schedules still as planned for %d steps (not compressed), so it is not the result of a "
+                    "%d-step run. Resume without steps, or with %d, to finish it as planned.",
+                    steps, planned, steps, planned, planned, steps, planned)
+    return config.replace(optim={"steps": steps})
+
+
+def run_checkpoint(folder: io.PathLike) -> Optional[Path]:
+    """The checkpoint a run folder resumes from, or None when it has none (yet)."""
+    try:
+        return io.find_checkpoint(folder)
+    except CheckpointError:
+        return None
+
+
+def read_run_config(folder: io.PathLike) -> RunConfig:
+    """The validated configuration saved in a run folder's ``config.json``."""
+    path = Path(folder) / RUN_CONFIG_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return RunConfig.from_dict(data).validate(require_model=False)
+    except (OSError, ValueError) as e:  # unreadable, not JSON, or an invalid setting (ConfigError is a ValueError)
+        raise CheckpointError(f"cannot use {path}: {e}") from None
 
 
 def load_scene(checkpoint: io.PathLike, map_location="cpu") -> tuple[Scene, RunConfig]:

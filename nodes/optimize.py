@@ -133,7 +133,7 @@ class CSDOptimize:
                 except BaseException:
                     out_dir.rmdir()  # still empty: leave no run folder behind for a run that never started
                     raise
-                text = json.dumps(opt.config.to_dict(), indent=2)
+                text = json.dumps(opt.config.to_dict(), indent=2, allow_nan=False)  # strict JSON
                 atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
                 c.log.info("CSD Optimize: run %s, %d steps", out_dir, cfg.optim.steps)
         except ConfigError as e:

@@ -1,6 +1,8 @@
 """Checkpoints: atomic, complete, and a resumed run continues exactly as an uninterrupted one."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -210,3 +212,139 @@ def test_resume_refuses_fewer_steps_or_another_prior(tmp_path):
     with pytest.raises(CheckpointError, match="trained with a 'analytic' prior"):
         Optimization.resume(tmp_path, other)
     assert isinstance(other, DiffusionPrior)
+
+
+# ------------------------------------------------------------------ checksums, rotation, file modes
+def _small_run(folder, steps=2):
+    opt = Optimization(_cfg(steps=steps, optim={"checkpoint_every": 1}), AnalyticPrior(16), out_dir=folder)
+    opt.run()
+    return opt
+
+
+def _overwrite_middle(path, n=16):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes((b ^ 0xA5) for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_checkpoint_is_refused_and_names_the_previous_one(tmp_path):
+    _small_run(tmp_path, steps=3)  # checkpoints at steps 1, 2, 3: last = 3, previous = 2
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    prev = tmp_path / "checkpoints" / "previous.ckpt"
+    assert io.load_checkpoint(last)["step"] == 3 and io.load_checkpoint(prev)["step"] == 2
+    assert io.load_checkpoint(last)["version"] == 2
+    _overwrite_middle(last)
+    with pytest.raises(CheckpointError) as e:
+        io.load_checkpoint(tmp_path)
+    msg = str(e.value)
+    assert "damaged" in msg and "checksum" in msg
+    assert f"python -m csd_backend generate --resume {prev}" in msg
+    with pytest.raises(CheckpointError, match="damaged"):
+        Optimization.resume(tmp_path, AnalyticPrior(16))
+    # resume from previous.ckpt: the damaged last.ckpt is replaced, the good previous one is never replaced by it
+    resumed = Optimization.resume(prev, AnalyticPrior(16), steps=4)
+    assert resumed.step == 2 and resumed.out_dir == tmp_path
+    resumed.save_checkpoint()
+    assert io.load_checkpoint(prev)["step"] == 2
+    resumed.run()
+    assert io.load_checkpoint(last)["step"] == 4 and io.load_checkpoint(prev)["step"] == 3
+
+
+def test_every_overwrite_of_16_bytes_inside_the_tensors_is_caught(tmp_path):
+    path = tmp_path / "c.ckpt"
+    io.save_checkpoint(path, {"step": 1, "scene": {"w": torch.arange(20000, dtype=torch.float32)}})
+    good = path.read_bytes()
+    for frac in (0.3, 0.5, 0.7):
+        data = bytearray(good)
+        at = int(len(data) * frac)
+        data[at:at + 16] = b"\x00" * 16 if data[at:at + 16] != b"\x00" * 16 else b"\x01" * 16
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="damaged"):
+            io.load_checkpoint(path)
+
+
+def test_a_bad_write_never_replaces_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint(path, {"step": 1, "w": torch.ones(5000)})
+    real_save = torch.save
+
+    def flaky_save(obj, f, *a, **kw):  # the bytes on disk differ from what was meant (disk or memory error)
+        real_save(obj, f, *a, **kw)
+        _overwrite_middle(Path(f))
+
+    monkeypatch.setattr(io.torch, "save", flaky_save)
+    with pytest.raises(CheckpointError, match="did not read back identically|could not be read back"):
+        io.save_checkpoint(path, {"step": 2, "w": torch.zeros(5000)})
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no temp files, nothing rotated
+
+
+def test_old_checkpoints_without_a_digest_still_load(tmp_path):
+    opt = _small_run(tmp_path / "new")
+    old = tmp_path / "old.ckpt"
+    torch.save({"format": io.CHECKPOINT_FORMAT, "version": 1, **opt.state_dict()}, old)
+    assert io.load_checkpoint(old)["step"] == 2
+    resumed = Optimization.resume(old, AnalyticPrior(16), out_dir=tmp_path / "cont", steps=3)
+    resumed.run()
+    assert io.load_checkpoint(tmp_path / "cont")["version"] == io.CHECKPOINT_VERSION
+    # a version-2 file whose digest was stripped is refused
+    state = torch.load(tmp_path / "new" / "checkpoints" / "last.ckpt", weights_only=True)
+    del state["digest"]
+    torch.save(state, old)
+    with pytest.raises(CheckpointError, match="no content checksum"):
+        io.load_checkpoint(old)
+
+
+def test_pickled_python_objects_are_refused_without_torchs_advice(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"format": io.CHECKPOINT_FORMAT, "version": 2, "ns": argparse.Namespace(a=1)}, path)
+    with pytest.raises(CheckpointError) as e:
+        io.load_checkpoint(path)
+    msg = str(e.value)
+    assert "argparse.Namespace" in msg and "refused" in msg
+    assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg
+    assert "add_safe_globals" not in msg and "\x1b" not in msg
+    try:
+        torch.load(path, weights_only=True)
+    except Exception as exc:  # the shared helper, as the model loader uses it
+        text = io.describe_unsafe_pickle(path, exc, what="model checkpoint")
+        assert text.startswith(f"{path} is not a plain-tensor model checkpoint") and "False" not in text
+    assert io.describe_unsafe_pickle(path, RuntimeError("disk full")) is None
+    # a damaged pickle stream is called damaged, again without the advice
+    bad = tmp_path / "damaged.ckpt"
+    torch.save({"t": torch.arange(10.0)}, bad)
+    data = bytearray(bad.read_bytes())
+    data[60:76] = b"\xff" * 16
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        io.load_checkpoint(bad)
+    assert "weights_only" not in str(e.value) and "damaged" in str(e.value)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_follow_the_umask(tmp_path, umask, mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        assert io.current_umask() == umask
+        p = io.atomic_write(tmp_path / "a.txt", lambda tmp: open(tmp, "w").write("a"))
+        ck = io.save_checkpoint(tmp_path / "last.ckpt", {"step": 1})
+        js = io.write_json(tmp_path / "c.json", {"a": 1})
+    finally:
+        os.umask(old)
+    for path in (p, ck, js):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+
+
+def test_write_json_is_strict(tmp_path):
+    from csd_backend.errors import CSDError
+
+    with pytest.raises(CSDError, match=r"prior.resolution is not a finite number"):
+        io.write_json(tmp_path / "c.json", {"prior": {"resolution": float("inf")}})
+    assert not (tmp_path / "c.json").exists()

@@ -45,6 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"scene": {"density_blob_std": 0.0}}, "scene.density_blob_std"),
     ({"scene": {"finite_difference_eps": 0.0}}, "scene.finite_difference_eps"),
     ({"loss": {"sparsity": -1.0}}, "loss.sparsity"),
+    ({"prior": {"resolution": float("inf")}}, "prior.resolution"),
+    ({"prior": {"resolution": 4}}, "prior.resolution"),
+    ({"prior": {"resolution": 512.0}}, "prior.resolution"),
     ({"guidance": {"min_step_percent": 0.6, "max_step_percent": [10, 0.98, 0.5, 11]}},
      "guidance.min_step_percent/max_step_percent"),
 ])
@@ -166,9 +169,9 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "steps" in capsys.readouterr().err
     assert main(["generate", "--resume", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["generate", "--resume", str(tmp_path / "nothing"), "--seed", "3", "--set", "optim.lr=1"]) == 2
-    err = capsys.readouterr().err
-    assert "--seed, --set cannot change on resume" in err
+    (tmp_path / "empty").mkdir()
+    assert main(["generate", "--resume", str(tmp_path / "empty"), "--seed", "3"]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--preset", "nope"])
 

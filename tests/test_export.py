@@ -410,3 +410,24 @@ def test_cli_generate_writes_the_mesh(tmp_path):
     assert code == 0
     assert (out / "mesh.obj").is_file() and (out / "mesh.mtl").is_file() and (out / "mesh.png").is_file()
     assert len(textured_geometry(out / "mesh.obj").faces) > 0
+
+
+def test_progress_names_every_stage_in_order():
+    from csd_backend.export.pipeline import STAGES, stage_fraction
+
+    seen = []
+    extract_textured_mesh(AnalyticScene(kind="sphere"),
+                          ExportConfig(resolution=40, threshold=10.0, texture_size=64, face_budget=500),
+                          progress=lambda f, stage: seen.append((f, stage)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    order = [s for i, (_, s) in enumerate(seen) if i == 0 or seen[i - 1][1] != s]
+    assert order == ["extraction", "simplification", "vertex colors", "UVs", "baking"] == list(STAGES)
+    for f, stage in seen:
+        assert 0.0 <= stage_fraction(f, stage) <= 1.0
+    baking = [stage_fraction(f, s) for f, s in seen if s == "baking"]
+    assert len(set(baking)) >= 3 and baking[-1] == 1.0  # the bake moves while the albedo is queried
+    seen.clear()
+    extract_textured_mesh(AnalyticScene(kind="sphere"), ExportConfig(resolution=32, threshold=10.0, texture_size=0),
+                          progress=lambda f, stage: seen.append((f, stage)))
+    assert seen[-1] == (1.0, "vertex colors")

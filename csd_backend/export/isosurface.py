@@ -355,8 +355,12 @@ class Isosurface:
 def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 256,
                        threshold: Union[str, float] = "auto", coarse_to_fine: bool = True, narrow_band: bool = True,
                        remove_floaters_fraction: Optional[float] = 0.01, face_budget: int = 0,
-                       chunk_size: int = 262144, progress: Optional[ProgressFn] = None) -> Isosurface:
-    """The surface ``σ = τ`` of ``density_fn`` inside ``[−radius, radius]³`` (see the module docstring)."""
+                       chunk_size: int = 262144, progress: Optional[ProgressFn] = None,
+                       stage: Optional[Callable[[str], None]] = None) -> Isosurface:
+    """The surface ``σ = τ`` of ``density_fn`` inside ``[−radius, radius]³`` (see the module docstring).
+
+    ``progress(fraction)`` follows the whole extraction; ``stage(name)`` is called when the clean-up and
+    simplification (``"simplification"``) begins, after the density sampling and marching cubes."""
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
     sampler = _Sampler(density_fn, chunk_size, progress)
@@ -400,6 +404,8 @@ def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 2
                         f"or raise the resolution")
     info["faces_marching_cubes"] = int(len(faces))
     timings["marching_cubes"] = time.perf_counter() - t2
+    if stage is not None:
+        stage("simplification")
     t3 = time.perf_counter()
     dropped = 0
     if remove_floaters_fraction:

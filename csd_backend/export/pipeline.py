@@ -15,8 +15,18 @@ from .texture import bake_texture, unwrap
 #: ``progress(fraction of the whole export in [0, 1], stage)``; it may raise to cancel
 ProgressCallback = Callable[[float, str], None]
 
-#: share of the progress bar per stage (density queries dominate on a CPU)
-_STAGES = {"surface": (0.0, 0.7), "colors": (0.7, 0.72), "unwrap": (0.72, 0.8), "texture": (0.8, 1.0)}
+#: the stages in order, each with its share of the whole export (density queries dominate on a CPU):
+#: extraction (density sampling, marching cubes), simplification (floaters removed, decimation to the face
+#: budget, normals), vertex colors, UVs (the xatlas unwrap) and baking (the albedo texture)
+STAGES = {"extraction": (0.0, 0.66), "simplification": (0.66, 0.7), "vertex colors": (0.7, 0.72),
+          "UVs": (0.72, 0.8), "baking": (0.8, 1.0)}
+_STAGES = STAGES
+
+
+def stage_fraction(fraction: float, stage: str) -> float:
+    """The progress within ``stage`` (0..1) of an overall ``fraction`` reported with it."""
+    a, b = STAGES[stage]
+    return min(max((fraction - a) / (b - a), 0.0), 1.0)
 
 
 class SceneField:
@@ -26,7 +36,7 @@ class SceneField:
     tensors in world units), e.g. ``csd_backend.scene.volume.Scene``.
     """
 
-    def __init__(self, scene, chunk_size: int = 262144, tick: Optional[Callable[[], None]] = None):
+    def __init__(self, scene, chunk_size: int = 262144, tick: Optional[Callable[[float], None]] = None):
         import torch
 
         volume = getattr(scene, "volume", None)
@@ -52,8 +62,8 @@ class SceneField:
                 x = torch.from_numpy(np.ascontiguousarray(points[s:s + self.chunk], np.float32))
                 y = fn(x.to(self.device, self.dtype))
                 out[s:s + self.chunk] = y.float().cpu().numpy().reshape(out[s:s + self.chunk].shape)
-                if self.tick is not None:
-                    self.tick()
+                if self.tick is not None:  # the fraction of this query done
+                    self.tick(min(s + self.chunk, len(points)) / max(len(points), 1))
         return out
 
     def density(self, points: np.ndarray) -> np.ndarray:
@@ -72,16 +82,29 @@ def extract_textured_mesh(scene, config: Optional[ExportConfig] = None,
     cfg = (config if config is not None else ExportConfig()).validate()
     t0 = time.perf_counter()
 
-    last = {"stage": "surface", "value": 0.0}
+    last = {"stage": "extraction", "value": 0.0}
 
     def report(stage: str, frac: float) -> None:
         if progress is not None:
-            a, b = _STAGES[stage]
+            a, b = STAGES[stage]
             last["stage"], last["value"] = stage, a + (b - a) * frac
             progress(last["value"], stage)
 
-    def tick() -> None:  # after every chunk of queries: lets the callback cancel long albedo bakes too
-        if progress is not None:
+    def surface_progress(frac: float) -> None:  # the isosurface reports 0 … 0.9 while it samples the density
+        if last["stage"] == "extraction":
+            report("extraction", min(frac / 0.9, 1.0))
+        else:
+            report("simplification", frac)
+
+    def tick(frac: float) -> None:  # after every chunk of queries: lets the callback cancel long albedo bakes too
+        if progress is None:
+            return
+        if last["stage"] == "vertex colors":
+            report("vertex colors", frac)
+        elif last["stage"] == "baking":  # the albedo of every texel: between the rasterisation and the fill
+            a, b = STAGES["baking"]
+            progress(max(last["value"], a + (b - a) * (0.1 + 0.8 * frac)), "baking")
+        else:
             progress(last["value"], last["stage"])
 
     field = SceneField(scene, cfg.chunk_size, tick=tick)
@@ -89,29 +112,31 @@ def extract_textured_mesh(scene, config: Optional[ExportConfig] = None,
                              coarse_to_fine=cfg.coarse_to_fine, narrow_band=cfg.narrow_band,
                              remove_floaters_fraction=cfg.floater_fraction if cfg.remove_floaters else None,
                              face_budget=cfg.face_budget, chunk_size=cfg.chunk_size,
-                             progress=lambda f: report("surface", f))
+                             progress=surface_progress, stage=lambda name: report("simplification", 0.0))
     info = dict(iso.info)
     timings = dict(info.pop("timings"))
     colors = None
     if cfg.vertex_colors or not cfg.texture_size:
-        report("colors", 0.0)
+        report("vertex colors", 0.0)
         t = time.perf_counter()
         colors = np.clip(field.albedo(iso.vertices), 0.0, 1.0)
         timings["vertex_colors"] = time.perf_counter() - t
     atlas = texture = None
     if cfg.texture_size:
-        report("unwrap", 0.0)
+        report("UVs", 0.0)
         t = time.perf_counter()
         atlas = unwrap(iso.vertices, iso.faces, cfg.texture_size, cfg.uv_padding)
         timings["unwrap"] = time.perf_counter() - t
         info.update(charts=atlas.charts, uv_parts=atlas.parts, uv_utilization=atlas.utilization)
-        report("texture", 0.0)
+        report("baking", 0.0)
         t = time.perf_counter()
         texture, bake_stats = bake_texture(iso.vertices, iso.faces, atlas, cfg.texture_size, field.albedo,
-                                           progress=lambda f: report("texture", f))
+                                           progress=lambda f: report("baking", f))
         timings["bake"] = time.perf_counter() - t
         info.update(bake_stats)
-    report("texture", 1.0)
+    report(last["stage"], 1.0)
+    if progress is not None and last["value"] < 1.0:  # no texture: the export ends after the vertex colours
+        progress(1.0, last["stage"])
     timings["total"] = time.perf_counter() - t0
     info["timings"] = timings
     info["config"] = cfg.to_dict()
