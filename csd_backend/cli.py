@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import CSDError, ConfigError
+from .errors import CSDError, ConfigError, ModelNotFoundError
 
 EPILOG = """examples:
   python -m csd_backend generate --prompt "a DSLR photo of a corgi" --model ./models/sd21-base \\
@@ -710,6 +710,33 @@ def cmd_presets(args) -> int:
     return 0
 
 
+#: what a user without model weights can run (printed under every "model not found" error)
+TRY_WITHOUT_WEIGHTS = ("to try the tool without any weights, use --model analytic (an exact Gaussian test prior "
+                       "that turns renders the colour named in the prompt, e.g. --prompt \"a red ball\" --preset "
+                       "preview-cpu)")
+
+
+def quiet_third_party() -> None:
+    """``--quiet``: no "Loading weights" bars or advice from diffusers / transformers / huggingface_hub."""
+    for name in ("diffusers", "transformers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import diffusers.utils.logging as dl
+
+        dl.set_verbosity_error()
+        dl.disable_progress_bar()
+    except Exception:  # pragma: no cover - an old or missing diffusers: nothing to silence
+        pass
+    try:
+        import transformers.utils.logging as tl
+
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 class _LevelFormatter(logging.Formatter):
     def format(self, record):
         return f"{record.levelname.lower()}: {record.getMessage()}"
@@ -734,6 +761,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     command = {"generate": cmd_generate, "render": cmd_render, "export": cmd_export,
                "presets": cmd_presets}[args.command]
+    if getattr(args, "quiet", False):
+        quiet_third_party()
     with _engine_warnings(), _signals_interrupt():
         if os.environ.get("CSD_DEBUG"):
             return command(args)
@@ -741,6 +770,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return command(args)
         except CSDError as e:
             print(f"error: {e}", file=sys.stderr)
+            if isinstance(e, ModelNotFoundError):
+                print(f"hint: {TRY_WITHOUT_WEIGHTS}", file=sys.stderr)
             return 2
         except OSError as e:  # a full disk, a permission changed meanwhile, ...
             print(f"error: {e} (set CSD_DEBUG=1 for the traceback)", file=sys.stderr)

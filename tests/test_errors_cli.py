@@ -74,6 +74,15 @@ def test_missing_model_errors():
     assert "/nonexistent/models/sd21" in str(e.value)
 
 
+def test_missing_model_on_the_command_line_says_how_to_try_without_weights(tmp_path, capsys):
+    from csd_backend.cli import main
+
+    code = main(["generate", "--prompt", "a corgi", "--model", str(tmp_path / "no-such-model"), "--preset",
+                 "preview-cpu", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "--model analytic" in err and "Traceback" not in err
+
+
 def test_render_size_the_prior_cannot_take(tiny_sd):
     from csd_backend.priors.stable_diffusion import load_stable_diffusion
 
@@ -184,6 +193,8 @@ def test_cli_main_job_with_tiny_sd_single_file(tmp_path, tiny_sd):
                 "--set", "camera.width=16", "--set", "render.num_samples_per_ray=32", "--mesh-resolution", "32",
                 "--mesh-texture-size", "128")
     assert r.returncode == 0, r.stderr[-2000:]
+    # --quiet is quiet: no third-party loading bars or installation advice
+    assert "Loading weights" not in r.stderr and "accelerate" not in r.stderr, r.stderr[-2000:]
     assert (out / "checkpoints" / "last.ckpt").is_file()
     torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     # a 2-step scene may have no surface yet: then generate says how to export later instead of failing

@@ -141,8 +141,11 @@ def test_ckpt_loads_weights_only(tiny_sd, tmp_path, prior):
 
     bad = tmp_path / "lightning.ckpt"  # arbitrary Python objects (here a Namespace) must be refused
     torch.save({"state_dict": load_file(str(tiny_sd["single_file"])), "hparams": argparse.Namespace(lr=1)}, bad)
-    with pytest.raises(ModelNotFoundError, match="weights_only"):
+    with pytest.raises(ModelNotFoundError, match="weights_only") as info:
         load_stable_diffusion(bad, device="cpu", config=tiny_sd["folder"])
+    msg = str(info.value)
+    assert "argparse.Namespace" in msg and "refused" in msg
+    assert "weights_only=False" not in msg and "add_safe_globals" not in msg  # never torch's advice to turn it off
 
 
 # -------------------------------------------------------------------------------- (e) single file, no config
@@ -206,6 +209,53 @@ def test_hub_id_not_cached_offline(tmp_path):
     assert str(tmp_path) in msg
     assert "huggingface-cli download csd-tests/not-a-cached-model" in msg
     assert "local" in msg
+
+
+def test_hub_id_not_cached_and_no_network_fails_fast(tmp_path, monkeypatch):
+    """Not offline by setting, but offline in fact: say so at once instead of retrying for 40 s."""
+    import time
+
+    import csd_backend.priors.stable_diffusion as sd
+
+    monkeypatch.setattr(sd, "_hf_offline", lambda: False)
+    monkeypatch.setattr(sd, "_hub_reachable", lambda timeout=3.0: False)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as info:
+        load_stable_diffusion("csd-tests/not-a-cached-model", device="cpu", cache_dir=tmp_path)
+    assert time.perf_counter() - t0 < 10
+    msg = str(info.value)
+    assert "not in the Hugging Face cache" in msg and "no network" in msg and str(tmp_path) in msg
+    assert "huggingface-cli download csd-tests/not-a-cached-model" in msg
+    assert "scheduler_config" not in msg
+
+
+def test_hub_probe_is_bounded_in_time(monkeypatch):
+    import time
+
+    import csd_backend.priors.stable_diffusion as sd
+
+    def hang(*args, **kwargs):  # a resolver that never answers
+        time.sleep(3)
+        raise OSError("no answer")
+
+    monkeypatch.setattr(sd.socket, "create_connection", hang)
+    t0 = time.perf_counter()
+    assert sd._hub_reachable(timeout=0.3) is False
+    assert time.perf_counter() - t0 < 2
+
+
+def test_long_prompt_warns_where_it_is_cut(prior, caplog):
+    words = " ".join(f"w{i}" for i in range(60))  # far more than 77 byte-level tokens
+    with caplog.at_level("WARNING", logger="csd_backend"):
+        prior.encode_text([words])
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert len(caplog.records) == 1 and "Token indices" not in text  # ours only, not the tokenizer's own
+    squeezed = text.replace(" ", "")  # the tiny test tokenizer decodes byte by byte, with spaces
+    assert "cutafter" in squeezed and "ignored" in text and "w59" in squeezed and "w0w1" not in squeezed
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="csd_backend"):
+        prior.encode_text(["a short prompt"])
+    assert not caplog.records
 
 
 def test_unsupported_extension(tmp_path):

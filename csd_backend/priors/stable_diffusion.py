@@ -15,8 +15,11 @@ how to fix it; the original exception is chained.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
+import threading
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -25,6 +28,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, ModelNotFoundError
 from .base import DiffusionPrior
+
+log = logging.getLogger("csd_backend")
 
 __all__ = ["StableDiffusionPrior", "load_stable_diffusion", "v_to_eps", "REQUIRED_SUBFOLDERS"]
 
@@ -72,6 +77,34 @@ def _hf_cache_dir(cache_dir: Optional[str | os.PathLike]) -> str:
         return str(constants.HF_HUB_CACHE)
     except Exception:  # pragma: no cover
         return "~/.cache/huggingface/hub"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (DNS included)."""
+    host = re.sub(r"^[a-z]+://", "", _hub_host()).split("/")[0]
+    name, _, port = host.partition(":")
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((name, int(port or 443)), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts: bound it here
+    worker.start()
+    worker.join(timeout)
+    return bool(ok)
+
+
+def _hub_host() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT)
+    except Exception:  # pragma: no cover
+        return "https://huggingface.co"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -123,6 +156,19 @@ def _fix_hint() -> str:
         "run once with internet access so that diffusers can fetch the configs into the Hugging Face cache, "
         "or load a diffusers folder instead of the single file"
     )
+
+
+def _warn_if_truncated(tokenizer, prompt: str, max_length: int) -> None:
+    """Warn (logger ``csd_backend``) when ``prompt`` is longer than the text encoder's context, naming the cut."""
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
+    if len(ids) <= max_length:
+        return
+    # the encoder sees the start token, max_length − 2 prompt tokens and the end token
+    kept = tokenizer.decode(ids[1:max_length - 1], skip_special_tokens=True).strip()
+    dropped = tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True).strip()
+    log.warning("the prompt is %d tokens long but the text encoder reads %d (%d of text between its start and "
+                "end tokens): it is cut after \"...%s\"; ignored: \"%s\". Shorten the prompt.",
+                len(ids), max_length, max_length - 2, kept[-40:], dropped)
 
 
 # ------------------------------------------------------------------------------------------------ prior
@@ -232,6 +278,8 @@ class StableDiffusionPrior(DiffusionPrior):
         limit = int(getattr(self.text_encoder.config, "max_position_embeddings", 77))
         if max_length <= 0 or max_length > limit:  # unset (huge) model_max_length
             max_length = limit
+        for prompt in prompts:
+            _warn_if_truncated(self.tokenizer, prompt, max_length)
         tokens = self.tokenizer(
             list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
@@ -373,6 +421,18 @@ def _check_config_folder(folder: Path, what: str) -> None:
         )
 
 
+def _unreadable(path: Path, e: Exception) -> ModelNotFoundError:
+    """A model checkpoint torch refused to read with weights_only=True (never quoting torch's advice to turn it
+    off), or could not read at all."""
+    from ..io import describe_unsafe_pickle
+
+    text = describe_unsafe_pickle(path, e, what="model checkpoint")
+    if text is None:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = f"could not read the checkpoint {path}: {type(e).__name__}: {first[:300]}"
+    return ModelNotFoundError(f"{text} Convert it to .safetensors or use a diffusers folder.")
+
+
 def _resolve_config(config: Optional[str], path: Path, *, offline: bool, cache_dir) -> str:
     """A local diffusers folder (or, online, a hub id) holding the configs for the single file ``path``."""
     if config is not None:
@@ -393,14 +453,14 @@ def _resolve_config(config: Optional[str], path: Path, *, offline: bool, cache_d
         except ModelNotFoundError:
             raise
         except Exception as e:
-            raise ModelNotFoundError(
-                f"could not read the checkpoint {path}: {type(e).__name__}: {e}. Pickled checkpoints are read with "
-                "weights_only=True; convert the file to .safetensors if it holds other Python objects."
-            ) from e
+            raise _unreadable(path, e) from e
         repo = _reference_repo(path, keys)
         how = f"the diffusers configs of {repo} (the reference model inferred from the checkpoint's layout)"
+    why = "HF_HUB_OFFLINE is set"
     if not offline:
-        return repo  # diffusers fetches (only) the config files from the hub
+        if _hub_reachable():
+            return repo  # diffusers fetches (only) the config files from the hub
+        why = f"there is no network (the hub {_hub_host()} did not answer within 3 s)"
     from huggingface_hub import snapshot_download
 
     where = _hf_cache_dir(cache_dir)
@@ -410,7 +470,7 @@ def _resolve_config(config: Optional[str], path: Path, *, offline: bool, cache_d
     except Exception as e:
         raise ModelNotFoundError(
             f"cannot load the single-file checkpoint {path} offline: it needs {how}, which are not in the Hugging "
-            f"Face cache ({where}) and HF_HUB_OFFLINE is set. To fix: {_fix_hint()}."
+            f"Face cache ({where}) and {why}. To fix: {_fix_hint()}."
         ) from e
     return str(snap)
 
@@ -421,10 +481,7 @@ def _load_single_file(path: Path, config: Optional[str], *, offline: bool, cache
         try:
             _checkpoint_keys(path)
         except Exception as e:
-            raise ModelNotFoundError(
-                f"could not read the checkpoint {path} with weights_only=True ({type(e).__name__}: {e}); convert it "
-                "to .safetensors or use a diffusers folder"
-            ) from e
+            raise _unreadable(path, e) from e
     cfg = _resolve_config(config, path, offline=offline, cache_dir=cache_dir)
     from diffusers import StableDiffusionPipeline
 
@@ -523,20 +580,25 @@ def load_stable_diffusion(
         parts = _load_from_location(str(path), local_files_only=True, cache_dir=cache_dir, torch_dtype=torch_dtype, where=str(path))
     elif _HUB_ID.match(raw) and not raw.startswith((".", "~")):
         where = _hf_cache_dir(cache_dir)
-        if offline:
-            from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
 
-            try:
-                cached = try_to_load_from_cache(raw, "model_index.json", cache_dir=cache_dir)
-            except Exception:  # malformed id etc.
-                cached = None
-            if not isinstance(cached, str):
+        try:
+            cached = isinstance(try_to_load_from_cache(raw, "model_index.json", cache_dir=cache_dir), str)
+        except Exception:  # malformed id etc.
+            cached = False
+        if not cached:
+            fix = (f"To fix: run `huggingface-cli download {raw}` on a machine with internet access (and copy the "
+                   f"cache), or point at a local diffusers folder or checkpoint file")
+            if offline:
                 raise ModelNotFoundError(
                     f"'{raw}' is neither a local path (no such file or folder: {path.resolve()}) nor a model in the "
-                    f"Hugging Face cache ({where}), and HF_HUB_OFFLINE is set so it cannot be downloaded. To fix: "
-                    f"run `huggingface-cli download {raw}` on a machine with internet access (and copy the cache), "
-                    f"unset HF_HUB_OFFLINE, or point at a local diffusers folder or checkpoint file."
-                )
+                    f"Hugging Face cache ({where}), and HF_HUB_OFFLINE is set so it cannot be downloaded. {fix}, or "
+                    f"unset HF_HUB_OFFLINE.")
+            if not _hub_reachable():
+                raise ModelNotFoundError(
+                    f"'{raw}' is not in the Hugging Face cache ({where}) and there is no network: the hub "
+                    f"({_hub_host()}) did not answer within 3 s, so it cannot be downloaded. It is not a local path "
+                    f"either (no such file or folder: {path.resolve()}). {fix}.")
         parts = _load_from_location(
             raw, local_files_only=offline, cache_dir=cache_dir, torch_dtype=torch_dtype,
             where=f"the hub model '{raw}' (Hugging Face cache {where})",
