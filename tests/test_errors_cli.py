@@ -86,7 +86,7 @@ def test_missing_model_on_the_command_line_says_how_to_try_without_weights(tmp_p
 def test_render_size_the_prior_cannot_take(tiny_sd):
     from csd_backend.priors.stable_diffusion import load_stable_diffusion
 
-    prior = load_stable_diffusion(tiny_sd["folder"], resolution=72)
+    prior = load_stable_diffusion(tiny_sd["folder"], resolution=40)
     with pytest.raises(ConfigError, match="render size"):
         Optimization(small_config("red"), prior)
 

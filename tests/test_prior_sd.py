@@ -294,8 +294,8 @@ def test_input_size_rules(tiny_sd, prior):
     with pytest.raises(ConfigError, match="multiples of 16") as info:
         prior.input_size(64, 72)  # width 72 is not a multiple of 16
     assert info.value.field == "render size"
-    odd = load_stable_diffusion(tiny_sd["folder"], device="cpu", resolution=72)
-    with pytest.raises(ConfigError, match="64 or 80"):
+    odd = load_stable_diffusion(tiny_sd["folder"], device="cpu", resolution=40)
+    with pytest.raises(ConfigError, match="32 or 48"):
         odd.input_size(64, 64)
     with pytest.raises(ConfigError):
         odd.encode_images(torch.rand(1, 64, 64, 3))
@@ -342,3 +342,17 @@ def test_single_file_text_encoder_guard(tiny_sd, prior):
         fresh.get_input_embeddings().weight.normal_()
     with pytest.raises(ModelNotFoundError, match="text encoder weights"):
         _verify_text_encoder(tiny_sd["single_file"], fresh)
+
+
+def test_resolution_defaults_to_native_and_never_exceeds_it(tiny_sd, caplog):
+    """A preset may lower the prior's input size for speed, never raise it above the model's native size."""
+    p = load_stable_diffusion(tiny_sd["folder"], device="cpu")
+    assert p.native_resolution == 64 and p.resolution == 64  # UNet latent sample_size 8 × VAE factor 8
+    with caplog.at_level("WARNING", logger="csd_backend"):
+        big = load_stable_diffusion(tiny_sd["folder"], device="cpu", resolution=256)
+    assert big.resolution == 64
+    assert any("above this model's native size 64" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="csd_backend"):
+        small = load_stable_diffusion(tiny_sd["folder"], device="cpu", resolution=32)
+    assert small.resolution == 32 and not caplog.records

@@ -171,6 +171,21 @@ def _warn_if_truncated(tokenizer, prompt: str, max_length: int) -> None:
                 len(ids), max_length, max_length - 2, kept[-40:], dropped)
 
 
+def _positive_int(value) -> Optional[int]:
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def native_resolution(unet, vae, vae_scale_factor: int) -> int:
+    """The image size a model was trained at: the UNet's latent ``sample_size`` × the VAE factor (512 for SD 1.x
+    and 2.x-base, 768 for SD 2.x), else the VAE's ``sample_size``, else 512."""
+    latent = _positive_int(getattr(unet.config, "sample_size", None))
+    if latent is not None:
+        return latent * vae_scale_factor
+    return _positive_int(getattr(vae.config, "sample_size", None)) or 512
+
+
 # ------------------------------------------------------------------------------------------------ prior
 class StableDiffusionPrior(DiffusionPrior):
     """A frozen SD 1.x/2.x UNet + VAE + CLIP text encoder.
@@ -207,14 +222,19 @@ class StableDiffusionPrior(DiffusionPrior):
         self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.source = str(source)
-        if resolution is None:
-            sample = getattr(vae.config, "sample_size", None)
-            resolution = sample if isinstance(sample, int) and not isinstance(sample, bool) else 512
-        if int(resolution) <= 0:
-            raise ConfigError("resolution", f"{resolution} must be a positive number of pixels (e.g. 512)")
-        self.resolution = int(resolution)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.native_resolution = native_resolution(unet, vae, self.vae_scale_factor)
+        if resolution is None:
+            resolution = self.native_resolution
+        if isinstance(resolution, bool) or int(resolution) <= 0:
+            raise ConfigError("resolution", f"{resolution} must be a positive number of pixels (e.g. 512)")
+        if int(resolution) > self.native_resolution:
+            log.warning("resolution %d is above this model's native size %d: renders would be upscaled for nothing; "
+                        "using %d (a preset may lower the resolution for speed, never raise it above the model's)",
+                        int(resolution), self.native_resolution, self.native_resolution)
+            resolution = self.native_resolution
+        self.resolution = int(resolution)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
 
     # ------------------------------------------------------------------ construction
