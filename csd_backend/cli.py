@@ -290,7 +290,7 @@ def _render_views(scene, n_views: int, size: int, camera_cfg, shading: str, rend
                   save) -> int:
     """Render a ring of views one at a time (a tick of the "views" bar each) and ``save(index, image)`` each as
     soon as it is done."""
-    from .render.cameras import Cameras, orbit_cameras
+    from .render.cameras import orbit_cameras
     from .render.views import prepare_renderer, render_cameras
 
     c = camera_cfg
@@ -300,9 +300,7 @@ def _render_views(scene, n_views: int, size: int, camera_cfg, shading: str, rend
         renderer = prepare_renderer(scene, render_cfg, renderer)
         for i in range(n_views):
             _raise_pending()
-            one = Cameras(cams.c2w[i:i + 1], cams.fovy[i:i + 1], cams.elevation[i:i + 1], cams.azimuth[i:i + 1],
-                          cams.distance[i:i + 1], cams.light_positions[i:i + 1], cams.height, cams.width)
-            save(i, render_cameras(scene, one, shading, render_cfg, renderer)[0])
+            save(i, render_cameras(scene, cams[i], shading, render_cfg, renderer)[0])
             if bar is not None:
                 bar.update(1)
     finally:

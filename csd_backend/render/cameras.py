@@ -49,6 +49,12 @@ class Cameras:
         K[:, 2, 2] = 1
         return K
 
+    def __getitem__(self, index) -> "Cameras":
+        """The cameras ``index`` (an int or a slice) as a batch: ``cams[i]`` is a batch of one."""
+        sl = slice(index, index + 1) if isinstance(index, int) else index
+        return Cameras(self.c2w[sl], self.fovy[sl], self.elevation[sl], self.azimuth[sl], self.distance[sl],
+                       self.light_positions[sl], self.height, self.width)
+
     def to(self, device) -> "Cameras":
         return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device), self.azimuth.to(device),
                        self.distance.to(device), self.light_positions.to(device), self.height, self.width)
