@@ -222,6 +222,32 @@ def test_small_nodes_return_their_types(env, pack):
     assert [p[1] for p in env.progress] == [1, 2, 3]
 
 
+def test_live_preview_is_enlarged_by_nearest_neighbour(env, common):
+    """Training renders are 64² px: the live preview sent to the browser is enlarged by an integer factor
+    (nearest neighbour, so every render pixel is a sharp block) to a viewable 256-512 px."""
+    import numpy as np
+    import torch
+
+    assert [common.preview_factor(s, s) for s in (16, 64, 100, 200, 256, 257, 600)] == [32, 8, 5, 2, 2, 1, 1]
+    assert common.preview_factor(48, 64) == 8
+    render = torch.rand(64, 48, 3)
+    bar = common.Progress(10, node_id="7")
+    bar.update(3, 10, render)
+    bar.update(4, 10)
+    (node, value, total, (kind, image, max_size)), (_n, _v, _t, none) = env.progress
+    assert (node, value, total, kind, max_size, none) == ("7", 3, 10, "JPEG", 512, None)
+    assert image.size == (384, 512)  # width × height, each pixel an 8×8 block
+    small = torch.from_numpy(np.array(image)).float()[::8, ::8] / 255.0
+    expected = (render * 255.0 + 0.5).floor() / 255.0
+    assert torch.allclose(small, expected, atol=1e-6)
+    for y in range(8):
+        assert image.getpixel((5, y)) == image.getpixel((0, 0))
+    big = common.enlarge_nearest(common.to_pil(torch.rand(300, 300, 3)))
+    assert big.size == (300, 300)
+    assert [common.preview_render_size(s, s) for s in (16, 64, 100, 200, 600)] == [64, 256, 400, 512, 600]
+    assert common.preview_render_size(64, 32) == 256
+
+
 # ------------------------------------------------------------------------------------------------ validation
 def _text_to_3d(pack):
     api = cs.load_api("csd_text_to_3d")

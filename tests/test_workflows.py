@@ -86,7 +86,10 @@ def _check_optimize_progress(env, node_id, steps):
     assert all(p[2] == steps for p in updates)
     for _node, _value, _total, preview in updates:  # preview_every = 1 in the test settings
         kind, image, max_size = preview
-        assert kind == "JPEG" and image.size == (16, 16) and image.mode == "RGB" and max_size == 512
+        # 16² training renders, enlarged ×32 by nearest neighbour to be viewable: blocks of one colour
+        assert kind == "JPEG" and image.size == (512, 512) and image.mode == "RGB" and max_size == 512
+        small = image.resize((16, 16), resample=0)  # Image.NEAREST: one pixel per block
+        assert small.resize((512, 512), resample=0).tobytes() == image.tobytes()
 
 
 @pytest.mark.parametrize("name", cs.workflow_names())
@@ -102,7 +105,7 @@ def test_api_workflow_runs_end_to_end(name, env, classes):
             ckpt = _checkpoint(env, f"{node['inputs']['run_name']}_00001")
             assert ckpt["step"] == steps
             assert ckpt["config"]["guidance"]["mode"] == prompt[node["inputs"]["guidance"][0]]["inputs"]["mode"]
-            assert run.results[nid][1].shape == (1, 16, 16, 3)
+            assert run.results[nid][1].shape == (1, 64, 64, 3)  # rendered at 4× the 16² training size
         elif kind == "SaveImage":
             images = run.outputs[nid]["images"]
             assert len(images) == cs.TEST_OVERRIDES["CSDRenderViews"]["n_views"]
