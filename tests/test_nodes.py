@@ -68,6 +68,60 @@ def test_pack_import_is_light_and_merges_every_module():
     assert info["failures"] == [], info["failures"]
 
 
+def test_two_copies_of_the_pack_log_one_warning_naming_both(tmp_path):
+    """ComfyUI imports each pack folder under its own module name (the path with '.' replaced). A second copy of
+    the pack logs one warning naming both folders; a single copy, or the same module imported again, none."""
+    import shutil
+
+    folders = []
+    for where in ("custom_nodes", "extra_nodes"):
+        folder = tmp_path / where / "comfyui-csd-3d"
+        folder.mkdir(parents=True)
+        shutil.copy2(cs.ROOT / "__init__.py", folder / "__init__.py")
+        for sub in ("nodes", "csd_backend"):
+            shutil.copytree(cs.ROOT / sub, folder / sub, ignore=shutil.ignore_patterns("__pycache__"))
+        folders.append(folder)
+    code = textwrap.dedent(f"""
+        import importlib.util, json, logging, sys
+        records = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+        logging.getLogger().addHandler(Keep())
+        def load(folder):  # nodes.py:load_custom_node of ComfyUI 0.3.64
+            name = folder.replace(".", "_x_")
+            spec = importlib.util.spec_from_file_location(name, folder + "/__init__.py")
+            m = importlib.util.module_from_spec(spec); sys.modules[name] = m; spec.loader.exec_module(m)
+            return sorted(m.NODE_CLASS_MAPPINGS)
+        out = {{"nodes": [load({str(folders[0])!r})]}}
+        out["after_one"] = list(records)
+        out["nodes"].append(load({str(folders[1])!r}))
+        out["after_two"] = list(records)
+        out["heavy"] = [h for h in ("torch", "numpy", "PIL") if h in sys.modules]
+        print(json.dumps(out))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                         env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["nodes"][0] == out["nodes"][1] and MY_NODES <= set(out["nodes"][0])
+    assert not [r for r in out["after_one"] if "two copies" in r], out["after_one"]
+    warnings = [r for r in out["after_two"] if "two copies of this node pack are loaded" in r]
+    assert len(warnings) == 1, out["after_two"]
+    assert f"{folders[0]} (first) and {folders[1]}" in warnings[0], warnings[0]
+    assert out["heavy"] == [], "the check must stay cheap"
+
+
+def test_importing_the_same_pack_module_again_is_not_a_second_copy(env, pack):
+    import logging
+
+    loaded = logging.getLogger("csd3d").__dict__["_csd3d_pack_copies"]
+    assert any(name == cs.PACK_MODULE for name, _shown, _real in loaded)
+    before = list(loaded)
+    pack._warn_if_loaded_twice()
+    assert loaded == before
+
+
 def test_a_broken_module_is_reported_and_the_others_load(tmp_path, pack):
     nodes_pkg = sys.modules[f"{cs.PACK_MODULE}.nodes"]
     pkg = tmp_path / "fakepack"
