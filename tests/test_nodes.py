@@ -68,16 +68,23 @@ def test_pack_import_is_light_and_merges_every_module():
     assert info["failures"] == [], info["failures"]
 
 
-def test_two_copies_of_the_pack_log_one_warning_naming_both(tmp_path):
+@pytest.mark.parametrize("first_is_older", [False, True])
+def test_two_copies_of_the_pack_log_one_warning_naming_both(tmp_path, first_is_older):
     """ComfyUI imports each pack folder under its own module name (the path with '.' replaced). A second copy of
-    the pack logs one warning naming both folders; a single copy, or the same module imported again, none."""
+    the pack logs one warning naming both folders, also when the first copy is an older version without the
+    check; a single copy, or the same module imported again, none."""
     import shutil
 
     folders = []
     for where in ("custom_nodes", "extra_nodes"):
         folder = tmp_path / where / "comfyui-csd-3d"
         folder.mkdir(parents=True)
-        shutil.copy2(cs.ROOT / "__init__.py", folder / "__init__.py")
+        init = (cs.ROOT / "__init__.py").read_text(encoding="utf-8")
+        if first_is_older and not folders:  # a version before the check: neither records nor warns
+            call = "else:\n    _warn_if_loaded_twice()\n"
+            assert init.count(call) == 1
+            init = init.replace(call, "else:\n    pass\n")
+        (folder / "__init__.py").write_text(init, encoding="utf-8")
         for sub in ("nodes", "csd_backend"):
             shutil.copytree(cs.ROOT / sub, folder / sub, ignore=shutil.ignore_patterns("__pycache__"))
         folders.append(folder)
