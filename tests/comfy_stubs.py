@@ -315,8 +315,9 @@ CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "Preview3D":
 #: nodes that exist only in the frontend (virtual nodes: no class on the server, never in the API format). A
 #: Note is stored as {"type": "Note", "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text]}
 FRONTEND_ONLY_NODES = ("Note", "MarkdownNote")
-#: frontend-only widget values that the UI format stores after a node's own widgets
-UI_EXTRA_WIDGETS = {"Preview3D": 1}
+#: widgets the frontend adds after a node's own ones: stored in the UI format and sent in the prompt by
+#: graphToPrompt (checked in ComfyUI's frontend 1.27.10: Preview3D gets an "image" widget, sent as "image": "")
+UI_EXTRA_WIDGETS = {"Preview3D": ["image"]}
 
 
 def node_classes(pack: types.ModuleType) -> Dict[str, type]:
@@ -585,7 +586,7 @@ def widget_names(cls, node_type: str) -> List[str]:
             control = opts.get("control_after_generate")
             if typ == "INT" and (control if control is not None else name in ("seed", "noise_seed")):
                 names.append(None)  # control_after_generate value (not sent to the server)
-    names.extend([None] * UI_EXTRA_WIDGETS.get(node_type, 0))
+    names.extend(UI_EXTRA_WIDGETS.get(node_type, []))
     return names
 
 
