@@ -1,5 +1,6 @@
 """Random-weight Stable-Diffusion-2.1-base-shaped models, built from the published architecture numbers (no
-download): UNet 865.9 M parameters, VAE 83.7 M, OpenCLIP ViT-H/14 text tower 340.4 M. For GPU benchmarks."""
+download): UNet 865.9 M parameters, VAE 83.7 M, OpenCLIP ViT-H/14 text tower 340.4 M. For the benchmarks
+(GPU steps; the CPU template, which loads them from a saved diffusers folder like the real model)."""
 from __future__ import annotations
 
 import sys
@@ -26,12 +27,12 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def build_sd21_base_prior(device: str = "cuda", dtype: str = "auto"):
-    """A ``StableDiffusionPrior`` with SD-2.1-base-shaped random weights (epsilon prediction, as 2.1-base)."""
+def build_sd21_base_components() -> dict:
+    """The five SD-2.1-base-shaped components with seeded random weights (not saved): unet, vae, text_encoder,
+    tokenizer (the tests' small BPE vocabulary, 77 tokens) and scheduler."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from csd_backend.priors.stable_diffusion import StableDiffusionPrior
     from tiny_sd import _build_tokenizer
 
     torch.manual_seed(0)
@@ -40,9 +41,37 @@ def build_sd21_base_prior(device: str = "cuda", dtype: str = "auto"):
     text = CLIPTextModel(CLIPTextConfig(**TEXT))
     tokenizer, _ = _build_tokenizer(Path(tempfile.mkdtemp()))
     tokenizer.model_max_length = 77
-    return StableDiffusionPrior.from_components(unet, vae, text, tokenizer, DDIMScheduler(**SCHEDULER),
-                                                device=device, dtype=dtype, resolution=512,
+    return dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER))
+
+
+def build_sd21_base_prior(device: str = "cuda", dtype: str = "auto"):
+    """A ``StableDiffusionPrior`` with SD-2.1-base-shaped random weights (epsilon prediction, as 2.1-base)."""
+    from csd_backend.priors.stable_diffusion import StableDiffusionPrior
+
+    p = build_sd21_base_components()
+    return StableDiffusionPrior.from_components(p["unet"], p["vae"], p["text_encoder"], p["tokenizer"],
+                                                p["scheduler"], device=device, dtype=dtype, resolution=512,
                                                 source="random SD-2.1-base-shaped")
+
+
+def save_sd21_base_folder(folder: Path) -> Path:
+    """A diffusers folder (``model_index.json`` + unet / vae / text_encoder / tokenizer / scheduler, float32
+    safetensors, about 5.2 GB) with SD-2.1-base-shaped random weights, loadable like the real model. Kept and
+    reused when ``folder/model_index.json`` exists."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = StableDiffusionPipeline(**build_sd21_base_components(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
 
 
 def parameter_counts(prior) -> dict:

@@ -5,6 +5,7 @@ Preview3D node. All the work is in ``csd_backend.export``; nothing heavy is impo
 from __future__ import annotations
 
 import importlib
+import os
 
 CATEGORY = "CSD 3D"
 SCENE = "CSD_SCENE"
@@ -58,6 +59,15 @@ def _progress_callback():
             bar.update_absolute(int(round(min(max(fraction, 0.0), 1.0) * _PROGRESS_STEPS)), _PROGRESS_STEPS)
 
     return callback
+
+
+def _output_directory() -> str:
+    """ComfyUI's output folder (``./output`` outside ComfyUI)."""
+    try:
+        import folder_paths  # type: ignore
+    except ImportError:
+        return os.path.abspath("output")
+    return folder_paths.get_output_directory()
 
 
 class CSDExtractMesh:
@@ -132,8 +142,27 @@ class CSDSaveMesh:
                                                               "3D); obj: .obj + .mtl + .png; ply: vertex colours."}),
             "filename_prefix": ("STRING", {"default": "csd3d/mesh",
                                            "tooltip": "Sub-folder and name inside the output folder; a counter "
-                                                      "and the extension are added."}),
+                                                      "and the extension are added. Refused when queued: '..', "
+                                                      "absolute paths, names Windows reserves (con, prn, aux, "
+                                                      "nul, com1-9, lpt1-9, also with an extension), names over "
+                                                      "255 bytes and paths over 259 characters."}),
         }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        """Refuse a prefix that leaves the output folder, a name Windows reserves (con, nul, com1, ... also with
+        an extension), a name over 255 bytes or a path over Windows' 259 characters when the prompt is queued,
+        before anything runs (the rule is ``resolve_output_prefix``'s, shared with the command line)."""
+        if filename_prefix is None:  # linked from another node: checked when it runs
+            return True
+        from csd_backend.errors import ConfigError
+        from csd_backend.export.writers import resolve_output_prefix
+
+        try:
+            resolve_output_prefix(_output_directory(), str(filename_prefix), field="filename_prefix")
+        except ConfigError as e:
+            return str(e)
+        return True
 
     def save(self, textured_mesh, format, filename_prefix):
         import folder_paths  # type: ignore

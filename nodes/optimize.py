@@ -25,7 +25,9 @@ class CSDOptimize:
     FUNCTION = "optimize"
     RETURN_TYPES = (c.SCENE, "IMAGE")
     RETURN_NAMES = ("scene", "preview")
-    OUTPUT_TOOLTIPS = ("The trained scene.", "A render of the trained scene from the evaluation view.")
+    OUTPUT_TOOLTIPS = ("The trained scene.",
+                       "A render of the trained scene from the evaluation view, at 4× the training render size "
+                       "(64² → 256², at most 512²). Use CSD Render Views for other sizes and views.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -50,7 +52,8 @@ class CSDOptimize:
                                                 "save a resumable checkpoint every N steps (0: only at the end "
                                                 "and on cancel)"),
                 "preview_every": c.int_input(10, 0, 10_000_000, "send a live preview of the current render every "
-                                                                "N steps (0: never)"),
+                                                                "N steps (0: never); it is enlarged (nearest "
+                                                                "neighbour, 64² → 512²) to be viewable"),
                 "run_name": c.string_input("csd_run", "runs are saved in output/csd3d/runs/<run_name>_NNNNN"),
                 "resume": c.bool_input(False, "continue the latest checkpoint of run_name (its saved settings are "
                                               "used; steps may extend it) instead of starting a new run"),
@@ -164,7 +167,7 @@ class CSDOptimize:
             raise
         trained = opt.trained_scene()  # a detached copy: no gradients held while ComfyUI caches the output
         cam = opt.config.camera
-        size = max(cam.height, cam.width)
+        size = c.preview_render_size(cam.height, cam.width)  # 64² training renders → a 256² render
         preview = render_ring(trained, 1, size, cam.eval_elevation, cam.eval_distance, cam.eval_fovy,
                               render_cfg=opt.config.render)
         return (trained, preview)

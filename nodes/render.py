@@ -49,7 +49,7 @@ class CSDRenderViews:
     def render(self, scene, n_views, size, elevation, distance, fovy, shading, background, samples_per_ray):
         import torch
 
-        from csd_backend.render.cameras import Cameras, orbit_cameras
+        from csd_backend.render.cameras import orbit_cameras
         from csd_backend.render.views import prepare_renderer, render_cameras
 
         render_cfg = RenderConfig(num_samples_per_ray=int(samples_per_ray))
@@ -61,9 +61,7 @@ class CSDRenderViews:
         images = []
         for i in range(len(cams)):  # one view at a time: progress and Cancel between views
             c.check_interrupt()
-            one = Cameras(cams.c2w[i:i + 1], cams.fovy[i:i + 1], cams.elevation[i:i + 1], cams.azimuth[i:i + 1],
-                          cams.distance[i:i + 1], cams.light_positions[i:i + 1], cams.height, cams.width)
-            images.append(render_cameras(scene, one, shading, render_cfg, renderer, background=bg))
+            images.append(render_cameras(scene, cams[i], shading, render_cfg, renderer, background=bg))
             bar.update(i + 1, len(cams))
         return (torch.cat(images, 0),)
 

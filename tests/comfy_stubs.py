@@ -312,8 +312,12 @@ class Preview3D:  # comfy_extras/nodes_load_3d.py
 
 
 CORE_NODES = {"SaveImage": SaveImage, "PreviewImage": PreviewImage, "Preview3D": Preview3D}
-#: frontend-only widget values that the UI format stores after a node's own widgets
-UI_EXTRA_WIDGETS = {"Preview3D": 1}
+#: nodes that exist only in the frontend (virtual nodes: no class on the server, never in the API format). A
+#: Note is stored as {"type": "Note", "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text]}
+FRONTEND_ONLY_NODES = ("Note", "MarkdownNote")
+#: widgets the frontend adds after a node's own ones: stored in the UI format and sent in the prompt by
+#: graphToPrompt (checked in ComfyUI's frontend 1.27.10: Preview3D gets an "image" widget, sent as "image": "")
+UI_EXTRA_WIDGETS = {"Preview3D": ["image"]}
 
 
 def node_classes(pack: types.ModuleType) -> Dict[str, type]:
@@ -582,16 +586,17 @@ def widget_names(cls, node_type: str) -> List[str]:
             control = opts.get("control_after_generate")
             if typ == "INT" and (control if control is not None else name in ("seed", "noise_seed")):
                 names.append(None)  # control_after_generate value (not sent to the server)
-    names.extend([None] * UI_EXTRA_WIDGETS.get(node_type, 0))
+    names.extend(UI_EXTRA_WIDGETS.get(node_type, []))
     return names
 
 
 def ui_to_api(ui: Dict[str, Any], classes: Dict[str, type]) -> Dict[str, Any]:
-    """What the frontend's graphToPrompt sends for a UI-format workflow (no groups/subgraphs/muted nodes)."""
+    """What the frontend's graphToPrompt sends for a UI-format workflow (no groups/subgraphs; muted, bypassed and
+    virtual nodes such as Note are left out)."""
     links = {link[0]: link for link in ui["links"]}
     api = {}
     for node in ui["nodes"]:
-        if node.get("mode", 0) in (2, 4):
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY_NODES:
             continue
         cls = classes[node["type"]]
         names = widget_names(cls, node["type"])

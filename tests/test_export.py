@@ -344,6 +344,45 @@ def test_output_prefix_must_stay_inside_the_output_folder(tmp_path):
         resolve_output_prefix(tmp_path / "out", "link/mesh")
 
 
+@pytest.mark.parametrize("bad", ["con", "CON", "nul.glb", "csd3d/aux/mesh", "Prn.tar.gz", "com1", "COM9.x",
+                                 "lpt1", "lpt9/mesh", "csd3d/Lpt5", "com\u00b9", "nul ", "csd3d/con./mesh",
+                                 "mesh.", "x" * 256, "csd3d/" + "y" * 250, "\u00e9" * 128])
+def test_output_prefix_refuses_names_windows_reserves_or_too_long(tmp_path, bad):
+    with pytest.raises(ValueError, match="^filename_prefix: in "):
+        resolve_output_prefix(tmp_path, bad)
+
+
+def test_output_prefix_accepts_names_close_to_the_reserved_ones(tmp_path):
+    for good in ["console", "nullable/mesh", "com10", "lpt", "auxiliary.mesh", "con_mesh", "my.con", "x" * 120,
+                 "\u00e9" * 60]:
+        assert resolve_output_prefix(tmp_path, good)[1] == good.split("/")[-1], good
+
+
+def test_output_prefix_refuses_paths_windows_cannot_write(tmp_path):
+    from csd_backend.export.writers import WINDOWS_MAX_PATH
+
+    root = tmp_path / "output"
+    room = WINDOWS_MAX_PATH - len(str(root)) - 1 - len("_00001_.glb")  # characters left for the prefix
+    assert room > 20
+    fits = "/".join(["d" * 9] * ((room - 11) // 10)) + "/" + "m" * 10
+    assert len(fits) <= room
+    folder, stem = resolve_output_prefix(root, fits)
+    assert len(str(folder / f"{stem}_00001_.glb")) <= WINDOWS_MAX_PATH
+    too_long = fits + "m" * (room - len(fits) + 1)
+    with pytest.raises(ValueError, match="^filename_prefix: .* at most 259 characters on Windows"):
+        resolve_output_prefix(root, too_long)
+    assert not root.exists(), "checking a prefix creates nothing"
+
+
+def test_save_mesh_refuses_reserved_file_names(tmp_path, sphere_mesh):
+    from csd_backend.export import save_mesh
+
+    for bad in ("con.glb", "NUL.obj", "Com3.ply"):
+        with pytest.raises(ConfigError, match="^file name: .*Windows reserves"):
+            save_mesh(sphere_mesh, tmp_path / bad)
+    assert not list(tmp_path.iterdir())
+
+
 def test_mesh_tensors_layout_and_frame(sphere_mesh):
     v, f = mesh_tensors(sphere_mesh)
     assert v.shape == (1, sphere_mesh.num_vertices, 3) and v.dtype == torch.float32

@@ -248,3 +248,36 @@ def test_face_budget_between_1_and_3_is_rejected_before_the_run():
     assert CSDExtractMesh.VALIDATE_INPUTS(face_budget=None) is True
     for bad in (1, 3, -5, 2000001):
         assert "face_budget" in CSDExtractMesh.VALIDATE_INPUTS(face_budget=bad)
+
+
+@pytest.mark.parametrize("prefix", ["con", "csd3d/NUL", "aux.glb", "csd3d/com1/mesh", "lpt9", "m" * 250,
+                                    "csd3d/" + "d" * 256 + "/mesh", "/".join(["folder"] * 40)])
+def test_save_mesh_refuses_windows_reserved_and_long_names_when_queued(nodes, output_dir, prefix):
+    """VALIDATE_INPUTS names filename_prefix, so ComfyUI rejects the prompt before anything runs."""
+    err = nodes.CSDSaveMesh.VALIDATE_INPUTS(filename_prefix=prefix)
+    assert isinstance(err, str) and err.startswith("filename_prefix: "), err
+    assert not any(output_dir.iterdir()), "validation creates nothing"
+
+
+def test_save_mesh_validation_accepts_good_and_linked_prefixes(nodes, output_dir):
+    for ok in ("csd3d/mesh", "console", "csd3d/com10/mesh", None):
+        assert nodes.CSDSaveMesh.VALIDATE_INPUTS(filename_prefix=ok) is True, ok
+    assert nodes.CSDSaveMesh.VALIDATE_INPUTS(filename_prefix="../up").startswith("filename_prefix: ")
+
+
+def test_a_reserved_prefix_rejects_the_whole_workflow_before_it_runs(tmp_path, monkeypatch):
+    """Through the stub ComfyUI graph runner: Save Mesh with filename_prefix 'csd3d/con' fails validation, so
+    neither Optimize nor Extract Mesh runs."""
+    import comfy_stubs as cs
+
+    env = cs.install(monkeypatch, tmp_path)
+    classes = cs.node_classes(cs.load_pack())
+    api = cs.load_api("csd_text_to_3d")
+    save = next(k for k, v in api.items() if v["class_type"] == "CSDSaveMesh")
+    api[save]["inputs"]["filename_prefix"] = "csd3d/con"
+    good, errors = cs.validate_prompt(api, classes)
+    messages = json.dumps(errors.get(save, []))
+    assert save in errors and "filename_prefix" in messages and "Windows reserves" in messages, errors
+    with pytest.raises(cs.PromptRejected):
+        cs.execute_prompt(api, classes, env)
+    assert not (env.output_dir / "csd3d").exists()

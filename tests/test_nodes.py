@@ -68,6 +68,67 @@ def test_pack_import_is_light_and_merges_every_module():
     assert info["failures"] == [], info["failures"]
 
 
+@pytest.mark.parametrize("first_is_older", [False, True])
+def test_two_copies_of_the_pack_log_one_warning_naming_both(tmp_path, first_is_older):
+    """ComfyUI imports each pack folder under its own module name (the path with '.' replaced). A second copy of
+    the pack logs one warning naming both folders, also when the first copy is an older version without the
+    check; a single copy, or the same module imported again, none."""
+    import shutil
+
+    folders = []
+    for where in ("custom_nodes", "extra_nodes"):
+        folder = tmp_path / where / "comfyui-csd-3d"
+        folder.mkdir(parents=True)
+        init = (cs.ROOT / "__init__.py").read_text(encoding="utf-8")
+        if first_is_older and not folders:  # a version before the check: neither records nor warns
+            call = "else:\n    _warn_if_loaded_twice()\n"
+            assert init.count(call) == 1
+            init = init.replace(call, "else:\n    pass\n")
+        (folder / "__init__.py").write_text(init, encoding="utf-8")
+        for sub in ("nodes", "csd_backend"):
+            shutil.copytree(cs.ROOT / sub, folder / sub, ignore=shutil.ignore_patterns("__pycache__"))
+        folders.append(folder)
+    code = textwrap.dedent(f"""
+        import importlib.util, json, logging, sys
+        records = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+        logging.getLogger().addHandler(Keep())
+        def load(folder):  # nodes.py:load_custom_node of ComfyUI 0.3.64
+            name = folder.replace(".", "_x_")
+            spec = importlib.util.spec_from_file_location(name, folder + "/__init__.py")
+            m = importlib.util.module_from_spec(spec); sys.modules[name] = m; spec.loader.exec_module(m)
+            return sorted(m.NODE_CLASS_MAPPINGS)
+        out = {{"nodes": [load({str(folders[0])!r})]}}
+        out["after_one"] = list(records)
+        out["nodes"].append(load({str(folders[1])!r}))
+        out["after_two"] = list(records)
+        out["heavy"] = [h for h in ("torch", "numpy", "PIL") if h in sys.modules]
+        print(json.dumps(out))
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                         env={"PATH": "/usr/bin:/bin", "PYTHONNOUSERSITE": "1"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["nodes"][0] == out["nodes"][1] and MY_NODES <= set(out["nodes"][0])
+    assert not [r for r in out["after_one"] if "two copies" in r], out["after_one"]
+    warnings = [r for r in out["after_two"] if "two copies of this node pack are loaded" in r]
+    assert len(warnings) == 1, out["after_two"]
+    assert f"{folders[0]} (first) and {folders[1]}" in warnings[0], warnings[0]
+    assert out["heavy"] == [], "the check must stay cheap"
+
+
+def test_importing_the_same_pack_module_again_is_not_a_second_copy(env, pack):
+    import logging
+
+    loaded = logging.getLogger("csd3d").__dict__["_csd3d_pack_copies"]
+    assert any(name == cs.PACK_MODULE for name, _shown, _real in loaded)
+    before = list(loaded)
+    pack._warn_if_loaded_twice()
+    assert loaded == before
+
+
 def test_a_broken_module_is_reported_and_the_others_load(tmp_path, pack):
     nodes_pkg = sys.modules[f"{cs.PACK_MODULE}.nodes"]
     pkg = tmp_path / "fakepack"
@@ -220,6 +281,32 @@ def test_small_nodes_return_their_types(env, pack):
     cs.check_return("CSDRenderViews", m["CSDRenderViews"], (views,))
     assert views.shape == (3, 16, 16, 3)
     assert [p[1] for p in env.progress] == [1, 2, 3]
+
+
+def test_live_preview_is_enlarged_by_nearest_neighbour(env, common):
+    """Training renders are 64² px: the live preview sent to the browser is enlarged by an integer factor
+    (nearest neighbour, so every render pixel is a sharp block) to a viewable 256-512 px."""
+    import numpy as np
+    import torch
+
+    assert [common.preview_factor(s, s) for s in (16, 64, 100, 200, 256, 257, 600)] == [32, 8, 5, 2, 2, 1, 1]
+    assert common.preview_factor(48, 64) == 8
+    render = torch.rand(64, 48, 3)
+    bar = common.Progress(10, node_id="7")
+    bar.update(3, 10, render)
+    bar.update(4, 10)
+    (node, value, total, (kind, image, max_size)), (_n, _v, _t, none) = env.progress
+    assert (node, value, total, kind, max_size, none) == ("7", 3, 10, "JPEG", 512, None)
+    assert image.size == (384, 512)  # width × height, each pixel an 8×8 block
+    small = torch.from_numpy(np.array(image)).float()[::8, ::8] / 255.0
+    expected = (render * 255.0 + 0.5).floor() / 255.0
+    assert torch.allclose(small, expected, atol=1e-6)
+    for y in range(8):
+        assert image.getpixel((5, y)) == image.getpixel((0, 0))
+    big = common.enlarge_nearest(common.to_pil(torch.rand(300, 300, 3)))
+    assert big.size == (300, 300)
+    assert [common.preview_render_size(s, s) for s in (16, 64, 100, 200, 600)] == [64, 256, 400, 512, 600]
+    assert common.preview_render_size(64, 32) == 256
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -61,14 +61,65 @@ def test_every_ui_workflow_has_an_api_twin():
 @pytest.mark.parametrize("name", cs.workflow_names())
 def test_ui_and_api_twins_have_the_same_nodes_links_and_values(name, classes):
     ui = cs.load_ui(name)
-    if not all(n["type"] in classes for n in ui["nodes"]):
+    if not all(n["type"] in classes for n in ui["nodes"] if n["type"] not in cs.FRONTEND_ONLY_NODES):
         pytest.skip("nodes/mesh.py (CSDExtractMesh, CSDSaveMesh) is not in the pack")
     strip = lambda wf: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in wf.items()}  # noqa: E731
     assert strip(cs.ui_to_api(ui, classes)) == strip(cs.load_api(name))
 
 
-def test_text_to_3d_ends_with_mesh_export_and_preview_3d():
-    api = cs.load_api("csd_text_to_3d")
+def _notes(ui):
+    return [n for n in ui["nodes"] if n["type"] in cs.FRONTEND_ONLY_NODES]
+
+
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_every_template_has_a_note_on_hardware_and_time_in_the_ui_file_only(name):
+    """A Note as the real frontend stores it (type "Note", widgets_values [text], no inputs or outputs): the UI
+    file has one, the API twin none (a Note has no class on the server)."""
+    ui, api = cs.load_ui(name), cs.load_api(name)
+    notes = _notes(ui)
+    assert len(notes) == 1, name
+    note = notes[0]
+    assert note["type"] == "Note" and note["inputs"] == [] and note["outputs"] == [] and note.get("mode", 0) == 0
+    assert isinstance(note["properties"], dict) and len(note["widgets_values"]) == 1
+    text = note["widgets_values"][0]
+    assert isinstance(text, str) and len(text) > 200
+    assert "GPU" in text and "CPU" in text and "minutes" in text and "measured" in text.lower(), text
+    if "cpu" not in name:  # numbers that were not measured are said to be estimates
+        assert "estimate, not measured" in text and "not measured yet" in text, text
+    assert not any(v["class_type"] in cs.FRONTEND_ONLY_NODES for v in api.values())
+    assert len(api) == len(ui["nodes"]) - 1
+    assert note["id"] <= ui["last_node_id"] and note["id"] not in {link[1] for link in ui["links"]}
+
+
+@pytest.mark.parametrize("name,batch", [("csd_text_to_3d", 4), ("csd_edit_scene", 4), ("sds_baseline", 1),
+                                        ("csd_text_to_3d_cpu", 1)])
+def test_template_camera_batch_sizes(name, batch):
+    """The official CSD object config trains with batch 4 (csd-edit follows); threestudio's dreamfusion-sd uses 1;
+    the CPU template 1 to fit in its time."""
+    cams = [v for v in cs.load_api(name).values() if v["class_type"] == "CSDCameras"]
+    assert cams and all(c["inputs"]["batch_size"] == batch for c in cams), name
+
+
+def test_cpu_template_is_the_small_preset_end_to_end():
+    names = [n for n in cs.workflow_names() if "cpu" in n]
+    assert names == ["csd_text_to_3d_cpu"]
+    api = cs.load_api("csd_text_to_3d_cpu")
+    by_class = {v["class_type"]: v["inputs"] for v in api.values()}
+    assert by_class["CSDScene"]["preset"] == by_class["CSDOptimize"]["preset"] == "preview-cpu"
+    assert by_class["CSDOptimize"]["steps"] <= 400 and by_class["CSDCameras"]["width"] <= 64
+    assert 0 < by_class["CSDLoadDiffusionModel"]["resolution"] <= 256
+    assert by_class["CSDExtractMesh"]["resolution"] <= 128 and by_class["CSDExtractMesh"]["texture_size"] <= 512
+    assert by_class["CSDSaveMesh"]["format"] == "glb"
+    assert "CSDRenderViews" not in by_class
+    note = _notes(cs.load_ui("csd_text_to_3d_cpu"))[0]["widgets_values"][0]
+    assert "bench_cpu_template.py" in note
+    readme = (cs.ROOT / "README.md").read_text(encoding="utf-8")
+    assert "csd_text_to_3d_cpu" in readme and "bench_cpu_template.py" in readme
+
+
+@pytest.mark.parametrize("name", ["csd_text_to_3d", "csd_text_to_3d_cpu"])
+def test_text_to_3d_ends_with_mesh_export_and_preview_3d(name):
+    api = cs.load_api(name)
     by_class = {v["class_type"]: (k, v) for k, v in api.items()}
     _, preview = by_class["Preview3D"]
     save_id, save = by_class["CSDSaveMesh"]
@@ -86,7 +137,10 @@ def _check_optimize_progress(env, node_id, steps):
     assert all(p[2] == steps for p in updates)
     for _node, _value, _total, preview in updates:  # preview_every = 1 in the test settings
         kind, image, max_size = preview
-        assert kind == "JPEG" and image.size == (16, 16) and image.mode == "RGB" and max_size == 512
+        # 16² training renders, enlarged ×32 by nearest neighbour to be viewable: blocks of one colour
+        assert kind == "JPEG" and image.size == (512, 512) and image.mode == "RGB" and max_size == 512
+        small = image.resize((16, 16), resample=0)  # Image.NEAREST: one pixel per block
+        assert small.resize((512, 512), resample=0).tobytes() == image.tobytes()
 
 
 @pytest.mark.parametrize("name", cs.workflow_names())
@@ -102,7 +156,7 @@ def test_api_workflow_runs_end_to_end(name, env, classes):
             ckpt = _checkpoint(env, f"{node['inputs']['run_name']}_00001")
             assert ckpt["step"] == steps
             assert ckpt["config"]["guidance"]["mode"] == prompt[node["inputs"]["guidance"][0]]["inputs"]["mode"]
-            assert run.results[nid][1].shape == (1, 16, 16, 3)
+            assert run.results[nid][1].shape == (1, 64, 64, 3)  # rendered at 4× the 16² training size
         elif kind == "SaveImage":
             images = run.outputs[nid]["images"]
             assert len(images) == cs.TEST_OVERRIDES["CSDRenderViews"]["n_views"]

@@ -2,9 +2,10 @@
 
 Skipped unless ``CSD_COMFYUI_ROOT`` points at a ComfyUI checkout; ``CSD_COMFYUI_PYTHON`` is the interpreter of its
 environment (default: this one). That environment needs ComfyUI's requirements and this pack's requirements.txt.
-The server is started on 127.0.0.1 on a free port with only this pack (``--disable-all-custom-nodes
---whitelist-custom-nodes``; the pack and the tiny test model are found through an extra-model-paths file), and
-its output, input, temp and user folders in a temporary folder. It is stopped at the end.
+The server is started on 127.0.0.1 on a free port with a temporary ``--base-directory`` (its models, custom_nodes,
+output, input, temp and user folders) holding the tiny test model and this checkout under a unique folder name,
+and only that pack loaded (``--disable-all-custom-nodes --whitelist-custom-nodes``). Whatever is installed in the
+ComfyUI checkout (this pack included) is neither loaded nor listed. It is stopped at the end.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ import comfy_stubs as cs
 
 COMFY_ROOT = os.environ.get("CSD_COMFYUI_ROOT", "")
 COMFY_PYTHON = os.environ.get("CSD_COMFYUI_PYTHON", "") or sys.executable
-PACK_DIR_NAME = "comfyui-csd-3d"
+#: the folder name of this checkout on the test server: unique, so that neither the whitelist nor the template
+#: list can mix it up with a copy of the pack installed in that ComfyUI (usually custom_nodes/comfyui-csd-3d)
+PACK_DIR_NAME = f"comfyui-csd-3d-under-test-{uuid.uuid4().hex[:8]}"
 
 pytestmark = pytest.mark.skipif(not COMFY_ROOT, reason="set CSD_COMFYUI_ROOT (and CSD_COMFYUI_PYTHON) to run the "
                                                        "workflows on a real ComfyUI server")
@@ -153,26 +156,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_sd):
+def _start_server(base: Path, packs: dict) -> Server:
+    """Start ComfyUI with ``base`` as its base directory (models, custom_nodes, output, input, temp, user) and only
+    the packs ``{folder name: path}``, linked into ``base/custom_nodes`` and whitelisted.
+
+    ``--base-directory`` keeps the ComfyUI checkout's own ``custom_nodes`` (where this pack may be installed too)
+    and models out of the test, and ``--disable-all-custom-nodes --whitelist-custom-nodes`` loads only the named
+    folders (the whitelist matches folder names in every custom_nodes path, hence unique names).
+    """
     root = Path(COMFY_ROOT).resolve()
     assert (root / "main.py").is_file(), f"CSD_COMFYUI_ROOT={COMFY_ROOT} is not a ComfyUI folder (no main.py)"
-    base = tmp_path_factory.mktemp("comfyui")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_DIR_NAME).symlink_to(cs.ROOT, target_is_directory=True)
-    (base / "models" / "diffusers").mkdir(parents=True)
-    (base / "models" / "diffusers" / "tiny-sd").symlink_to(tiny_sd["folder"], target_is_directory=True)
-    extra = base / "extra_model_paths.yaml"
-    extra.write_text(f"csd3d_test:\n  base_path: {base}\n  custom_nodes: custom_nodes\n"
-                     f"  diffusers: models/diffusers\n  checkpoints: models/checkpoints\n")
-    for d in ("output", "input", "temp", "user"):
-        (base / d).mkdir()
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    for name, path in packs.items():
+        (base / "custom_nodes" / name).symlink_to(path, target_is_directory=True)
+    for d in ("output", "input", "temp", "user", "models"):
+        (base / d).mkdir(exist_ok=True)
     port = _free_port()
     cmd = [COMFY_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-           "--extra-model-paths-config", str(extra), "--disable-all-custom-nodes",
-           "--whitelist-custom-nodes", PACK_DIR_NAME, "--disable-api-nodes",
-           "--output-directory", str(base / "output"), "--input-directory", str(base / "input"),
-           "--temp-directory", str(base / "temp"), "--user-directory", str(base / "user"),
+           "--base-directory", str(base), "--disable-all-custom-nodes", "--whitelist-custom-nodes", *packs,
+           "--disable-api-nodes", "--output-directory", str(base / "output"), "--input-directory",
+           str(base / "input"), "--temp-directory", str(base / "temp"), "--user-directory", str(base / "user"),
            "--database-url", "sqlite:///:memory:"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     log = base / "server.log"
@@ -193,18 +196,35 @@ def server(tmp_path_factory, tiny_sd):
             if time.time() - t0 > 240:
                 pytest.fail(f"ComfyUI did not answer in 240 s:\n{srv.log_tail()}")
             time.sleep(0.5)
-        srv.ws = WebSocket("127.0.0.1", port, f"/ws?clientId={srv.client_id}")
+    except BaseException:
+        _stop_server(srv)
+        raise
+    return srv
+
+
+def _stop_server(srv: Server) -> None:
+    if srv.ws is not None:
+        srv.ws.close()
+    if srv.proc.poll() is None:
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            srv.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_sd):
+    base = tmp_path_factory.mktemp("comfyui")
+    (base / "models" / "diffusers").mkdir(parents=True)
+    (base / "models" / "diffusers" / "tiny-sd").symlink_to(tiny_sd["folder"], target_is_directory=True)
+    srv = _start_server(base, {PACK_DIR_NAME: cs.ROOT})
+    try:
+        srv.ws = WebSocket("127.0.0.1", srv.port, f"/ws?clientId={srv.client_id}")
         yield srv
     finally:
-        if srv.ws is not None:
-            srv.ws.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        _stop_server(srv)
 
 
 class _ObjectInfoNode:
@@ -233,9 +253,13 @@ def test_server_lists_the_nodes_models_and_templates(server):
     assert not missing, f"nodes missing on the server: {missing}\n{server.log_tail()}"
     assert info["CSDOptimize"]["category"] == "CSD 3D"
     assert "diffusers/tiny-sd" in info["CSDLoadDiffusionModel"]["input"]["required"]["model"][0]
-    assert "IMPORT FAILED" not in server.log.read_text(errors="replace")
+    log = server.log.read_text(errors="replace")
+    assert "IMPORT FAILED" not in log
+    # the nodes are this checkout's, loaded once, whatever is installed in that ComfyUI
+    assert info["CSDOptimize"]["python_module"] == f"custom_nodes.{PACK_DIR_NAME}", info["CSDOptimize"]
+    assert "two copies of this node pack" not in log
     status, templates = server.request("GET", "/workflow_templates")
-    assert status == 200 and sorted(templates[PACK_DIR_NAME]) == cs.workflow_names()
+    assert status == 200 and sorted(templates[PACK_DIR_NAME]) == cs.workflow_names(), templates
     status, ui = server.request("GET", f"/api/workflow_templates/{PACK_DIR_NAME}/csd_text_to_3d.json")
     assert status == 200 and ui["nodes"], "the template files are served to the frontend"
 
@@ -330,3 +354,27 @@ def test_cancel_then_resume_on_the_server(server):
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:4000]
     assert load_checkpoint(ckpt)["step"] == stopped + 3
     assert not (server.output / "csd3d" / "runs" / "server_cancel_00002").exists()
+
+
+def test_two_copies_of_the_pack_log_a_warning_naming_both(tmp_path):
+    """Two copies of the pack in one ComfyUI (a link to this checkout and a plain copy of it): the server starts,
+    and the log names both folders."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy2(cs.ROOT / "__init__.py", copy / "__init__.py")
+    for sub in ("nodes", "csd_backend", "example_workflows"):
+        shutil.copytree(cs.ROOT / sub, copy / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    first, second = f"{PACK_DIR_NAME}-a", f"{PACK_DIR_NAME}-b"
+    srv = _start_server(tmp_path / "comfyui", {first: cs.ROOT, second: copy})
+    try:
+        status, info = srv.request("GET", "/object_info")
+        assert status == 200 and "CSDOptimize" in info
+    finally:
+        _stop_server(srv)
+    lines = [line for line in srv.log.read_text(errors="replace").splitlines()
+             if "two copies of this node pack are loaded" in line]
+    assert len(lines) == 1, srv.log_tail()
+    for name in (first, second):
+        assert str(tmp_path / "comfyui" / "custom_nodes" / name) in lines[0], lines[0]

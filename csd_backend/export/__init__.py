@@ -24,7 +24,8 @@ _EXPORTS = {
     "MeshError": "mesh", "TexturedMesh": "mesh", "mesh_tensors": "mesh", "scene_to_y_up": "mesh",
     "SceneField": "pipeline", "extract_textured_mesh": "pipeline",
     "UVAtlas": "texture", "bake_texture": "texture", "sample_texture": "texture", "unwrap": "texture",
-    "FORMATS": "writers", "relative_model_path": "writers", "resolve_output_prefix": "writers",
+    "FORMATS": "writers", "check_portable_name": "writers", "portable_name_error": "writers",
+    "relative_model_path": "writers", "resolve_output_prefix": "writers",
     "save_mesh": "writers", "save_mesh_unique": "writers", "to_trimesh": "writers",
 }
 

@@ -3,7 +3,8 @@
 Every file is written atomically (temporary name, then a link into place) and an existing file is never
 replaced: ``save_mesh`` raises ``OutputExistsError``; ``save_mesh_unique`` picks the next free counter
 (``<stem>_00001_.glb``, ComfyUI's naming). ``resolve_output_prefix`` turns a user's filename prefix into a folder
-inside the output folder and refuses prefixes that would leave it.
+inside the output folder and refuses prefixes that would leave it, names Windows reserves (``con``, ``nul``,
+``com1``...) and names or paths too long to write (``portable_name_error``).
 
 Without a texture, GLB and OBJ carry the vertex colours; PLY always carries vertex colours (sampled from the
 texture when the mesh has none of its own).
@@ -127,8 +128,10 @@ def _encode(mesh: TexturedMesh, path: Path, fmt: str) -> List[Tuple[Path, bytes]
 def save_mesh(mesh: TexturedMesh, path: PathLike, format: Optional[str] = None) -> Path:
     """Write ``mesh`` to ``path`` as glb / obj / ply (default: from the suffix). Returns the main file's path;
     a textured OBJ also writes ``<stem>.mtl`` and ``<stem>.png`` beside it. Never overwrites: if any of the
-    files exists, raises ``OutputExistsError`` before writing anything."""
+    files exists, raises ``OutputExistsError`` before writing anything. A file name that Windows reserves or
+    that is over 255 bytes is refused (``ConfigError`` naming the file name) before anything is encoded."""
     path = Path(path)
+    check_portable_name(path.name, "file name")
     fmt = _check_format(format or path.suffix or "glb")
     if path.suffix.lower() != f".{fmt}":
         if path.suffix.lower().lstrip(".") in FORMATS:
@@ -180,10 +183,54 @@ def save_mesh_unique(mesh: TexturedMesh, folder: PathLike, stem: str, format: st
     raise OutputExistsError(f"could not find a free file name for {folder / stem} after 1000 tries")
 
 
+#: device names Windows reserves in every folder, also with an extension ("nul.glb") and in any case (Microsoft,
+#: "Naming Files, Paths, and Namespaces"): such a file cannot be created or opened there
+WINDOWS_RESERVED_NAMES = frozenset(
+    ["con", "prn", "aux", "nul"] + [f"{dev}{n}" for dev in ("com", "lpt") for n in "0123456789\u00b9\u00b2\u00b3"])
+#: longest file or folder name: 255 bytes on Linux/macOS file systems (255 UTF-16 units on NTFS; UTF-8 bytes are
+#: never fewer)
+MAX_NAME_BYTES = 255
+#: longest path a Windows program can write without the long-path opt-in: MAX_PATH (260) less the final NUL; a
+#: folder must leave room for an 8.3 name (MAX_PATH - 12)
+WINDOWS_MAX_PATH = 259
+WINDOWS_MAX_FOLDER = 247
+#: what ``save_mesh_unique`` appends to a prefix: a 5-digit counter and the longest suffix it writes
+_COUNTER_SUFFIX = "_00001_.glb"
+
+
+def portable_name_error(name: str) -> Optional[str]:
+    """Why ``name`` (one file or folder name) cannot be written on Windows or Linux/macOS, or None.
+
+    Refuses Windows' reserved device names (``con``, ``prn``, ``aux``, ``nul``, ``com0``-``com9``, ``lpt0``-``lpt9``,
+    case-insensitive, also followed by an extension or by trailing dots/spaces, which Windows strips), names ending
+    in a dot or a space, and names longer than 255 bytes."""
+    stem = name.split(".", 1)[0].rstrip(" .").lower()
+    if stem in WINDOWS_RESERVED_NAMES:
+        return (f"{name!r} is a device name that Windows reserves (CON, PRN, AUX, NUL, COM0-9, LPT0-9, also with an "
+                f"extension): such a file cannot be written there; choose another name")
+    if name.endswith((".", " ")) and name not in (".", ".."):
+        return f"{name!r} ends with a dot or a space, which Windows drops from names; remove it"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return (f"{name[:40]!r}... is {size} bytes long; a file or folder name may have at most {MAX_NAME_BYTES} "
+                f"bytes: shorten it")
+    return None
+
+
+def check_portable_name(name: str, field: str) -> None:
+    """Raise ``ConfigError(field, ...)`` when ``name`` is not a portable file name (see ``portable_name_error``)."""
+    err = portable_name_error(name)
+    if err:
+        raise ConfigError(field, err)
+
+
 def resolve_output_prefix(output_dir: PathLike, prefix: str, field: str = "filename_prefix") -> Tuple[Path, str]:
     """``"sub/dir/name"`` → ``(output_dir/sub/dir, "name")``. Refuses (``ConfigError``, a ``ValueError`` naming
     ``field``) empty prefixes, absolute paths, drive letters, ``~``, ``..`` and anything resolving (through
-    links) outside ``output_dir``."""
+    links) outside ``output_dir``; names Windows reserves or that are too long (``portable_name_error``, with the
+    counter and extension added to the last one); and prefixes whose files would not fit in Windows' 259
+    characters (248 for the folder), counted from ``output_dir``. The rules hold on every system, so a workflow
+    that saves on one machine saves on another. Nothing is created."""
     text = str(prefix).strip().replace("\\", "/")
     if not text:
         raise ConfigError(field, "is empty; give a name such as 'csd3d/mesh'")
@@ -199,8 +246,19 @@ def resolve_output_prefix(output_dir: PathLike, prefix: str, field: str = "filen
     parts = [p for p in parts if p not in ("", ".")]
     if not parts:
         raise ConfigError(field, f"{prefix!r} has no file name; give one such as 'csd3d/mesh'")
+    for i, part in enumerate(parts):
+        err = portable_name_error(part)
+        if err is None and i == len(parts) - 1:  # the file written is <name>_00001_.glb
+            err = portable_name_error(part + _COUNTER_SUFFIX)
+        if err:
+            raise ConfigError(field, f"in {prefix!r}: {err}")
     root = Path(output_dir)
     folder = root.joinpath(*parts[:-1])
+    longest = os.path.join(os.path.abspath(folder), parts[-1] + _COUNTER_SUFFIX)
+    if len(os.path.abspath(folder)) > WINDOWS_MAX_FOLDER or len(longest) > WINDOWS_MAX_PATH:
+        raise ConfigError(field, f"{prefix!r} gives files such as {longest} ({len(longest)} characters): a path "
+                                 f"may have at most {WINDOWS_MAX_PATH} characters on Windows (its folder "
+                                 f"{WINDOWS_MAX_FOLDER}); use a shorter prefix")
     real_root = os.path.realpath(root)
     if os.path.commonpath([real_root, os.path.realpath(folder)]) != real_root:
         raise ConfigError(field, f"{prefix!r} leads outside the output folder (through a link); choose another")
