@@ -683,6 +683,10 @@ def cmd_export(args) -> int:
         raise ConfigError("--format", f"{args.format} does not match the suffix of --out {out.name}")
     if is_file and out.exists():  # fail before the (long) extraction
         raise ConfigError("--out", f"{out} exists; outputs are never overwritten. Choose another name or a folder.")
+    if is_file:
+        from .export.writers import check_portable_name
+
+        check_portable_name(out.name, "--out")
     created = _check_out_dir(out.parent if is_file else out)
     try:
         scene, _config = load_scene(args.checkpoint)

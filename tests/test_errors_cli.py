@@ -181,6 +181,10 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["generate", "--resume", str(tmp_path / "empty"), "--seed", "3"]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+    # a file name Windows reserves is refused before the scene is even loaded (there is no run here)
+    assert main(["export", str(tmp_path / "no-run"), "--out", str(tmp_path / "CON.glb")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "reserve" in err.lower()
     with pytest.raises(SystemExit):
         main(["generate", "--preset", "nope"])
 
