@@ -100,12 +100,10 @@ def _bpe(word: str, ranks: Dict[tuple, int]) -> List[str]:
     return parts
 
 
-def build_tokenizer(words: List[str], folder: Path):
-    """A CLIP tokenizer built offline: the byte-level alphabet plus BPE merges that make every word in ``words``
-    one token (merges are added word by word, each after the merges it needs, so earlier words keep their
-    single token). Other text still tokenizes, character by character."""
-    from transformers import CLIPTokenizer
-
+def tokenizer_tables(words: List[str]):
+    """``(vocab, merges)`` of the toy tokenizer: the byte-level alphabet plus BPE merges that make every word in
+    ``words`` one token (merges are added word by word, each after the merges it needs, so earlier words keep
+    their single token). Other text still tokenizes, character by character."""
     chars = list(_byte_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges: List[tuple] = []
@@ -121,7 +119,14 @@ def build_tokenizer(words: List[str], folder: Path):
                 tokens.append(new)
             parts = [new] + parts[2:]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    folder.mkdir(parents=True, exist_ok=True)
+    return vocab, merges
+
+
+def build_tokenizer(words: List[str]):
+    """The toy ``CLIPTokenizer`` (see ``tokenizer_tables``), built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tokenizer_tables(words)
     tok = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=MAX_LENGTH)
     for w in words:  # each known word must be one token
         ids = tok(w, add_special_tokens=False).input_ids
@@ -161,6 +166,23 @@ def draw_captions(data, idx: torch.Tensor, g: torch.Generator) -> List[str]:
     thr = torch.randint(0, len(VIEW_THRESHOLDS), (len(idx),), generator=g)
     return [caption_for(int(data["object"][i]), float(data["elevation"][i]), float(data["azimuth"][i]),
                         kinds[int(k)], VIEW_THRESHOLDS[int(t)]) for i, k, t in zip(idx.tolist(), pick, thr)]
+
+
+def make_portable(folder: Path) -> None:
+    """Make a folder saved by transformers 5 load with transformers 4.x too (ComfyUI installs often have 4.x):
+    the slow tokenizer's ``vocab.json`` + ``merges.txt`` beside ``tokenizer.json``, and the text encoder's keys
+    with the ``text_model.`` prefix that 4.x expects (5.x reads both layouts; without the prefix 4.x would
+    silently leave the encoder random)."""
+    from safetensors.torch import load_file, save_file
+
+    vocab, merges = tokenizer_tables(known_words())
+    tok = folder / "tokenizer"
+    (tok / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (tok / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    te = folder / "text_encoder" / "model.safetensors"
+    state = load_file(str(te))
+    state = {(k if k.startswith("text_model.") else f"text_model.{k}"): v.contiguous() for k, v in state.items()}
+    save_file(state, str(te), metadata={"format": "pt"})
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -474,8 +496,7 @@ def main(argv=None) -> int:
     test = {k: v[held] for k, v in data.items()}
 
     g = torch.Generator().manual_seed(args.seed)
-    tok_dir = args.work / "tokenizer_src"
-    tokenizer = build_tokenizer(known_words(), tok_dir)
+    tokenizer = build_tokenizer(known_words())
     torch.manual_seed(args.seed)
     models = build_models(tokenizer, "smoke" if args.smoke else "full")
     vae, unet, text_encoder, scheduler = models["vae"], models["unet"], models["text_encoder"], models["scheduler"]
@@ -518,6 +539,7 @@ def main(argv=None) -> int:
     save_dtype = torch.float32 if args.fp32 else torch.float16
     pipe.to(dtype=save_dtype)
     pipe.save_pretrained(args.out, safe_serialization=True)
+    make_portable(args.out)
     pipe.to(dtype=torch.float32)
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     times["save"] = time.perf_counter() - t0
