@@ -6,6 +6,8 @@ from csd_backend.config import PriorConfig
 from . import _common as c
 
 _DEVICES = ["auto", "cpu", "cuda"]
+#: the small prior shipped with the pack (csd_backend.priors.TOY_MODEL; not imported here: no torch at start-up)
+TOY = "toy"
 _DTYPES = ["auto", "float32", "float16", "bfloat16"]
 
 
@@ -21,11 +23,13 @@ class CSDLoadDiffusionModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        models = c.model_choices()
+        models = c.model_choices() + [TOY]
         configs = [c.AUTO_CONFIG] + [f"diffusers/{m}" for m in c.diffusers_models()]
         return {"required": {
             "model": c.combo_input(models, None, "diffusers/<folder> from models/diffusers, or checkpoints/<file> "
-                                                 "(an SD 1.x/2.x .safetensors) from models/checkpoints"),
+                                                 "(an SD 1.x/2.x .safetensors) from models/checkpoints, or toy: the small "
+                                                 "built-in prior of five toy objects (a red cube, a blue ball, a "
+                                                 "green cone, a yellow mug, a purple ring) for offline tests"),
             "device": c.combo_input(_DEVICES, default_of_prior("device"),
                                     "auto: ComfyUI's device (CUDA unless started with --cpu)"),
             "dtype": c.combo_input(_DTYPES, default_of_prior("dtype"), "auto: float16 on CUDA, float32 on the CPU"),
@@ -60,7 +64,7 @@ class CSDLoadDiffusionModel:
         err = self.VALIDATE_INPUTS(device=device, dtype=dtype)
         if err is not True:
             raise ConfigError(err.split(":", 1)[0], err.split(":", 1)[1].strip())
-        path = c.resolve_model(model)
+        path = TOY if model == TOY else c.resolve_model(model)
         model_config = None
         if config_from and config_from != c.AUTO_CONFIG:
             model_config = c.resolve_model(config_from)

@@ -177,7 +177,7 @@ def test_model_list_finds_diffusers_folders_and_checkpoints(env, pack, tiny_sd):
     (env.models_dir / "checkpoints" / "tiny.safetensors").symlink_to(tiny_sd["single_file"])
     (env.models_dir / "checkpoints" / "notes.txt").write_text("x")
     spec = pack.NODE_CLASS_MAPPINGS["CSDLoadDiffusionModel"].INPUT_TYPES()["required"]
-    assert spec["model"][0] == ["diffusers/sd/tiny", "checkpoints/tiny.safetensors"]
+    assert spec["model"][0] == ["diffusers/sd/tiny", "checkpoints/tiny.safetensors", "toy"]
     assert spec["config_from"][0] == ["(auto)", "diffusers/sd/tiny"]
 
 

@@ -1,12 +1,24 @@
 """Diffusion priors. ``load_prior`` turns a ``PriorConfig`` into a prior (imports diffusers only when needed)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config import PriorConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelNotFoundError
 from .base import DiffusionPrior
 
 #: ``--model analytic`` (or ``analytic:RES``) selects the exact Gaussian test prior (no weights needed)
 ANALYTIC_PREFIX = "analytic"
+#: ``--model toy`` selects the small Stable-Diffusion-shaped prior shipped with the package: 64×64 renders of
+#: five toy objects ("a red cube", "a blue ball", "a green cone", "a yellow mug", "a purple ring"), for offline
+#: demos and shape tests (trained by ``benchmarks/toy_prior/train.py``)
+TOY_MODEL = "toy"
+TOY_PROMPTS = ("a red cube", "a blue ball", "a green cone", "a yellow mug", "a purple ring")
+
+
+def toy_model_path() -> Path:
+    """The diffusers folder of the shipped toy prior."""
+    return Path(__file__).resolve().parent / "toy_model"
 
 
 def load_prior(cfg: PriorConfig) -> DiffusionPrior:
@@ -24,8 +36,19 @@ def load_prior(cfg: PriorConfig) -> DiffusionPrior:
         return AnalyticPrior(resolution=resolution, device="cpu" if cfg.device == "auto" else cfg.device)
     from .stable_diffusion import load_stable_diffusion
 
+    if model == TOY_MODEL:
+        path = toy_model_path()
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"the toy prior is missing from this installation (looked for {path / 'model_index.json'}); "
+                "reinstall the package, or rebuild it with `python benchmarks/toy_prior/train.py --out "
+                f"{path} --work runs/toy_prior`")
+        prior = load_stable_diffusion(path, device=cfg.device, dtype=cfg.dtype, resolution=cfg.resolution)
+        prior.name = TOY_MODEL  # checkpoints record it; --resume then needs --model toy again
+        prior.source = TOY_MODEL  # what load_prior takes back (the nodes store it as the run's model)
+        return prior
     return load_stable_diffusion(model, device=cfg.device, dtype=cfg.dtype, config=cfg.model_config,
                                  resolution=cfg.resolution)
 
 
-__all__ = ["DiffusionPrior", "load_prior"]
+__all__ = ["DiffusionPrior", "load_prior", "TOY_MODEL", "TOY_PROMPTS", "toy_model_path"]

@@ -1,0 +1,381 @@
+"""Geometry scores of the engine with the shipped toy prior: does a run for "a red cube" make the cube?
+
+    python benchmarks/shape_quality.py                                  # every object, csd and sds
+    python benchmarks/shape_quality.py --objects cube,mug --methods csd --steps 200 --out runs/shape_quality
+
+For each object and method, a short optimisation with the toy prior (``--preset``, default ``preview-cpu``, with
+``--steps`` steps and ``--seed``) is scored against the object's exact geometry (``benchmarks/toy_prior/
+objects.py``):
+
+* **IoU**: silhouette IoU over a fixed set of 16 views (8 azimuths at elevation 15°, 4 at 45°, 4 from below at
+  −30°; distance 2, fovy 50, 128²): the trained scene's opacity > 0.5 (the engine's renderer) against the true
+  object's coverage > 0.5 (sphere tracing), intersection and union summed over all views;
+* **Chamfer** and **F-score**: the mesh of ``csd_backend.export.extract_textured_mesh`` (128³, auto threshold)
+  against the true surface, 20 000 points on each; ``acc`` = mean distance mesh → truth (what was added:
+  bloat, skirts), ``comp`` = truth → mesh (what is missing), Chamfer = (acc + comp) / 2, F-score at τ = 0.05
+  (world units; the objects are about 0.8 across);
+* **colour**: mean |Δ| (per channel, in [0, 1]) between the rendered albedo (un-premultiplied by the opacity)
+  and the true colour on the pixels both silhouettes cover; ``rgb`` is the mean rendered albedo there.
+
+Runs go ``--jobs`` at a time (processes, default 2) with ``--threads`` torch threads each (default 1).
+
+The **blob** row is the starting scene (step 0, same seed) scored against each object: a method has to beat it.
+The **cross-object matrix** scores the run for prompt A against every object B (silhouette IoU): its own object
+should score highest (the diagonal).
+
+Methods: ``csd`` = the preset as is; ``sds`` = the preset with the SDS baseline's guidance
+(``sds-dreamfusion``: CFG 100, w(t) = 1 − ᾱ, no gradient normalisation, t ∈ [0.02, 0.98], empty negative
+prompt, 45° view thresholds). Writes ``table.md``, ``scores.json`` and ``sheet.png`` (per run: renders beside
+the ground truth) into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+_HERE = Path(__file__).resolve().parent
+for _p in (_HERE.parent, _HERE):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from toy_prior.objects import OBJECTS, ToyObject, get_object, render_object, surface_points  # noqa: E402
+
+METHODS = ("csd", "sds")
+EVAL_SIZE = 128
+EVAL_DISTANCE = 2.0
+EVAL_FOVY = 50.0
+F_TAU = 0.05
+N_POINTS = 20000
+#: the toy prior's native resolution (until the loader clamps a preset's larger resolution itself)
+TOY_RESOLUTION = 64
+
+
+# ------------------------------------------------------------------------------------------------- cameras
+def eval_cameras(size: int = EVAL_SIZE):
+    from csd_backend.render.cameras import make_cameras
+
+    el, az = [], []
+    for a in range(0, 360, 45):
+        el.append(15.0)
+        az.append(float(a))
+    for a in (0, 90, 180, 270):
+        el.append(45.0)
+        az.append(a + 45.0)
+    for a in (0, 90, 180, 270):
+        el.append(-30.0)
+        az.append(float(a))
+    az = [((x + 180) % 360) - 180 for x in az]
+    n = len(el)
+    return make_cameras(el, az, [EVAL_DISTANCE] * n, [EVAL_FOVY] * n, size, size)
+
+
+# ------------------------------------------------------------------------------------------------- configs
+def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str = "preview-cpu",
+               model: str = "toy", resolution: Optional[int] = TOY_RESOLUTION):
+    from csd_backend.presets import PRESETS, get_preset
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    cfg = get_preset(preset)
+    over = {"guidance": {"prompt": obj.prompt}, "prior": {"model": model, "device": "cpu"},
+            "optim": {"seed": seed, "checkpoint_every": 0, "preview_every": 0}}
+    if resolution:
+        over["prior"]["resolution"] = resolution
+    if method == "sds":
+        sds = PRESETS["sds-dreamfusion"]["guidance"]
+        over["guidance"].update({k: sds[k] for k in ("mode", "cfg_scale", "weighting", "grad_normalize",
+                                                      "front_threshold", "back_threshold", "negative_prompt",
+                                                      "min_step_percent", "max_step_percent")})
+    return cfg.replace(**over).with_steps(steps)
+
+
+# ------------------------------------------------------------------------------------------------- renders
+@torch.no_grad()
+def render_scene(scene, cams, render_cfg, renderer=None, shading: str = "albedo", background=None):
+    """The engine's render of ``scene``: rgb ``[B, H, W, 3]`` and opacity ``[B, H, W]`` (CPU)."""
+    from csd_backend.render.cameras import get_rays
+    from csd_backend.render.views import prepare_renderer
+
+    was = scene.training
+    scene.eval()
+    try:
+        r = prepare_renderer(scene, render_cfg, renderer)
+        r_was = r.training
+        r.eval()
+        rays_o, rays_d = get_rays(cams)
+        bg = None if background is None else torch.as_tensor(background, dtype=torch.float32).expand(len(cams), 3)
+        out = r(scene.volume, scene.background, rays_o, rays_d, shading, cams.light_positions, bg)
+        r.train(r_was)
+    finally:
+        scene.train(was)
+    return out.rgb.clamp(0, 1), out.opacity[..., 0]
+
+
+@torch.no_grad()
+def truth(obj: ToyObject, cams) -> Dict[str, torch.Tensor]:
+    out = render_object(obj, cams, "albedo", background=torch.ones(len(cams), 3), supersample=2)
+    return out
+
+
+def silhouette_iou(pred_opacity: torch.Tensor, true_cov: torch.Tensor) -> float:
+    p, t = pred_opacity > 0.5, true_cov > 0.5
+    union = (p | t).sum()
+    return float((p & t).sum() / union) if union > 0 else float("nan")
+
+
+def colour_error(albedo_black: torch.Tensor, opacity: torch.Tensor, gt: Dict[str, torch.Tensor]):
+    """Mean |Δ| per channel and the mean rendered colour over pixels both silhouettes cover."""
+    both = (opacity > 0.5) & (gt["mask"] > 0.5)
+    if both.sum() == 0:
+        return float("nan"), [float("nan")] * 3
+    est = albedo_black[both] / opacity[both].unsqueeze(-1)
+    ref = gt["albedo"][both] / gt["mask"][both].unsqueeze(-1)
+    return float((est - ref).abs().mean()), [round(float(v), 3) for v in est.mean(0)]
+
+
+# -------------------------------------------------------------------------------------------------- meshes
+def mesh_points(scene, seed: int = 0, resolution: int = 128):
+    """``N_POINTS`` points sampled (by area) on the exported mesh of ``scene`` (scene frame), or an error text."""
+    import trimesh
+
+    from csd_backend.errors import CSDError
+    from csd_backend.export import ExportConfig, extract_textured_mesh
+
+    try:
+        mesh = extract_textured_mesh(scene, ExportConfig(resolution=resolution, texture_size=0, y_up=False,
+                                                         face_budget=50000))
+    except CSDError as e:
+        return None, {"faces": 0, "error": str(e)}
+    tm = trimesh.Trimesh(np.asarray(mesh.vertices), np.asarray(mesh.faces), process=False)
+    pts, _ = trimesh.sample.sample_surface(tm, N_POINTS, seed=seed)
+    return np.asarray(pts), {"faces": int(mesh.num_faces), "threshold": float(mesh.threshold)}
+
+
+def mesh_scores(pts: Optional[np.ndarray], true_pts: np.ndarray) -> dict:
+    """Chamfer (acc: mesh → truth, comp: truth → mesh, and their mean) and F-score at F_TAU."""
+    from scipy.spatial import cKDTree
+
+    if pts is None:
+        return {"acc": math.nan, "comp": math.nan, "chamfer": math.nan, "fscore": 0.0}
+    d_pred = cKDTree(true_pts).query(pts)[0]
+    d_true = cKDTree(pts).query(true_pts)[0]
+    prec, rec = float((d_pred < F_TAU).mean()), float((d_true < F_TAU).mean())
+    f = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
+    return {"acc": float(d_pred.mean()), "comp": float(d_true.mean()),
+            "chamfer": float((d_pred.mean() + d_true.mean()) / 2), "fscore": f, "precision": prec, "recall": rec}
+
+
+# --------------------------------------------------------------------------------------------------- score
+class Scorer:
+    """Ground truth per object (masks, albedo, surface points) computed once."""
+
+    def __init__(self, objects: List[ToyObject], size: int = EVAL_SIZE, points: bool = True):
+        self.cams = eval_cameras(size)
+        self.gt = {o.name: truth(o, self.cams) for o in objects}
+        self.pts = {o.name: surface_points(o, N_POINTS).numpy() for o in objects} if points else {}
+        self.objects = objects
+
+    def score(self, scene, render_cfg, renderer=None, own=(), meshes: bool = True):
+        """Silhouette IoU against every object; for each object in ``own``, also the colour and mesh scores.
+        Returns ({object: scores}, renders)."""
+        albedo, opacity = render_scene(scene, self.cams, render_cfg, renderer, "albedo", background=[0, 0, 0])
+        normal, _ = render_scene(scene, self.cams, render_cfg, renderer, "textureless", background=[1, 1, 1])
+        iou = {name: silhouette_iou(opacity, gt["mask"]) for name, gt in self.gt.items()}
+        pts, info = mesh_points(scene) if meshes else (None, {})
+        out = {}
+        for name in own:
+            r = {"iou": dict(iou), **info}
+            r["colour_err"], r["rgb"] = colour_error(albedo, opacity, self.gt[name])
+            if meshes:
+                r.update(mesh_scores(pts, self.pts[name]))
+            out[name] = r
+        return out, {"albedo": albedo, "opacity": opacity, "normal": normal}
+
+
+def train_scene(cfg, prior, log=print):
+    from csd_backend.optimize import Optimization
+
+    opt = Optimization(cfg, prior)
+    blob = opt.trained_scene()
+    t0 = time.perf_counter()
+    opt.run()
+    return opt, blob, time.perf_counter() - t0
+
+
+_WORKER: dict = {}
+
+
+def _run_one(job, scorer: Optional[Scorer] = None):
+    """Train and score one (object, method) run; in a worker process the prior and the scorer are cached."""
+    name, method, steps, seed, preset, model, resolution, meshes, threads, names = job
+    from csd_backend.priors import load_prior
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    obj = get_object(name)
+    cfg = run_config(obj, method, steps, seed, preset, model, resolution)
+    if scorer is None:
+        if "scorer" not in _WORKER:
+            _WORKER["scorer"] = Scorer([get_object(n) for n in names], points=meshes)
+        scorer = _WORKER["scorer"]
+    key = repr(cfg.prior)
+    if key not in _WORKER:
+        _WORKER[key] = load_prior(cfg.prior)
+    opt, _blob, secs = train_scene(cfg, _WORKER[key])
+    rs, rend = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[name], meshes=meshes)
+    r = rs[name]
+    r["seconds"] = secs
+    return r, rend
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+def _fmt(v, nd=3):
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def write_table(results: dict, objects: List[ToyObject], methods: List[str], path: Path, header: str) -> str:
+    lines = [header, "",
+             "| object | method | IoU ↑ | Chamfer ↓ (acc / comp) | F@0.05 ↑ | colour err ↓ | mean rgb (true) | time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for o in objects:
+        for m in ["blob"] + methods:
+            r = results.get(f"{o.name}/{m}")
+            if r is None:
+                continue
+            ch = f"{_fmt(r.get('chamfer'))} ({_fmt(r.get('acc'))} / {_fmt(r.get('comp'))})"
+            rgb = r.get("rgb")
+            rgb_s = "—" if rgb is None else "(" + ", ".join(f"{v:.2f}" for v in rgb) + ")"
+            true_s = "(" + ", ".join(f"{v:.2f}" for v in o.color) + ")"
+            lines.append(f"| {o.name} | {m} | {_fmt(r['iou'][o.name])} | {ch} | {_fmt(r.get('fscore'))} | "
+                         f"{_fmt(r.get('colour_err'))} | {rgb_s} {true_s} | "
+                         f"{_fmt(r.get('seconds'), 0) if r.get('seconds') else '—'} s |")
+    names = [o.name for o in objects]
+    for m in methods:
+        rows = [(o.name, results.get(f"{o.name}/{m}")) for o in objects]
+        if not all(r is not None for _, r in rows):
+            continue
+        lines += ["", f"Cross-object silhouette IoU, method {m} (row: the prompt's object; column: scored against; "
+                      "**bold** = the row's best):", "",
+                  "| prompt \\ object | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for name, r in rows:
+            best = max(names, key=lambda b: r["iou"][b])
+            cells = [f"**{r['iou'][b]:.3f}**" if b == best else f"{r['iou'][b]:.3f}" for b in names]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    blob = results.get("blob")
+    if blob is not None:
+        lines += ["", "| blob (step 0) | " + " | ".join(f"{blob['iou'][b]:.3f}" for b in names) + " |"]
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def write_sheet(rows: List[tuple], path: Path, views=(0, 2, 4, 8, 12)) -> None:
+    """One block per run at a few of the eval views: its albedo renders on white (top), its normal maps (middle)
+    and the true object (bottom)."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for label, renders, gt in rows:
+        top = torch.cat([renders["albedo"][v] + (1 - renders["opacity"][v]).unsqueeze(-1) for v in views], 1)
+        middle = torch.cat([renders["normal"][v] for v in views], 1)
+        bottom = torch.cat([gt["rgb"][v] for v in views], 1)
+        tiles.append((label, torch.cat([top, middle, bottom], 0).clamp(0, 1)))
+    H, W = tiles[0][1].shape[:2]
+    label_w = 110
+    canvas = Image.new("RGB", (label_w + W, len(tiles) * (H + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, t) in enumerate(tiles):
+        canvas.paste(Image.fromarray((t.numpy() * 255 + 0.5).astype("uint8")), (label_w, i * (H + 4)))
+        draw.text((4, i * (H + 4) + H // 2 - 20), label + "\n\ntop: run albedo\nmiddle: normals\nbottom: truth",
+                  fill="black")
+    canvas.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objects", default=",".join(o.name for o in OBJECTS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="preview-cpu")
+    ap.add_argument("--model", default="toy", help="the prior (default: the shipped toy prior)")
+    ap.add_argument("--resolution", type=int, default=TOY_RESOLUTION,
+                    help="prior input size (default 64, the toy prior's native size; 0: the preset's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
+    ap.add_argument("--no-mesh", action="store_true", help="skip the mesh scores (faster)")
+    ap.add_argument("--out", type=Path, default=Path("runs/shape_quality"))
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    objects = [get_object(n.strip()) for n in args.objects.split(",") if n.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    t_all = time.perf_counter()
+    scorer = Scorer(objects, points=not args.no_mesh)
+    results: Dict[str, dict] = {}
+    sheet = []
+    # the step-0 scene depends only on the seed and the scene settings: score it once against every object
+    from csd_backend.optimize import Optimization
+    from csd_backend.priors import load_prior
+
+    cfg0 = run_config(objects[0], methods[0], args.steps, args.seed, args.preset, args.model, args.resolution or None)
+    blob = Optimization(cfg0, load_prior(cfg0.prior)).trained_scene()
+    rs, rend = scorer.score(blob, cfg0.render, own=[b.name for b in objects], meshes=not args.no_mesh)
+    for b in objects:
+        results[f"{b.name}/blob"] = rs[b.name]
+    results["blob"] = rs[objects[0].name]
+    sheet.append(("blob (step 0)", rend, scorer.gt[objects[0].name]))
+
+    jobs = [(o.name, m) for m in methods for o in objects]
+    common = (args.steps, args.seed, args.preset, args.model, args.resolution or None, not args.no_mesh,
+              args.threads, [o.name for o in objects])
+    def report(name, m, r):
+        print(f"{name:5s} {m}: IoU {r['iou'][name]:.3f} (best other "
+              f"{max((v for k, v in r['iou'].items() if k != name), default=float('nan')):.3f}), "
+              f"chamfer {_fmt(r.get('chamfer'))}, F {_fmt(r.get('fscore'))}, colour {_fmt(r.get('colour_err'))} "
+              f"rgb {r.get('rgb')}, {r['seconds']:.0f} s", flush=True)
+
+    outs = {}
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, (name, m, *common)): (name, m) for name, m in jobs}
+            for fut in as_completed(futures):
+                outs[futures[fut]] = fut.result()
+                report(*futures[fut], outs[futures[fut]][0])
+    else:
+        for name, m in jobs:
+            outs[(name, m)] = _run_one((name, m, *common), scorer)
+            report(name, m, outs[(name, m)][0])
+    for name, m in jobs:
+        r, rend = outs[(name, m)]
+        results[f"{name}/{m}"] = r
+        sheet.append((f"{name} / {m}", rend, scorer.gt[name]))
+    header = (f"Shape quality with the toy prior: preset {args.preset}, {args.steps} steps, seed {args.seed}, "
+              f"prior resolution {args.resolution or 'preset'}, {args.jobs} job(s) × {args.threads} torch thread(s); "
+              f"{len(eval_cameras())} views at {EVAL_SIZE}², distance {EVAL_DISTANCE}, fovy {EVAL_FOVY}; "
+              f"total {time.perf_counter() - t_all:.0f} s")
+    text = write_table(results, objects, methods, args.out / "table.md", header)
+    (args.out / "scores.json").write_text(json.dumps(results, indent=2))
+    write_sheet(sheet, args.out / "sheet.png")
+    print(text)
+    print(f"wrote {args.out / 'table.md'}, {args.out / 'scores.json'}, {args.out / 'sheet.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

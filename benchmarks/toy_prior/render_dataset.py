@@ -1,0 +1,152 @@
+"""Render the toy prior's training set: the objects of ``objects.py`` seen the way the engine sees a scene.
+
+* Cameras: ``csd_backend.render.cameras.sample_cameras`` with the camera settings of the presets (``csd-coarse``:
+  elevation −10…90° with the official ``csd-r1`` sampling, ``sds-dreamfusion``: −10…45° uniform; distance
+  1.5–2, fovy 40–70, stratified azimuths) and its light positions; rays from ``get_rays`` (64×64, 2×2
+  supersampled).
+* Shadings as ``volume_renderer.py``: albedo, ``textureless`` normal maps n·0.5+0.5 (CSD presets), Lambertian
+  ``diffuse`` (albedo·(0.1 + 0.9·max(0, n·l))) and the grey Lambertian ``textureless`` of the SDS preset.
+* Backgrounds: random solid colours (the engine's ``random_background_prob``), white, grey, and smooth random
+  environment maps (sigmoid of a random band-2 spherical-harmonics function of the ray direction, the same
+  family as the engine's neural environment map).
+
+Captions are not stored: each image keeps its object, elevation and azimuth, and ``train.py`` draws a caption
+per sample (view-suffixed, plain, empty or the default negative prompt).
+
+    python benchmarks/toy_prior/render_dataset.py --per-object 64 --out /tmp/toy_data.pt --sheet sheet.png
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+for _p in (_HERE.parents[1], _HERE.parent):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from toy_prior.objects import OBJECTS, render_object  # noqa: E402
+
+IMAGE_SIZE = 64
+#: (camera preset, probability): whose camera settings the views are drawn from
+CAMERA_MIX = (("csd-coarse", 0.7), ("sds-dreamfusion", 0.3))
+SHADING_MIX = (("albedo", 0.55), ("textureless", 0.20), ("diffuse", 0.15), ("grey", 0.10))
+BACKGROUND_MIX = (("solid", 0.35), ("white", 0.15), ("grey", 0.10), ("env", 0.40))
+#: cameras drawn per call of the sampler (the csd-r1 elevation rule picks one of its two modes per call)
+CAMERA_CHUNK = 8
+
+
+def _pick(mix, g: torch.Generator) -> str:
+    names, probs = zip(*mix)
+    return names[int(torch.multinomial(torch.tensor(probs), 1, generator=g))]
+
+
+def _logit(x: torch.Tensor) -> torch.Tensor:
+    x = x.clamp(1e-4, 1 - 1e-4)
+    return torch.log(x / (1 - x))
+
+
+def random_backgrounds(kinds, g: torch.Generator) -> torch.Tensor:
+    """Environment-map coefficients ``[B, 3, 9]`` (``sigmoid(c · SH(d))``); a solid colour is the DC term only."""
+    B = len(kinds)
+    coeffs = torch.zeros(B, 3, 9)
+    for i, kind in enumerate(kinds):
+        if kind == "env":
+            scale = 0.2 + 1.8 * torch.rand(1, generator=g)
+            coeffs[i] = torch.randn(3, 9, generator=g) * scale
+            coeffs[i, :, 0] = torch.randn(3, generator=g) * 2.0  # the mean colour
+            continue
+        if kind == "solid":
+            color = torch.rand(3, generator=g)
+        elif kind == "white":
+            color = torch.ones(3)
+        else:  # grey
+            color = torch.full((3,), float(0.2 + 0.7 * torch.rand(1, generator=g)))
+        coeffs[i, :, 0] = _logit(color) / 0.2820948
+    return coeffs
+
+
+def sample_views(n: int, g: torch.Generator):
+    """``n`` training cameras (64×64) drawn with the presets' camera settings, in chunks of CAMERA_CHUNK."""
+    from csd_backend.presets import get_preset
+    from csd_backend.render.cameras import Cameras, sample_cameras
+
+    cfgs = {name: dataclasses.replace(get_preset(name).camera, batch_size=CAMERA_CHUNK, height=IMAGE_SIZE,
+                                      width=IMAGE_SIZE) for name, _ in CAMERA_MIX}
+    parts = []
+    while sum(len(p) for p in parts) < n:
+        cfg = cfgs[_pick(CAMERA_MIX, g)]
+        parts.append(sample_cameras(cfg, step=1, generator=g))  # step > 0: no fixed first view
+    cat = lambda k: torch.cat([getattr(p, k) for p in parts])[:n]  # noqa: E731
+    return Cameras(cat("c2w"), cat("fovy"), cat("elevation"), cat("azimuth"), cat("distance"),
+                   cat("light_positions"), IMAGE_SIZE, IMAGE_SIZE)
+
+
+def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print) -> Dict[str, torch.Tensor]:
+    """Images ``uint8 [N, 64, 64, 3]`` with ``object`` ``[N]`` (index into OBJECTS), ``elevation``/``azimuth``
+    ``[N]`` degrees, ``shading`` ``[N]`` (index into SHADING_MIX) and ``background`` ``[N]`` (BACKGROUND_MIX)."""
+    from csd_backend.render.cameras import Cameras
+
+    g = torch.Generator().manual_seed(seed)
+    shading_names = [s for s, _ in SHADING_MIX]
+    bg_names = [b for b, _ in BACKGROUND_MIX]
+    out = {k: [] for k in ("images", "object", "elevation", "azimuth", "shading", "background")}
+    t0 = time.perf_counter()
+    for oi, obj in enumerate(OBJECTS):
+        cams = sample_views(per_object, g)
+        for s in range(0, per_object, batch):
+            sl = slice(s, min(s + batch, per_object))
+            sub = Cameras(cams.c2w[sl], cams.fovy[sl], cams.elevation[sl], cams.azimuth[sl], cams.distance[sl],
+                          cams.light_positions[sl], IMAGE_SIZE, IMAGE_SIZE)
+            shading = _pick(SHADING_MIX, g)
+            kinds = [_pick(BACKGROUND_MIX, g) for _ in range(len(sub))]
+            r = render_object(obj, sub, "albedo" if shading == "albedo" else shading,
+                              env_coeffs=random_backgrounds(kinds, g))
+            out["images"].append((r["rgb"].clamp(0, 1) * 255 + 0.5).to(torch.uint8))
+            out["object"].append(torch.full((len(sub),), oi, dtype=torch.long))
+            out["elevation"].append(sub.elevation.clone())
+            out["azimuth"].append(sub.azimuth.clone())
+            out["shading"].append(torch.full((len(sub),), shading_names.index(shading), dtype=torch.long))
+            out["background"].append(torch.tensor([bg_names.index(k) for k in kinds]))
+        log(f"  rendered {obj.name}: {per_object} images ({time.perf_counter() - t0:.1f} s so far)")
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def save_sheet(data: Dict[str, torch.Tensor], path: Path, per_object: int = 12) -> None:
+    """A PNG with the first ``per_object`` images of every object (one row per object)."""
+    from PIL import Image
+
+    rows = []
+    for oi in range(len(OBJECTS)):
+        idx = torch.nonzero(data["object"] == oi).squeeze(-1)[:per_object]
+        rows.append(torch.cat(list(data["images"][idx]), 1))
+    Image.fromarray(torch.cat(rows, 0).numpy()).save(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-object", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="save the tensors here (torch.save)")
+    ap.add_argument("--sheet", type=Path, default=None, help="write a PNG with some images of every object")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    data = render_dataset(args.per_object, args.seed)
+    print(f"{len(data['images'])} images in {time.perf_counter() - t0:.1f} s")
+    if args.out:
+        torch.save(data, args.out)
+    if args.sheet:
+        save_sheet(data, args.sheet)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""The shipped toy prior (``--model toy``): it loads through the normal SD loader, ships as package data, and a
+short CSD run with it makes the prompted object (silhouette IoU against the exact ground truth of
+``benchmarks/toy_prior/objects.py``)."""
+from __future__ import annotations
+
+import fnmatch
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from csd_backend.config import PriorConfig  # noqa: E402
+from csd_backend.priors import TOY_MODEL, TOY_PROMPTS, load_prior, toy_model_path  # noqa: E402
+
+#: the CI run: object, steps and the margins its silhouette IoU must beat the other objects and the blob by
+CI_OBJECT = "cone"
+CI_STEPS = 150
+CI_MARGIN_OBJECTS = 0.05
+CI_MARGIN_BLOB = 0.05
+
+
+@pytest.fixture(scope="module")
+def toy_prior(one_torch_thread):
+    return load_prior(PriorConfig(model=TOY_MODEL, device="cpu"))
+
+
+def test_toy_prior_loads_through_the_sd_loader(toy_prior):
+    p = toy_prior
+    assert p.name == "toy" and p.source == "toy"
+    assert p.resolution == 64 and p.vae_scale_factor == 4  # native 64², latents 4×16×16
+    assert p.input_size(64, 64) == (64, 64)
+    z = p.encode_images(torch.rand(1, 64, 64, 3))
+    assert z.shape == (1, 4, 16, 16)
+    emb = p.encode_text(["a red cube, front view", ""])
+    eps = p.predict_noise(p.add_noise(z, torch.randn_like(z), torch.tensor([500])).repeat(2, 1, 1, 1),
+                          torch.tensor([500, 500]), emb)
+    assert eps.shape == (2, 4, 16, 16) and torch.isfinite(eps).all()
+    # SD's noise schedule (scaled_linear 0.00085 → 0.012 over 1000 steps)
+    assert p.num_train_timesteps == 1000
+    assert abs(float(p.alphas_cumprod[-1]) - 0.0047) < 5e-4
+
+
+def test_toy_prompts_match_the_ground_truth_objects():
+    from toy_prior.objects import OBJECTS
+
+    assert tuple(o.prompt for o in OBJECTS) == TOY_PROMPTS
+
+
+def test_toy_model_is_package_data_and_small():
+    files = [p for p in toy_model_path().rglob("*") if p.is_file()]
+    assert (toy_model_path() / "model_index.json") in files
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "csd_backend.priors"]
+    base = toy_model_path().parent
+    missing = [str(p.relative_to(base)) for p in files
+               if not any(fnmatch.fnmatch(str(p.relative_to(base).as_posix()), pat) for pat in patterns)]
+    assert not missing, f"files of the toy prior that pip install would leave out: {missing}"
+    assert sum(p.stat().st_size for p in files) < 10e6
+
+
+def test_toy_model_is_selectable_in_the_cli():
+    from csd_backend.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "a red cube", "--model", "toy", "--out", "x"])
+    assert args.model == "toy"
+
+
+def test_short_csd_run_makes_its_own_object(toy_prior):
+    """CSD with the toy prior for CI_STEPS steps of preview-cpu: the silhouette IoU against its own object beats
+    every other object and the starting blob by a clear margin."""
+    from shape_quality import Scorer, run_config
+    from toy_prior.objects import OBJECTS, get_object
+
+    from csd_backend.optimize import Optimization
+
+    obj = get_object(CI_OBJECT)
+    cfg = run_config(obj, "csd", CI_STEPS, seed=0)
+    opt = Optimization(cfg, toy_prior)
+    blob = opt.trained_scene()
+    scorer = Scorer(OBJECTS, size=64, points=False)
+    before = scorer.score(blob, cfg.render, own=[obj.name], meshes=False)[0][obj.name]["iou"]
+    opt.run()
+    after = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[obj.name], meshes=False)[0][
+        obj.name]["iou"]
+    others = {k: v for k, v in after.items() if k != obj.name}
+    msg = f"IoU after {CI_STEPS} steps {after}, blob {before}"
+    assert after[obj.name] > max(others.values()) + CI_MARGIN_OBJECTS, msg
+    assert after[obj.name] > before[obj.name] + CI_MARGIN_BLOB, msg
