@@ -55,8 +55,6 @@ EVAL_DISTANCE = 2.0
 EVAL_FOVY = 50.0
 F_TAU = 0.05
 N_POINTS = 20000
-#: the toy prior's native resolution (until the loader clamps a preset's larger resolution itself)
-TOY_RESOLUTION = 64
 
 
 # ------------------------------------------------------------------------------------------------- cameras
@@ -80,7 +78,9 @@ def eval_cameras(size: int = EVAL_SIZE):
 
 # ------------------------------------------------------------------------------------------------- configs
 def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str = "preview-cpu",
-               model: str = "toy", resolution: Optional[int] = TOY_RESOLUTION):
+               model: str = "toy", resolution: Optional[int] = None, overrides: Optional[dict] = None):
+    """The run of ``method`` for ``obj``'s prompt: the preset stretched to ``steps``, then ``overrides``
+    (``{section: {field: value}}``, in the run's own steps) on top."""
     from csd_backend.presets import PRESETS, get_preset
 
     if method not in METHODS:
@@ -95,7 +95,8 @@ def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str =
         over["guidance"].update({k: sds[k] for k in ("mode", "cfg_scale", "weighting", "grad_normalize",
                                                       "front_threshold", "back_threshold", "negative_prompt",
                                                       "min_step_percent", "max_step_percent")})
-    return cfg.replace(**over).with_steps(steps)
+    cfg = cfg.replace(**over).with_steps(steps)
+    return cfg.replace(**overrides) if overrides else cfg
 
 
 # ------------------------------------------------------------------------------------------------- renders
@@ -216,13 +217,13 @@ _WORKER: dict = {}
 
 def _run_one(job, scorer: Optional[Scorer] = None):
     """Train and score one (object, method) run; in a worker process the prior and the scorer are cached."""
-    name, method, steps, seed, preset, model, resolution, meshes, threads, names = job
+    name, method, steps, seed, preset, model, resolution, meshes, threads, names, overrides = job
     from csd_backend.priors import load_prior
 
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     obj = get_object(name)
-    cfg = run_config(obj, method, steps, seed, preset, model, resolution)
+    cfg = run_config(obj, method, steps, seed, preset, model, resolution, overrides)
     if scorer is None:
         if "scorer" not in _WORKER:
             _WORKER["scorer"] = Scorer([get_object(n) for n in names], points=meshes)
@@ -309,8 +310,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="preview-cpu")
     ap.add_argument("--model", default="toy", help="the prior (default: the shipped toy prior)")
-    ap.add_argument("--resolution", type=int, default=TOY_RESOLUTION,
-                    help="prior input size (default 64, the toy prior's native size; 0: the preset's)")
+    ap.add_argument("--resolution", type=int, default=0,
+                    help="prior input size (default 0: the preset's, at most the model's native size)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override a setting of every run (JSON values, in the run's own steps), e.g. "
+                         "--set loss.opaque=0.1")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     ap.add_argument("--no-mesh", action="store_true", help="skip the mesh scores (faster)")
@@ -330,7 +334,11 @@ def main(argv=None) -> int:
     from csd_backend.optimize import Optimization
     from csd_backend.priors import load_prior
 
-    cfg0 = run_config(objects[0], methods[0], args.steps, args.seed, args.preset, args.model, args.resolution or None)
+    from csd_backend.cli import _overrides
+
+    overrides = _overrides(args.set)
+    cfg0 = run_config(objects[0], methods[0], args.steps, args.seed, args.preset, args.model, args.resolution or None,
+                      overrides)
     blob = Optimization(cfg0, load_prior(cfg0.prior)).trained_scene()
     rs, rend = scorer.score(blob, cfg0.render, own=[b.name for b in objects], meshes=not args.no_mesh)
     for b in objects:
@@ -340,7 +348,7 @@ def main(argv=None) -> int:
 
     jobs = [(o.name, m) for m in methods for o in objects]
     common = (args.steps, args.seed, args.preset, args.model, args.resolution or None, not args.no_mesh,
-              args.threads, [o.name for o in objects])
+              args.threads, [o.name for o in objects], overrides)
     def report(name, m, r):
         print(f"{name:5s} {m}: IoU {r['iou'][name]:.3f} (best other "
               f"{max((v for k, v in r['iou'].items() if k != name), default=float('nan')):.3f}), "
@@ -367,6 +375,7 @@ def main(argv=None) -> int:
         sheet.append((f"{name} / {m}", rend, scorer.gt[name]))
     header = (f"Shape quality with the toy prior: preset {args.preset}, {args.steps} steps, seed {args.seed}, "
               f"prior resolution {args.resolution or 'preset'}, {args.jobs} job(s) × {args.threads} torch thread(s); "
+              f"{'settings ' + ' '.join(args.set) + '; ' if args.set else ''}"
               f"{len(eval_cameras())} views at {EVAL_SIZE}², distance {EVAL_DISTANCE}, fovy {EVAL_FOVY}; "
               f"total {time.perf_counter() - t_all:.0f} s")
     text = write_table(results, objects, methods, args.out / "table.md", header)

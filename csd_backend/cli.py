@@ -712,10 +712,14 @@ def cmd_presets(args) -> int:
     return 0
 
 
-#: what a user without model weights can run (printed under every "model not found" error)
-TRY_WITHOUT_WEIGHTS = ("to try the tool without any weights, use --model analytic (an exact Gaussian test prior "
-                       "that turns renders the colour named in the prompt, e.g. --prompt \"a red ball\" --preset "
-                       "preview-cpu)")
+def try_without_weights() -> str:
+    """What a user without model weights can run (printed under every "model not found" error)."""
+    from .priors import TOY_PROMPTS
+
+    known = ", ".join(f'"{p}"' for p in TOY_PROMPTS)
+    return ("to try the tool without downloading weights, use the small prior shipped with it: --model toy (it knows "
+            f"{known}; e.g. --prompt \"a red cube\" --preset preview-cpu), or --model analytic (an exact test "
+            "prior that only knows colours)")
 
 
 def quiet_third_party() -> None:
@@ -773,7 +777,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except CSDError as e:
             print(f"error: {e}", file=sys.stderr)
             if isinstance(e, ModelNotFoundError):
-                print(f"hint: {TRY_WITHOUT_WEIGHTS}", file=sys.stderr)
+                print(f"hint: {try_without_weights()}", file=sys.stderr)
             return 2
         except OSError as e:  # a full disk, a permission changed meanwhile, ...
             print(f"error: {e} (set CSD_DEBUG=1 for the traceback)", file=sys.stderr)

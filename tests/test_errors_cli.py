@@ -80,7 +80,8 @@ def test_missing_model_on_the_command_line_says_how_to_try_without_weights(tmp_p
     code = main(["generate", "--prompt", "a corgi", "--model", str(tmp_path / "no-such-model"), "--preset",
                  "preview-cpu", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "error:" in err and "--model analytic" in err and "Traceback" not in err
+    assert code == 2 and "error:" in err and "--model toy" in err and "--model analytic" in err
+    assert "Traceback" not in err
 
 
 def test_render_size_the_prior_cannot_take(tiny_sd):
