@@ -49,8 +49,11 @@ class PriorConfig:
     model_config: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float16 | float32 | bfloat16
-    #: image size the render is resized to before encoding (None: the model's native size, 512 for SD)
+    #: image size the render is resized to before encoding (None: the model's native size, 512 for SD 1.5/2.1-base;
+    #: above the native size: a warning, and the native size)
     resolution: Optional[int] = None
+    #: a cap on the default above (presets lower the cost with it; a smaller model keeps its own size, silently)
+    max_resolution: Optional[int] = None
 
 
 @dataclass
@@ -251,8 +254,9 @@ class RunConfig:
         g, s, c, r, o = self.guidance, self.scene, self.camera, self.render, self.optim
         if require_model and not self.prior.model.strip():
             raise ConfigError("model", "no diffusion model given; pass a diffusers folder, a .safetensors file or a hub id")
-        if self.prior.resolution is not None:
-            _int_range("prior.resolution", self.prior.resolution, 8, 8192)
+        for name in ("resolution", "max_resolution"):
+            if getattr(self.prior, name) is not None:
+                _int_range(f"prior.{name}", getattr(self.prior, name), 8, 8192)
         _choice("guidance.mode", g.mode, GUIDANCE_MODES)
         _choice("guidance.weighting", g.weighting, WEIGHTINGS)
         for name in ("prompt", "negative_prompt", "source_prompt"):

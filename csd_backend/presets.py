@@ -36,7 +36,7 @@ _STAGE1_OBJECT: Dict[str, Any] = {
     "loss": {"orient": [5000, 1.0, 20.0, 5001], "sparsity": 1.0, "opaque": 0.0},
     "optim": {"steps": 10000, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-15, "checkpoint_every": 500,
               "preview_every": 200},
-    "prior": {"resolution": 512},
+    "prior": {"resolution": None, "max_resolution": 512},
 }
 
 
@@ -78,7 +78,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                    "textureless_prob": 0.5, "textureless_normal": False, "ambient_light": 0.1, "diffuse_light": 0.9},
         "loss": {"guidance": 1.0, "orient": [0, 10.0, 1000.0, 5000], "sparsity": 1.0, "opaque": 0.0},
         "optim": {"steps": 10000, "lr": 1e-2, "betas": [0.9, 0.99], "eps": 1e-15, "group_lr": {"background": 1e-3}},
-        "prior": {"resolution": 512},
+        "prior": {"resolution": None, "max_resolution": 512},
     }),
     "csd-edit": _merge(_STAGE1_OBJECT, {
         "guidance": {"mode": "edit", "guidance_weight": 1.0, "negative_weight": 1.0, "weighting": "sds",
@@ -95,7 +95,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                    "grid_update_every": 8},
         "loss": {"orient": [200, 1.0, 20.0, 201], "sparsity": 1.0},
         "optim": {"steps": 400, "lr": 1e-2, "checkpoint_every": 50, "preview_every": 25},
-        "prior": {"resolution": 256},
+        "prior": {"resolution": None, "max_resolution": 256},
     }),
 }
 

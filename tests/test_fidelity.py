@@ -142,7 +142,7 @@ DREAMFUSION_SD = {
     "optimizer.args.eps": ("optim.eps", 1e-15),
     "optimizer.params.background.lr": ("optim.group_lr", {"background": 0.001}),
     "trainer.max_steps": ("optim.steps", 10000),
-    "guidance: SD 2.1-base, renders resized to 512": ("prior.resolution", 512),
+    "guidance: SD 2.1-base, renders resized to 512": ("prior.max_resolution", 512),
     "seed": ("optim.seed", 0),
 }
 

@@ -356,3 +356,20 @@ def test_resolution_defaults_to_native_and_never_exceeds_it(tiny_sd, caplog):
     with caplog.at_level("WARNING", logger="csd_backend"):
         small = load_stable_diffusion(tiny_sd["folder"], device="cpu", resolution=32)
     assert small.resolution == 32 and not caplog.records
+
+
+def test_a_presets_resolution_cap_lowers_the_native_size_and_never_raises_it(tiny_sd, caplog):
+    """``prior.max_resolution`` (what presets set): a cap on the native size, silent either way."""
+    from csd_backend.config import PriorConfig
+    from csd_backend.presets import get_preset
+    from csd_backend.priors import load_prior
+
+    with caplog.at_level("WARNING", logger="csd_backend"):
+        capped = load_stable_diffusion(tiny_sd["folder"], device="cpu", max_resolution=32)
+        above = load_stable_diffusion(tiny_sd["folder"], device="cpu", max_resolution=512)
+    assert capped.resolution == 32 and above.resolution == 64 and not caplog.records
+    preset = get_preset("preview-cpu").prior
+    assert preset.resolution is None and preset.max_resolution == 256
+    with caplog.at_level("WARNING", logger="csd_backend"):
+        p = load_prior(PriorConfig(model=str(tiny_sd["folder"]), device="cpu", max_resolution=preset.max_resolution))
+    assert p.resolution == 64 and not caplog.records

@@ -43,12 +43,13 @@ def load_prior(cfg: PriorConfig) -> DiffusionPrior:
                 f"the toy prior is missing from this installation (looked for {path / 'model_index.json'}); "
                 "reinstall the package, or rebuild it with `python benchmarks/toy_prior/train.py --out "
                 f"{path} --work runs/toy_prior`")
-        prior = load_stable_diffusion(path, device=cfg.device, dtype=cfg.dtype, resolution=cfg.resolution)
+        prior = load_stable_diffusion(path, device=cfg.device, dtype=cfg.dtype, resolution=cfg.resolution,
+                                      max_resolution=cfg.max_resolution)
         prior.name = TOY_MODEL  # checkpoints record it; --resume then needs --model toy again
         prior.source = TOY_MODEL  # what load_prior takes back (the nodes store it as the run's model)
         return prior
     return load_stable_diffusion(model, device=cfg.device, dtype=cfg.dtype, config=cfg.model_config,
-                                 resolution=cfg.resolution)
+                                 resolution=cfg.resolution, max_resolution=cfg.max_resolution)
 
 
 __all__ = ["DiffusionPrior", "load_prior", "TOY_MODEL", "TOY_PROMPTS", "toy_model_path"]

@@ -207,6 +207,7 @@ class StableDiffusionPrior(DiffusionPrior):
         prediction_type: str = "epsilon",
         device: str | torch.device = "cpu",
         resolution: Optional[int] = None,
+        max_resolution: Optional[int] = None,
         source: str = "<components>",
         scheduler=None,
     ):
@@ -225,8 +226,10 @@ class StableDiffusionPrior(DiffusionPrior):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self.native_resolution = native_resolution(unet, vae, self.vae_scale_factor)
-        if resolution is None:
+        if resolution is None:  # the model's own size, under a preset's cap (a cap never raises it: no warning)
             resolution = self.native_resolution
+            if max_resolution is not None:
+                resolution = min(resolution, int(max_resolution))
         if isinstance(resolution, bool) or int(resolution) <= 0:
             raise ConfigError("resolution", f"{resolution} must be a positive number of pixels (e.g. 512)")
         if int(resolution) > self.native_resolution:
@@ -250,6 +253,7 @@ class StableDiffusionPrior(DiffusionPrior):
         device: str | torch.device = "auto",
         dtype: str | torch.dtype | None = None,
         resolution: Optional[int] = None,
+        max_resolution: Optional[int] = None,
         source: str = "<components>",
     ) -> "StableDiffusionPrior":
         """Build the prior from already-loaded diffusers/transformers modules.
@@ -279,6 +283,7 @@ class StableDiffusionPrior(DiffusionPrior):
             prediction_type=sched_cfg.get("prediction_type", "epsilon"),
             device=dev,
             resolution=resolution,
+            max_resolution=max_resolution,
             source=source,
             scheduler=ddim,
         )
@@ -563,12 +568,15 @@ def load_stable_diffusion(
     dtype: str | torch.dtype = "auto",
     config: Optional[str | os.PathLike] = None,
     resolution: Optional[int] = None,
+    max_resolution: Optional[int] = None,
     cache_dir: Optional[str | os.PathLike] = None,
 ) -> StableDiffusionPrior:
     """Load a frozen SD 1.x/2.x prior from a diffusers folder, an LDM single file or a hub id.
 
     ``config``: for single files, a diffusers folder or hub id to take the architecture configs from.
-    ``resolution``: the side the renders are resized to (default: the VAE's ``sample_size``, else 512).
+    ``resolution``: the side the renders are resized to (default: the model's native size, ``unet.sample_size`` × the
+    VAE factor; above it: a warning, and the native size). ``max_resolution``: a cap on the default (presets lower
+    the cost with it; a model smaller than the cap keeps its own size, without a warning).
     ``cache_dir``: Hugging Face hub cache to use instead of the default one.
     """
     dev = resolve_device(device)
@@ -632,5 +640,5 @@ def load_stable_diffusion(
 
     return StableDiffusionPrior.from_components(
         parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
-        device=dev, dtype=torch_dtype, resolution=resolution, source=raw,
+        device=dev, dtype=torch_dtype, resolution=resolution, max_resolution=max_resolution, source=raw,
     )
