@@ -185,11 +185,12 @@ class Scorer:
         self.pts = {o.name: surface_points(o, N_POINTS).numpy() for o in objects} if points else {}
         self.objects = objects
 
-    def score(self, scene, render_cfg, renderer=None, own=(), meshes: bool = True):
+    def score(self, scene, render_cfg, renderer=None, own=(), meshes: bool = True, normals: bool = True):
         """Silhouette IoU against every object; for each object in ``own``, also the colour and mesh scores.
-        Returns ({object: scores}, renders)."""
+        Returns ({object: scores}, renders); ``normals=False`` skips the normal-map render (only the sheet uses it)."""
         albedo, opacity = render_scene(scene, self.cams, render_cfg, renderer, "albedo", background=[0, 0, 0])
-        normal, _ = render_scene(scene, self.cams, render_cfg, renderer, "textureless", background=[1, 1, 1])
+        normal = (render_scene(scene, self.cams, render_cfg, renderer, "textureless", background=[1, 1, 1])[0]
+                  if normals else None)
         iou = {name: silhouette_iou(opacity, gt["mask"]) for name, gt in self.gt.items()}
         pts, info = mesh_points(scene) if meshes else (None, {})
         out = {}

@@ -243,7 +243,7 @@ def test_widget_defaults_come_from_the_engine_configs(pack):
     assert seed["control_after_generate"] is False  # a long run must not re-run with a new seed on every queue
 
 
-@pytest.mark.parametrize("preset,steps", [("csd-coarse", 10000), ("preview-cpu", 400), ("csd-coarse", 1000)])
+@pytest.mark.parametrize("preset,steps", [("csd-coarse", 10000), ("preview-cpu", 150), ("csd-coarse", 1000)])
 def test_guidance_defaults_reproduce_the_presets(pack, common, preset, steps):
     """The Guidance node's defaults are the spec's stage 1: with the preset's run length they give exactly the
     preset's schedules, and a shorter run keeps the same phases (as RunConfig.with_steps)."""

@@ -19,11 +19,13 @@ if str(BENCH) not in sys.path:
 from csd_backend.config import PriorConfig  # noqa: E402
 from csd_backend.priors import TOY_MODEL, TOY_PROMPTS, load_prior, toy_model_path  # noqa: E402
 
-#: the CI run: object, steps and the margins its silhouette IoU must beat the other objects and the blob by
+#: the CI run: object, steps (preview-cpu's schedules stretched to them) and the margins by which its silhouette IoU
+#: must beat the other objects and the starting blob. Measured (1 thread): cone 0.778 after 100 steps, best other
+#: object (mug) 0.617, blob 0.507; the curve over longer runs is in the README ("Shape quality").
 CI_OBJECT = "cone"
-CI_STEPS = 150
-CI_MARGIN_OBJECTS = 0.05
-CI_MARGIN_BLOB = 0.05
+CI_STEPS = 100
+CI_MARGIN_OBJECTS = 0.1
+CI_MARGIN_BLOB = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +87,10 @@ def test_short_csd_run_makes_its_own_object(toy_prior):
     opt = Optimization(cfg, toy_prior)
     blob = opt.trained_scene()
     scorer = Scorer(OBJECTS, size=64, points=False)
-    before = scorer.score(blob, cfg.render, own=[obj.name], meshes=False)[0][obj.name]["iou"]
+    before = scorer.score(blob, cfg.render, own=[obj.name], meshes=False, normals=False)[0][obj.name]["iou"]
     opt.run()
-    after = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[obj.name], meshes=False)[0][
-        obj.name]["iou"]
+    after = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[obj.name], meshes=False,
+                         normals=False)[0][obj.name]["iou"]
     others = {k: v for k, v in after.items() if k != obj.name}
     msg = f"IoU after {CI_STEPS} steps {after}, blob {before}"
     assert after[obj.name] > max(others.values()) + CI_MARGIN_OBJECTS, msg

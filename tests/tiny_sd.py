@@ -19,8 +19,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Dict
+
+_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(_BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(_BENCHMARKS))
+from toy_prior.train import byte_alphabet  # noqa: E402  (one CLIP byte alphabet for both tiny tokenizers)
 
 import torch
 
@@ -30,21 +36,9 @@ TINY_MAX_LENGTH = 77
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
-def _byte_to_unicode() -> Dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: every byte gets a printable unicode character."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _write_tokenizer_files(folder: Path) -> None:
     """A hand-written byte-level CLIP vocabulary (+ a few merges) in the vocab.json / merges.txt format."""
-    chars = list(_byte_to_unicode().values())
+    chars = list(byte_alphabet().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges = [("a", "n</w>"), ("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("c", "a"), ("ca", "t</w>")]
     tokens += [a + b for a, b in merges]

@@ -76,8 +76,9 @@ def known_words() -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
-def _byte_to_unicode() -> Dict[int, str]:
-    """The byte-level alphabet of GPT-2/CLIP BPE: every byte gets a printable character."""
+def byte_alphabet() -> Dict[int, str]:
+    """The byte-level alphabet of GPT-2/CLIP BPE: every byte gets a printable character (also used by the
+    tests' tiny tokenizer, ``tests/tiny_sd.py``)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
     table = {b: chr(b) for b in printable}
     extra = 0
@@ -104,7 +105,7 @@ def tokenizer_tables(words: List[str]):
     """``(vocab, merges)`` of the toy tokenizer: the byte-level alphabet plus BPE merges that make every word in
     ``words`` one token (merges are added word by word, each after the merges it needs, so earlier words keep
     their single token). Other text still tokenizes, character by character."""
-    chars = list(_byte_to_unicode().values())
+    chars = list(byte_alphabet().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges: List[tuple] = []
     ranks: Dict[tuple, int] = {}
