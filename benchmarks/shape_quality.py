@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--objects", default=",".join(o.name for o in OBJECTS))
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=0, help="training steps (default 0: the preset's own, 150 for preview-cpu)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="preview-cpu")
     ap.add_argument("--model", default="toy", help="the prior (default: the shipped toy prior)")
@@ -321,6 +321,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-mesh", action="store_true", help="skip the mesh scores (faster)")
     ap.add_argument("--out", type=Path, default=Path("runs/shape_quality"))
     args = ap.parse_args(argv)
+    if args.steps <= 0:
+        from csd_backend.presets import get_preset
+
+        args.steps = get_preset(args.preset).optim.steps
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     objects = [get_object(n.strip()) for n in args.objects.split(",") if n.strip()]

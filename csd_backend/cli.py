@@ -718,7 +718,7 @@ def try_without_weights() -> str:
 
     known = ", ".join(f'"{p}"' for p in TOY_PROMPTS)
     return ("to try the tool without downloading weights, use the small prior shipped with it: --model toy (it knows "
-            f"{known}; e.g. --prompt \"a red cube\" --preset preview-cpu), or --model analytic (an exact test "
+            f"{known}; e.g. --prompt \"a green cone\" --preset preview-cpu), or --model analytic (an exact test "
             "prior that only knows colours)")
 
 
