@@ -100,31 +100,17 @@ def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str =
 
 
 # ------------------------------------------------------------------------------------------------- renders
-@torch.no_grad()
 def render_scene(scene, cams, render_cfg, renderer=None, shading: str = "albedo", background=None):
     """The engine's render of ``scene``: rgb ``[B, H, W, 3]`` and opacity ``[B, H, W]`` (CPU)."""
-    from csd_backend.render.cameras import get_rays
-    from csd_backend.render.views import prepare_renderer
+    from csd_backend.render.views import render_cameras_with_opacity
 
-    was = scene.training
-    scene.eval()
-    try:
-        r = prepare_renderer(scene, render_cfg, renderer)
-        r_was = r.training
-        r.eval()
-        rays_o, rays_d = get_rays(cams)
-        bg = None if background is None else torch.as_tensor(background, dtype=torch.float32).expand(len(cams), 3)
-        out = r(scene.volume, scene.background, rays_o, rays_d, shading, cams.light_positions, bg)
-        r.train(r_was)
-    finally:
-        scene.train(was)
-    return out.rgb.clamp(0, 1), out.opacity[..., 0]
+    bg = None if background is None else torch.tensor(background, dtype=torch.float32)
+    return render_cameras_with_opacity(scene, cams, shading, render_cfg, renderer, bg)
 
 
 @torch.no_grad()
 def truth(obj: ToyObject, cams) -> Dict[str, torch.Tensor]:
-    out = render_object(obj, cams, "albedo", background=torch.ones(len(cams), 3), supersample=2)
-    return out
+    return render_object(obj, cams, "albedo", background=torch.ones(len(cams), 3), supersample=2)
 
 
 def silhouette_iou(pred_opacity: torch.Tensor, true_cov: torch.Tensor) -> float:
@@ -203,14 +189,14 @@ class Scorer:
         return out, {"albedo": albedo, "opacity": opacity, "normal": normal}
 
 
-def train_scene(cfg, prior, log=print):
+def train_scene(cfg, prior):
+    """The finished optimisation of ``cfg`` and its training time in seconds."""
     from csd_backend.optimize import Optimization
 
     opt = Optimization(cfg, prior)
-    blob = opt.trained_scene()
     t0 = time.perf_counter()
     opt.run()
-    return opt, blob, time.perf_counter() - t0
+    return opt, time.perf_counter() - t0
 
 
 _WORKER: dict = {}
@@ -232,7 +218,7 @@ def _run_one(job, scorer: Optional[Scorer] = None):
     key = repr(cfg.prior)
     if key not in _WORKER:
         _WORKER[key] = load_prior(cfg.prior)
-    opt, _blob, secs = train_scene(cfg, _WORKER[key])
+    opt, secs = train_scene(cfg, _WORKER[key])
     rs, rend = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[name], meshes=meshes)
     r = rs[name]
     r["seconds"] = secs

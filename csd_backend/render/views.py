@@ -23,10 +23,11 @@ def prepare_renderer(scene: Scene, render_cfg: Optional[RenderConfig] = None,
 
 
 @torch.no_grad()
-def render_cameras(scene: Scene, cams: Cameras, shading: str = "albedo", render_cfg: Optional[RenderConfig] = None,
-                   renderer: Optional[VolumeRenderer] = None, background: Optional[torch.Tensor] = None
-                   ) -> torch.Tensor:
-    """Images ``[N, H, W, 3]`` in [0, 1] on the CPU. ``background``: an rgb ``[3]`` instead of the env map."""
+def render_cameras_with_opacity(scene: Scene, cams: Cameras, shading: str = "albedo",
+                                render_cfg: Optional[RenderConfig] = None, renderer: Optional[VolumeRenderer] = None,
+                                background: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[N, H, W, 3]`` in [0, 1] and opacities ``[N, H, W]``, on the CPU. ``background``: an rgb ``[3]``
+    instead of the env map."""
     was_training = scene.training
     scene.eval()
     try:
@@ -38,7 +39,14 @@ def render_cameras(scene: Scene, cams: Cameras, shading: str = "albedo", render_
         out = renderer(scene.volume, scene.background, rays_o, rays_d, shading, cams.light_positions, bg)
     finally:
         scene.train(was_training)
-    return out.rgb.clamp(0, 1).cpu()
+    return out.rgb.clamp(0, 1).cpu(), out.opacity[..., 0].cpu()
+
+
+def render_cameras(scene: Scene, cams: Cameras, shading: str = "albedo", render_cfg: Optional[RenderConfig] = None,
+                   renderer: Optional[VolumeRenderer] = None, background: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+    """Images ``[N, H, W, 3]`` in [0, 1] on the CPU. ``background``: an rgb ``[3]`` instead of the env map."""
+    return render_cameras_with_opacity(scene, cams, shading, render_cfg, renderer, background)[0]
 
 
 def render_ring(scene: Scene, n_views: int = 8, size: int = 256, elevation: float = 15.0, distance: float = 2.0,
