@@ -22,6 +22,10 @@ WEIGHTINGS = ("uniform", "sds", "fantasia3d")
 NORMAL_TYPES = ("analytic", "finite_difference")
 BACKGROUNDS = ("neural_env", "solid")
 ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
+#: what a run optimises: the stage-1 volume (NeRF), the stage-2 deformable tetrahedral SDF grid (DMTet, a mesh),
+#: or a fixed mesh (a user's) whose texture is painted
+SCENE_KINDS = ("volume", "dmtet", "mesh")
+RASTERIZERS = ("auto", "torch", "nvdiffrast")
 
 
 def schedule(default: Any, doc: str = "") -> Any:
@@ -111,6 +115,18 @@ class SceneConfig:
     #: replace the background by a random solid colour per batch item with this probability (random_aug)
     random_background_prob: float = 0.5
     encoding_backend: str = "auto"  # auto (tcnn on CUDA when usable, else torch) | torch | tcnn
+    #: volume (stage 1) | dmtet (stage 2: per-vertex SDF and deformation of a tetrahedral grid, re-meshed every
+    #: step by marching tetrahedra) | mesh (fixed geometry, only the texture and background train)
+    kind: str = "volume"
+    #: dmtet: the grid's resolution in threestudio's sense (``load/tets/{res}_tets.npz``): res/2 cubes a side
+    tet_resolution: int = 256
+    #: dmtet / mesh: the box ``[[x0, y0, z0], [x1, y1, z1]]`` (world units) the geometry lives in; None: ±radius
+    bbox: Optional[List[List[float]]] = None
+    #: stage 1 → dmtet: the density level of the surface (spec §5.3: τ = 10), or "auto" (the mean density where
+    #: there is any, as the mesh export: for short runs whose density stays low)
+    isosurface_threshold: Union[float, str] = 10.0
+    #: dmtet: freeze the SDF and the deformation (only the texture and background train)
+    fix_geometry: bool = False
 
     def level_scale(self) -> float:
         if self.per_level_scale is not None:
@@ -181,6 +197,8 @@ class RenderConfig:
     ambient_light: float = 0.1
     diffuse_light: float = 0.9
     chunk_size: int = 1 << 18
+    #: mesh scenes (dmtet, mesh): auto (nvdiffrast on CUDA when usable, else torch) | torch | nvdiffrast
+    rasterizer: str = "auto"
 
 
 @dataclass
@@ -191,6 +209,10 @@ class LossConfig:
     orient: ScheduleSpec = schedule([5000, 1.0, 20.0, 5001])
     sparsity: ScheduleSpec = schedule(1.0)
     opaque: ScheduleSpec = schedule(0.0)
+    #: mesh scenes: mean over mesh edges of 1 − cos of the vertex normals at its ends (stage 2: 1000)
+    normal_consistency: ScheduleSpec = schedule(0.0)
+    #: mesh scenes: uniform Laplacian smoothing of the vertices
+    laplacian: ScheduleSpec = schedule(0.0)
 
 
 @dataclass
@@ -307,6 +329,22 @@ class RunConfig:
         _positive("scene.finite_difference_eps", s.finite_difference_eps)
         _in_range("scene.random_background_prob", s.random_background_prob, 0.0, 1.0)
         _vec("scene.background_color", s.background_color, 3, 0.0, 1.0)
+        _choice("scene.kind", s.kind, SCENE_KINDS)
+        if not isinstance(s.tet_resolution, int) or isinstance(s.tet_resolution, bool) or s.tet_resolution % 2 \
+                or not 8 <= s.tet_resolution <= 512:
+            raise ConfigError("scene.tet_resolution", f"must be an even integer in [8, 512] (threestudio's 32, 64, "
+                                                      f"128 or 256), got {s.tet_resolution!r}")
+        if s.bbox is not None:
+            if (not isinstance(s.bbox, (list, tuple)) or len(s.bbox) != 2
+                    or not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(_is_number(x) for x in c)
+                               for c in s.bbox)
+                    or not all(a < b for a, b in zip(*s.bbox))):
+                raise ConfigError("scene.bbox", f"must be [[x0, y0, z0], [x1, y1, z1]] with x0 < x1, y0 < y1, "
+                                                f"z0 < z1 (or null for ±radius), got {s.bbox!r}")
+        if s.isosurface_threshold != "auto":
+            _positive("scene.isosurface_threshold", s.isosurface_threshold)
+        if not isinstance(s.fix_geometry, bool):
+            raise ConfigError("scene.fix_geometry", f"must be true or false, got {s.fix_geometry!r}")
 
         _int_range("camera.height", c.height, 8, 4096)
         _int_range("camera.width", c.width, 8, 4096)
@@ -329,6 +367,7 @@ class RunConfig:
         _in_range("render.textureless_prob", r.textureless_prob, 0.0, 1.0)
         _in_range("render.alpha_threshold", r.alpha_threshold, 0.0, 1.0)
         _int_range("render.chunk_size", r.chunk_size, 1024, 1 << 30)
+        _choice("render.rasterizer", r.rasterizer, RASTERIZERS)
         _int_range("render.ambient_only_steps", r.ambient_only_steps, 0, 1 << 40)
         _int_range("render.grid_warmup_steps", r.grid_warmup_steps, 0, 1 << 40)
         _in_range("render.grid_threshold", r.grid_threshold, 0.0, 1e6)
@@ -341,7 +380,7 @@ class RunConfig:
         for name in ("camera_perturb", "center_perturb", "up_perturb", "light_position_perturb"):
             validate_schedule(getattr(c, name), f"camera.{name}", minimum=0.0)
 
-        for name in ("guidance", "orient", "sparsity", "opaque"):
+        for name in ("guidance", "orient", "sparsity", "opaque", "normal_consistency", "laplacian"):
             validate_schedule(getattr(self.loss, name), f"loss.{name}", minimum=0.0)
 
         _int_range("steps", o.steps, 1, 10_000_000)

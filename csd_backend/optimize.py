@@ -24,10 +24,12 @@ from .errors import Cancelled, CheckpointError, ConfigError, CSDError
 from .guidance import ScoreDistillation
 from .priors.base import DiffusionPrior
 from .regularizers import REGULARIZERS
-from .render.cameras import get_rays, sample_cameras
-from .render.volume_renderer import VolumeRenderer
-from .scene.volume import Scene
+from .render.cameras import sample_cameras
+from .scene_kinds import make_renderer, make_scene
 from .schedules import schedule_value
+
+#: a scene of any kind (``scene_kinds.py``): the volume ``Scene`` or a ``MeshScene``
+Scene = torch.nn.Module
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,9 @@ class Optimization:
         o = config.optim
         torch.manual_seed(o.seed)  # before building the scene: its initial weights follow the seed
         prior.input_size(config.camera.height, config.camera.width)  # fail early on a size it cannot take
-        self.scene = (copy.deepcopy(scene) if scene is not None else Scene(config.scene, self.device)).to(self.device)
-        self.renderer = VolumeRenderer(config.render, config.scene.radius).to(self.device)
+        self.scene = (copy.deepcopy(scene) if scene is not None else make_scene(config.scene, self.device)
+                      ).to(self.device)
+        self.renderer = make_renderer(config.render, config.scene, self.device)
         self.guidance = ScoreDistillation(config.guidance, prior)
         self.optimizer = torch.optim.Adam(parameter_groups(self.scene, o.lr, o.group_lr), lr=o.lr,
                                           betas=tuple(o.betas), eps=o.eps)
@@ -175,9 +178,10 @@ class Optimization:
         return t0
 
     def _step_start_state(self) -> dict:
-        """What a step changes before its parameter update: the RNGs and the occupancy grid (32³, cheap)."""
+        """What a step changes before its parameter update: the RNGs and the renderer's state (the occupancy
+        grid, 32³: cheap)."""
         return {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                "grid": {k: v.clone() for k, v in self.renderer.grid.state_dict().items()}}
+                "renderer": {k: v.clone() for k, v in self.renderer.state_dict().items()}}
 
     def train_step(self) -> StepInfo:
         cfg, s, gen = self.config, self.step, self.generator
@@ -186,9 +190,8 @@ class Optimization:
         self.scene.train()
         self.renderer.train()
         self.scene.update_step(s)
-        volume, background = self.scene.volume, self.scene.background
         t0 = time.perf_counter()
-        self.renderer.update_grid(s, volume, gen)
+        self.renderer.update(s, self.scene, gen)
         t0 = self._tick("grid", t0)
 
         cams = sample_cameras(cfg.camera, s, gen)
@@ -200,10 +203,7 @@ class Optimization:
         weights = {name: schedule_value(getattr(cfg.loss, name), s) for name in ("guidance", *REGULARIZERS)}
         need_normals = weights["orient"] > 0 or shading != "albedo"
         angles = cams.elevation, cams.azimuth  # on the CPU: the view-dependent prompt lookup needs no GPU sync
-        cams = cams.to(self.device)
-        rays_o, rays_d = get_rays(cams)
-        out = self.renderer(volume, background, rays_o, rays_d, shading, cams.light_positions, bg_colors,
-                            need_normals, gen)
+        out = self.renderer.render(self.scene, cams.to(self.device), shading, bg_colors, need_normals, gen)
         t0 = self._tick("render", t0)
 
         g = self.guidance(out.rgb, *angles, s, generator=gen)
@@ -253,7 +253,7 @@ class Optimization:
                 if self.out_dir is not None and not self._updating:
                     self.generator.set_state(self._step_start["generator"])
                     torch.set_rng_state(self._step_start["torch"])
-                    self.renderer.grid.load_state_dict(self._step_start["grid"])
+                    self.renderer.load_state_dict(self._step_start["renderer"])
                     self._save_unless_saved()
                 raise
             except torch.OutOfMemoryError as e:
@@ -336,7 +336,7 @@ def load_scene(checkpoint: io.PathLike, map_location="cpu") -> tuple[Scene, RunC
     """The scene (and run config) saved in a run checkpoint."""
     state = io.load_checkpoint(checkpoint, map_location)
     config = RunConfig.from_dict(state["config"])
-    scene = Scene(config.scene)
+    scene = make_scene(config.scene)
     try:
         scene.load_state_dict(state["scene"])
     except RuntimeError as e:

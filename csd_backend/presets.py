@@ -11,6 +11,23 @@
 - ``csd-edit``: edit an existing scene: the source description in the negative slot, ω1 = ω2 = 1, stage-2-like
   t-range and weighting, short.
 - ``preview-cpu``: a small grid, few samples and 150 steps that converge on a laptop CPU.
+
+Stage 2 (``scene.kind`` dmtet: a stage-1 run converted to a deformable tetrahedral SDF grid and refined through
+the rasterizer; the scene's hash grid, radius and background come from the stage-1 run):
+
+- ``csd-refine``: spec §3.2 (`csd-sd-refine.yaml`): 512², SD 2.1-base, w = 1 − ᾱ, ω2 1 → 0.5 over 10k steps,
+  t ∈ [0.02, 0.5], normal consistency 1000, 50 % albedo / 50 % normal-map renders from step 0, lr 1e-3, tet
+  resolution 256. ``csd-refine-object`` is the object config (radius 2.0, the only difference; a refined scene
+  keeps the radius of the run it is converted from either way).
+- ``sds-refine``: threestudio `magic3d-refine-sd.yaml`: SDS with CFG 100, lr 0.01, β2 0.99, normal consistency
+  10000, tet resolution 128, 5000 steps (magic3d light sampling and soft shading are not reproduced).
+- ``refine-cpu``: a 64 tet grid, 64² renders and 150 steps that run on a laptop CPU.
+
+Texturing a user's mesh (``scene.kind`` mesh: fixed geometry; spec §4, inferred there): stage-2 CSD coefficients,
+renders half albedo, half Lambertian-shaded (a normal-map render carries no texture gradient):
+
+- ``csd-texture``: 512², SD, 5000 steps, lr 0.01 on the texture field and background.
+- ``texture-cpu``: 64² renders and 150 steps on a laptop CPU.
 """
 from __future__ import annotations
 
@@ -49,6 +66,24 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
             out[k] = copy.deepcopy(v)
     return out
 
+
+# spec §3.2: the stage-2 (DMTet) character config, csd-sd-refine.yaml
+_STAGE2_CSD: Dict[str, Any] = _merge(_STAGE1_OBJECT, {
+    "guidance": {"mode": "csd", "guidance_weight": 1.0, "negative_weight": [0, 1.0, 0.5, 10000],
+                 "weighting": "sds", "grad_normalize": False, "min_step_percent": 0.02, "max_step_percent": 0.5,
+                 "front_threshold": 45.0, "back_threshold": 45.0, "overhead_threshold": 60.0},
+    "scene": {"kind": "dmtet", "tet_resolution": 256, "isosurface_threshold": 10.0, "fix_geometry": False,
+              "radius": 1.0, "random_background_prob": 0.5},
+    "camera": {"height": 512, "width": 512, "batch_size": 1, "distance_range": [1.5, 2.0], "fovy_range": [40.0, 70.0],
+               "elevation_range": [-10.0, 45.0], "azimuth_range": [-180.0, 180.0], "stratified_azimuth": False,
+               "front_back_only_steps": 0, "eval_distance": 1.5, "eval_fovy": 70.0},
+    "render": {"ambient_only_steps": 0, "albedo_prob": 0.5, "textureless_prob": 1.0, "textureless_normal": True},
+    "loss": {"guidance": 1.0, "orient": 0.0, "sparsity": 0.0, "opaque": 0.0, "normal_consistency": 1000.0,
+             "laplacian": 0.0},
+    "optim": {"steps": 10000, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-15, "checkpoint_every": 500,
+              "preview_every": 200},
+    "prior": {"resolution": None, "max_resolution": 512},
+})
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "csd-coarse": _STAGE1_OBJECT,
@@ -96,6 +131,45 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "loss": {"orient": [75, 1.0, 20.0, 76], "sparsity": 1.0},
         # 150 steps: with the toy prior the prompted shape peaks at 100–150 steps of this schedule and erodes in
         # longer ones (README, "Shape quality"); the CPU template runs the same 150
+        "optim": {"steps": 150, "lr": 1e-2, "checkpoint_every": 50, "preview_every": 25},
+        "prior": {"resolution": None, "max_resolution": 256},
+    }),
+    "csd-refine": _STAGE2_CSD,
+    "csd-refine-object": _merge(_STAGE2_CSD, {"scene": {"radius": 2.0}}),
+    # threestudio configs/magic3d-refine-sd.yaml
+    "sds-refine": _merge(_STAGE2_CSD, {
+        "guidance": {"mode": "sds", "cfg_scale": 100.0, "weighting": "sds", "grad_normalize": False,
+                     "negative_prompt": "", "min_step_percent": 0.02, "max_step_percent": 0.5},
+        "scene": {"tet_resolution": 128, "radius": 2.0, "per_level_scale": 1.447269237440378,
+                  "max_resolution": 4096, "random_background_prob": 0.0},
+        "camera": {"fovy_range": [30.0, 45.0], "eval_distance": 2.0, "eval_fovy": 70.0},
+        "render": {"albedo_prob": 0.25, "textureless_prob": 0.5, "textureless_normal": False},
+        "loss": {"normal_consistency": 10000.0},
+        "optim": {"steps": 5000, "lr": 1e-2, "betas": [0.9, 0.99]},
+    }),
+    "refine-cpu": _merge(_STAGE2_CSD, {
+        "guidance": {"negative_weight": [0, 1.0, 0.5, 150]},
+        # a short stage-1 run's density rarely reaches the spec's τ = 10: the export's automatic level
+        "scene": {"tet_resolution": 64, "radius": 2.0, "isosurface_threshold": "auto"},
+        "camera": {"height": 64, "width": 64, "eval_distance": 2.0},
+        "optim": {"steps": 150, "lr": 1e-3, "checkpoint_every": 50, "preview_every": 25},
+        "prior": {"resolution": None, "max_resolution": 256},
+    }),
+    "csd-texture": _merge(_STAGE2_CSD, {
+        "guidance": {"negative_weight": [0, 1.0, 0.5, 5000]},
+        "scene": {"kind": "mesh", "fix_geometry": True, "radius": 1.0},
+        "render": {"albedo_prob": 0.5, "textureless_prob": 0.0},
+        "loss": {"normal_consistency": 0.0},
+        "optim": {"steps": 5000, "lr": 1e-2},
+    }),
+    "texture-cpu": _merge(_STAGE2_CSD, {
+        "guidance": {"negative_weight": [0, 1.0, 0.5, 150]},
+        # preview-cpu's small hash grid: Adam over the full 16 × 2^19 table dominates a CPU step
+        "scene": {"kind": "mesh", "fix_geometry": True, "radius": 1.0, "n_levels": 8, "log2_hashmap_size": 16,
+                  "per_level_scale": None, "max_resolution": 256},
+        "camera": {"height": 64, "width": 64, "eval_distance": 2.0},
+        "render": {"albedo_prob": 0.5, "textureless_prob": 0.0},
+        "loss": {"normal_consistency": 0.0},
         "optim": {"steps": 150, "lr": 1e-2, "checkpoint_every": 50, "preview_every": 25},
         "prior": {"resolution": None, "max_resolution": 256},
     }),

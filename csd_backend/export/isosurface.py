@@ -352,6 +352,30 @@ class Isosurface:
     info: Dict[str, object] = field(default_factory=dict)
 
 
+def clean_mesh(vertices: np.ndarray, faces: np.ndarray, remove_floaters_fraction: Optional[float] = 0.01,
+               face_budget: int = 0, orient: bool = True, info: Optional[Dict[str, object]] = None
+               ) -> Tuple[np.ndarray, np.ndarray]:
+    """Step 4 of the module docstring on a given mesh: degenerate faces and unused vertices dropped, outward
+    winding (``orient``), small floating parts removed, decimation to ``face_budget`` (0: none)."""
+    info = {} if info is None else info
+    vertices, faces = compact(vertices, faces)
+    if orient:
+        vertices, faces = orient_outward(vertices, faces)
+    dropped = 0
+    if remove_floaters_fraction and len(faces):
+        vertices, faces, dropped = remove_floaters(vertices, faces, float(remove_floaters_fraction))
+    info["components_removed"] = dropped
+    if face_budget and len(faces) > face_budget:
+        vertices, faces = simplify(vertices, faces, face_budget)
+        if len(faces) == 0:  # pragma: no cover - the decimator never empties a mesh with budget ≥ 4
+            raise MeshError("simplification removed every face; raise the face budget")
+        if remove_floaters_fraction:  # decimating a noisy surface can cut off slivers
+            vertices, faces, more = remove_floaters(vertices, faces, float(remove_floaters_fraction))
+            info["components_removed"] = dropped + more
+    info["watertight"] = is_watertight(faces) if len(faces) else False
+    return vertices, faces
+
+
 def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 256,
                        threshold: Union[str, float] = "auto", coarse_to_fine: bool = True, narrow_band: bool = True,
                        remove_floaters_fraction: Optional[float] = 0.01, face_budget: int = 0,
@@ -407,19 +431,8 @@ def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 2
     if stage is not None:
         stage("simplification")
     t3 = time.perf_counter()
-    dropped = 0
-    if remove_floaters_fraction:
-        vertices, faces, dropped = remove_floaters(vertices, faces, float(remove_floaters_fraction))
-    info["components_removed"] = dropped
-    if face_budget and len(faces) > face_budget:
-        vertices, faces = simplify(vertices, faces, face_budget)
-        if len(faces) == 0:  # pragma: no cover - the decimator never empties a mesh with budget ≥ 4
-            raise MeshError("simplification removed every face; raise the face budget")
-        if remove_floaters_fraction:  # decimating a noisy surface can cut off slivers
-            vertices, faces, more = remove_floaters(vertices, faces, float(remove_floaters_fraction))
-            info["components_removed"] = dropped + more
+    vertices, faces = clean_mesh(vertices, faces, remove_floaters_fraction, face_budget, orient=False, info=info)
     timings["cleanup"] = time.perf_counter() - t3
-    info["watertight"] = is_watertight(faces)
     normals = vertex_normals(vertices, faces)
     timings["total"] = time.perf_counter() - t0
     info["timings"] = timings

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .config import ExportConfig
-from .isosurface import extract_isosurface
+from .isosurface import Isosurface, clean_mesh, extract_isosurface, vertex_normals
 from .mesh import MeshError, TexturedMesh
 from .texture import bake_texture, unwrap
 
@@ -32,26 +32,26 @@ def stage_fraction(fraction: float, stage: str) -> float:
 class SceneField:
     """Chunked numpy access to a scene's density and albedo on the scene's own device and dtype.
 
-    Works with any object that has ``volume.density(points) -> [N]`` and ``volume.albedo(points) -> [N, 3]`` (torch
-    tensors in world units), e.g. ``csd_backend.scene.volume.Scene``.
+    Works with any object that has ``albedo(points) -> [N, 3]`` and, for the density, ``volume.density(points)
+    -> [N]`` (torch tensors in world units): ``csd_backend.scene.volume.Scene`` or a ``MeshScene``.
     """
 
     def __init__(self, scene, chunk_size: int = 262144, tick: Optional[Callable[[float], None]] = None):
         import torch
 
-        volume = getattr(scene, "volume", None)
-        if volume is None or not hasattr(volume, "density") or not hasattr(volume, "albedo"):
-            raise MeshError(f"expected a CSD scene with a volume (density and albedo), got {type(scene).__name__}")
-        self.volume = volume
+        if not hasattr(scene, "albedo") and not hasattr(getattr(scene, "volume", None), "albedo"):
+            raise MeshError(f"expected a CSD scene (a volume or a mesh scene), got {type(scene).__name__}")
+        self.scene = scene
+        self.volume = getattr(scene, "volume", None)
         self.chunk = int(chunk_size)
         self.tick = tick
         try:
-            p = next(iter(volume.parameters()))
+            p = next(iter(scene.parameters()))
             self.device, self.dtype = p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
         except (AttributeError, StopIteration, TypeError):
             self.device, self.dtype = torch.device("cpu"), torch.float32
         radius = getattr(scene, "radius", None)
-        self.radius = float(radius if radius is not None else volume.radius)
+        self.radius = float(radius if radius is not None else self.volume.radius)
 
     def _query(self, fn, points: np.ndarray, dims: int) -> np.ndarray:
         import torch
@@ -68,11 +68,44 @@ class SceneField:
 
     def density(self, points: np.ndarray) -> np.ndarray:
         """σ at ``points [N, 3]`` → ``[N]``."""
+        if self.volume is None or not hasattr(self.volume, "density"):
+            raise MeshError(f"a {getattr(self.scene, 'kind', 'mesh')} scene has no density")
         return self._query(self.volume.density, points, 1)
 
     def albedo(self, points: np.ndarray) -> np.ndarray:
         """Albedo at ``points [N, 3]`` → ``[N, 3]`` in [0, 1]."""
-        return self._query(self.volume.albedo, points, 3)
+        fn = self.scene.albedo if hasattr(self.scene, "albedo") else self.volume.albedo
+        return self._query(fn, points, 3)
+
+
+def mesh_scene_surface(scene, floater_fraction: Optional[float], face_budget: int) -> Isosurface:
+    """The surface of a mesh scene is its own mesh (stage 2: the DMTet mesh, no marching cubes), cleaned as an
+    isosurface is; a fixed user mesh keeps its winding and every part."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        v, f = scene.mesh()
+        vertices, faces = v.detach().float().cpu().numpy(), f.cpu().numpy().astype(np.int64)
+    if len(faces) == 0:
+        raise MeshError("the mesh scene has no surface (its SDF has no zero crossing inside the grid); the run "
+                        "diverged or the stage-1 scene was empty: refine from an earlier checkpoint")
+    fixed = scene.kind == "mesh"
+    info: dict = {"faces_scene": int(len(faces))}
+    vertices, faces = clean_mesh(vertices, faces, None if fixed else floater_fraction, face_budget,
+                                 orient=not fixed, info=info)
+    info["timings"] = {"cleanup": time.perf_counter() - t0}
+    box = np.stack([vertices.min(0), vertices.max(0)]).astype(np.float32)
+    return Isosurface(vertices.astype(np.float32), faces, vertex_normals(vertices, faces), float("nan"), box, info)
+
+
+def source_units(scene, vertices: np.ndarray) -> np.ndarray:
+    """World vertices of a fixed-mesh scene in the units of the mesh it was made from."""
+    import torch
+
+    with torch.inference_mode():
+        out = scene.geometry.to_source(torch.from_numpy(vertices).to(scene.geometry.vertices))
+    return out.cpu().numpy().astype(np.float32)
 
 
 def extract_textured_mesh(scene, config: Optional[ExportConfig] = None,
@@ -108,11 +141,16 @@ def extract_textured_mesh(scene, config: Optional[ExportConfig] = None,
             progress(last["value"], last["stage"])
 
     field = SceneField(scene, cfg.chunk_size, tick=tick)
-    iso = extract_isosurface(field.density, field.radius, resolution=cfg.resolution, threshold=cfg.threshold_value(),
-                             coarse_to_fine=cfg.coarse_to_fine, narrow_band=cfg.narrow_band,
-                             remove_floaters_fraction=cfg.floater_fraction if cfg.remove_floaters else None,
-                             face_budget=cfg.face_budget, chunk_size=cfg.chunk_size,
-                             progress=surface_progress, stage=lambda name: report("simplification", 0.0))
+    floaters = cfg.floater_fraction if cfg.remove_floaters else None
+    if getattr(scene, "kind", "volume") == "volume":
+        iso = extract_isosurface(field.density, field.radius, resolution=cfg.resolution,
+                                 threshold=cfg.threshold_value(), coarse_to_fine=cfg.coarse_to_fine,
+                                 narrow_band=cfg.narrow_band, remove_floaters_fraction=floaters,
+                                 face_budget=cfg.face_budget, chunk_size=cfg.chunk_size,
+                                 progress=surface_progress, stage=lambda name: report("simplification", 0.0))
+    else:
+        report("simplification", 0.0)
+        iso = mesh_scene_surface(scene, floaters, cfg.face_budget)
     info = dict(iso.info)
     timings = dict(info.pop("timings"))
     colors = None
@@ -140,8 +178,11 @@ def extract_textured_mesh(scene, config: Optional[ExportConfig] = None,
     timings["total"] = time.perf_counter() - t0
     info["timings"] = timings
     info["config"] = cfg.to_dict()
+    vertices, y_up = iso.vertices, cfg.y_up
+    if getattr(scene, "kind", "volume") == "mesh":  # a user's mesh goes back to its own units and frame
+        vertices, y_up = source_units(scene, vertices), bool(scene.geometry.source_y_up)
     return TexturedMesh(
-        vertices=iso.vertices, faces=iso.faces, normals=iso.normals, threshold=iso.threshold, bbox=iso.bbox,
+        vertices=vertices, faces=iso.faces, normals=iso.normals, threshold=iso.threshold, bbox=iso.bbox,
         vertex_colors=colors, uv=None if atlas is None else atlas.uv,
         uv_faces=None if atlas is None else atlas.uv_faces, uv_vertex=None if atlas is None else atlas.uv_vertex,
-        texture=texture, y_up=cfg.y_up, info=info)
+        texture=texture, y_up=y_up, info=info)

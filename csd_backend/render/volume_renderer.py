@@ -19,8 +19,9 @@ from torch import nn
 
 from ..config import RenderConfig
 from ..scene.volume import ImplicitVolume
+from .cameras import Cameras, get_rays
+from .shading import check_shading, shade
 
-SHADINGS = ("albedo", "textureless", "diffuse")
 
 
 class OccupancyGrid(nn.Module):
@@ -149,16 +150,37 @@ class RenderOutput:
     sample_normals: Optional[torch.Tensor]  # [N, 3]
     sample_dirs: torch.Tensor  # [N, 3]
     num_samples: int
+    #: mesh scenes: the rendered mesh (vertices [V, 3] world, faces [F, 3]) for the mesh regularisers
+    mesh: Optional[tuple] = None
 
 
 class VolumeRenderer(nn.Module):
-    def __init__(self, cfg: RenderConfig, radius: float):
+    def __init__(self, cfg: RenderConfig, radius: float, device=None):
         super().__init__()
         self.cfg = cfg
         self.radius = float(radius)
         self.step_size = 1.732 * 2 * self.radius / cfg.num_samples_per_ray
         self.grid = OccupancyGrid(radius, cfg.grid_resolution, cfg.grid_ema_decay, cfg.grid_threshold,
                                   cfg.grid_warmup_steps)
+
+    # ------------------------------------------------- the interface every scene renderer has (scene_kinds.py)
+    def prepare(self, scene) -> "VolumeRenderer":
+        """Fit the occupancy grid to ``scene`` in one full update of every cell (for rendering a given scene)."""
+        self.grid.update(0, scene.volume.density, self.step_size, torch.Generator().manual_seed(0),
+                         self.cfg.chunk_size)
+        return self
+
+    def update(self, step: int, scene, generator: torch.Generator) -> bool:
+        """The per-step bookkeeping of the optimisation loop: the occupancy grid update."""
+        return self.update_grid(step, scene.volume, generator)
+
+    def render(self, scene, cams: Cameras, shading: str = "albedo", bg_colors: Optional[torch.Tensor] = None,
+               need_normals: bool = False, generator: Optional[torch.Generator] = None) -> "RenderOutput":
+        """Images of ``scene`` from ``cams`` (on the scene's device); ``bg_colors`` ``[B, 3]`` replace the
+        background."""
+        rays_o, rays_d = get_rays(cams)
+        return self(scene.volume, scene.background, rays_o, rays_d, shading, cams.light_positions, bg_colors,
+                    need_normals, generator)
 
     def update_grid(self, step: int, volume: ImplicitVolume, generator: torch.Generator) -> bool:
         """Update the occupancy grid every ``grid_update_every`` steps; returns whether it ran."""
@@ -230,15 +252,7 @@ class VolumeRenderer(nn.Module):
     # -------------------------------------------------------------- rendering
     def _shade(self, geo: Dict[str, torch.Tensor], pos: torch.Tensor, lights: Optional[torch.Tensor],
                shading: str) -> torch.Tensor:
-        """Colour ``[N, 3]`` of samples: albedo, the normal map (CSD's textureless) or Lambertian shading."""
-        if shading == "albedo":
-            return geo["albedo"]
-        n = geo["normal"]
-        if shading == "textureless" and self.cfg.textureless_normal:
-            return n * 0.5 + 0.5
-        ldir = F.normalize(lights - pos, dim=-1)
-        lum = self.cfg.ambient_light + self.cfg.diffuse_light * (n * ldir).sum(-1, keepdim=True).clamp_min(0)
-        return lum.expand(-1, 3) if shading == "textureless" else geo["albedo"] * lum
+        return shade(self.cfg, shading, geo["albedo"], geo.get("normal"), pos, lights)
 
     def _finish(self, acc: torch.Tensor, rays_d: torch.Tensor, background: nn.Module,
                 bg_colors: Optional[torch.Tensor], with_normals: bool) -> Dict[str, torch.Tensor]:
@@ -258,8 +272,7 @@ class VolumeRenderer(nn.Module):
                     bg_colors: Optional[torch.Tensor] = None, need_normals: bool = False,
                     generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """Render flat rays ``[R, 3]`` differentiably. ``light_positions`` / ``bg_colors`` are per ray ``[R, 3]``."""
-        if shading not in SHADINGS:
-            raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+        check_shading(shading)
         R = rays_o.shape[0]
         s = self._march(rays_o, rays_d, volume, generator)
         ray_idx = s["ray_idx"]
@@ -289,8 +302,7 @@ class VolumeRenderer(nn.Module):
         sample (for the pruning decision, as the no-grad pass of ``render_rays``) and over the kept samples (for
         compositing, as the differentiable pass): the result equals ``render_rays`` without stratification.
         """
-        if shading not in SHADINGS:
-            raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+        check_shading(shading)
         R, device = rays_o.shape[0], rays_o.device
         normals_needed = shading != "albedo"
         near, far, first, count = self._lattice(rays_o, rays_d, None)

@@ -35,18 +35,20 @@ def make_encoding(cfg: SceneConfig, device=None) -> nn.Module:
                           cfg.level_scale(), cfg.encoding_backend, device)
 
 
-class ImplicitVolume(nn.Module):
-    """Hash grid + density and albedo heads; ``forward`` returns density, albedo and (optionally) normals."""
+class TextureField(nn.Module):
+    """Hash grid + albedo head: ``albedo(x) = sigmoid(MLP_f(enc(x)))``. The colour of every scene kind; a mesh
+    scene inherits it (parameter for parameter) from the stage-1 volume."""
 
     def __init__(self, cfg: SceneConfig, device=None):
         super().__init__()
         self.cfg = cfg
         self.radius = float(cfg.radius)
         self.encoding = make_encoding(cfg, device)
-        n_enc = self.encoding.n_output_dims
-        self.density_mlp = make_mlp(n_enc, 1, cfg.mlp_width, cfg.mlp_hidden_layers)
-        self.feature_mlp = make_mlp(n_enc, 3, cfg.mlp_width, cfg.mlp_hidden_layers)
+        self._build_heads(self.encoding.n_output_dims)
         self.update_step(0)
+
+    def _build_heads(self, n_enc: int) -> None:
+        self.feature_mlp = make_mlp(n_enc, 3, self.cfg.mlp_width, self.cfg.mlp_hidden_layers)
 
     def active_levels(self, step: int) -> int:
         """Hash-grid levels in use at ``step`` (``cfg.active_levels`` rounded down; all when it is None)."""
@@ -58,6 +60,22 @@ class ImplicitVolume(nn.Module):
         """Apply the step-dependent settings (the progressive band of hash-grid levels) for ``step``."""
         self.encoding.set_active_levels(self.active_levels(step))
 
+    def encode(self, points: torch.Tensor) -> torch.Tensor:
+        x = (points + self.radius) / (2 * self.radius)  # [N, 3] in [0, 1]
+        return self.encoding(x.clamp(0.0, 1.0))
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        """Albedo in [0, 1] at ``points`` ``[N, 3]`` → ``[N, 3]``."""
+        return torch.sigmoid(self.feature_mlp(self.encode(points)))
+
+
+class ImplicitVolume(TextureField):
+    """Hash grid + density and albedo heads; ``forward`` returns density, albedo and (optionally) normals."""
+
+    def _build_heads(self, n_enc: int) -> None:
+        self.density_mlp = make_mlp(n_enc, 1, self.cfg.mlp_width, self.cfg.mlp_hidden_layers)  # first: the seed
+        super()._build_heads(n_enc)  # draws of older runs stay the same
+
     # --------------------------------------------------------------- fields
     def density_bias(self, points: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -67,18 +85,10 @@ class ImplicitVolume(nn.Module):
             return c.density_blob_scale * torch.exp(-0.5 * (points ** 2).sum(-1) / c.density_blob_std ** 2)
         return torch.zeros_like(points[..., 0])
 
-    def encode(self, points: torch.Tensor) -> torch.Tensor:
-        x = (points + self.radius) / (2 * self.radius)  # [N, 3] in [0, 1]
-        return self.encoding(x.clamp(0.0, 1.0))
-
     def density(self, points: torch.Tensor) -> torch.Tensor:
         """σ at ``points`` ``[N, 3]`` → ``[N]``."""
         raw = self.density_mlp(self.encode(points))[..., 0]
         return F.softplus(raw + self.density_bias(points))
-
-    def albedo(self, points: torch.Tensor) -> torch.Tensor:
-        """Albedo in [0, 1] at ``points`` ``[N, 3]`` → ``[N, 3]``."""
-        return torch.sigmoid(self.feature_mlp(self.encode(points)))
 
     def forward(self, points: torch.Tensor, with_normal: bool = False) -> Dict[str, torch.Tensor]:
         """``points`` ``[N, 3]`` → ``density`` ``[N]``, ``albedo`` ``[N, 3]`` and ``normal`` ``[N, 3]``."""
@@ -172,6 +182,13 @@ class Scene(nn.Module):
     @property
     def radius(self) -> float:
         return self.volume.radius
+
+    @property
+    def kind(self) -> str:
+        return "volume"
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        return self.volume.albedo(points)
 
     def update_step(self, step: int) -> None:
         """Called by the loop before every step (and after loading a checkpoint) with the run's step."""

@@ -1,0 +1,36 @@
+"""Shading shared by the volume renderer and the mesh rasterizer (spec §5.1 material): albedo, CSD's textureless
+normal map, or Lambertian shading with a point light."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RenderConfig
+
+SHADINGS = ("albedo", "textureless", "diffuse")
+
+
+def check_shading(shading: str) -> None:
+    if shading not in SHADINGS:
+        raise ValueError(f"shading must be one of {SHADINGS}, got {shading!r}")
+
+
+def shade(cfg: RenderConfig, shading: str, albedo: Optional[torch.Tensor], normal: Optional[torch.Tensor],
+          points: torch.Tensor, lights: torch.Tensor) -> torch.Tensor:
+    """Colour ``[N, 3]`` of surface points ``[N, 3]`` with ``albedo`` / unit ``normal`` ``[N, 3]`` and point
+    lights ``[N, 3]``: the albedo, the normal map ``n·0.5 + 0.5`` (textureless with ``textureless_normal``), or
+    ``ambient + diffuse·max(0, n·l)`` times the albedo (diffuse) or grey (textureless)."""
+    if shading == "albedo":
+        return albedo
+    if shading == "textureless" and cfg.textureless_normal:
+        return normal * 0.5 + 0.5
+    ldir = F.normalize(lights - points, dim=-1)
+    lum = cfg.ambient_light + cfg.diffuse_light * (normal * ldir).sum(-1, keepdim=True).clamp_min(0)
+    return lum.expand(-1, 3) if shading == "textureless" else albedo * lum
+
+
+def needs_albedo(cfg: RenderConfig, shading: str) -> bool:
+    """Whether ``shade`` reads the albedo for this shading (a textureless render does not)."""
+    return shading != "textureless"

@@ -1,0 +1,116 @@
+"""The deformable tetrahedral SDF grid of stage 2 (DMTet, spec §5.3) and its creation from a stage-1 volume.
+
+A tetrahedral grid (``tetrahedra.tet_grid``, generated at run time) fills the scene's box ``cfg.bbox``; each grid
+vertex carries an SDF value (negative inside) and a deformation ``δ`` (vertex ``v + tanh(δ)/res`` in the grid's
+unit frame). Every call of ``mesh()`` runs marching tetrahedra, so the SDF and the deformation get gradients
+through the rendered mesh. ``fix_geometry`` turns both into buffers (texture-only training).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import SceneConfig
+from ..errors import CSDError
+from .tetrahedra import deformed_vertices, marching_tetrahedra, tet_grid
+
+log = logging.getLogger(__name__)
+
+
+def scene_box(cfg: SceneConfig) -> torch.Tensor:
+    """``[2, 3]`` the box of a mesh scene: ``cfg.bbox`` or ``±radius``."""
+    if cfg.bbox is not None:
+        return torch.tensor(cfg.bbox, dtype=torch.float32)
+    r = float(cfg.radius)
+    return torch.tensor([[-r] * 3, [r] * 3], dtype=torch.float32)
+
+
+class TetSDFGeometry(nn.Module):
+    def __init__(self, cfg: SceneConfig):
+        super().__init__()
+        self.resolution = int(cfg.tet_resolution)
+        grid, tets = tet_grid(self.resolution)
+        # shared with tet_grid's cache (never modified in place); not saved: rebuilt from the resolution
+        self.register_buffer("grid_vertices", grid, persistent=False)  # [V, 3] in [0, 1]³
+        self.register_buffer("tets", tets, persistent=False)  # [T, 4]
+        self.register_buffer("box", scene_box(cfg), persistent=False)
+        sdf = torch.zeros(grid.shape[0])
+        deformation = torch.zeros(grid.shape[0], 3)
+        if cfg.fix_geometry:
+            self.register_buffer("sdf", sdf)
+            self.register_buffer("deformation", deformation)
+        else:
+            self.sdf = nn.Parameter(sdf)
+            self.deformation = nn.Parameter(deformation)
+
+    def world(self, unit_points: torch.Tensor) -> torch.Tensor:
+        """Grid-frame points ``[N, 3]`` in [0, 1]³ → world units."""
+        lo, hi = self.box[0], self.box[1]
+        return lo + unit_points * (hi - lo)
+
+    def grid_world_vertices(self) -> torch.Tensor:
+        """The undeformed grid vertices in world units ``[V, 3]``."""
+        return self.world(self.grid_vertices)
+
+    def mesh(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        v = self.world(deformed_vertices(self.grid_vertices, self.deformation, self.resolution))
+        return marching_tetrahedra(v, self.sdf, self.tets)
+
+
+# --------------------------------------------------------------------------------------- from a stage-1 run
+def object_box(density_fn, radius: float, threshold: Union[float, str], chunk: int = 1 << 18
+               ) -> Tuple[np.ndarray, float]:
+    """``([2, 3], τ)``: the tight box of the surface ``σ = τ`` (the occupied cells of a coarse grid over ±radius,
+    grown by a cell and 10 % a side: the export's coarse-to-fine box, spec §5.3) and τ itself (``"auto"``: the
+    mean density where there is any, as the export)."""
+    from ..export.isosurface import COARSE_RESOLUTION, Grid, _Sampler, resolve_threshold, tight_box
+
+    n = COARSE_RESOLUTION
+    grid = Grid(np.full(3, -float(radius)), 2 * float(radius) / (n - 1), (n,) * 3)
+    coarse = _Sampler(density_fn, chunk, None)(grid).reshape(grid.shape)
+    tau = resolve_threshold(threshold, coarse)
+    if not (coarse > tau).any():
+        raise CSDError(f"the stage-1 scene has no surface at the isosurface threshold {tau:g}: its density "
+                       f"peaks at {float(coarse.max()):.4g} on a {n}³ grid. Train stage 1 longer, or lower "
+                       f"scene.isosurface_threshold (e.g. --set scene.isosurface_threshold="
+                       f"{max(float(coarse.max()) / 2, 1e-3):.3g}, or \"auto\")")
+    return tight_box(coarse, grid, tau, float(radius)), tau
+
+
+@torch.no_grad()
+def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, str, None] = None,
+                    fix_geometry: bool = False, chunk: int = 1 << 18):
+    """A ``dmtet`` MeshScene converted from a stage-1 ``Scene`` (spec §5.3): the grid fills the tight box of the
+    surface ``σ = τ`` (``threshold``: a number, "auto", or None for the scene's ``isosurface_threshold``),
+    ``sdf = clamp(τ − σ, −1, 1)`` at the grid vertices, no deformation, and the hash grid, albedo MLP and
+    background copied from the volume."""
+    from ..export.pipeline import SceneField
+    from .mesh_scene import MeshScene
+
+    field = SceneField(scene, chunk)
+    box, tau = object_box(field.density, scene.radius,
+                          scene.cfg.isosurface_threshold if threshold is None else threshold, chunk)
+    cfg = dataclasses.replace(scene.cfg, kind="dmtet", tet_resolution=int(tet_resolution),
+                              bbox=[[float(x) for x in box[0]], [float(x) for x in box[1]]],
+                              isosurface_threshold=tau, fix_geometry=bool(fix_geometry))
+    device = next(scene.parameters()).device
+    out = MeshScene(cfg, device).to(device)
+    points = out.geometry.grid_world_vertices().cpu().numpy()
+    sigma = torch.from_numpy(field.density(points)).to(device)
+    out.geometry.sdf.copy_((tau - sigma).clamp(-1.0, 1.0))
+    inside = int((sigma > tau).sum())
+    if inside == 0:
+        raise CSDError(f"no tetrahedral grid vertex of resolution {tet_resolution} lies inside the surface at "
+                       f"threshold {tau:g} (the density peaks at {float(sigma.max()):.4g} there); raise "
+                       f"scene.tet_resolution or lower scene.isosurface_threshold")
+    texture = {k: v for k, v in scene.volume.state_dict().items() if k.startswith(("encoding.", "feature_mlp."))}
+    out.texture.load_state_dict(texture)
+    out.background.load_state_dict(scene.background.state_dict())
+    log.info("converted the volume to a %d tet grid in the box %s: %d of %d vertices inside", tet_resolution,
+             box.round(3).tolist(), inside, points.shape[0])
+    return out
