@@ -1,4 +1,4 @@
-"""Command line: ``python -m csd_backend generate|render|export|presets``.
+"""Command line: ``python -m csd_backend generate|refine|texture|render|export|presets``.
 
 ``generate`` runs one optimisation stage and writes into ``--out``:
   checkpoints/last.ckpt      the resumable run state (atomically replaced every --checkpoint-every steps)
@@ -8,6 +8,9 @@
   config.json                the full resolved configuration
   mesh.glb                   the textured mesh of the final scene (--mesh-format glb|obj|ply, --no-mesh)
 
+``refine RUN`` is stage 2: the volume of a ``generate`` run becomes a deformable tetrahedral grid whose mesh is
+refined through the rasterizer (writes the same files; its mesh is the refined mesh itself).
+``texture MESH`` paints a texture onto a user's mesh (fixed geometry); its mesh is that mesh, in its own units.
 ``export`` writes the textured mesh of a saved run (GLB, OBJ + MTL + PNG, or PLY); ``render`` a ring of views.
 
 Every phase shows a progress bar on stderr (training, views, and the export stages extraction, simplification,
@@ -43,6 +46,20 @@ EPILOG = """examples:
 """
 
 
+REFINE_EPILOG = """examples:
+  python -m csd_backend refine runs/corgi --out runs/corgi-refined            # prompt and model of the run
+  python -m csd_backend refine runs/cone --preset refine-cpu --out runs/cone-refined
+  python -m csd_backend generate --resume runs/corgi-refined                  # continue an interrupted refine
+"""
+
+
+TEXTURE_EPILOG = """examples:
+  python -m csd_backend texture chair.glb --prompt "a wooden chair" --model ./models/sd21-base --out runs/chair
+  python -m csd_backend texture bunny.obj --prompt "a green cone" --model toy --preset texture-cpu --out runs/bunny
+The exported mesh is your mesh (same units and orientation) with a baked texture.
+"""
+
+
 def _parse_value(text: str, key: str = "--set"):
     """A --set value: JSON when it parses (numbers, lists, true/false, null), else the text itself. NaN and
     ±Infinity (which Python's JSON reader accepts) are refused, naming the field."""
@@ -60,52 +77,31 @@ def _parse_value(text: str, key: str = "--set"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .presets import preset_names
-
     p = argparse.ArgumentParser(prog="python -m csd_backend",
                                 description="Text-to-3D with Classifier Score Distillation (CSD), without ComfyUI.")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="optimise a 3D scene from a text prompt", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument("--prompt", help="what to generate (required unless --resume)")
-    g.add_argument("--negative-prompt", default=None,
-                   help="negative prompt (default: the preset's, 'oversaturated color, ugly, tiling, low quality, noisy')")
-    g.add_argument("--source-prompt", default=None, help="edit mode: a description of the scene given by --init-scene")
-    g.add_argument("--model", help="diffusers folder, single-file .safetensors checkpoint, hub id (from the local "
-                                   "cache), or 'analytic[:RES]' for the exact test prior")
-    g.add_argument("--model-config", default=None,
-                   help="for single-file checkpoints offline: a diffusers folder (or cached hub id) of the same "
-                        "architecture to take the component configs from")
-    g.add_argument("--preset", default=None, choices=preset_names(), help="named configuration (default csd-coarse)")
-    g.add_argument("--steps", type=int, default=None, help="number of steps (default: the preset's)")
-    g.add_argument("--no-rescale-schedules", action="store_true",
-                   help="with --steps: keep the preset's schedules in absolute steps instead of stretching them")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's, 0)")
-    g.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
-    g.add_argument("--dtype", default=None, help="auto | float16 | float32 | bfloat16 (default auto: fp16 on CUDA)")
-    g.add_argument("--resolution", type=int, default=None, help="image size fed to the prior (default: the preset's)")
-    g.add_argument("--out", help="output folder (must be new or empty unless --resume)")
+    _add_run_flags(g, "csd-coarse")
     g.add_argument("--resume", default=None,
                    help="a run folder or checkpoint to continue (checkpoints/previous.ckpt too). Other flags may be "
                         "repeated if their values equal the saved run's; --steps sets where it ends (more extends "
                         "it; fewer than planned ends it early, with a warning); --model/--device/--dtype may change. "
                         "A run stopped before its first checkpoint restarts from step 0 with its config.json")
     g.add_argument("--init-scene", default=None, help="start from the scene of a run folder or checkpoint (editing)")
-    g.add_argument("--preview-every", type=int, default=None, help="write a preview PNG every K steps (0: never)")
-    g.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--views", type=int, default=8, help="number of views in the final ring of renders (default 8)")
-    g.add_argument("--view-size", type=int, default=256, help="size of the final renders (default 256)")
-    g.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override any configuration field, e.g. --set render.num_samples_per_ray=256 "
-                        "--set guidance.negative_weight='[0,0,1,5000]' (JSON values)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--mesh-format", default="glb", choices=["glb", "obj", "ply"],
-                   help="format of the mesh written into --out at the end (default %(default)s)")
-    g.add_argument("--no-mesh", action="store_true", help="do not export a mesh at the end of the run")
-    g.add_argument("--mesh-resolution", type=int, default=None, help="marching-cubes grid of that mesh (default 256)")
-    g.add_argument("--mesh-texture-size", type=int, default=None,
-                   help="its texture size (default 1024; 0: vertex colours only)")
+
+    r = sub.add_parser("refine", help="stage 2: refine a stage-1 run as a mesh (DMTet + rasterizer)",
+                       epilog=REFINE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("run", help="the stage-1 run folder or checkpoint to refine")
+    _add_run_flags(r, "csd-refine-object")
+
+    t = sub.add_parser("texture", help="paint a texture onto your own mesh (its geometry stays fixed)",
+                       epilog=TEXTURE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("mesh", help="a .glb/.gltf/.obj/.ply/.stl/.off file")
+    t.add_argument("--z-up", action="store_true",
+                   help="the file is Z-up (default: Y-up, glTF's convention, which most OBJ/PLY files follow)")
+    _add_run_flags(t, "csd-texture")
 
     v = sub.add_parser("render", help="render a ring of views of a saved run")
     v.add_argument("checkpoint", help="run folder or checkpoint")
@@ -126,6 +122,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the presets and their settings")
     return p
+
+
+def _add_run_flags(p: argparse.ArgumentParser, default_preset: str) -> None:
+    """The flags of a run (generate and refine)."""
+    from .presets import preset_names
+
+    p.add_argument("--prompt", help="what to generate (required unless --resume; refine: default the run's)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt (default: the preset's, 'oversaturated color, ugly, tiling, low quality, noisy')")
+    p.add_argument("--source-prompt", default=None, help="edit mode: a description of the scene given by --init-scene")
+    p.add_argument("--model", help="diffusers folder, single-file .safetensors checkpoint, hub id (from the local "
+                                   "cache), or 'analytic[:RES]' for the exact test prior")
+    p.add_argument("--model-config", default=None,
+                   help="for single-file checkpoints offline: a diffusers folder (or cached hub id) of the same "
+                        "architecture to take the component configs from")
+    p.add_argument("--preset", default=None, choices=preset_names(),
+                   help=f"named configuration (default {default_preset})")
+    p.add_argument("--steps", type=int, default=None, help="number of steps (default: the preset's)")
+    p.add_argument("--no-rescale-schedules", action="store_true",
+                   help="with --steps: keep the preset's schedules in absolute steps instead of stretching them")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's, 0)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", default=None, help="auto | float16 | float32 | bfloat16 (default auto: fp16 on CUDA)")
+    p.add_argument("--resolution", type=int, default=None, help="image size fed to the prior (default: the preset's)")
+    p.add_argument("--out", help="output folder (must be new or empty unless --resume)")
+    p.add_argument("--preview-every", type=int, default=None, help="write a preview PNG every K steps (0: never)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--views", type=int, default=8, help="number of views in the final ring of renders (default 8)")
+    p.add_argument("--view-size", type=int, default=256, help="size of the final renders (default 256)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any configuration field, e.g. --set render.num_samples_per_ray=256 "
+                        "--set guidance.negative_weight='[0,0,1,5000]' (JSON values)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--mesh-format", default="glb", choices=["glb", "obj", "ply"],
+                   help="format of the mesh written into --out at the end (default %(default)s)")
+    p.add_argument("--no-mesh", action="store_true", help="do not export a mesh at the end of the run")
+    p.add_argument("--mesh-resolution", type=int, default=None, help="marching-cubes grid of that mesh (default 256)")
+    p.add_argument("--mesh-texture-size", type=int, default=None,
+                   help="its texture size (default 1024; 0: vertex colours only)")
 
 
 def _add_export_flags(p: argparse.ArgumentParser) -> None:
@@ -531,6 +566,7 @@ def _new_run(args):
     from .io import write_json
     from .optimize import RUN_CONFIG_FILE, Optimization, load_scene
     from .priors import load_prior
+    from .scene_kinds import starting_scene
 
     if not args.out:
         raise ConfigError("--out", "give an output folder (or --resume a run)")
@@ -542,9 +578,9 @@ def _new_run(args):
                                    "Choose a new folder, or continue that run with --resume.")
     created = _check_out_dir(out)
     try:
-        scene = None
+        scene = getattr(args, "start_scene", None)
         if args.init_scene:
-            scene, _ = load_scene(args.init_scene)
+            scene = starting_scene(load_scene(args.init_scene)[0], config.scene)
         _raise_pending()
         prior = load_prior(config.prior)
         _raise_pending()
@@ -621,6 +657,43 @@ def cmd_generate(args) -> int:
     print(f"done: {opt.step} steps in {time.time() - t0:.1f} s; checkpoint {opt.checkpoint_path}; "
           f"renders in {out / 'renders'}", file=sys.stderr)
     return 0
+
+
+def cmd_refine(args) -> int:
+    """Stage 2 from a stage-1 run: ``generate --init-scene RUN`` with a stage-2 preset (the volume is converted
+    to a DMTet grid) and, unless given, the prompts and model of that run."""
+    from .optimize import load_scene
+
+    if not args.out:
+        raise ConfigError("--out", "give an output folder for the refined run")
+    scene, stage1 = load_scene(args.run)
+    if scene.kind != "volume":
+        raise ConfigError("run", f"{args.run} holds a {scene.kind} scene, not a stage-1 volume; refine a run made "
+                                 f"by `generate` (continue a refine run with: generate --resume {_q(args.run)})")
+    del scene
+    g = stage1.guidance
+    for flag, value in (("prompt", g.prompt), ("negative_prompt", g.negative_prompt),
+                        ("model", stage1.prior.model), ("model_config", stage1.prior.model_config)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    args.preset = args.preset or "csd-refine-object"
+    args.init_scene, args.resume, args.source_prompt = args.run, None, None
+    return cmd_generate(args)
+
+
+def cmd_texture(args) -> int:
+    """Texture a user's mesh: a fixed-mesh scene optimised with a texturing preset (the same run as generate)."""
+    from .presets import get_preset
+    from .scene.fixed_mesh import mesh_scene, read_mesh_file
+
+    if not args.out:
+        raise ConfigError("--out", "give an output folder for the textured run")
+    args.preset = args.preset or "csd-texture"
+    cfg = get_preset(args.preset).replace(**_overrides(args.set)).scene
+    vertices, faces = read_mesh_file(args.mesh)
+    args.start_scene = mesh_scene(vertices, faces, cfg, y_up=not args.z_up, name=Path(args.mesh).name)
+    args.init_scene, args.resume, args.source_prompt = None, None, None
+    return cmd_generate(args)
 
 
 def _generate_mesh(args, scene, out: Path) -> None:
@@ -765,7 +838,7 @@ def _engine_warnings():
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = {"generate": cmd_generate, "render": cmd_render, "export": cmd_export,
+    command = {"generate": cmd_generate, "refine": cmd_refine, "texture": cmd_texture, "render": cmd_render, "export": cmd_export,
                "presets": cmd_presets}[args.command]
     if getattr(args, "quiet", False):
         quiet_third_party()

@@ -1,0 +1,263 @@
+"""Stage 2 and texturing end to end on the CPU: a stage-1 volume converted to a DMTet grid keeps its surface, the
+mesh renderer trains geometry, texture and background through the one optimisation loop, a user's mesh is
+textured without moving a vertex, and the CLI's refine / texture commands write runs that export meshes."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from csd_backend.config import SceneConfig
+from csd_backend.errors import CSDError, ConfigError
+from csd_backend.export import ExportConfig, MeshError, extract_textured_mesh
+from csd_backend.optimize import Optimization, load_scene
+from csd_backend.priors.analytic import AnalyticPrior
+from csd_backend.render.cameras import orbit_cameras
+from csd_backend.render.views import render_cameras, render_cameras_with_opacity
+from csd_backend.scene.dmtet import volume_to_dmtet
+from csd_backend.scene.fixed_mesh import mesh_scene
+from csd_backend.scene.volume import Scene
+from engine_helpers import small_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SCENE = dict(radius=1.0, n_levels=4, log2_hashmap_size=12, base_resolution=8, max_resolution=64, mlp_width=16,
+             background="solid", background_color=[0.5, 0.5, 0.5], random_background_prob=0.0,
+             density_blob_scale=20.0, density_blob_std=0.5)
+
+
+def blob_scene(seed: int = 0) -> Scene:
+    """A stage-1 volume whose density crosses τ = 10 on a sphere of radius ≈ 0.25 (blob bias 20·(1 − r/0.5))."""
+    torch.manual_seed(seed)
+    scene = Scene(SceneConfig(**SCENE)).eval()
+    with torch.no_grad():
+        for p in scene.volume.density_mlp.parameters():
+            p.zero_()  # the density is the blob alone: an exact sphere
+    return scene
+
+
+def stage2_config(prompt="a red ball", steps=30, kind="dmtet", **sections):
+    over = {"scene": {**SCENE, "kind": kind, "tet_resolution": 32},
+            "camera": {"height": 32, "width": 32, "batch_size": 2, "distance_range": [1.2, 1.4],
+                       "fovy_range": [40.0, 45.0]},
+            "render": {"ambient_only_steps": 0, "albedo_prob": 1.0},
+            "loss": {"normal_consistency": 0.0},
+            "optim": {"lr": 3e-2}}
+    for k, v in sections.items():
+        over.setdefault(k, {}).update(v)
+    return small_config(prompt, steps=steps, **over)
+
+
+def foreground_colour(scene, cfg):
+    cams = orbit_cameras(4, 15.0, 1.3, 45.0, 32, 32)
+    img, opacity = render_cameras_with_opacity(scene, cams, render_cfg=cfg.render, background=torch.zeros(3))
+    assert opacity.mean() > 0.05, "the object vanished"
+    return (img.sum((0, 1, 2)) / opacity.sum().clamp_min(1e-6)), opacity
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def test_conversion_keeps_the_stage1_surface():
+    scene = blob_scene()
+    refined = volume_to_dmtet(scene, tet_resolution=64, threshold=10.0)
+    assert refined.kind == "dmtet" and refined.cfg.bbox is not None
+    lo, hi = np.array(refined.cfg.bbox)
+    assert (lo > -0.45).all() and (hi < 0.45).all() and (lo < -0.25).all(), refined.cfg.bbox  # the tight box
+    v, f = refined.mesh()
+    r = v.norm(dim=-1)
+    assert f.shape[0] > 200
+    r = r.detach()
+    assert abs(float(r.mean()) - 0.25) < 0.01 and float(r.std()) < 0.01, (float(r.mean()), float(r.std()))
+    # inherited texture and background, parameter for parameter
+    for k, t in refined.texture.state_dict().items():
+        assert torch.equal(t, scene.volume.state_dict()[k]), k
+    # Chamfer distance to the marching-cubes export of the volume
+    mc = extract_textured_mesh(scene, ExportConfig(resolution=96, threshold=10.0, texture_size=0))
+    a, b = v.detach(), torch.from_numpy(np.array(mc.vertices))
+    d = torch.cdist(a, b)
+    chamfer = float(d.min(1).values.mean() + d.min(0).values.mean())
+    assert chamfer < 0.02, chamfer
+
+
+def test_conversion_without_a_surface_says_what_to_do():
+    scene = Scene(SceneConfig(**{**SCENE, "density_blob_scale": 5.0})).eval()
+    with torch.no_grad():
+        for p in scene.volume.density_mlp.parameters():
+            p.zero_()
+    with pytest.raises(CSDError, match="no surface at the isosurface threshold 10.*isosurface_threshold"):
+        volume_to_dmtet(scene, tet_resolution=32, threshold=10.0)
+
+
+# ---------------------------------------------------------------------------------------------- refinement
+def test_refinement_turns_the_mesh_the_prompt_colour_and_moves_the_geometry():
+    cfg = stage2_config("a red ball", steps=30)
+    start = volume_to_dmtet(blob_scene(), tet_resolution=32, threshold=10.0)
+    before, _ = foreground_colour(start, cfg)
+    opt = Optimization(cfg, AnalyticPrior(resolution=16), scene=start)
+    infos = []
+    scene = opt.run(progress=infos.append)
+    r, g, b = foreground_colour(scene, cfg)[0].tolist()
+    assert r > 0.75 and g < 0.25 and b < 0.25, (before.tolist(), (r, g, b))
+    assert not torch.equal(scene.geometry.sdf, start.geometry.sdf)  # the shape trains too
+    assert all(i.num_samples > 0 for i in infos)  # covered pixels every step
+
+
+def test_mesh_regularisers_enter_the_loss():
+    cfg = stage2_config(steps=2, loss={"normal_consistency": 10.0, "laplacian": 1.0})
+    opt = Optimization(cfg, AnalyticPrior(resolution=16), scene=volume_to_dmtet(blob_scene(), 32, 10.0))
+    info = opt.train_step()
+    assert info.losses["normal_consistency"] > 0 and info.losses["laplacian"] > 0
+    assert "sparsity" not in info.losses
+
+
+def test_refine_resume_equals_an_uninterrupted_run(tmp_path):
+    cfg = stage2_config(steps=6, optim={"checkpoint_every": 3})
+    start = volume_to_dmtet(blob_scene(), tet_resolution=32, threshold=10.0)
+    full = Optimization(cfg, AnalyticPrior(resolution=16), scene=start, out_dir=tmp_path / "full")
+    full.run()
+    part = Optimization(cfg.replace(optim={"steps": 3}), AnalyticPrior(resolution=16), scene=start,
+                        out_dir=tmp_path / "part")
+    part.run()
+    resumed = Optimization.resume(tmp_path / "part", AnalyticPrior(resolution=16), steps=6)
+    resumed.run()
+    a, b = full.scene.state_dict(), resumed.scene.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_refined_scene_exports_its_own_mesh():
+    scene = volume_to_dmtet(blob_scene(), tet_resolution=32, threshold=10.0)
+    mesh = extract_textured_mesh(scene, ExportConfig(texture_size=64))
+    v, f = scene.mesh()
+    assert mesh.num_faces == f.shape[0]  # the DMTet mesh itself, not a marching-cubes remesh
+    assert mesh.info["watertight"] and mesh.has_texture
+
+
+# ----------------------------------------------------------------------------------------------- texturing
+def icosphere():
+    import trimesh
+
+    m = trimesh.creation.icosphere(subdivisions=2, radius=3.0)
+    return (np.asarray(m.vertices, np.float32) + np.array([10.0, 0.0, 0.0], np.float32),
+            np.asarray(m.faces, np.int64))
+
+
+def test_texturing_paints_without_moving_a_vertex():
+    v, f = icosphere()
+    cfg = stage2_config("a green ball", steps=30, kind="mesh")
+    start = mesh_scene(v, f, cfg.scene)
+    assert float(start.geometry.vertices.norm(dim=-1).max()) == pytest.approx(0.5, abs=1e-5)
+    opt = Optimization(cfg, AnalyticPrior(resolution=16), scene=start)
+    params = {n for n, _ in opt.scene.named_parameters()}
+    assert not any(n.startswith("geometry") for n in params)
+    scene = opt.run()
+    assert torch.equal(scene.geometry.vertices, start.geometry.vertices)
+    r, g, b = foreground_colour(scene, cfg)[0].tolist()
+    assert g > 0.75 and r < 0.25 and b < 0.25, (r, g, b)
+    mesh = extract_textured_mesh(scene, ExportConfig(texture_size=64))
+    assert mesh.num_faces == len(f)
+    assert mesh.y_up
+    # the export is the user's mesh in its own units and frame (written Y up, as it came)
+    np.testing.assert_allclose(np.sort(mesh.output_points(mesh.vertices), 0), np.sort(v, 0), atol=1e-5)
+
+
+def test_bad_meshes_are_refused_clearly(tmp_path):
+    cfg = stage2_config(kind="mesh").scene
+    with pytest.raises(MeshError, match="no faces"):
+        mesh_scene(np.zeros((4, 3)), np.zeros((0, 3)), cfg)
+    with pytest.raises(MeshError, match="NaN"):
+        mesh_scene(np.full((3, 3), np.nan), np.array([[0, 1, 2]]), cfg)
+    with pytest.raises(MeshError, match="missing vertices"):
+        mesh_scene(np.zeros((3, 3)), np.array([[0, 1, 5]]), cfg)
+    from csd_backend.scene.fixed_mesh import read_mesh_file
+
+    with pytest.raises(MeshError, match="not found"):
+        read_mesh_file(tmp_path / "nope.glb")
+    (tmp_path / "a.xyz").write_text("1 2 3\n")
+    with pytest.raises(MeshError, match="unsupported mesh format"):
+        read_mesh_file(tmp_path / "a.xyz")
+
+
+def test_uninstalled_rasterizer_fails_before_training():
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    cfg = stage2_config(render={"rasterizer": "nvdiffrast"})
+    with pytest.raises(ConfigError, match="render.rasterizer"):
+        Optimization(cfg, AnalyticPrior(resolution=16), scene=volume_to_dmtet(blob_scene(), 32, 10.0))
+
+
+def test_tet_resolution_is_validated():
+    cfg = stage2_config()
+    with pytest.raises(ConfigError, match="scene.tet_resolution"):
+        cfg.replace(scene={"tet_resolution": 33}).validate(require_model=False)
+    with pytest.raises(ConfigError, match="scene.bbox"):
+        cfg.replace(scene={"bbox": [[0, 0, 0], [0, 1, 1]]}).validate(require_model=False)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+TINY_STAGE2 = ["--set", "camera.height=24", "--set", "camera.width=24", "--set", "scene.tet_resolution=32",
+               "--views", "1", "--view-size", "24", "--quiet", "--mesh-texture-size", "64"]
+
+
+def _stage1_run(tmp_path, capsys):
+    from csd_backend.cli import main
+    from csd_backend.io import save_checkpoint
+
+    out = tmp_path / "stage1"
+    args = ["generate", "--prompt", "a red ball", "--model", "analytic:16", "--preset", "preview-cpu", "--steps", "1",
+            "--out", str(out), "--quiet", "--no-mesh", "--views", "1", "--view-size", "16",
+            "--set", "camera.height=16", "--set", "camera.width=16", "--set", "render.num_samples_per_ray=16"]
+    for k, v in SCENE.items():
+        args += ["--set", f"scene.{k}={v}".replace("'", '"')]
+    assert main(args) == 0, capsys.readouterr().err
+    state = __import__("csd_backend.io", fromlist=["load_checkpoint"]).load_checkpoint(out)
+    state["scene"] = {k: v.clone() for k, v in blob_scene().state_dict().items()}  # a known surface
+    (out / "checkpoints" / "last.ckpt").unlink()
+    save_checkpoint(out / "checkpoints" / "last.ckpt", state)
+    return out
+
+
+def test_cli_refine_writes_a_refined_run_with_its_mesh(tmp_path, capsys):
+    from csd_backend.cli import main
+
+    stage1 = _stage1_run(tmp_path, capsys)
+    out = tmp_path / "refined"
+    code = main(["refine", str(stage1), "--preset", "refine-cpu", "--steps", "2", "--out", str(out), *TINY_STAGE2])
+    assert code == 0, capsys.readouterr().err
+    scene, config = load_scene(out)
+    assert scene.kind == "dmtet" and config.guidance.prompt == "a red ball" and config.prior.model == "analytic:16"
+    assert (out / "mesh.glb").is_file() and (out / "renders" / "view_00.png").is_file()
+    # a refine run resumes like any other
+    assert main(["generate", "--resume", str(out), "--steps", "3", "--quiet", "--no-mesh", "--views", "1",
+                 "--view-size", "16"]) == 0, capsys.readouterr().err
+    # refining a refined run is refused with the way to continue it
+    capsys.readouterr()
+    assert main(["refine", str(out), "--out", str(tmp_path / "again")]) == 2
+    assert "generate --resume" in capsys.readouterr().err
+
+
+def test_cli_texture_keeps_the_users_mesh(tmp_path, capsys):
+    import trimesh
+
+    from csd_backend.cli import main
+
+    v, f = icosphere()
+    src = tmp_path / "ball.obj"
+    trimesh.Trimesh(v, f, process=False).export(src)
+    out = tmp_path / "textured"
+    code = main(["texture", str(src), "--prompt", "a green ball", "--model", "analytic:16", "--preset", "texture-cpu",
+                 "--steps", "2", "--out", str(out), *TINY_STAGE2[:4], *TINY_STAGE2[6:]])
+    assert code == 0, capsys.readouterr().err
+    mesh = trimesh.load(out / "mesh.glb", force="mesh", process=False)
+    assert len(mesh.faces) == len(f)
+    d = torch.cdist(torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float64), torch.as_tensor(v).double())
+    assert float(d.min(1).values.max()) < 1e-4 and float(d.min(0).values.max()) < 1e-4  # UV seams split vertices
+    capsys.readouterr()
+    empty = tmp_path / "points.ply"
+    trimesh.PointCloud(v).export(empty)
+    assert main(["texture", str(empty), "--prompt", "x", "--model", "analytic:16", "--out",
+                 str(tmp_path / "t2")]) == 2
+    err = capsys.readouterr().err
+    assert "no faces" in err and "Traceback" not in err
