@@ -7,15 +7,24 @@ import json
 from pathlib import Path
 
 from csd_backend.config import OptimConfig
-from csd_backend.presets import preset_names
+from csd_backend.presets import PRESETS
 
 from . import _common as c
 
-_DEFAULT_PRESET = "csd-coarse"
 _SEED_MAX = 2**63 - 1
 
 
+def presets_of(kind: str) -> list:
+    """The presets whose scene is of ``kind`` (volume: stage 1 and editing; dmtet: stage 2; mesh: texturing)."""
+    return sorted(name for name, p in PRESETS.items() if p.get("scene", {}).get("kind", "volume") == kind)
+
+
 class CSDOptimize:
+    KIND = "volume"  # the presets listed: those of this scene kind (see presets_of)
+    DEFAULT_PRESET = "csd-coarse"
+    DEFAULT_RUN_NAME = "csd_run"
+    PRESET_TOOLTIP = ("csd-coarse: the paper's stage 1; sds-dreamfusion: the baseline; csd-edit: editing (also of "
+                      "refined and textured meshes); preview-cpu: a small fast run")
     DESCRIPTION = ("Optimises the scene against the diffusion prior with the guidance (one stage). The preset gives "
                    "every setting without a widget (renderer, loss weights, warm-ups); its step-valued schedules are "
                    "stretched to `steps`. The input scene is never modified: a trained copy is returned. While it "
@@ -38,9 +47,7 @@ class CSDOptimize:
                 "guidance": (c.GUIDANCE, {"tooltip": "from CSD Guidance"}),
                 "scene": (c.SCENE, {"tooltip": "a new scene, or a trained one to continue or edit (not modified)"}),
                 "cameras": (c.CAMERAS, {"tooltip": "from CSD Cameras"}),
-                "preset": c.combo_input(preset_names(), _DEFAULT_PRESET,
-                                        "csd-coarse: the paper's stage 1; sds-dreamfusion: the baseline; csd-edit: "
-                                        "editing; preview-cpu: a small fast run"),
+                "preset": c.combo_input(presets_of(cls.KIND), cls.DEFAULT_PRESET, cls.PRESET_TOOLTIP),
                 "steps": c.int_input(d.steps, 1, 10_000_000, "optimisation steps (spec: 10000); the preset's "
                                                              "schedules are stretched to this length"),
                 "lr": c.float_input(d.lr, 1e-6, 10.0, 0.0001, "Adam learning rate (CSD: 0.001, SDS: 0.01)",
@@ -54,7 +61,8 @@ class CSDOptimize:
                 "preview_every": c.int_input(10, 0, 10_000_000, "send a live preview of the current render every "
                                                                 "N steps (0: never); it is enlarged (nearest "
                                                                 "neighbour, 64² → 512²) to be viewable"),
-                "run_name": c.string_input("csd_run", "runs are saved in output/csd3d/runs/<run_name>_NNNNN"),
+                "run_name": c.string_input(cls.DEFAULT_RUN_NAME,
+                                           "runs are saved in output/csd3d/runs/<run_name>_NNNNN"),
                 "resume": c.bool_input(False, "continue the latest checkpoint of run_name (its saved settings are "
                                               "used; steps may extend it) instead of starting a new run"),
             },
@@ -98,7 +106,7 @@ class CSDOptimize:
         guidance.validate()
         cfg = cfg.replace(
             guidance=guidance.overrides(int(steps)),
-            camera={k: getattr(cameras, k) for k in c.CAMERA_FIELDS},
+            camera={k: getattr(cameras, k) for k in c.CAMERA_FIELDS} if cameras is not None else {},
             scene=dataclasses.asdict(scene.cfg),
             optim={"lr": float(lr), "seed": int(seed), "checkpoint_every": int(checkpoint_every),
                    "preview_every": int(preview_every)},
@@ -108,9 +116,26 @@ class CSDOptimize:
         return c.validate_config(cfg, where)
 
     # --------------------------------------------------------------------------------------------------- run
+    @staticmethod
+    def start_scene(scene, preset: str):
+        """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset."""
+        from csd_backend.errors import ConfigError
+        from csd_backend.presets import get_preset
+        from csd_backend.scene_kinds import starting_scene
+
+        target = get_preset(preset).scene
+        if target.kind != "volume" and getattr(scene, c.UNTRAINED_ATTR, False):
+            raise ConfigError("scene", f"preset {preset} refines or textures a surface, but this scene is new "
+                                       "(untrained): train it with CSD Optimize first, or load a mesh with CSD "
+                                       "Load Mesh")
+        if target.kind == "mesh" and scene.kind != "mesh":
+            raise ConfigError("scene", f"preset {preset} textures a fixed mesh: connect CSD Load Mesh (to paint a "
+                                       f"{scene.kind} scene use CSD Optimize with csd-edit)")
+        return starting_scene(scene, target)
+
     @c.autograd_allowed
-    def optimize(self, prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every, preview_every,
-                 run_name, resume, unique_id=None):
+    def optimize(self, prior, guidance, scene, preset, steps, lr, seed, checkpoint_every, preview_every,
+                 run_name, resume, cameras=None, unique_id=None):
         from csd_backend.errors import Cancelled, ConfigError
         from csd_backend.io import atomic_write
         from csd_backend.optimize import Optimization
@@ -126,6 +151,7 @@ class CSDOptimize:
                 c.log.info("CSD Optimize: resuming %s at step %d of %d (the run's saved settings are used)",
                            opt.out_dir, opt.step, opt.config.optim.steps)
             else:
+                scene = self.start_scene(scene, preset)
                 cfg = self.run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every,
                                       preview_every)
                 untrained = bool(getattr(scene, c.UNTRAINED_ATTR, False))
@@ -173,5 +199,48 @@ class CSDOptimize:
         return (trained, preview)
 
 
-NODE_CLASS_MAPPINGS = {"CSDOptimize": CSDOptimize}
-NODE_DISPLAY_NAME_MAPPINGS = {"CSDOptimize": "CSD Optimize"}
+class CSDRefineMesh(CSDOptimize):
+    KIND = "dmtet"
+    DEFAULT_PRESET = "csd-refine-object"
+    DEFAULT_RUN_NAME = "csd_refine"
+    PRESET_TOOLTIP = ("csd-refine-object / csd-refine: the paper's stage 2 (512², tet grid 256, normal consistency "
+                      "1000; GPU, about an hour for 10k steps on an H100); sds-refine: Magic3D's refinement; "
+                      "refine-cpu: a 64 tet grid at 64² that runs on a CPU in minutes")
+    DESCRIPTION = ("Stage 2: converts a trained stage-1 scene into a deformable tetrahedral SDF grid (DMTet) over "
+                   "its surface (density 10) and refines the mesh itself through a differentiable rasterizer, with "
+                   "the texture and background it inherits. Without cameras the preset's are used (512² for the "
+                   "paper's presets). Live preview, Cancel and resume as CSD Optimize. Extract Mesh then exports "
+                   "the refined mesh itself.")
+    OUTPUT_TOOLTIPS = ("The refined mesh scene.", "A render of it from the evaluation view.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = super().INPUT_TYPES()
+        types["required"]["scene"] = (c.SCENE, {"tooltip": "a trained stage-1 scene (CSD Optimize), or a refined "
+                                                           "one to continue"})
+        cameras = types["required"].pop("cameras")
+        types["optional"] = {"cameras": (cameras[0], {"tooltip": "optional: the preset's cameras when not "
+                                                                 "connected"})}
+        return types
+
+
+class CSDTextureMesh(CSDRefineMesh):
+    KIND = "mesh"
+    DEFAULT_PRESET = "csd-texture"
+    DEFAULT_RUN_NAME = "csd_texture"
+    PRESET_TOOLTIP = ("csd-texture: 512², stage-2 CSD, 5000 steps (GPU); texture-cpu: 64², 150 steps on a CPU")
+    DESCRIPTION = ("Paints a texture onto a fixed mesh from CSD Load Mesh with CSD (stage-2 coefficients): only the "
+                   "texture field and the background train, every vertex stays where it is. Extract Mesh then "
+                   "exports your mesh, in its own units and orientation, with the baked texture.")
+    OUTPUT_TOOLTIPS = ("The textured mesh scene.", "A render of it from the evaluation view.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        types = super().INPUT_TYPES()
+        types["required"]["scene"] = (c.SCENE, {"tooltip": "a mesh from CSD Load Mesh"})
+        return types
+
+
+NODE_CLASS_MAPPINGS = {"CSDOptimize": CSDOptimize, "CSDRefineMesh": CSDRefineMesh, "CSDTextureMesh": CSDTextureMesh}
+NODE_DISPLAY_NAME_MAPPINGS = {"CSDOptimize": "CSD Optimize", "CSDRefineMesh": "CSD Refine Mesh",
+                              "CSDTextureMesh": "CSD Texture Mesh"}

@@ -474,9 +474,10 @@ def _is_image(v) -> bool:
 
 
 def _is_scene(v) -> bool:
+    from csd_backend.scene.mesh_scene import MeshScene
     from csd_backend.scene.volume import Scene
 
-    return isinstance(v, Scene)
+    return isinstance(v, (Scene, MeshScene))
 
 
 def _is_prior(v) -> bool:
@@ -629,6 +630,10 @@ TEST_OVERRIDES: Dict[str, Dict[str, object]] = {
     "CSDScene": {"n_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64},
     "CSDCameras": {"width": 16, "height": 16},
     "CSDOptimize": {"steps": 2, "checkpoint_every": 1, "preview_every": 1},
+    # the CPU presets: a 64 tet grid, and the automatic surface level (a 2-step stage 1 never reaches density 10)
+    "CSDRefineMesh": {"steps": 2, "checkpoint_every": 1, "preview_every": 1, "preset": "refine-cpu"},
+    "CSDTextureMesh": {"steps": 2, "checkpoint_every": 1, "preview_every": 1, "preset": "texture-cpu"},
+    "CSDLoadMesh": {"preset": "texture-cpu"},
     "CSDRenderViews": {"n_views": 2, "size": 24, "samples_per_ray": 32},
     "CSDExtractMesh": {"resolution": 32, "texture_size": 64, "face_budget": 5000},
 }

@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
+import torch
 
 import comfy_stubs as cs
 
-MY_NODES = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize", "CSDRenderViews"}
+MY_NODES = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize", "CSDRenderViews",
+            "CSDRefineMesh", "CSDTextureMesh", "CSDLoadMesh"}
 SMALL_SCENE = dict(radius=1.0, n_levels=4, log2_hashmap_size=12, max_resolution=64, background="neural_env")
 
 
@@ -400,3 +403,51 @@ def test_is_changed_follows_the_checkpoint_on_disk(env, pack):
     assert m["CSDScene"].IS_CHANGED(source="x_00003") != m["CSDScene"].IS_CHANGED(source="(new scene)")
     assert m["CSDScene"].INPUT_TYPES()["required"]["source"][0] == ["(new scene)", "x_00003"]
 
+
+
+def test_load_mesh_from_a_file_or_a_comfy_mesh_and_refusals(env, pack):
+    import numpy as np
+    import trimesh
+
+    m = pack.NODE_CLASS_MAPPINGS
+    load = m["CSDLoadMesh"]
+    choices = load.INPUT_TYPES()["required"]["mesh_file"][0]
+    assert "example/csd_vase.obj" in choices
+    (scene,) = load().load("example/csd_vase.obj", "y", "texture-cpu")
+    cs.check_return("CSDLoadMesh", load, (scene,))
+    assert scene.kind == "mesh" and scene.geometry.faces.shape[0] == 2496
+    # a file uploaded to input/3d (where Load 3D puts it)
+    up = env.input_dir / "3d" / "sub"
+    up.mkdir(parents=True)
+    box = trimesh.creation.box()
+    box.export(up / "box.stl")
+    assert "sub/box.stl" in load.INPUT_TYPES()["required"]["mesh_file"][0]
+    assert load.VALIDATE_INPUTS("sub/box.stl") is True
+    (scene,) = load().load("sub/box.stl", "z", "texture-cpu")
+    assert scene.geometry.faces.shape[0] == 12 and not bool(scene.geometry.source_y_up)
+    # ComfyUI's MESH (batched) wins over the file
+    mesh = types.SimpleNamespace(vertices=torch.from_numpy(np.asarray(box.vertices, np.float32))[None],
+                                 faces=torch.from_numpy(np.asarray(box.faces, np.int64))[None])
+    (scene,) = load().load(NO_FILE := load.INPUT_TYPES()["required"]["mesh_file"][1]["default"], "y",
+                           "texture-cpu", mesh=mesh)
+    assert scene.geometry.faces.shape[0] == 12
+    assert "outside" in load.VALIDATE_INPUTS("../../etc/passwd.obj")
+    assert "not in" in load.VALIDATE_INPUTS("missing.glb")
+    with pytest.raises(Exception, match="mesh_file: choose a file"):
+        load().load(NO_FILE, "y", "texture-cpu")
+
+
+def test_refine_and_texture_refuse_the_wrong_scene(env, pack):
+    m = pack.NODE_CLASS_MAPPINGS
+    (new,) = m["CSDScene"]().make(**{**defaults(m["CSDScene"]), **SMALL_SCENE})
+    with pytest.raises(Exception, match="new .untrained.*CSD Optimize first"):
+        m["CSDRefineMesh"].start_scene(new, "refine-cpu")
+    setattr(new, "_csd_untrained", False)
+    with pytest.raises(Exception, match="connect CSD Load Mesh"):
+        m["CSDTextureMesh"].start_scene(new, "texture-cpu")
+    presets = {n: m[n].INPUT_TYPES()["required"]["preset"][0] for n in ("CSDOptimize", "CSDRefineMesh",
+                                                                         "CSDTextureMesh")}
+    assert "csd-coarse" in presets["CSDOptimize"] and "csd-refine" not in presets["CSDOptimize"]
+    assert presets["CSDRefineMesh"] == ["csd-refine", "csd-refine-object", "refine-cpu", "sds-refine"]
+    assert presets["CSDTextureMesh"] == ["csd-texture", "texture-cpu"]
+    assert "cameras" in m["CSDRefineMesh"].INPUT_TYPES()["optional"]

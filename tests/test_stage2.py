@@ -261,3 +261,116 @@ def test_cli_texture_keeps_the_users_mesh(tmp_path, capsys):
                  str(tmp_path / "t2")]) == 2
     err = capsys.readouterr().err
     assert "no faces" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- presets
+#: spec §3.2 (csd-sd-refine.yaml), yaml path → (engine field, value)
+CSD_SD_REFINE = {
+    "data.batch_size": ("camera.batch_size", 1), "data.width": ("camera.width", 512),
+    "data.height": ("camera.height", 512), "data.camera_distance_range": ("camera.distance_range", [1.5, 2.0]),
+    "data.fovy_range": ("camera.fovy_range", [40.0, 70.0]), "data.elevation_range": ("camera.elevation_range",
+                                                                                        [-10.0, 45.0]),
+    "data.azimuth_range": ("camera.azimuth_range", [-180.0, 180.0]),
+    "no front/back phase": ("camera.front_back_only_steps", 0), "data.eval_camera_distance": ("camera.eval_distance",
+                                                                                              1.5),
+    "data.eval_fovy_deg": ("camera.eval_fovy", 70.0),
+    "isosurface_threshold": ("scene.isosurface_threshold", 10.0), "isosurface_resolution": ("scene.tet_resolution",
+                                                                                            256),
+    "geometry_type tetrahedra-sdf-grid": ("scene.kind", "dmtet"), "fix_geometry": ("scene.fix_geometry", False),
+    "geometry.radius (character)": ("scene.radius", 1.0),
+    "material.ambient_only_steps": ("render.ambient_only_steps", 0),
+    "50% albedo renders": ("render.albedo_prob", 0.5), "the other 50% normal maps": ("render.textureless_prob", 1.0),
+    "textureless = normal map": ("render.textureless_normal", True),
+    "background random colour prob": ("scene.random_background_prob", 0.5),
+    "prompt thresholds 45/45/60": ("guidance.front_threshold", 45.0),
+    "back threshold": ("guidance.back_threshold", 45.0), "overhead": ("guidance.overhead_threshold", 60.0),
+    "c = ω1": ("guidance.guidance_weight", 1.0), "ω2 1 → 0.5 over 10k": ("guidance.negative_weight",
+                                                                       [0, 1.0, 0.5, 10000]),
+    "w = 1 − ᾱ": ("guidance.weighting", "sds"), "no normalisation": ("guidance.grad_normalize", False),
+    "t_min": ("guidance.min_step_percent", 0.02), "t_max": ("guidance.max_step_percent", 0.5),
+    "λ_sds": ("loss.guidance", 1.0), "λ_normal_consistency": ("loss.normal_consistency", 1000.0),
+    "no Laplacian": ("loss.laplacian", 0.0), "lr": ("optim.lr", 1e-3), "betas": ("optim.betas", [0.9, 0.999]),
+    "eps": ("optim.eps", 1e-15), "max_steps": ("optim.steps", 10000), "SD 2.1-base at 512": ("prior.max_resolution",
+                                                                                            512),
+}
+#: threestudio configs/magic3d-refine-sd.yaml (and the defaults of the classes it names)
+MAGIC3D_REFINE_SD = {
+    "data.width": ("camera.width", 512), "data.height": ("camera.height", 512),
+    "data.camera_distance_range": ("camera.distance_range", [1.5, 2.0]),
+    "data.elevation_range": ("camera.elevation_range", [-10.0, 45.0]), "data.fovy_range": ("camera.fovy_range",
+                                                                                         [30.0, 45.0]),
+    "data.eval_camera_distance": ("camera.eval_distance", 2.0), "data.eval_fovy_deg": ("camera.eval_fovy", 70.0),
+    "data.light_distance_range (default)": ("camera.light_distance_range", [0.8, 1.5]),
+    "geometry.radius": ("scene.radius", 2.0), "geometry.isosurface_resolution": ("scene.tet_resolution", 128),
+    "pos_encoding per_level_scale": ("scene.per_level_scale", 1.447269237440378),
+    "material.ambient_only_steps": ("render.ambient_only_steps", 0),
+    "guidance.guidance_scale": ("guidance.cfg_scale", 100.0), "guidance mode": ("guidance.mode", "sds"),
+    "guidance.weighting_strategy": ("guidance.weighting", "sds"),
+    "guidance.min_step_percent": ("guidance.min_step_percent", 0.02),
+    "guidance.max_step_percent": ("guidance.max_step_percent", 0.5),
+    "loss.lambda_normal_consistency": ("loss.normal_consistency", 10000.0),
+    "optimizer.args.lr": ("optim.lr", 0.01), "optimizer.args.betas": ("optim.betas", [0.9, 0.99]),
+    "trainer.max_steps": ("optim.steps", 5000),
+}
+
+
+@pytest.mark.parametrize("preset,table", [("csd-refine", CSD_SD_REFINE), ("sds-refine", MAGIC3D_REFINE_SD)])
+def test_stage2_presets_reproduce_their_configs(preset, table):
+    from csd_backend.presets import get_preset
+
+    d = get_preset(preset).to_dict()
+    wrong = []
+    for key, (path, want) in table.items():
+        section, name = path.split(".")
+        got = d[section][name]
+        same = got == pytest.approx(want) if isinstance(want, (int, float)) and not isinstance(want, bool) else \
+            got == want
+        if not same:
+            wrong.append(f"{key}: config {want!r}, preset {path} = {got!r}")
+    assert not wrong, "\n".join(wrong)
+    object_cfg = get_preset("csd-refine-object").to_dict()
+    assert object_cfg["scene"]["radius"] == 2.0 and {k: v for k, v in object_cfg["scene"].items() if k != "radius"} \
+        == {k: v for k, v in get_preset("csd-refine").to_dict()["scene"].items() if k != "radius"}
+
+
+def test_stage2_coefficients_at_both_ends():
+    """Stage 2 at s = 0: ε_y − ε_neg; at 10k: ε_y − 0.5ε_neg − 0.5ε_∅ (spec §1.2)."""
+    from csd_backend.guidance import coefficients
+    from csd_backend.presets import get_preset
+
+    g = get_preset("csd-refine").guidance
+    c0, c1 = coefficients(g, 0), coefficients(g, 10000)
+    assert (c0.c, c0.u, c0.n) == pytest.approx((1.0, -1.0, 0.0))
+    assert (c1.c, c1.u, c1.n) == pytest.approx((1.0, -0.5, -0.5))
+
+
+# ------------------------------------------------------------------------------- editing and more bad input
+def test_edit_mode_works_on_a_refined_mesh():
+    cfg = stage2_config("a blue ball", steps=25, guidance={"mode": "edit", "source_prompt": "a red ball",
+                                                         "negative_weight": 1.0})
+    start = volume_to_dmtet(blob_scene(), tet_resolution=32, threshold=10.0)
+    scene = Optimization(cfg, AnalyticPrior(resolution=16), scene=start).run()
+    r, g, b = foreground_colour(scene, cfg)[0].tolist()
+    assert b > 0.7 and r < 0.3, (r, g, b)
+
+
+def test_huge_meshes_are_decimated_and_said_so(monkeypatch, caplog):
+    import csd_backend.scene.fixed_mesh as fm
+
+    v, f = icosphere()
+    monkeypatch.setattr(fm, "MAX_FACES", 100)
+    monkeypatch.setattr(fm, "DECIMATE_TO", 60)
+    with caplog.at_level("WARNING"):
+        scene = mesh_scene(v, f, stage2_config(kind="mesh").scene, name="big.obj")
+    assert scene.geometry.faces.shape[0] <= 60 and scene.info["decimated_to"] <= 60
+    assert "big.obj has 320 faces; decimating it to 60" in caplog.text
+
+
+def test_a_non_manifold_open_mesh_textures_fine():
+    # three triangles on one edge (non-manifold) and open borders: texturing needs neither a closed nor a manifold
+    v = np.array([[0, 0, 0], [0, 1, 0], [1, 0.5, 0], [-1, 0.5, 0], [0, 0.5, 1]], np.float32)
+    f = np.array([[0, 1, 2], [1, 0, 3], [0, 1, 4]])
+    cfg = stage2_config("a red ball", steps=2, kind="mesh")
+    scene = Optimization(cfg, AnalyticPrior(resolution=16), scene=mesh_scene(v, f, cfg.scene)).run()
+    mesh = extract_textured_mesh(scene, ExportConfig(texture_size=32))
+    assert mesh.num_faces == 3

@@ -168,6 +168,35 @@ def test_api_workflow_runs_end_to_end(name, env, classes):
             assert model_file.endswith(".glb")
     if name == "csd_edit_scene":
         _check_edit(env, prompt, run)
+    if name in ("csd_two_stage", "csd_texture_mesh"):
+        _check_stage2(env, prompt, run, name)
+
+
+def _check_stage2(env, prompt, run, name):
+    """Refine converts the trained volume into a DMTet mesh scene (its input untouched); Texture paints the loaded
+    mesh without moving it; both runs checkpoint and export their own mesh."""
+    import trimesh
+
+    kind, node = ("dmtet", "CSDRefineMesh") if name == "csd_two_stage" else ("mesh", "CSDTextureMesh")
+    nid = next(k for k, v in prompt.items() if v["class_type"] == node)
+    scene = run.results[nid][0]
+    assert scene.kind == kind and run.results[nid][1].shape[0] == 1
+    ckpt = _checkpoint(env, f"{prompt[nid]['inputs']['run_name']}_00001")
+    assert ckpt["step"] == 2 and ckpt["config"]["scene"]["kind"] == kind
+    assert ckpt["config"]["guidance"]["weighting"] == "sds"  # the stage-2 guidance node's coefficients
+    source = run.results[prompt[nid]["inputs"]["scene"][0]][0]
+    if kind == "dmtet":
+        assert source.kind == "volume"  # the stage-1 output is not replaced by the converted scene
+    else:
+        assert torch.equal(source.geometry.vertices, scene.geometry.vertices)
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "Preview3D")
+    mesh = trimesh.load(env.output_dir / run.outputs[preview]["result"][0], force="mesh")
+    v, f = scene.mesh()
+    budget = next(v["inputs"]["face_budget"] for v in prompt.values() if v["class_type"] == "CSDExtractMesh")
+    if f.shape[0] <= budget:  # the scene's own mesh, not a marching-cubes remesh
+        assert len(mesh.faces) == f.shape[0]
+    else:  # decimated to the budget
+        assert budget * 0.9 <= len(mesh.faces) <= budget
 
 
 def _check_edit(env, prompt, run):
