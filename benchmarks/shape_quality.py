@@ -23,7 +23,9 @@ The **blob** row is the starting scene (step 0, same seed) scored against each o
 The **cross-object matrix** scores the run for prompt A against every object B (silhouette IoU): its own object
 should score highest (the diagonal).
 
-Methods: ``csd`` = the preset as is; ``sds`` = the preset with the SDS baseline's guidance
+Methods: ``csd`` = the preset as is; ``csd+refine`` / ``sds+refine`` = that run, then stage 2 (preset
+``refine-cpu``: the volume converted to a DMTet grid at the automatic surface level and refined through the
+rasterizer with the stage-2 CSD guidance, 150 steps); ``sds`` = the preset with the SDS baseline's guidance
 (``sds-dreamfusion``: CFG 100, w(t) = 1 − ᾱ, no gradient normalisation, t ∈ [0.02, 0.98], empty negative
 prompt, 45° view thresholds). Writes ``table.md``, ``scores.json`` and ``sheet.png`` (per run: renders beside
 the ground truth) into ``--out``.
@@ -31,6 +33,7 @@ the ground truth) into ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -50,6 +53,9 @@ for _p in (_HERE.parent, _HERE):
 from toy_prior.objects import OBJECTS, ToyObject, get_object, render_object, surface_points  # noqa: E402
 
 METHODS = ("csd", "sds")
+#: ``<method>+refine``: the stage-1 run of <method>, then stage 2 (``refine-cpu``: DMTet, CSD stage-2 guidance)
+REFINE = "+refine"
+REFINE_PRESET = "refine-cpu"
 EVAL_SIZE = 128
 EVAL_DISTANCE = 2.0
 EVAL_FOVY = 50.0
@@ -83,8 +89,10 @@ def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str =
     (``{section: {field: value}}``, in the run's own steps) on top."""
     from csd_backend.presets import PRESETS, get_preset
 
+    method = method[:-len(REFINE)] if method.endswith(REFINE) else method
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (each optionally with "
+                         f"{REFINE})")
     cfg = get_preset(preset)
     over = {"guidance": {"prompt": obj.prompt}, "prior": {"model": model, "device": "cpu"},
             "optim": {"seed": seed, "checkpoint_every": 0, "preview_every": 0}}
@@ -189,14 +197,27 @@ class Scorer:
         return out, {"albedo": albedo, "opacity": opacity, "normal": normal}
 
 
-def train_scene(cfg, prior):
-    """The finished optimisation of ``cfg`` and its training time in seconds."""
+def train_scene(cfg, prior, scene=None):
+    """The finished optimisation of ``cfg`` (from ``scene`` when given) and its training time in seconds."""
     from csd_backend.optimize import Optimization
 
-    opt = Optimization(cfg, prior)
+    opt = Optimization(cfg, prior, scene=scene)
     t0 = time.perf_counter()
     opt.run()
     return opt, time.perf_counter() - t0
+
+
+def refine_scene(stage1, obj: ToyObject, prior, seed: int):
+    """Stage 2 of a trained stage-1 run (``REFINE_PRESET``, the object's prompt): (Optimization, seconds)."""
+    from csd_backend.presets import get_preset
+    from csd_backend.scene_kinds import starting_scene
+
+    cfg = get_preset(REFINE_PRESET).replace(guidance={"prompt": obj.prompt},
+                                            prior=dataclasses.asdict(stage1.config.prior),
+                                            optim={"seed": seed, "checkpoint_every": 0, "preview_every": 0})
+    t0 = time.perf_counter()
+    opt, _ = train_scene(cfg, prior, starting_scene(stage1.trained_scene(), cfg.scene))
+    return opt, time.perf_counter() - t0  # conversion included
 
 
 _WORKER: dict = {}
@@ -219,6 +240,9 @@ def _run_one(job, scorer: Optional[Scorer] = None):
     if key not in _WORKER:
         _WORKER[key] = load_prior(cfg.prior)
     opt, secs = train_scene(cfg, _WORKER[key])
+    if method.endswith(REFINE):
+        opt, more = refine_scene(opt, obj, _WORKER[key], seed)
+        secs += more
     rs, rend = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[name], meshes=meshes)
     r = rs[name]
     r["seconds"] = secs
