@@ -146,6 +146,10 @@ def _add_run_flags(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default=None, help="auto | float16 | float32 | bfloat16 (default auto: fp16 on CUDA)")
     p.add_argument("--resolution", type=int, default=None, help="image size fed to the prior (default: the preset's)")
+    p.add_argument("--controlnet", default=None,
+                   help="a diffusers ControlNet folder (depth, e.g. lllyasviel/control_v11f1p_sd15_depth with an "
+                        "SD 1.5 model) conditioning the prior on the depth of each render; mostly for texture")
+    p.add_argument("--controlnet-scale", type=float, default=None, help="its conditioning scale (default 1.0)")
     p.add_argument("--out", help="output folder (must be new or empty unless --resume)")
     p.add_argument("--preview-every", type=int, default=None, help="write a preview PNG every K steps (0: never)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
@@ -431,7 +435,8 @@ _FLAG_FIELDS = {"prompt": "guidance.prompt", "negative_prompt": "guidance.negati
                 "source_prompt": "guidance.source_prompt", "seed": "optim.seed",
                 "preview_every": "optim.preview_every", "checkpoint_every": "optim.checkpoint_every",
                 "resolution": "prior.resolution", "model": "prior.model", "model_config": "prior.model_config",
-                "device": "prior.device", "dtype": "prior.dtype"}
+                "device": "prior.device", "dtype": "prior.dtype", "controlnet": "prior.controlnet",
+                "controlnet_scale": "prior.controlnet_scale"}
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -456,7 +461,7 @@ def _build_config(args, preset: str, steps: Optional[int], init_scene_cfg=None):
         if getattr(args, key) is not None:
             guid[key] = getattr(args, key)
     pri = over.setdefault("prior", {})
-    for key in ("model", "model_config", "device", "dtype", "resolution"):
+    for key in ("model", "model_config", "device", "dtype", "resolution", "controlnet", "controlnet_scale"):
         if getattr(args, key) is not None:
             pri[key] = getattr(args, key)
     opt_over = over.setdefault("optim", {})

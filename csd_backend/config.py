@@ -58,6 +58,10 @@ class PriorConfig:
     resolution: Optional[int] = None
     #: a cap on the default above (presets lower the cost with it; a smaller model keeps its own size, silently)
     max_resolution: Optional[int] = None
+    #: a diffusers ControlNet folder (e.g. SD 1.5 depth) conditioning the prior on the depth of each render
+    controlnet: Optional[str] = None
+    #: the ControlNet's conditioning scale
+    controlnet_scale: float = 1.0
 
 
 @dataclass
@@ -279,6 +283,9 @@ class RunConfig:
         for name in ("resolution", "max_resolution"):
             if getattr(self.prior, name) is not None:
                 _int_range(f"prior.{name}", getattr(self.prior, name), 8, 8192)
+        if self.prior.controlnet is not None and not isinstance(self.prior.controlnet, str):
+            raise ConfigError("prior.controlnet", f"must be a folder path or null, got {self.prior.controlnet!r}")
+        _in_range("prior.controlnet_scale", self.prior.controlnet_scale, 0.0, 10.0)
         _choice("guidance.mode", g.mode, GUIDANCE_MODES)
         _choice("guidance.weighting", g.weighting, WEIGHTINGS)
         for name in ("prompt", "negative_prompt", "source_prompt"):

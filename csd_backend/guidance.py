@@ -99,8 +99,10 @@ class ScoreDistillation:
 
     def __call__(self, images: torch.Tensor, elevation: torch.Tensor, azimuth: torch.Tensor, step: int,
                  t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> GuidanceOutput:
-        """Guidance for renders ``images`` ``[B, H, W, 3]`` seen from (elevation, azimuth) ``[B]`` degrees.
+                 generator: Optional[torch.Generator] = None, control: Optional[torch.Tensor] = None
+                 ) -> GuidanceOutput:
+        """Guidance for renders ``images`` ``[B, H, W, 3]`` seen from (elevation, azimuth) ``[B]`` degrees;
+        ``control`` ``[B, H, W, 3]``: the condition images of the prior's ControlNet (e.g. the renders' depth).
 
         ``t`` ``[B]`` and ``noise`` (shaped like the prior's input) may be given for reproducibility; else they
         are drawn from ``generator`` (on the CPU, then moved, so results do not depend on the device).
@@ -119,7 +121,10 @@ class ScoreDistillation:
             z_t = prior.add_noise(z.detach(), noise, t)
             branches = self._branches(coef, elevation, azimuth, B)
             embs = torch.cat([e for e, _ in branches], 0)
-            eps = prior.predict_noise(z_t.repeat(len(branches), 1, 1, 1), t.repeat(len(branches)), embs)
+            n = len(branches)
+            # the condition only when there is one: priors without a ControlNet keep the 3-argument call
+            cond = {} if control is None else {"control": control.repeat(n, 1, 1, 1)}
+            eps = prior.predict_noise(z_t.repeat(n, 1, 1, 1), t.repeat(n), embs, **cond)
             direction = coef.k * noise
             for i, (_, weight) in enumerate(branches):
                 direction = direction + weight * eps[i * B:(i + 1) * B]

@@ -23,6 +23,7 @@ from .config import RunConfig
 from .errors import Cancelled, CheckpointError, ConfigError, CSDError
 from .guidance import ScoreDistillation
 from .priors.base import DiffusionPrior
+from .priors.controlnet import depth_condition
 from .regularizers import REGULARIZERS
 from .render.cameras import sample_cameras
 from .scene_kinds import make_renderer, make_scene
@@ -206,7 +207,8 @@ class Optimization:
         out = self.renderer.render(self.scene, cams.to(self.device), shading, bg_colors, need_normals, gen)
         t0 = self._tick("render", t0)
 
-        g = self.guidance(out.rgb, *angles, s, generator=gen)
+        control = depth_condition(out.depth, out.opacity) if self.prior.controlnet is not None else None
+        g = self.guidance(out.rgb, *angles, s, generator=gen, control=control)
         t0 = self._tick("prior", t0)
         losses = {"guidance": g.loss}
         total = weights["guidance"] * g.loss

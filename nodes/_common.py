@@ -380,7 +380,8 @@ def register_model_folders() -> None:
     fp = _folder_paths()
     if fp is None:
         return
-    wanted = {"diffusers": {"folder"}, "checkpoints": set(getattr(fp, "supported_pt_extensions", set()))}
+    wanted = {"diffusers": {"folder"}, "checkpoints": set(getattr(fp, "supported_pt_extensions", set())),
+              "controlnet": set(getattr(fp, "supported_pt_extensions", set()))}
     table = fp.folder_names_and_paths
     for name, exts in wanted.items():
         default = os.path.join(fp.models_dir, name)
@@ -406,19 +407,24 @@ def runs_directory() -> Path:
 
 def diffusers_models() -> List[str]:
     """Diffusers folders (with model_index.json) under every ``diffusers`` model path, relative, with '/'."""
+    return model_folders("diffusers", "model_index.json")
+
+
+def model_folders(kind: str, marker: str) -> List[str]:
+    """Folders holding ``marker`` under every ``kind`` model path (not inside one another), relative, with '/'."""
     fp = _folder_paths()
     if fp is None:
         return []
     found = []
     try:
-        roots = fp.get_folder_paths("diffusers")
+        roots = fp.get_folder_paths(kind)
     except KeyError:
         return []
     for root in roots:
         if not os.path.isdir(root):
             continue
         for here, dirs, files in os.walk(root, followlinks=True):
-            if "model_index.json" in files:
+            if marker in files:
                 rel = os.path.relpath(here, root)
                 if rel != ".":
                     found.append(rel.replace(os.sep, "/"))

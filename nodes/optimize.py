@@ -111,7 +111,9 @@ class CSDOptimize:
             optim={"lr": float(lr), "seed": int(seed), "checkpoint_every": int(checkpoint_every),
                    "preview_every": int(preview_every)},
             prior={"model": str(getattr(prior, "source", "") or getattr(prior, "name", "")),
-                   "resolution": getattr(prior, "resolution", None)},
+                   "resolution": getattr(prior, "resolution", None),
+                   "controlnet": getattr(prior, "controlnet_source", None),
+                   "controlnet_scale": float(getattr(prior, "controlnet_scale", 1.0))},
         )
         return c.validate_config(cfg, where)
 

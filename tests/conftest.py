@@ -25,6 +25,14 @@ def tiny_sd(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 
 
+@pytest.fixture(scope="session")
+def tiny_controlnet(tiny_sd, tmp_path_factory):
+    """A tiny random ControlNet shaped after the tiny SD's UNet (a diffusers folder)."""
+    from tiny_sd import build_tiny_controlnet
+
+    return build_tiny_controlnet(tmp_path_factory.mktemp("controlnet"), tiny_sd["folder"])
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op torch thread for a module: tiny models gain nothing from threads, and on a loaded 2-core

@@ -14,7 +14,7 @@ import torch
 import comfy_stubs as cs
 
 MY_NODES = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize", "CSDRenderViews",
-            "CSDRefineMesh", "CSDTextureMesh", "CSDLoadMesh"}
+            "CSDRefineMesh", "CSDTextureMesh", "CSDLoadMesh", "CSDDepthControlNet"}
 SMALL_SCENE = dict(radius=1.0, n_levels=4, log2_hashmap_size=12, max_resolution=64, background="neural_env")
 
 
@@ -451,3 +451,27 @@ def test_refine_and_texture_refuse_the_wrong_scene(env, pack):
     assert presets["CSDRefineMesh"] == ["csd-refine", "csd-refine-object", "refine-cpu", "sds-refine"]
     assert presets["CSDTextureMesh"] == ["csd-texture", "texture-cpu"]
     assert "cameras" in m["CSDRefineMesh"].INPUT_TYPES()["optional"]
+
+
+def test_depth_controlnet_node_returns_a_conditioned_copy(env, pack, common, tiny_sd, tiny_controlnet):
+    from csd_backend.config import PriorConfig
+    from csd_backend.priors import load_prior
+
+    common.register_model_folders()  # as at start-up: models/controlnet joins ComfyUI's controlnet paths
+    m = pack.NODE_CLASS_MAPPINGS
+    node = m["CSDDepthControlNet"]
+    assert node.INPUT_TYPES()["required"]["controlnet"][0] == []  # nothing installed yet
+    (env.models_dir / "controlnet").mkdir(parents=True, exist_ok=True)
+    (env.models_dir / "controlnet" / "depth-tiny").symlink_to(tiny_controlnet, target_is_directory=True)
+    assert node.INPUT_TYPES()["required"]["controlnet"][0] == ["depth-tiny"]
+    prior = load_prior(PriorConfig(model=str(tiny_sd["folder"]), device="cpu"))
+    (conditioned,) = node().attach(prior, "depth-tiny", 0.7)
+    cs.check_return("CSDDepthControlNet", node, (conditioned,))
+    assert prior.controlnet is None and conditioned.controlnet is not None and conditioned.unet is prior.unet
+    assert conditioned.controlnet_scale == 0.7
+    run = m["CSDOptimize"].run_config(conditioned, m["CSDGuidance"]().build(**defaults(m["CSDGuidance"]))[0],
+                                      m["CSDScene"]().make(**{**defaults(m["CSDScene"]), **SMALL_SCENE})[0], None,
+                                      "preview-cpu", 2, 0.01, 0, 0, 0)
+    assert run.prior.controlnet.endswith("depth-tiny") and run.prior.controlnet_scale == 0.7
+    with pytest.raises(Exception, match="not a diffusers ControlNet folder"):
+        node().attach(prior, "missing", 1.0)

@@ -289,3 +289,22 @@ def build_tiny_sd(root: Path) -> dict:
     single = root / "tiny-sd.safetensors"
     save_file(to_ldm_checkpoint(parts["unet"], parts["vae"], parts["text_encoder"]), str(single))
     return dict(folder=folder, single_file=single)
+
+
+def build_tiny_controlnet(root: Path, sd_folder: Path) -> Path:
+    """A random ControlNet shaped after the tiny UNet in ``sd_folder`` (as a depth ControlNet is after SD 1.5), saved
+    as a diffusers folder ``root/tiny-controlnet``. Its zero-initialised convolutions (condition embedding output,
+    residual outputs) get small random values so that the condition changes the prediction (a freshly made
+    ControlNet has no effect)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(sd_folder) / "unet")
+    torch.manual_seed(1)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():
+        for block in list(net.controlnet_down_blocks) + [net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.05)
+        net.controlnet_cond_embedding.conv_out.weight.normal_(0, 0.5)
+    folder = Path(root) / "tiny-controlnet"
+    net.save_pretrained(folder)
+    return folder

@@ -22,6 +22,17 @@ def toy_model_path() -> Path:
 
 
 def load_prior(cfg: PriorConfig) -> DiffusionPrior:
+    """The prior of ``cfg``, with its ControlNet attached when ``cfg.controlnet`` names one."""
+    prior = _load_model(cfg)
+    if cfg.controlnet:
+        if not hasattr(prior, "attach_controlnet"):
+            raise ConfigError("prior.controlnet", f"a ControlNet conditions a Stable Diffusion model, not the "
+                                                  f"'{cfg.model}' prior; remove the ControlNet or use an SD model")
+        prior.attach_controlnet(cfg.controlnet, cfg.controlnet_scale)
+    return prior
+
+
+def _load_model(cfg: PriorConfig) -> DiffusionPrior:
     model = (cfg.model or "").strip()
     if not model:
         raise ConfigError("model", "no diffusion model given; pass a diffusers folder, a .safetensors file or a hub id")

@@ -83,7 +83,8 @@ class AnalyticPrior(DiffusionPrior):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return ((z + 1.0) / 2.0).clamp(0, 1).permute(0, 2, 3, 1)
 
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                      control: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.unet_calls += 1
         with torch.no_grad():
             a = self.alphas_cumprod[t].view(-1, 1, 1, 1)

@@ -8,7 +8,7 @@ later on DeepFloyd IF or ComfyUI's own models.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,10 +59,15 @@ class DiffusionPrior(ABC):
         raise NotImplementedError
 
     # ----------------------------------------------------------------- noise
+    #: an optional ControlNet that ``predict_noise`` conditions on ``control`` images (Stable Diffusion only)
+    controlnet = None
+
     @abstractmethod
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                      control: Optional[torch.Tensor] = None) -> torch.Tensor:
         """ε prediction for ``z_t`` ``[N, C, h, w]`` at integer timesteps ``t`` ``[N]`` with ``embeddings``
-        ``[N, ...]``. Runs without autograd in one batched call; returns float32 ``[N, C, h, w]``."""
+        ``[N, ...]``, conditioned on ``control`` images ``[N, H, W, 3]`` when the prior has a ControlNet. Runs
+        without autograd in one batched call; returns float32 ``[N, C, h, w]``."""
 
     def add_noise(self, z: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``z_t = sqrt(ᾱ_t)·z + sqrt(1-ᾱ_t)·ε`` with per-item ``t`` ``[B]``."""

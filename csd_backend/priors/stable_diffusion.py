@@ -239,6 +239,18 @@ class StableDiffusionPrior(DiffusionPrior):
             resolution = self.native_resolution
         self.resolution = int(resolution)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        self.controlnet = None  # an optional depth ControlNet (attach_controlnet)
+        self.controlnet_scale = 1.0
+        self.controlnet_source = None
+
+    def attach_controlnet(self, source: str, scale: float = 1.0) -> "StableDiffusionPrior":
+        """Condition every noise prediction on a depth image through the diffusers ControlNet in ``source``."""
+        from .controlnet import check_compatible, load_controlnet
+
+        model = load_controlnet(source, self.device, self.unet_dtype)
+        check_compatible(model, self.unet, "prior.controlnet")
+        self.controlnet, self.controlnet_scale, self.controlnet_source = model, float(scale), str(source)
+        return self
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -352,17 +364,33 @@ class StableDiffusionPrior(DiffusionPrior):
 
     # ----------------------------------------------------------------------- noise
     @torch.no_grad()
-    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
+                      control: Optional[torch.Tensor] = None) -> torch.Tensor:
         dt = self.unet_dtype
         z_t = z_t.detach().to(self.device)
         t = torch.as_tensor(t, device=self.device).long().reshape(-1)
         if t.numel() == 1 and z_t.shape[0] > 1:
             t = t.expand(z_t.shape[0])
-        out = self.unet(z_t.to(dt), t, encoder_hidden_states=embeddings.detach().to(self.device, dt)).sample
+        emb = embeddings.detach().to(self.device, dt)
+        extra = {}
+        if control is not None and self.controlnet is not None:
+            extra = self._control_residuals(z_t.to(dt), t, emb, control)
+        out = self.unet(z_t.to(dt), t, encoder_hidden_states=emb, **extra).sample
         out = out.to(torch.float32)
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, z_t.to(torch.float32), self.alphas_cumprod[t])
         return out
+
+
+    def _control_residuals(self, z_t, t, emb, control: torch.Tensor) -> dict:
+        """The ControlNet's residuals for the UNet, from condition images ``[N, H, W, 3]`` in [0, 1]."""
+        h, w = z_t.shape[-2] * self.vae_scale_factor, z_t.shape[-1] * self.vae_scale_factor
+        cond = control.to(self.device, torch.float32).permute(0, 3, 1, 2)
+        if cond.shape[-2:] != (h, w):
+            cond = F.interpolate(cond, size=(h, w), mode="bilinear", align_corners=False)
+        down, mid = self.controlnet(z_t, t, encoder_hidden_states=emb, controlnet_cond=cond.to(z_t.dtype),
+                                    conditioning_scale=self.controlnet_scale, return_dict=False)
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
 
 # ---------------------------------------------------------------------------------------------- loading
