@@ -86,6 +86,14 @@ class GuidanceConfig:
     min_step_percent: ScheduleSpec = schedule(0.02)
     max_step_percent: ScheduleSpec = schedule([5000, 0.98, 0.5, 5001])
     view_dependent: bool = True
+    #: Perp-Neg (spec §1.3, the official character config): interpolated view embeddings and the perpendicular
+    #: component of the other views' scores as a negative term, scaled by ``perp_neg_scale``
+    perp_neg: bool = False
+    perp_neg_scale: float = 3.0
+    #: the weight functions f(r) = a·exp(−b·r) + c as [a, b, c]: front↔side, side↔back, front (in the back half)
+    perp_neg_f_fs: List[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
+    perp_neg_f_sb: List[float] = field(default_factory=lambda: [1.0, 0.5, -0.606])
+    perp_neg_f_fsb: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.967])
     front_threshold: float = 45.0
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0
@@ -291,7 +299,7 @@ class RunConfig:
         for name in ("prompt", "negative_prompt", "source_prompt"):
             if not isinstance(getattr(g, name), str):
                 raise ConfigError(name, f"must be text, got {type(getattr(g, name)).__name__}")
-        for section, names in ((g, ("grad_normalize", "view_dependent")), (r, ("stratified", "textureless_normal")),
+        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")), (r, ("stratified", "textureless_normal")),
                                (c, ("stratified_azimuth", "first_step_fixed_view"))):
             for name in names:
                 if not isinstance(getattr(section, name), bool):
@@ -312,6 +320,12 @@ class RunConfig:
         if g.grad_clip is not None:
             validate_schedule(g.grad_clip, "guidance.grad_clip", positive=True)
         _positive("guidance.cfg_scale", g.cfg_scale, allow_zero=True)
+        _positive("guidance.perp_neg_scale", g.perp_neg_scale, allow_zero=True)
+        for name in ("perp_neg_f_fs", "perp_neg_f_sb", "perp_neg_f_fsb"):
+            _vec(f"guidance.{name}", getattr(g, name), 3, -1e3, 1e3)
+        if g.perp_neg and not g.view_dependent:
+            raise ConfigError("guidance.perp_neg", "Perp-Neg interpolates the view-dependent prompts: turn "
+                                                   "view_dependent on, or perp_neg off")
         for name in ("front_threshold", "back_threshold"):
             _in_range(f"guidance.{name}", getattr(g, name), 0.0, 180.0)
         _in_range("guidance.overhead_threshold", g.overhead_threshold, -90.0, 90.0)
