@@ -12,6 +12,10 @@ with per-mode coefficients (``coefficients``):
 
 Branches that share an embedding are merged and zero coefficients are dropped before the single batched
 UNet call, so e.g. stage-1 CSD at step 0 (ω2 = 0) costs two branches, not three.
+
+Perp-Neg (``perp_neg``, spec §1.3: the official character config) interpolates the positive view embedding and
+adds ``perp_neg_scale · Σ_i w_i · perp(ε_view_i − ε_neg, ε_pos − ε_neg)``: the part of the two neighbouring views'
+scores perpendicular to the positive direction, with negative weights (5B UNet inputs).
 """
 from __future__ import annotations
 
@@ -119,15 +123,21 @@ class ScoreDistillation:
 
         with torch.no_grad():
             z_t = prior.add_noise(z.detach(), noise, t)
-            branches = self._branches(coef, elevation, azimuth, B)
-            embs = torch.cat([e for e, _ in branches], 0)
+            branches, perp_weights = self._branches(coef, elevation, azimuth, B)
             n = len(branches)
+            embs = torch.cat([e for _, e, _ in branches], 0)
             # the condition only when there is one: priors without a ControlNet keep the 3-argument call
             cond = {} if control is None else {"control": control.repeat(n, 1, 1, 1)}
             eps = prior.predict_noise(z_t.repeat(n, 1, 1, 1), t.repeat(n), embs, **cond)
+            eps = {key: eps[i * B:(i + 1) * B] for i, (key, _, _) in enumerate(branches)}
             direction = coef.k * noise
-            for i, (_, weight) in enumerate(branches):
-                direction = direction + weight * eps[i * B:(i + 1) * B]
+            for key, _, weight in branches:
+                if weight != 0.0:
+                    direction = direction + weight * eps[key]
+            if self.cfg.perp_neg:
+                direction = direction + self.cfg.perp_neg_scale * perp_neg_term(
+                    eps["positive"], eps[self._negative_key], [eps["perp:0"], eps["perp:1"]],
+                    perp_weights.to(eps["positive"].device))
             w = timestep_weight(self.cfg.weighting, prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
             g = torch.nan_to_num(w * direction)  # as the official code: NaN → 0, ±Inf → ± the largest float
             if self.cfg.grad_clip is not None:
@@ -141,8 +151,14 @@ class ScoreDistillation:
         loss = 0.5 * ((z - target) ** 2).sum() / B
         return GuidanceOutput(loss=loss, grad=g, z=z, t=t, coefficients=coef, grad_norm=grad_norm)
 
+    @property
+    def _negative_key(self) -> str:
+        return f"text:{self.prompts.negative_prompt}"
+
     def _branches(self, coef: Coefficients, elevation, azimuth, batch: int):
-        """[(embeddings [B, L, D], weight)], merging branches with the same prompt and dropping zeros."""
+        """([(key, embeddings [B, L, D], weight)], Perp-Neg weights [B, 2] or None), merging branches with the same
+        prompt and dropping zeros (with Perp-Neg the positive is the interpolated view, and the negative-prompt
+        branch and the two negative views are kept whatever their weight: the perpendicular term needs them)."""
         p = self.prompts
         merged: Dict[str, list] = {}
 
@@ -152,10 +168,36 @@ class ScoreDistillation:
             else:
                 merged[key] = [emb_fn, weight]
 
-        add("positive", lambda: p.positive(elevation, azimuth), coef.c)
-        add(f"text:{p.negative_prompt}", lambda: p.negative.unsqueeze(0).expand(batch, *p.negative.shape), coef.u)
+        keep, perp_weights = set(), None
+        if self.cfg.perp_neg:
+            c = self.cfg
+            positive, negative_views, perp_weights = p.perp_neg(elevation, azimuth, c.perp_neg_f_fs,
+                                                                c.perp_neg_f_sb, c.perp_neg_f_fsb)
+            add("positive", lambda: positive, coef.c)
+            keep = {"positive", self._negative_key, "perp:0", "perp:1"}
+        else:
+            add("positive", lambda: p.positive(elevation, azimuth), coef.c)
+        add(self._negative_key, lambda: p.negative.unsqueeze(0).expand(batch, *p.negative.shape), coef.u)
         add("text:", lambda: p.null.unsqueeze(0).expand(batch, *p.null.shape), coef.n)
-        out = [(fn(), w) for fn, w in merged.values() if w != 0.0]
+        if self.cfg.perp_neg:
+            add("perp:0", lambda: negative_views[0], 0.0)
+            add("perp:1", lambda: negative_views[1], 0.0)
+        out = [(key, fn(), w) for key, (fn, w) in merged.items() if w != 0.0 or key in keep]
         if not out:  # every coefficient is zero: keep one branch so shapes stay valid (direction = k·ε)
-            out = [(p.null.unsqueeze(0).expand(batch, *p.null.shape), 0.0)]
-        return out
+            out = [("text:", p.null.unsqueeze(0).expand(batch, *p.null.shape), 0.0)]
+        return out, perp_weights
+
+
+def perpendicular_component(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x − (⟨x, y⟩ / max(⟨y, y⟩, 1e-6))·y`` per sample (inner products over C, H, W)."""
+    dims = tuple(range(1, x.dim()))
+    coef = (x * y).sum(dims, keepdim=True) / (y * y).sum(dims, keepdim=True).clamp_min(1e-6)
+    return x - coef * y
+
+
+def perp_neg_term(eps_pos: torch.Tensor, eps_unc: torch.Tensor, eps_views, weights: torch.Tensor) -> torch.Tensor:
+    """Perp-Neg's ``Δ_perp = Σ_i w_i · perp(ε_view_i − ε_unc, ε_pos − ε_unc)`` (spec §1.3); ``weights`` ``[B, n]``."""
+    e_pos = eps_pos - eps_unc
+    shape = (-1,) + (1,) * (eps_pos.dim() - 1)
+    return sum(weights[:, i].view(shape) * perpendicular_component(e - eps_unc, e_pos)
+               for i, e in enumerate(eps_views))

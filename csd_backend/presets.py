@@ -3,8 +3,8 @@
 - ``csd-coarse``: spec stage 1 (object config, `csd-if-object.yaml`) coefficients with an SD prior; renders at
   64² upsampled to 512 for the VAE; batch 4 with stratified azimuth, as the official object config.
 - ``csd-coarse-character``: the character config (`csd-if.yaml`): radius 1, 12 levels up to 512, front/back
-  warm-up for 1000 steps, thresholds 30°, orientation 1→100 and sparsity 10→1 over 5000 steps. Perp-Neg of the
-  official character config is not implemented (noted in the README).
+  warm-up for 1000 steps, thresholds 30°, orientation 1→100 and sparsity 10→1 over 5000 steps, Perp-Neg (scale 3,
+  spec §1.3) as the official character config.
 - ``sds-dreamfusion``: the DreamFusion baseline exactly as threestudio's `dreamfusion-sd.yaml` (threestudio
   @28d9d80): CFG 100 in threestudio's form, w = 1 − ᾱ, progressive band hash grid, background lr 1e-3, camera /
   centre / up jitter, dreamfusion light jitter, threestudio's elevation sampling, view thresholds 45°.
@@ -89,6 +89,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "csd-coarse": _STAGE1_OBJECT,
     "csd-coarse-character": _merge(_STAGE1_OBJECT, {
         "scene": {"radius": 1.0, "n_levels": 12, "per_level_scale": 1.3703509847201883, "max_resolution": 512},
+        "guidance": {"perp_neg": True, "perp_neg_scale": 3.0},
         "camera": {"batch_size": 1, "elevation_range": [-10.0, 45.0], "stratified_azimuth": False,
                    "front_back_only_steps": 1000},
         "render": {"ambient_only_steps": 5001},

@@ -207,6 +207,8 @@ class GuidanceSpec:
     #: the largest timestep drops from t_max_start to t_max_end at this fraction of the run (spec: 5000 of 10000)
     t_max_switch_at: float = _TMAX[0] / _STEPS_REF
     view_dependent: bool = bool(default_of(GuidanceConfig, "view_dependent"))
+    #: Perp-Neg: "preset" (the preset's setting: on for the character presets), "on" or "off"
+    perp_neg: str = "preset"
 
     def overrides(self, steps: int) -> Dict[str, Any]:
         steps = int(steps)
@@ -226,6 +228,7 @@ class GuidanceSpec:
             "negative_weight": negative_weight, "cfg_scale": float(self.cfg_scale), "weighting": self.weighting,
             "grad_normalize": bool(self.grad_normalize), "min_step_percent": float(self.t_min),
             "max_step_percent": max_step, "view_dependent": bool(self.view_dependent),
+            **({} if self.perp_neg == "preset" else {"perp_neg": self.perp_neg == "on"}),
         }
 
     def config(self, steps: int = _STEPS_REF) -> GuidanceConfig:

@@ -7,7 +7,8 @@ from csd_backend.config import GUIDANCE_MODES, WEIGHTINGS
 
 from . import _common as c
 
-_D = c.GuidanceSpec()  # widget defaults = the spec's stage-1 settings (GuidanceConfig defaults)
+_D = c.GuidanceSpec()
+PERP_NEG = ("preset", "on", "off")  # widget defaults = the spec's stage-1 settings (GuidanceConfig defaults)
 
 
 class CSDGuidance:
@@ -57,6 +58,11 @@ class CSDGuidance:
             "view_dependent": c.bool_input(_D.view_dependent,
                                            "add ', front view' / ', side view' / ', back view' / ', overhead view' "
                                            "to the prompt by camera angle"),
+        }, "optional": {
+            "perp_neg": c.combo_input(list(PERP_NEG), _D.perp_neg,
+                                      "Perp-Neg (the official character config): interpolated view prompts and the "
+                                      "other views' scores, perpendicular to the prompt's, as negatives (about 5/3 "
+                                      "the UNet cost). preset: the preset's choice (on for csd-coarse-character)"),
         }}
 
     @classmethod

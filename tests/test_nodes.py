@@ -475,3 +475,17 @@ def test_depth_controlnet_node_returns_a_conditioned_copy(env, pack, common, tin
     assert run.prior.controlnet.endswith("depth-tiny") and run.prior.controlnet_scale == 0.7
     with pytest.raises(Exception, match="not a diffusers ControlNet folder"):
         node().attach(prior, "missing", 1.0)
+
+
+def test_perp_neg_option_follows_the_preset_unless_set(env, pack, common):
+    m = pack.NODE_CLASS_MAPPINGS
+    assert m["CSDGuidance"].INPUT_TYPES()["optional"]["perp_neg"][0] == ["preset", "on", "off"]
+    scene = m["CSDScene"]().make(**{**defaults(m["CSDScene"]), **SMALL_SCENE})[0]
+    prior = types.SimpleNamespace(source="analytic:16", resolution=None)
+
+    def run(perp_neg, preset):
+        (spec,) = m["CSDGuidance"]().build(**{**defaults(m["CSDGuidance"]), "perp_neg": perp_neg})
+        return m["CSDOptimize"].run_config(prior, spec, scene, None, preset, 10, 0.01, 0, 0, 0).guidance.perp_neg
+
+    assert run("preset", "csd-coarse-character") is True and run("preset", "csd-coarse") is False
+    assert run("off", "csd-coarse-character") is False and run("on", "csd-coarse") is True
