@@ -134,8 +134,9 @@ class SceneConfig:
     tet_resolution: int = 256
     #: dmtet / mesh: the box ``[[x0, y0, z0], [x1, y1, z1]]`` (world units) the geometry lives in; None: ±radius
     bbox: Optional[List[List[float]]] = None
-    #: stage 1 → dmtet: the density level of the surface (spec §5.3: τ = 10), or "auto" (the mean density where
-    #: there is any, as the mesh export: for short runs whose density stays low)
+    #: stage 1 → dmtet: the density level of the surface (spec §5.3: τ = 10), "auto" (the mean density where there
+    #: is any, as the mesh export) or "silhouette" (the level whose surface has the volume's silhouettes: for short
+    #: runs, whose soft density stays below 10)
     isosurface_threshold: Union[float, str] = 10.0
     #: dmtet: freeze the SDF and the deformation (only the texture and background train)
     fix_geometry: bool = False
@@ -362,7 +363,10 @@ class RunConfig:
                     or not all(a < b for a, b in zip(*s.bbox))):
                 raise ConfigError("scene.bbox", f"must be [[x0, y0, z0], [x1, y1, z1]] with x0 < x1, y0 < y1, "
                                                 f"z0 < z1 (or null for ±radius), got {s.bbox!r}")
-        if s.isosurface_threshold != "auto":
+        if s.isosurface_threshold not in ("auto", "silhouette"):
+            if isinstance(s.isosurface_threshold, str):
+                raise ConfigError("scene.isosurface_threshold", f"{s.isosurface_threshold!r}: give a density "
+                                                                f"(spec: 10), 'auto' or 'silhouette'")
             _positive("scene.isosurface_threshold", s.isosurface_threshold)
         if not isinstance(s.fix_geometry, bool):
             raise ConfigError("scene.fix_geometry", f"must be true or false, got {s.fix_geometry!r}")

@@ -152,8 +152,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     }),
     "refine-cpu": _merge(_STAGE2_CSD, {
         "guidance": {"negative_weight": [0, 1.0, 0.5, 150]},
-        # a short stage-1 run's density rarely reaches the spec's τ = 10: the export's automatic level
-        "scene": {"tet_resolution": 64, "radius": 2.0, "isosurface_threshold": "auto"},
+        # a short stage-1 run is soft (its density rarely reaches the spec's τ = 10): the level of its silhouettes
+        "scene": {"tet_resolution": 64, "radius": 2.0, "isosurface_threshold": "silhouette"},
         "camera": {"height": 64, "width": 64, "eval_distance": 2.0},
         "optim": {"steps": 150, "lr": 1e-3, "checkpoint_every": 50, "preview_every": 25},
         "prior": {"resolution": None, "max_resolution": 256},
