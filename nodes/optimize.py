@@ -206,8 +206,9 @@ class CSDRefineMesh(CSDOptimize):
     DEFAULT_PRESET = "csd-refine-object"
     DEFAULT_RUN_NAME = "csd_refine"
     PRESET_TOOLTIP = ("csd-refine-object / csd-refine: the paper's stage 2 (512², tet grid 256, normal consistency "
-                      "1000; GPU, about an hour for 10k steps on an H100); sds-refine: Magic3D's refinement; "
-                      "refine-cpu: a 64 tet grid at 64² that runs on a CPU in minutes")
+                      "1000; a GPU, time not measured yet); sds-refine: Magic3D's refinement; refine-cpu: a 64 tet "
+                      "grid at 64² for a CPU (150 steps in about 30 s with the toy prior, measured)")
+    SCENE_TOOLTIP = "a trained stage-1 scene (CSD Optimize), or a refined one to continue"
     DESCRIPTION = ("Stage 2: converts a trained stage-1 scene into a deformable tetrahedral SDF grid (DMTet) over "
                    "its surface (density 10) and refines the mesh itself through a differentiable rasterizer, with "
                    "the texture and background it inherits. Without cameras the preset's are used (512² for the "
@@ -218,8 +219,7 @@ class CSDRefineMesh(CSDOptimize):
     @classmethod
     def INPUT_TYPES(cls):
         types = super().INPUT_TYPES()
-        types["required"]["scene"] = (c.SCENE, {"tooltip": "a trained stage-1 scene (CSD Optimize), or a refined "
-                                                           "one to continue"})
+        types["required"]["scene"] = (c.SCENE, {"tooltip": cls.SCENE_TOOLTIP})
         cameras = types["required"].pop("cameras")
         types["optional"] = {"cameras": (cameras[0], {"tooltip": "optional: the preset's cameras when not "
                                                                  "connected"})}
@@ -230,17 +230,14 @@ class CSDTextureMesh(CSDRefineMesh):
     KIND = "mesh"
     DEFAULT_PRESET = "csd-texture"
     DEFAULT_RUN_NAME = "csd_texture"
-    PRESET_TOOLTIP = ("csd-texture: 512², stage-2 CSD, 5000 steps (GPU); texture-cpu: 64², 150 steps on a CPU")
+    PRESET_TOOLTIP = ("csd-texture: 512², stage-2 CSD, 5000 steps (a GPU); texture-cpu: 64², 150 steps for a CPU "
+                      "(about 25 s with the toy prior, measured)")
+    SCENE_TOOLTIP = "a mesh from CSD Load Mesh"
     DESCRIPTION = ("Paints a texture onto a fixed mesh from CSD Load Mesh with CSD (stage-2 coefficients): only the "
                    "texture field and the background train, every vertex stays where it is. Extract Mesh then "
-                   "exports your mesh, in its own units and orientation, with the baked texture.")
+                   "exports your mesh, in its own units and orientation, with the baked texture. Connect CSD Depth "
+                   "ControlNet before it to condition the prior on the mesh's depth.")
     OUTPUT_TOOLTIPS = ("The textured mesh scene.", "A render of it from the evaluation view.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        types = super().INPUT_TYPES()
-        types["required"]["scene"] = (c.SCENE, {"tooltip": "a mesh from CSD Load Mesh"})
-        return types
 
 
 NODE_CLASS_MAPPINGS = {"CSDOptimize": CSDOptimize, "CSDRefineMesh": CSDRefineMesh, "CSDTextureMesh": CSDTextureMesh}
