@@ -1,12 +1,12 @@
-"""Stage-2 (DMTet) step time on the CPU, split into marching tets, rasterize, shade (interpolation, texture
+"""Stage-2 (DMTet) step time (CPU or ``--device cuda``), split into marching tets, rasterize, shade (interpolation, texture
 field, shading, antialiasing), prior, backward and optimiser step.
 
     python benchmarks/bench_stage2.py                       # 128² and 512², tet grid 128, the shipped toy prior
     python benchmarks/bench_stage2.py --tet 256 --sizes 512 --steps 3
 
 The scene is a stage-1 blob converted as ``refine`` converts (surface at density 10), with the csd-refine-object
-settings otherwise. Times are medians over the measured steps (after one warm-up step); "×" is the ratio to the
-first row of the same run, the only meaningful comparison on a shared machine.
+settings otherwise (``--preset``). Times are medians over the measured steps (after one warm-up step); "×" is the
+ratio to the first row of the same run, the only meaningful comparison on a shared machine.
 """
 from __future__ import annotations
 
@@ -45,18 +45,18 @@ class Timer:
         return out
 
 
-def start_scene(tet: int) -> torch.nn.Module:
+def start_scene(tet: int, preset: str) -> torch.nn.Module:
     """A stage-1 volume of the preset's size whose blob crosses density 10 near radius 0.25, converted."""
-    cfg = dataclasses.replace(get_preset("csd-refine-object").scene, kind="volume", density_blob_scale=20.0)
+    cfg = dataclasses.replace(get_preset(preset).scene, kind="volume", density_blob_scale=20.0)
     torch.manual_seed(0)
     return volume_to_dmtet(Scene(cfg).eval(), tet_resolution=tet, threshold=10.0)
 
 
-def bench(size: int, tet: int, prior, steps: int, device) -> dict:
-    cfg = get_preset("csd-refine-object").replace(
+def bench(size: int, tet: int, prior, steps: int, device, preset: str) -> dict:
+    cfg = get_preset(preset).replace(
         guidance={"prompt": "a green cone"}, prior={"model": "toy"},
         camera={"height": size, "width": size}, optim={"checkpoint_every": 0, "steps": steps + 1})
-    opt = Optimization(cfg, prior, scene=start_scene(tet))
+    opt = Optimization(cfg, prior, scene=start_scene(tet, preset))
     opt.profile = True
     mesh = Timer(opt.scene.geometry.mesh, device)
     opt.scene.geometry.mesh = mesh
@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="csd-refine-object", help="the stage-2 preset (its scene and losses)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -101,7 +102,7 @@ def main() -> None:
     base = None
     for tet in args.tet:
         for size in args.sizes:
-            r = bench(size, tet, prior, args.steps, device)
+            r = bench(size, tet, prior, args.steps, device, args.preset)
             base = base or r["step"]
             print(f"| {tet} | {size}² | {int(r['faces'])} | {int(r['pixels'])} | "
                   + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {r['step'] / base:.1f} |", flush=True)

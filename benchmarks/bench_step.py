@@ -39,6 +39,19 @@ def build_prior(args, workdir: Path):
     return load_stable_diffusion(folder, device=args.device, dtype=args.dtype)
 
 
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -128,13 +141,19 @@ def main():
               f"torch threads {torch.get_num_threads()}")
         cols = ["grid", "render", "prior", "unet", "backward", "optimizer", "engine", "step", "floor"]
         print("(columns in milliseconds; samples = packed samples per step after empty-space skipping)")
-        print(f"{'preset':<22}" + "".join(f"{c:>10}" for c in cols) + f"{'step/floor':>12}{'samples':>10}")
+        print(f"{'preset':<22}" + "".join(f"{c:>10}" for c in cols)
+              + f"{'step/floor':>12}{'samples':>10}{'peak GB':>9}{'10k steps':>11}")
         for name in args.presets.split(","):
+            reset_peak(prior.device)
             m = bench_preset(name, prior, args)
-            print(f"{name + ' @' + str(prior.resolution) + ' x' + str(m['unet_batch']):<22}" + "".join(f"{m.get(c, 0.0) * 1000:>9.1f}m" for c in cols)
-                  + f"{m['step'] / m['floor']:>12.2f}{int(m['samples']):>10}")
+            print(f"{name + ' @' + str(prior.resolution) + ' x' + str(m['unet_batch']):<22}"
+                  + "".join(f"{m.get(c, 0.0) * 1000:>9.1f}m" for c in cols)
+                  + f"{m['step'] / m['floor']:>12.2f}{int(m['samples']):>10}{peak_gb(prior.device):>9.2f}"
+                  + f"{m['step'] * 10000 / 60:>9.1f}min", flush=True)
         print("(milliseconds, medians; @prior input size, xUNet batch; 'prior' = VAE encode + UNet; "
-              "'engine' = step − UNet forward; 'floor' = one UNet forward on the step's batch)")
+              "'engine' = step − UNet forward; 'floor' = one UNet forward on the step's batch; 'peak GB' = peak "
+              "CUDA memory allocated during that preset (on the CPU: the process's peak resident memory so far); "
+              "'10k steps' = the median step × 10000, the projected time of a full coarse stage)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU check (issue 12): CUDA tests, the step benchmark with full-size SD-2.1-base-shaped random weights in fp16
+# (csd-coarse at batch 4 and the preview preset: step split, UNet floor, ratio, peak memory, projected 10k-step
+# time) and the stage-2 step split, in one call that fits a short GPU loan (about 8 minutes).
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh             # from the repository root, on a CUDA machine
+#   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh --dry-run  # the whole script on a CPU, tiny sizes (< 3 min)
+#
+# Everything goes to stdout and to $OUT (one .txt per part and summary.md). The GPU machine has torch,
+# transformers, accelerate, peft, safetensors, scikit-image and numpy but no network: download the other
+# dependencies beforehand, on a machine with network, for the GPU machine's Python (3.11 and x86_64 here):
+#
+#   pip download -d .whl --no-deps --only-binary=:all: --python-version 3.11 \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -r benchmarks/gpu_wheels.txt
+#
+# (`.whl/` is git-ignored; carry it to the GPU machine with the checkout). The script installs from it with
+# --no-index --no-deps, so it never touches torch. The compiled (torch.compile / Triton) path of issue 12 item 2 is
+# not built yet: its on/off rows are reported as missing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+OUT=${OUT:-$(pwd)/gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+START=$(date +%s)
+status() { echo "[gpu_check $(( $(date +%s) - START )) s] $*" | tee -a "$OUT/summary.md"; }
+run_part() {  # name, timeout seconds, command...: never stops the script; records the exit code
+  local name=$1 limit=$2; shift 2
+  status "$name: $*"
+  timeout "$limit" "$@" > >(tee "$OUT/$name.txt") 2>&1
+  local rc=$?
+  status "$name: exit $rc"
+  echo '```' >> "$OUT/summary.md"; tail -n 25 "$OUT/$name.txt" >> "$OUT/summary.md"; echo '```' >> "$OUT/summary.md"
+}
+
+echo "# GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ)$([[ $DRY == 1 ]] && echo ' (dry run on CPU)')" > "$OUT/summary.md"
+$PY - <<'PY' 2>&1 | tee -a "$OUT/summary.md"
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"available {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}")
+for name in ("diffusers", "transformers", "tinycudann", "nvdiffrast", "nerfacc", "triton"):
+    try:
+        m = __import__(name)
+        print(f"{name} {getattr(m, '__version__', 'present')}")
+    except Exception as e:
+        print(f"{name}: not available ({type(e).__name__})")
+PY
+
+# 1. dependencies (GPU machine only: from the wheels downloaded beforehand, never torch)
+if [[ $DRY == 0 ]] && ! $PY -c "import diffusers, trimesh, xatlas, fast_simplification, pytest" 2>/dev/null; then
+  if [[ -d .whl ]]; then
+    run_part install 300 $PY -m pip install --no-index --find-links .whl --no-deps -r benchmarks/gpu_wheels.txt
+    run_part install_pack 120 $PY -m pip install --no-index --no-deps --no-build-isolation -e .
+  else
+    status "install: .whl/ is missing and some dependencies are not installed; see the header of this script"
+  fi
+fi
+
+if [[ $DRY == 1 ]]; then
+  DEVICE=cpu; STEP_ARGS=(--presets preview-cpu --steps 1 --warmup 1 --threads 1)
+  STAGE2_ARGS=(--device cpu --preset refine-cpu --tet 16 --sizes 64 --steps 1 --threads 1)
+  TESTS=(tests/test_cuda_parity.py tests/test_rasterizer.py -k "cuda or nvdiffrast")
+else
+  DEVICE=cuda; STEP_ARGS=(--device cuda --full-size --dtype float16 --presets csd-coarse,preview-cpu --steps 5 --warmup 3)
+  STAGE2_ARGS=(--device cuda --tet 128 256 --sizes 512 --steps 3)
+  TESTS=(tests/test_cuda_parity.py tests/test_rasterizer.py)
+fi
+
+# 2. the CUDA tests (skipped on a CPU: the dry run only checks that they collect and run)
+run_part cuda_tests 240 $PY -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}"
+# 3. the step benchmark: csd-coarse (batch 4) and the preview preset, fp16, full-size random SD-2.1-base weights
+run_part bench_step 300 $PY benchmarks/bench_step.py "${STEP_ARGS[@]}"
+# 4. stage 2 (DMTet): marching tets, rasterize, shade, prior, backward
+run_part bench_stage2 240 $PY benchmarks/bench_stage2.py "${STAGE2_ARGS[@]}"
+# 5. the compiled path on / off (issue 12 item 2)
+status "compiled path: not built yet (issue 12 item 2); no on/off rows"
+status "done on $DEVICE in $(( $(date +%s) - START )) s; results in $OUT"
