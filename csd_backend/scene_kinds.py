@@ -45,10 +45,6 @@ def starting_scene(scene, cfg: SceneConfig):
     return scene
 
 
-def is_mesh_scene(scene) -> bool:
-    return getattr(getattr(scene, "cfg", None), "kind", "volume") != "volume"
-
-
 def scene_device(scene) -> Optional[object]:
     for t in list(scene.parameters()) + list(scene.buffers()):
         return t.device

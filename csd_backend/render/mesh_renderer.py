@@ -62,7 +62,7 @@ class MeshRenderer(nn.Module):
         points = interpolate(verts, frags, faces)
         sel_n, sel_p = normals[mask], points[mask]
         lights = cams.light_positions.to(device)[:, None, None, :].expand(B, H, W, 3)[mask]
-        albedo = scene.albedo(sel_p) if needs_albedo(self.cfg, shading) else None
+        albedo = scene.albedo(sel_p) if needs_albedo(shading) else None
         color = shade(self.cfg, shading, albedo, sel_n, sel_p, lights)
         m = mask.unsqueeze(-1).to(bg.dtype)
         fg = torch.zeros_like(bg).masked_scatter(mask.unsqueeze(-1).expand(B, H, W, 3), color)

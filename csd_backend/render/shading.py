@@ -31,6 +31,6 @@ def shade(cfg: RenderConfig, shading: str, albedo: Optional[torch.Tensor], norma
     return lum.expand(-1, 3) if shading == "textureless" else albedo * lum
 
 
-def needs_albedo(cfg: RenderConfig, shading: str) -> bool:
-    """Whether ``shade`` reads the albedo for this shading (a textureless render does not)."""
+def needs_albedo(shading: str) -> bool:
+    """Whether ``shade`` reads the albedo for this shading (a textureless render, normal map or grey, does not)."""
     return shading != "textureless"
