@@ -5,6 +5,10 @@
 - ``csd-coarse-character``: the character config (`csd-if.yaml`): radius 1, 12 levels up to 512, front/back
   warm-up for 1000 steps, thresholds 30°, orientation 1→100 and sparsity 10→1 over 5000 steps, Perp-Neg (scale 3,
   spec §1.3) as the official character config.
+- ``csd-coarse-if`` / ``csd-coarse-character-if``: the two official stage-1 configs exactly, with their prior
+  (spec §3.1): DeepFloyd IF stage I in 64² pixel space (``--model DeepFloyd/IF-I-XL-v1.0`` or an IF folder), the
+  renders taken at 64 as they are. ``csd-coarse-if`` is `csd-if-object.yaml` (``csd-coarse`` with the IF prior);
+  ``csd-coarse-character-if`` is `csd-if.yaml` (``csd-coarse-character`` with the IF prior; Perp-Neg on, scale 3).
 - ``sds-dreamfusion``: the DreamFusion baseline exactly as threestudio's `dreamfusion-sd.yaml` (threestudio
   @28d9d80): CFG 100 in threestudio's form, w = 1 − ᾱ, progressive band hash grid, background lr 1e-3, camera /
   centre / up jitter, dreamfusion light jitter, threestudio's elevation sampling, view thresholds 45°.
@@ -177,6 +181,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "prior": {"resolution": None, "max_resolution": 256},
     }),
 }
+
+# spec §3.1 with the official prior, DeepFloyd IF stage I (64² pixel space: the 64² renders go in as they are)
+PRESETS.update({
+    "csd-coarse-if": _merge(_STAGE1_OBJECT, {"prior": {"resolution": None, "max_resolution": 64}}),
+    "csd-coarse-character-if": _merge(PRESETS["csd-coarse-character"], {
+        "guidance": {"perp_neg": True, "perp_neg_scale": 3.0},
+        "prior": {"resolution": None, "max_resolution": 64},
+    }),
+})
+
 
 
 def preset_names() -> list[str]:

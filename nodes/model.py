@@ -1,4 +1,4 @@
-"""CSD Load Diffusion Model: a Stable Diffusion 1.x/2.x prior from ComfyUI's model folders."""
+"""CSD Load Diffusion Model: a Stable Diffusion 1.x/2.x or DeepFloyd IF stage-I prior from ComfyUI's model folders."""
 from __future__ import annotations
 
 from csd_backend.config import PriorConfig
@@ -14,7 +14,9 @@ _DTYPES = ["auto", "float32", "float16", "bfloat16"]
 class CSDLoadDiffusionModel:
     DESCRIPTION = ("Loads a frozen Stable Diffusion 1.x/2.x model as the score-distillation prior: a diffusers folder "
                    "(found by model_index.json under models/diffusers) or a single-file checkpoint "
-                   "(models/checkpoints). The CSD paper uses stabilityai/stable-diffusion-2-1-base.")
+                   "(models/checkpoints). The CSD paper uses stabilityai/stable-diffusion-2-1-base; its stage 1 uses "
+                   "DeepFloyd IF stage I (a diffusers folder of DeepFloyd/IF-I-XL-v1.0 under models/diffusers, 64² "
+                   "pixel space, for the csd-coarse-if presets).")
     CATEGORY = c.CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (c.PRIOR,)
@@ -34,8 +36,8 @@ class CSDLoadDiffusionModel:
                                     "auto: ComfyUI's device (CUDA unless started with --cpu)"),
             "dtype": c.combo_input(_DTYPES, default_of_prior("dtype"), "auto: float16 on CUDA, float32 on the CPU"),
             "resolution": c.int_input(0, 0, 4096, "side the renders are resized to before the VAE; 0: the model's "
-                                                  "native size (512 for SD 2.1-base). Must be a multiple of 64 for "
-                                                  "SD (VAE 8 × UNet 8)", step=8),
+                                                  "native size (512 for SD 2.1-base, 64 for DeepFloyd IF). Must be a "
+                                                  "multiple of 64 for SD (VAE 8 × UNet 8)", step=8),
             "config_from": c.combo_input(configs, c.AUTO_CONFIG,
                                          "single-file checkpoints only: a diffusers folder of the same architecture "
                                          "to take the component configs from ((auto): inferred, needs the configs "

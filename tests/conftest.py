@@ -26,6 +26,14 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_if(tmp_path_factory):
+    """A tiny random-weight DeepFloyd-IF-shaped stage-I model: ``{"folder": diffusers folder (IFPipeline)}``."""
+    from tiny_if import build_tiny_if
+
+    return build_tiny_if(tmp_path_factory.mktemp("tiny_if"))
+
+
+@pytest.fixture(scope="session")
 def tiny_controlnet(tiny_sd, tmp_path_factory):
     """A tiny random ControlNet shaped after the tiny SD's UNet (a diffusers folder)."""
     from tiny_sd import build_tiny_controlnet

@@ -59,6 +59,11 @@ def _load_model(cfg: PriorConfig) -> DiffusionPrior:
         prior.name = TOY_MODEL  # checkpoints record it; --resume then needs --model toy again
         prior.source = TOY_MODEL  # what load_prior takes back (the nodes store it as the run's model)
         return prior
+    from .deepfloyd_if import is_deepfloyd_if, load_deepfloyd_if
+
+    if is_deepfloyd_if(model):  # model_index.json names an IF pipeline (or an uncached DeepFloyd hub id)
+        return load_deepfloyd_if(model, device=cfg.device, dtype=cfg.dtype, resolution=cfg.resolution,
+                                 max_resolution=cfg.max_resolution)
     return load_stable_diffusion(model, device=cfg.device, dtype=cfg.dtype, config=cfg.model_config,
                                  resolution=cfg.resolution, max_resolution=cfg.max_resolution)
 
