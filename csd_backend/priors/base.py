@@ -11,6 +11,9 @@ from abc import ABC, abstractmethod
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
 
 
 class DiffusionPrior(ABC):
@@ -73,3 +76,34 @@ class DiffusionPrior(ABC):
         """``z_t = sqrt(ᾱ_t)·z + sqrt(1-ᾱ_t)·ε`` with per-item ``t`` ``[B]``."""
         a = self.alphas_cumprod[t].view(-1, *([1] * (z.dim() - 1)))
         return a.sqrt() * z + (1 - a).sqrt() * noise
+
+
+def scaled_input_size(height: int, width: int, resolution: int, multiple: int, why: str) -> Tuple[int, int]:
+    """``(h, w)``: a ``height``×``width`` render scaled to ``resolution`` rows with its aspect ratio kept. Both
+    sides must be multiples of ``multiple`` (``why``: what imposes it), else a ``ConfigError`` on "render size"."""
+    if int(height) <= 0 or int(width) <= 0:
+        raise ConfigError("render size", f"{height}×{width} must be positive")
+    h = int(resolution)
+    w = int(round(h * int(width) / int(height)))
+    m = int(multiple)
+    if h % m or w % m or w <= 0:
+        lo = (h // m) * m
+        options = [x for x in (lo, lo + m) if x > 0]
+        raise ConfigError(
+            "render size",
+            f"a {height}×{width} render is resized to {h}×{w} for this model (resolution {resolution}), but both "
+            f"sides must be multiples of {m} ({why}); use a resolution such as {' or '.join(map(str, options))} "
+            f"and square renders (or an aspect ratio that keeps the width a multiple of {m})")
+    return h, w
+
+
+def resize_renders(images: torch.Tensor, input_size, device) -> torch.Tensor:
+    """Renders ``[B, H, W, 3]`` in [0, 1] → ``[B, 3, h, w]`` float32 on ``device``, ``(h, w) = input_size(H, W)``
+    (bilinear, differentiable)."""
+    if images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected [B, H, W, 3] images in [0, 1], got {tuple(images.shape)}")
+    size = input_size(images.shape[1], images.shape[2])
+    x = images.to(device, torch.float32).permute(0, 3, 1, 2)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return x

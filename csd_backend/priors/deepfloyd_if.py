@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, CSDError, ModelNotFoundError
-from .base import DiffusionPrior
+from .base import DiffusionPrior, resize_renders, scaled_input_size
 from .stable_diffusion import (
     _HUB_ID,
     _freeze,
@@ -278,31 +278,12 @@ class DeepFloydIFPrior(DiffusionPrior):
 
     # ---------------------------------------------------------------------- images
     def input_size(self, height: int, width: int) -> Tuple[int, int]:
-        if int(height) <= 0 or int(width) <= 0:
-            raise ConfigError("render size", f"{height}×{width} must be positive")
-        h = self.resolution
-        w = int(round(self.resolution * int(width) / int(height)))
-        m = self.size_multiple
-        if h % m or w % m or w <= 0:
-            lo = (h // m) * m
-            options = [x for x in (lo, lo + m) if x > 0]
-            raise ConfigError(
-                "render size",
-                f"a {height}×{width} render is resized to {h}×{w} for this model (resolution {self.resolution}), "
-                f"but both sides must be multiples of {m} (the UNet downsamples {m}×); use square renders "
-                f"(DeepFloyd IF stage I is trained at {self.native_resolution}²) and a resolution such as "
-                f"{' or '.join(map(str, options))}",
-            )
-        return h, w
+        return scaled_input_size(height, width, self.resolution, self.size_multiple,
+                                 f"the UNet downsamples {self.size_multiple}×; DeepFloyd IF stage I is trained at "
+                                 f"{self.native_resolution}²")
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"encode_images expects [B, H, W, 3] images in [0, 1], got {tuple(images.shape)}")
-        h, w = self.input_size(images.shape[1], images.shape[2])
-        x = images.to(self.device, torch.float32).permute(0, 3, 1, 2)
-        if x.shape[-2:] != (h, w):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        return x * 2 - 1
+        return resize_renders(images, self.input_size, self.device) * 2 - 1
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return ((z.detach().to(torch.float32) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)

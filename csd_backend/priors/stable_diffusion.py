@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ModelNotFoundError
-from .base import DiffusionPrior
+from .base import DiffusionPrior, resize_renders, scaled_input_size
 
 log = logging.getLogger("csd_backend")
 
@@ -327,30 +327,11 @@ class StableDiffusionPrior(DiffusionPrior):
 
     # ---------------------------------------------------------------------- images
     def input_size(self, height: int, width: int) -> Tuple[int, int]:
-        if int(height) <= 0 or int(width) <= 0:
-            raise ConfigError("render size", f"{height}×{width} must be positive")
-        h = self.resolution
-        w = int(round(self.resolution * int(width) / int(height)))
-        m = self.size_multiple
-        if h % m or w % m or w <= 0:
-            lo = (h // m) * m
-            options = [x for x in (lo, lo + m) if x > 0]
-            raise ConfigError(
-                "render size",
-                f"a {height}×{width} render is resized to {h}×{w} for this model (resolution {self.resolution}), "
-                f"but both sides must be multiples of {m} (VAE factor {self.vae_scale_factor} × UNet downsampling "
-                f"{m // self.vae_scale_factor}); use a resolution such as {' or '.join(map(str, options))} and an "
-                f"aspect ratio that keeps the width a multiple of {m} (e.g. square renders)",
-            )
-        return h, w
+        m, f = self.size_multiple, self.vae_scale_factor
+        return scaled_input_size(height, width, self.resolution, m, f"VAE factor {f} × UNet downsampling {m // f}")
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"encode_images expects [B, H, W, 3] images in [0, 1], got {tuple(images.shape)}")
-        h, w = self.input_size(images.shape[1], images.shape[2])
-        x = images.to(self.device, torch.float32).permute(0, 3, 1, 2)
-        if x.shape[-2:] != (h, w):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        x = resize_renders(images, self.input_size, self.device)
         x = (x * 2 - 1).to(self.vae_dtype)
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample()  # no generator: seeding torch's global RNG makes it reproducible
