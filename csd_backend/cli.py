@@ -561,9 +561,18 @@ def _resume(args):
     prior = load_prior(base.replace(prior=prior_over).prior)
     _raise_pending()
     opt = Optimization.resume(ckpt if ckpt is not None else run_dir, prior, steps=args.steps)
+    _release_text_encoder(prior)
     opt.config = opt.config.replace(prior=prior_over)  # the checkpoint records the model it continued with
     print(f"resuming {run_dir} at step {opt.step} of {opt.config.optim.steps}", file=sys.stderr)
     return opt, run_dir
+
+
+def _release_text_encoder(prior) -> None:
+    """Every prompt of the run is encoded when the Optimization is built: a prior with a large text encoder
+    (DeepFloyd IF's T5-XXL, ~10 GB) frees it then, as threestudio does."""
+    release = getattr(prior, "release_text_encoder", None)
+    if release is not None:
+        release()
 
 
 def _new_run(args):
@@ -590,6 +599,7 @@ def _new_run(args):
         prior = load_prior(config.prior)
         _raise_pending()
         opt = Optimization(config, prior, scene=scene, out_dir=out)
+        _release_text_encoder(prior)
         _raise_pending()
         if scene is not None:  # the starting scene exists only here: keep it, so a stopped run can resume
             opt.save_checkpoint()

@@ -562,3 +562,21 @@ def test_if_preset_guidance_turns_the_scene_red(preset, steps):
     assert [i.coefficients.u for i in seen][-1] == pytest.approx(-1.0)  # ω2 reached 1 (the ramp was stretched)
     r, g, b = mean_colour(scene, cfg).tolist()
     assert r > 0.8 and g < 0.2 and b < 0.2, (r, g, b)
+
+
+def test_cli_runs_on_if_and_releases_t5_after_the_prompts_are_encoded(tiny_if, tmp_path, capsys, monkeypatch):
+    """The command line encodes every prompt when the run is built, then frees T5 (as threestudio does)."""
+    from csd_backend import cli
+    from csd_backend.priors.deepfloyd_if import DeepFloydIFPrior
+
+    released = []
+    original = DeepFloydIFPrior.release_text_encoder
+    monkeypatch.setattr(DeepFloydIFPrior, "release_text_encoder",
+                        lambda self: (released.append(True), original(self))[1])
+    out = tmp_path / "run"
+    code = cli.main(["generate", "--prompt", "a red ball", "--model", str(tiny_if["folder"]), "--preset",
+                     "csd-coarse-if", "--steps", "2", "--out", str(out), "--quiet", "--no-mesh", "--views", "1",
+                     "--view-size", "16", "--set", "camera.batch_size=1", "--set", "render.num_samples_per_ray=16",
+                     "--set", "scene.n_levels=4", "--set", "scene.log2_hashmap_size=12"])
+    assert code == 0, capsys.readouterr().err
+    assert released == [True] and (out / "checkpoints" / "last.ckpt").is_file()
