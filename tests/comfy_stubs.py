@@ -162,6 +162,18 @@ def _make_model_management() -> types.ModuleType:
     mm.processing_interrupted = processing_interrupted
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.get_torch_device = get_torch_device
+    #: every load_models_gpu call: the class names of the models' ``model`` (what ComfyUI would move to its device)
+    mm.load_calls = []
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        mm.load_calls.append([type(getattr(m, "model", m)).__name__ for m in models])
+
+    def load_model_gpu(model):
+        return load_models_gpu([model])
+
+    mm.load_models_gpu = load_models_gpu
+    mm.load_model_gpu = load_model_gpu
     return mm
 
 
@@ -684,3 +696,217 @@ def without_missing_nodes(api: dict, classes: Dict[str, type]) -> dict:
                 changed = True
     return out
 
+
+# ------------------------------------------------------------------ ComfyUI's MODEL / CLIP / VAE (stand-ins)
+#: the checkpoint name the stub Load Checkpoint offers: the tiny test SD (``models/diffusers/tiny-sd``) wrapped in
+#: ComfyUI-shaped MODEL / CLIP / VAE objects. On a real server the test setup puts a small random checkpoint of the
+#: SD 1.5 layout under this name into ``models/checkpoints``.
+STUB_CHECKPOINT = "csd-test-sd15.safetensors"
+
+
+def _reshape_sigma(sigma, ndim):  # comfy/model_sampling.py: reshape_sigma
+    return sigma.view(()) if sigma.nelement() == 1 else sigma.view(sigma.shape[:1] + (1,) * (ndim - 1))
+
+
+class EPS:  # comfy/model_sampling.py (ComfyUI 0.3.64), written out again: the tests check the prior against it
+    def calculate_input(self, sigma, noise):
+        sigma = _reshape_sigma(sigma, noise.ndim)
+        return noise / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        sigma = _reshape_sigma(sigma, model_output.ndim)
+        return model_input - model_output * sigma
+
+
+class V_PREDICTION(EPS):
+    def calculate_denoised(self, sigma, model_output, model_input):
+        sigma = _reshape_sigma(sigma, model_output.ndim)
+        return (model_input * self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+                - model_output * sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2) ** 0.5)
+
+
+class ModelSamplingDiscrete:  # comfy/model_sampling.py: the "linear" (= diffusers' scaled_linear) schedule
+    def __init__(self, linear_start=0.00085, linear_end=0.012, timesteps=1000):
+        import torch
+
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.sigmas = sigmas.float()
+        self.log_sigmas = sigmas.log().float()
+        self.sigma_data = 1.0
+
+    def timestep(self, sigma):
+        dists = sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+
+def model_sampling_class(prediction: str):
+    """ComfyUI's ``model_base.model_sampling`` pairing: the discrete schedule with EPS or V_PREDICTION."""
+    base = {"EPS": EPS, "V_PREDICTION": V_PREDICTION}[prediction]
+    return type("ModelSampling", (ModelSamplingDiscrete, base), {})
+
+
+class ModelType:  # comfy/model_base.py ModelType members (only .name is read)
+    def __init__(self, name):
+        self.name = name
+
+
+class SD15:  # comfy/supported_models.py: the model-config class (only unet_config is read)
+    def __init__(self, channel_mult):
+        self.unet_config = {"in_channels": 4, "adm_in_channels": None, "context_dim": None,
+                            "channel_mult": list(channel_mult)}
+
+
+class LatentFormatSD15:  # comfy/latent_formats.py SD15
+    scale_factor = 0.18215
+    shift_factor = 0.0
+
+    def process_in(self, latent):
+        return (latent - self.shift_factor) * self.scale_factor
+
+    def process_out(self, latent):
+        return latent / self.scale_factor + self.shift_factor
+
+
+class BaseModel:  # comfy/model_base.py: apply_model takes σ and returns the denoised x0
+    def __init__(self, unet, model_config, prediction="EPS", linear_start=0.00085, linear_end=0.012):
+        self.diffusion_model = unet
+        self.model_config = model_config
+        self.latent_format = LatentFormatSD15()
+        self.model_type = ModelType(prediction)
+        self.model_sampling = model_sampling_class(prediction)(linear_start, linear_end)
+        self.concat_keys = ()
+        self.adm_channels = 0
+        self.manual_cast_dtype = None
+
+    def get_dtype(self):
+        return next(self.diffusion_model.parameters()).dtype
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        return 0
+
+    def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x).to(self.get_dtype())
+        timestep = self.model_sampling.timestep(t).float()
+        context = c_crossattn.to(xc.device, self.get_dtype())
+        out = self.diffusion_model(xc, timestep, encoder_hidden_states=context).sample.float()
+        return self.model_sampling.calculate_denoised(sigma, out, x)
+
+
+class ModelPatcher:  # comfy/model_patcher.py: what the prior reads
+    def __init__(self, model, load_device="cpu"):
+        import torch
+
+        self.model = model
+        self.load_device = torch.device(load_device)
+        self.offload_device = torch.device("cpu")
+        self.model_options = {"transformer_options": {}}
+
+    def get_model_object(self, name):
+        return getattr(self.model, name)
+
+
+class CLIP:  # comfy/sd.py CLIP over a transformers text encoder (SD 1.x: one 77-token chunk per 75 tokens)
+    def __init__(self, text_encoder, tokenizer):
+        self.cond_stage_model = text_encoder
+        self.tokenizer = tokenizer
+        self.patcher = ModelPatcher(text_encoder)
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        ids = self.tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+        return {"l": [[(int(i), 1.0) for i in ids]]}
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        import torch
+
+        sys.modules["comfy.model_management"].load_model_gpu(self.patcher)
+        ids = torch.tensor([[i for i, _w in chunk] for chunk in tokens["l"]])
+        out = self.cond_stage_model(ids)
+        cond = torch.cat(list(out.last_hidden_state), 0).unsqueeze(0)  # chunks side by side: [1, 77·k, D]
+        return (cond, out.pooler_output[:1]) if return_pooled else cond
+
+
+class VAE:  # comfy/sd.py VAE over a diffusers AutoencoderKL (which has encoder and quant_conv, as LDM's does)
+    def __init__(self, vae):
+        import torch
+
+        self.first_stage_model = vae
+        self.patcher = ModelPatcher(vae)
+        self.device = torch.device("cpu")
+        self.output_device = torch.device("cpu")
+        self.vae_dtype = next(vae.parameters()).dtype
+        self.downscale_ratio = 8
+        self.latent_channels = 4
+        self.process_input = lambda image: image * 2.0 - 1.0
+        self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+
+    def memory_used_encode(self, shape, dtype):
+        return 0
+
+    def decode(self, samples_in):
+        import torch
+
+        with torch.no_grad():
+            x = self.first_stage_model.decode(samples_in.to(self.device, self.vae_dtype)).sample
+        return self.process_output(x.float()).movedim(1, -1)  # IMAGE [B, H, W, 3]
+
+
+def load_stub_checkpoint(folder, prediction="EPS"):
+    """(MODEL, CLIP, VAE) over the diffusers SD folder ``folder`` (the tiny test model), as Load Checkpoint returns
+    them; ``prediction`` "V_PREDICTION" reads the same UNet as a v-prediction model."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    base = BaseModel(unet, SD15([1] * len(unet.config.block_out_channels)), prediction,
+                     sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012))
+    return ModelPatcher(base), CLIP(text, tokenizer), VAE(vae)
+
+
+class CheckpointLoaderSimple:  # nodes.py "Load Checkpoint": only the tiny test model, as STUB_CHECKPOINT
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": (cls._choices(), {"tooltip": "The name of the checkpoint (model) to load."})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    OUTPUT_TOOLTIPS = ("The model used for denoising latents.", "The CLIP model used for encoding text prompts.",
+                       "The VAE model used for encoding and decoding images to and from latent space.")
+    FUNCTION = "load_checkpoint"
+    CATEGORY = "loaders"
+
+    @staticmethod
+    def _tiny_folder():
+        import folder_paths
+
+        for root in folder_paths.get_folder_paths("diffusers"):
+            if (Path(root) / "tiny-sd" / "model_index.json").is_file():
+                return Path(root) / "tiny-sd"
+        return None
+
+    @classmethod
+    def _choices(cls):
+        import folder_paths
+
+        names = folder_paths.get_filename_list("checkpoints")
+        return names + ([STUB_CHECKPOINT] if cls._tiny_folder() is not None and STUB_CHECKPOINT not in names else [])
+
+    def load_checkpoint(self, ckpt_name):
+        if ckpt_name != STUB_CHECKPOINT or self._tiny_folder() is None:
+            raise NotImplementedError(f"the stub Load Checkpoint only loads the tiny test model as {STUB_CHECKPOINT} "
+                                      "(models/diffusers/tiny-sd)")
+        return load_stub_checkpoint(self._tiny_folder())
+
+
+CORE_NODES["CheckpointLoaderSimple"] = CheckpointLoaderSimple
+TEST_OVERRIDES["CheckpointLoaderSimple"] = {"ckpt_name": STUB_CHECKPOINT}
+TEST_OVERRIDES["CSDPriorFromComfyModel"] = {"resolution": 32}
+TYPE_CHECKS["MODEL"] = lambda v: hasattr(v, "model") and hasattr(v, "get_model_object")
+TYPE_CHECKS["CLIP"] = lambda v: hasattr(v, "tokenize") and hasattr(v, "encode_from_tokens")
+TYPE_CHECKS["VAE"] = lambda v: hasattr(v, "first_stage_model") and hasattr(v, "decode")

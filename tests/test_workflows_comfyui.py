@@ -219,6 +219,11 @@ def server(tmp_path_factory, tiny_sd):
     base = tmp_path_factory.mktemp("comfyui")
     (base / "models" / "diffusers").mkdir(parents=True)
     (base / "models" / "diffusers" / "tiny-sd").symlink_to(tiny_sd["folder"], target_is_directory=True)
+    # Load Checkpoint needs a single file ComfyUI recognises (the tiny SD is too small for its model detection): a
+    # random SD 1.5-layout checkpoint with a narrow two-level UNet, full CLIP-L and VAE (0.57 GB, about 20 s)
+    from test_comfy_prior_real import write_sd15_checkpoint
+
+    write_sd15_checkpoint(base / "models" / "checkpoints" / cs.STUB_CHECKPOINT, Path(COMFY_ROOT), small_unet=True)
     srv = _start_server(base, {PACK_DIR_NAME: cs.ROOT})
     try:
         srv.ws = WebSocket("127.0.0.1", srv.port, f"/ws?clientId={srv.client_id}")
@@ -309,6 +314,13 @@ def test_api_workflow_runs_on_the_server(server, name):
     previews = [b for b in server.ws.binary[before:] if b[:4] == struct.pack(">I", 1)]
     assert len(previews) >= len(optimizes) * steps, len(previews)
     assert previews[0][4:8] == struct.pack(">I", 1) and previews[0][8:10] == b"\xff\xd8", "JPEG previews"
+
+
+def test_server_offers_the_comfy_model_prior_and_the_test_checkpoint(server):
+    status, info = server.request("GET", "/object_info/CSDPriorFromComfyModel")
+    assert status == 200 and info["CSDPriorFromComfyModel"]["display_name"] == "CSD Prior from ComfyUI Model"
+    status, info = server.request("GET", "/object_info/CheckpointLoaderSimple")
+    assert cs.STUB_CHECKPOINT in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
 
 
 def test_bad_values_are_rejected_with_the_input_named(server):
