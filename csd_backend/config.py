@@ -17,7 +17,7 @@ from .schedules import ScheduleSpec, schedule_value, validate_schedule
 
 DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"
 
-GUIDANCE_MODES = ("csd", "sds", "edit")
+GUIDANCE_MODES = ("csd", "sds", "edit", "vsd")
 WEIGHTINGS = ("uniform", "sds", "fantasia3d")
 NORMAL_TYPES = ("analytic", "finite_difference")
 BACKGROUNDS = ("neural_env", "solid")
@@ -68,7 +68,7 @@ class PriorConfig:
 class GuidanceConfig:
     """Score distillation (spec §1, §5.6). CSD: c=ω1, u=−ω2, n=−(ω1−ω2), k=0."""
 
-    mode: str = "csd"  # csd | sds | edit
+    mode: str = "csd"  # csd | sds | edit | vsd (ProlificDreamer, ``vsd.py``)
     prompt: str = ""
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     #: edit mode: the description of the current scene; it takes the negative slot (spec §4)
@@ -77,7 +77,8 @@ class GuidanceConfig:
     guidance_weight: ScheduleSpec = schedule(1.0)
     #: ω2, the (annealed) weight of the negative prompt; stage 1 ramps 0 → 1 over 5000 steps
     negative_weight: ScheduleSpec = schedule([0, 0.0, 1.0, 5000])
-    #: SDS only: classifier-free guidance scale s in threestudio's ε_y + s(ε_y − ε_u) (DreamFusion: 100)
+    #: SDS: classifier-free guidance scale s in threestudio's ε_y + s(ε_y − ε_u) (DreamFusion: 100); VSD: s in the
+    #: diffusers form ε_u + s(ε_y − ε_u) of the frozen prediction, as threestudio's VSD (ProlificDreamer: 7.5)
     cfg_scale: float = 100.0
     weighting: str = "uniform"  # uniform | sds | fantasia3d
     grad_normalize: bool = True
@@ -97,6 +98,18 @@ class GuidanceConfig:
     front_threshold: float = 45.0
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0
+    #: VSD (mode vsd, ``vsd.py``): a LoRA of the prior's own UNet, conditioned on the camera, learns the renders;
+    #: its AdamW learning rate (threestudio prolificdreamer.yaml: the ``guidance`` parameter group, 0.0001)
+    lora_lr: float = 1e-4
+    #: VSD: the LoRA's rank on the attention projections (threestudio's LoRAAttnProcessor: 4)
+    lora_rank: int = 4
+    #: VSD: probability that a LoRA training step drops the camera condition (threestudio lora_cfg_training: 0.1)
+    camera_condition_drop: float = 0.1
+    #: VSD: classifier-free guidance of the LoRA's camera condition in the direction (threestudio
+    #: guidance_scale_lora: 1, the camera branch alone)
+    lora_cfg_scale: float = 1.0
+    #: VSD: noisy copies of each render in the LoRA's training step (threestudio lora_n_timestamp_samples: 1)
+    lora_timestep_samples: int = 1
 
 
 @dataclass
@@ -322,6 +335,11 @@ class RunConfig:
             validate_schedule(g.grad_clip, "guidance.grad_clip", positive=True)
         _positive("guidance.cfg_scale", g.cfg_scale, allow_zero=True)
         _positive("guidance.perp_neg_scale", g.perp_neg_scale, allow_zero=True)
+        _positive("guidance.lora_lr", g.lora_lr)
+        _int_range("guidance.lora_rank", g.lora_rank, 1, 1024)
+        _in_range("guidance.camera_condition_drop", g.camera_condition_drop, 0.0, 1.0)
+        _positive("guidance.lora_cfg_scale", g.lora_cfg_scale, allow_zero=True)
+        _int_range("guidance.lora_timestep_samples", g.lora_timestep_samples, 1, 64)
         for name in ("perp_neg_f_fs", "perp_neg_f_sb", "perp_neg_f_fsb"):
             _vec(f"guidance.{name}", getattr(g, name), 3, -1e3, 1e3)
         if g.perp_neg and not g.view_dependent:

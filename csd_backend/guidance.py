@@ -8,7 +8,10 @@ with per-mode coefficients (``coefficients``):
 - CSD:  c = ω1, u = −ω2, n = −(ω1 − ω2), k = 0 (the classifier score only; paper Eq. 10);
 - SDS:  c = 1 + s, u = −s, n = 0, k = −1 (threestudio's ε_y + s(ε_y − ε_u) − ε, with ε_u the negative or ""
   prompt: the effective classifier-free guidance scale is s + 1, threestudio issue #289);
-- edit: as CSD with the *source* prompt in the negative slot (ω2 = 1 gives ε(y_tgt) − ε(y_src)).
+- edit: as CSD with the *source* prompt in the negative slot (ω2 = 1 gives ε(y_tgt) − ε(y_src));
+- VSD:  c = s, u = 1 − s, n = 0, k = 0 (the frozen ε_u + s(ε_y − ε_u), diffusers' form), minus ε_lora of the run's
+  LoRA (``vsd.py``: the same UNet with its adapters on, conditioned on the cameras' ``c2w``), whose own training step
+  runs in the same call; ``update()`` steps its optimiser and ``state_dict()`` holds it.
 
 Branches that share an embedding are merged and zero coefficients are dropped before the single batched
 UNet call, so e.g. stage-1 CSD at step 0 (ω2 = 0) costs two branches, not three.
@@ -19,12 +22,12 @@ scores perpendicular to the positive direction, with negative weights (5B UNet i
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
 
-from .config import GuidanceConfig
+from .config import GuidanceConfig, OptimConfig
 from .errors import ConfigError
 from .priors.base import DiffusionPrior
 from .prompts import PromptEmbeddings
@@ -47,6 +50,8 @@ class GuidanceOutput:
     t: torch.Tensor  # [B] timesteps used
     coefficients: Coefficients
     grad_norm: torch.Tensor  # ‖g‖ before normalisation (0-dim)
+    #: losses already backpropagated by the guidance for its own parameters (vsd: "lora"), for reporting (0-dim)
+    extra_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def coefficients(cfg: GuidanceConfig, step: int) -> Coefficients:
@@ -58,7 +63,10 @@ def coefficients(cfg: GuidanceConfig, step: int) -> Coefficients:
     if cfg.mode == "sds":
         s = float(cfg.cfg_scale)
         return Coefficients(c=1.0 + s, u=-s, n=0.0, k=-1.0)
-    raise ConfigError("guidance.mode", f"{cfg.mode!r} is not one of 'csd', 'sds', 'edit'")
+    if cfg.mode == "vsd":  # the frozen part; ε_lora is subtracted by the VSD model
+        s = float(cfg.cfg_scale)
+        return Coefficients(c=s, u=1.0 - s, n=0.0, k=0.0)
+    raise ConfigError("guidance.mode", f"{cfg.mode!r} is not one of 'csd', 'sds', 'edit', 'vsd'")
 
 
 def timestep_weight(weighting: str, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
@@ -86,9 +94,11 @@ def timestep_range(cfg: GuidanceConfig, step: int, num_train_timesteps: int) -> 
 
 
 class ScoreDistillation:
-    """CSD / SDS / edit guidance for one prompt set over one prior."""
+    """CSD / SDS / edit / VSD guidance for one prompt set over one prior. ``optim``: the run's optimiser settings
+    (VSD's LoRA optimiser takes its betas and eps, as threestudio's single AdamW)."""
 
-    def __init__(self, cfg: GuidanceConfig, prior: DiffusionPrior, prompts: Optional[PromptEmbeddings] = None):
+    def __init__(self, cfg: GuidanceConfig, prior: DiffusionPrior, prompts: Optional[PromptEmbeddings] = None,
+                 optim: Optional[OptimConfig] = None):
         self.cfg = cfg
         self.prior = prior
         if prompts is None:
@@ -96,6 +106,11 @@ class ScoreDistillation:
             prompts = PromptEmbeddings.build(prior, cfg.prompt, negative, cfg.view_dependent, cfg.front_threshold,
                                              cfg.back_threshold, cfg.overhead_threshold)
         self.prompts = prompts
+        self.vsd = None
+        if cfg.mode == "vsd":
+            from .vsd import VSD
+
+            self.vsd = VSD(cfg, prior, prompts.plain, optim)
 
     def sample_timesteps(self, batch: int, step: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         t_min, t_max = timestep_range(self.cfg, step, self.prior.num_train_timesteps)
@@ -103,14 +118,17 @@ class ScoreDistillation:
 
     def __call__(self, images: torch.Tensor, elevation: torch.Tensor, azimuth: torch.Tensor, step: int,
                  t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None, control: Optional[torch.Tensor] = None
-                 ) -> GuidanceOutput:
+                 generator: Optional[torch.Generator] = None, control: Optional[torch.Tensor] = None,
+                 c2w: Optional[torch.Tensor] = None) -> GuidanceOutput:
         """Guidance for renders ``images`` ``[B, H, W, 3]`` seen from (elevation, azimuth) ``[B]`` degrees;
         ``control`` ``[B, H, W, 3]``: the condition images of the prior's ControlNet (e.g. the renders' depth).
 
         ``t`` ``[B]`` and ``noise`` (shaped like the prior's input) may be given for reproducibility; else they
         are drawn from ``generator`` (on the CPU, then moved, so results do not depend on the device).
+        ``c2w`` ``[B, 4, 4]``: the cameras (VSD conditions its LoRA on them; the other modes ignore them).
         """
+        if self.vsd is not None and c2w is None:
+            raise ValueError("vsd guidance needs the cameras' c2w matrices (c2w=[B, 4, 4])")
         prior = self.prior
         z = prior.encode_images(images)  # [B, C, h, w]
         B = z.shape[0]
@@ -138,6 +156,8 @@ class ScoreDistillation:
                 direction = direction + self.cfg.perp_neg_scale * perp_neg_term(
                     eps["positive"], eps[self._negative_key], [eps["perp:0"], eps["perp:1"]],
                     perp_weights.to(eps["positive"].device))
+            if self.vsd is not None:
+                direction = direction - self.vsd.predict(z_t, t, c2w)
             w = timestep_weight(self.cfg.weighting, prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
             g = torch.nan_to_num(w * direction)  # as the official code: NaN → 0, ±Inf → ± the largest float
             if self.cfg.grad_clip is not None:
@@ -149,7 +169,28 @@ class ScoreDistillation:
 
         target = (z - g).detach()
         loss = 0.5 * ((z - target) ** 2).sum() / B
-        return GuidanceOutput(loss=loss, grad=g, z=z, t=t, coefficients=coef, grad_norm=grad_norm)
+        extra = {} if self.vsd is None else {"lora": self.vsd.train_step(z, c2w, generator)}
+        return GuidanceOutput(loss=loss, grad=g, z=z, t=t, coefficients=coef, grad_norm=grad_norm,
+                              extra_losses=extra)
+
+    # ------------------------------------------------------------------ the guidance's own parameters (VSD)
+    def update(self) -> None:
+        """Step the guidance's own optimiser (VSD's LoRA); the loop calls it with the scene's update."""
+        if self.vsd is not None:
+            self.vsd.step()
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the guidance trains parameters of its own (VSD), saved in run checkpoints."""
+        return self.vsd is not None
+
+    def state_dict(self) -> dict:
+        """The guidance's trained state (VSD: LoRA, camera embedding, optimiser); empty for the other modes."""
+        return {} if self.vsd is None else {"vsd": self.vsd.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.vsd is not None:
+            self.vsd.load_state_dict(state["vsd"])
 
     @property
     def _negative_key(self) -> str:

@@ -69,7 +69,7 @@ class Optimization:
         self.scene = (copy.deepcopy(scene) if scene is not None else make_scene(config.scene, self.device)
                       ).to(self.device)
         self.renderer = make_renderer(config.render, config.scene, self.device)
-        self.guidance = ScoreDistillation(config.guidance, prior)
+        self.guidance = ScoreDistillation(config.guidance, prior, optim=o)
         self.optimizer = torch.optim.Adam(parameter_groups(self.scene, o.lr, o.group_lr), lr=o.lr,
                                           betas=tuple(o.betas), eps=o.eps)
         self.generator = torch.Generator().manual_seed(o.seed)
@@ -96,15 +96,20 @@ class Optimization:
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"config": self.config.to_dict(), "step": self.step, "scene": self.scene.state_dict(),
-                "renderer": self.renderer.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng,
-                "prior": getattr(self.prior, "name", "prior")}
+        state = {"config": self.config.to_dict(), "step": self.step, "scene": self.scene.state_dict(),
+                 "renderer": self.renderer.state_dict(), "optimizer": self.optimizer.state_dict(), "rng": rng,
+                 "prior": getattr(self.prior, "name", "prior")}
+        if self.guidance.has_state:  # VSD: its LoRA, camera embedding and their optimiser
+            state["guidance"] = self.guidance.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         try:
             self.scene.load_state_dict(state["scene"])
             self.renderer.load_state_dict(state["renderer"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if self.guidance.has_state:  # a guidance with trained state (VSD) needs it back
+                self.guidance.load_state_dict(state["guidance"])
             self.step = int(state["step"])
             self.scene.update_step(self.step)
             self.generator.set_state(state["rng"]["generator"])
@@ -208,7 +213,7 @@ class Optimization:
         t0 = self._tick("render", t0)
 
         control = depth_condition(out.depth, out.opacity) if self.prior.controlnet is not None else None
-        g = self.guidance(out.rgb, *angles, s, generator=gen, control=control)
+        g = self.guidance(out.rgb, *angles, s, generator=gen, control=control, c2w=cams.c2w)
         t0 = self._tick("prior", t0)
         losses = {"guidance": g.loss}
         total = weights["guidance"] * g.loss
@@ -216,20 +221,24 @@ class Optimization:
             if weights[name] > 0:
                 losses[name] = fn(out)
                 total = total + weights[name] * losses[name]
-        if not torch.isfinite(total):
-            raise CSDError(f"the loss became {float(total)} at step {s}; lower optim.lr or check the prior's dtype "
-                           f"(fp16 on CPU is not supported). The last checkpoint is kept.")
+        for name, value in (("loss", total), *((f"{k} loss", v) for k, v in g.extra_losses.items())):
+            if not torch.isfinite(value):
+                raise CSDError(f"the {name} became {float(value)} at step {s}; lower optim.lr (guidance.lora_lr "
+                               f"for the lora loss) or check the prior's dtype (fp16 on CPU is not supported). The "
+                               f"last checkpoint is kept.")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         t0 = self._tick("backward", t0)
         self._updating = True
         self.optimizer.step()
+        self.guidance.update()  # VSD: the LoRA's step, with the scene's (its gradients come from the guidance call)
         self._updating = False
         t0 = self._tick("optimizer", t0)
         self.step += 1
         values = {k: float(v.detach()) for k, v in losses.items()}
         values["total"] = float(total.detach())
         values["grad_norm"] = float(g.grad_norm)
+        values.update({k: float(v) for k, v in g.extra_losses.items()})
         return StepInfo(step=self.step, total=cfg.optim.steps, losses=values, shading=shading,
                         timesteps=g.t.tolist(), coefficients=g.coefficients, preview=out.rgb[:1].detach().float().cpu(),
                         seconds=time.perf_counter() - t_start, num_samples=out.num_samples)

@@ -16,6 +16,32 @@
   t-range and weighting, short.
 - ``preview-cpu``: a small grid, few samples and 150 steps that converge on a laptop CPU.
 
+VSD (ProlificDreamer, ``guidance.mode`` vsd, ``vsd.py``: a camera-conditioned LoRA of the prior's own UNet learns
+the renders and is subtracted from the frozen CFG prediction):
+
+- ``vsd-prolificdreamer``: threestudio `prolificdreamer.yaml` (threestudio @28d9d80) stage 1 (``coarse``), value for
+  value where a field exists: SD 2.1-base, CFG 7.5 (diffusers form), w = 1 − ᾱ, t ∈ [0.02, 0.98] → [0.02, 0.5] at step
+  5000, no gradient normalisation or clipping, negative prompt "", view thresholds 30°; LoRA rank 4 on every
+  attention's q/k/v/out, its AdamW at lr 1e-4 (the ``guidance`` parameter group) with the run's betas and eps,
+  camera condition (c2w) dropped with probability 0.1, one timestep sample; NeRF radius 1, hash grid 16 levels ×
+  2 features, 2^19, base 16, per-level scale 1.4473 (max 4096), blob_magic3d density (10, 0.5), softplus,
+  neural environment background with random solid colours half the time (random_aug), 512 samples per ray, renders
+  always albedo (``no-material`` and ``normal_type: null``: no shading, no normals); 64² renders, batch 1, elevation
+  [−10°, 45°], distance [1, 1.5], fovy [40°, 70°], no camera/centre/up jitter, threestudio elevation sampling and
+  dreamfusion light defaults, eval distance 1.5; sparsity 10, opaque 0 → 1000 at step 10000, orientation 0; lr 0.01
+  on the hash grid and 0.001 on the MLPs and background, betas (0.9, 0.99), eps 1e-15; 25000 steps.
+  Not reproduced (no field maps them): the switch to 512² renders at step 5000 (``resolution_milestones``; the
+  preset keeps 64², raise the render size for a second run from the checkpoint if wanted); the LoRA on a second
+  model, SD 2.1 (768, v-prediction, ``pretrained_model_name_or_path_lora``): here the LoRA adapts the prior's own
+  UNet (threestudio's single-model path); AdamW's weight decay 0.01 on the scene's parameters (the scene's
+  optimiser is Adam; the LoRA's AdamW has it); ``lambda_lora`` (the LoRA loss has its own optimiser, so its weight
+  would only rescale what Adam normalises); ``sqrt_anneal`` and ``use_img_loss`` (off in the config); validation and
+  test settings.
+- ``vsd-preview-cpu``: the same guidance with preview-cpu's small grid (8 levels up to 256, 2^16), 96 samples per
+  ray, prior input at most 256 and 150 steps (t-range switch at step 75) on a laptop CPU; sparsity 1 and lr 0.01 on
+  every part, as preview-cpu (ProlificDreamer's sparsity 10 and MLP lr 0.001 erase the object within 150 steps:
+  measured with the toy prior, "a red cube"), and the LoRA at lr 1e-3 so that it follows the scene in so few steps.
+
 Stage 2 (``scene.kind`` dmtet: a stage-1 run converted to a deformable tetrahedral SDF grid and refined through
 the rasterizer; the scene's hash grid, radius and background come from the stage-1 run):
 
@@ -191,6 +217,47 @@ PRESETS.update({
     }),
 })
 
+
+# VSD: threestudio configs/prolificdreamer.yaml, stage coarse (see the module docstring for what is not mapped)
+_VSD_PROLIFICDREAMER: Dict[str, Any] = _merge(_STAGE1_OBJECT, {
+    "guidance": {"mode": "vsd", "cfg_scale": 7.5, "weighting": "sds", "grad_normalize": False, "grad_clip": None,
+                 "negative_prompt": "", "guidance_weight": 1.0, "negative_weight": 0.0, "min_step_percent": 0.02,
+                 "max_step_percent": [5000, 0.98, 0.5, 5001], "view_dependent": True, "perp_neg": False,
+                 "front_threshold": 30.0, "back_threshold": 30.0, "overhead_threshold": 60.0,
+                 "lora_lr": 1e-4, "lora_rank": 4, "camera_condition_drop": 0.1, "lora_cfg_scale": 1.0,
+                 "lora_timestep_samples": 1},
+    "scene": {"radius": 1.0, "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19,
+              "base_resolution": 16, "per_level_scale": 1.447269237440378, "max_resolution": 4096,
+              "active_levels": None, "mlp_width": 64, "mlp_hidden_layers": 1, "density_bias": "blob_magic3d",
+              "density_blob_scale": 10.0, "density_blob_std": 0.5, "background": "neural_env",
+              "random_background_prob": 0.5},
+    "camera": {"height": 64, "width": 64, "batch_size": 1, "elevation_range": [-10.0, 45.0],
+               "azimuth_range": [-180.0, 180.0], "distance_range": [1.0, 1.5], "fovy_range": [40.0, 70.0],
+               "stratified_azimuth": True, "front_back_only_steps": 0, "elevation_sampling": "threestudio",
+               "camera_perturb": 0.0, "center_perturb": 0.0, "up_perturb": 0.0, "light_position_perturb": 1.0,
+               "light_distance_range": [0.8, 1.5], "first_step_fixed_view": True, "eval_distance": 1.5,
+               "eval_fovy": 70.0, "eval_elevation": 15.0},
+    # no-material + normal_type null: every render is the albedo (no shading, so no normals are needed)
+    "render": {"num_samples_per_ray": 512, "ambient_only_steps": 25001, "albedo_prob": 1.0},
+    "loss": {"guidance": 1.0, "orient": 0.0, "sparsity": 10.0, "opaque": [10000, 0.0, 1000.0, 10001]},
+    "optim": {"steps": 25000, "lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15, "seed": 0,
+              "group_lr": {"volume.encoding": 0.01, "volume.density_mlp": 0.001, "volume.feature_mlp": 0.001,
+                           "background": 0.001},
+              "checkpoint_every": 500, "preview_every": 200},
+    "prior": {"resolution": None, "max_resolution": 512},
+})
+PRESETS.update({
+    "vsd-prolificdreamer": _VSD_PROLIFICDREAMER,
+    "vsd-preview-cpu": _merge(_VSD_PROLIFICDREAMER, {
+        "guidance": {"max_step_percent": [75, 0.98, 0.5, 76], "lora_lr": 1e-3},
+        "scene": {"n_levels": 8, "log2_hashmap_size": 16, "per_level_scale": None, "max_resolution": 256},
+        "render": {"num_samples_per_ray": 96, "ambient_only_steps": 151, "grid_warmup_steps": 32,
+                   "grid_update_every": 8},
+        "loss": {"sparsity": 1.0, "opaque": [60, 0.0, 1000.0, 61]},
+        "optim": {"steps": 150, "lr": 0.01, "group_lr": {}, "checkpoint_every": 50, "preview_every": 25},
+        "prior": {"resolution": None, "max_resolution": 256},
+    }),
+})
 
 
 def preset_names() -> list[str]:

@@ -120,7 +120,8 @@ INPUT_NAMES: Dict[str, str] = {
     "guidance.negative_weight": "negative_weight_start/negative_weight_end/negative_weight_anneal_until",
     "guidance.min_step_percent": "t_min", "guidance.max_step_percent": "t_max_start/t_max_end/t_max_switch_at",
     "guidance.min_step_percent/max_step_percent": "t_min/t_max_start/t_max_end",
-    "guidance.cfg_scale": "cfg_scale",
+    "guidance.cfg_scale": "cfg_scale", "guidance.lora_lr": "lora_lr",
+    "guidance.camera_condition_drop": "camera_condition_drop",
     "scene.radius": "radius", "scene.n_levels": "n_levels", "scene.log2_hashmap_size": "log2_hashmap_size",
     "scene.max_resolution": "max_resolution", "scene.background": "background",
     "camera.height": "height", "camera.width": "width", "camera.batch_size": "batch_size",
@@ -175,6 +176,8 @@ def error_text(fn, *args, **kwargs) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------- guidance spec
+#: the value of an optional number widget that keeps the preset's setting (any negative value does)
+PRESET_VALUE = -1.0
 _STEPS_REF = int(default_of(OptimConfig, "steps"))  # the spec's run length (10000): schedules are given for it
 _NEG = default_of(GuidanceConfig, "negative_weight")  # [0, 0.0, 1.0, 5000]
 _TMAX = default_of(GuidanceConfig, "max_step_percent")  # [5000, 0.98, 0.5, 5001]
@@ -209,6 +212,10 @@ class GuidanceSpec:
     view_dependent: bool = bool(default_of(GuidanceConfig, "view_dependent"))
     #: Perp-Neg: "preset" (the preset's setting: on for the character presets), "on" or "off"
     perp_neg: str = "preset"
+    #: VSD: the LoRA's learning rate and the probability of dropping its camera condition; negative (-1): the
+    #: preset's value
+    lora_lr: float = PRESET_VALUE
+    camera_condition_drop: float = PRESET_VALUE
 
     def overrides(self, steps: int) -> Dict[str, Any]:
         steps = int(steps)
@@ -229,6 +236,8 @@ class GuidanceSpec:
             "grad_normalize": bool(self.grad_normalize), "min_step_percent": float(self.t_min),
             "max_step_percent": max_step, "view_dependent": bool(self.view_dependent),
             **({} if self.perp_neg == "preset" else {"perp_neg": self.perp_neg == "on"}),
+            **{name: float(getattr(self, name)) for name in ("lora_lr", "camera_condition_drop")
+               if getattr(self, name) >= 0},
         }
 
     def config(self, steps: int = _STEPS_REF) -> GuidanceConfig:

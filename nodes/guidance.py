@@ -1,4 +1,4 @@
-"""CSD Guidance: prompts and the score-distillation settings (CSD, the SDS baseline, or editing)."""
+"""CSD Guidance: prompts and the score-distillation settings (CSD, the SDS baseline, editing, or VSD)."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +15,10 @@ class CSDGuidance:
     DESCRIPTION = ("Prompts and score-distillation settings. csd: Classifier Score Distillation (ω1 on the "
                    "classifier score, ω2 on the annealed negative prompt); sds: the DreamFusion baseline with "
                    "classifier-free guidance; edit: change a trained scene, the source prompt describing it. Step "
-                   "schedules are fractions of the run, so they follow the steps set on CSD Optimize.")
+                   "schedules are fractions of the run, so they follow the steps set on CSD Optimize. vsd: "
+                   "ProlificDreamer's Variational Score Distillation (a camera-conditioned LoRA of the model learns "
+                   "the renders; use the vsd-prolificdreamer or vsd-preview-cpu preset and a Stable Diffusion "
+                   "model).")
     CATEGORY = c.CATEGORY
     FUNCTION = "build"
     RETURN_TYPES = (c.GUIDANCE,)
@@ -29,7 +32,9 @@ class CSDGuidance:
                                      multiline=True),
             "negative_prompt": c.string_input(_D.negative_prompt, "csd/sds: what to move away from", multiline=True),
             "mode": c.combo_input(list(GUIDANCE_MODES), _D.mode, "csd: Classifier Score Distillation; sds: the "
-                                                                 "DreamFusion baseline; edit: edit the input scene"),
+                                                                 "DreamFusion baseline; edit: edit the input scene; "
+                                                                 "vsd: ProlificDreamer (trains a LoRA of the model "
+                                                                 "alongside the scene)"),
             "source_prompt": c.string_input(_D.source_prompt, "edit mode: a description of the current scene (it "
                                                               "takes the negative prompt's place)", multiline=True),
             "guidance_weight": c.float_input(_D.guidance_weight, 0.0, 1000.0, 0.1,
@@ -43,7 +48,9 @@ class CSDGuidance:
                 "fraction of the run over which ω2 ramps linearly from start to end (spec: 0.5 = steps 0 → 5000 of "
                 "10000); 0: ω2 = end from the first step"),
             "cfg_scale": c.float_input(_D.cfg_scale, 0.0, 1000.0, 0.5,
-                                       "sds only: classifier-free guidance scale (DreamFusion: 100)"),
+                                       "sds and vsd: classifier-free guidance scale (DreamFusion: 100 in "
+                                       "threestudio's form ε_y + s(ε_y − ε_u); vsd: ProlificDreamer's 7.5 in "
+                                       "diffusers' form ε_u + s(ε_y − ε_u))"),
             "weighting": c.combo_input(list(WEIGHTINGS), _D.weighting,
                                        "w(t): uniform (CSD), sds (1 − ᾱ, DreamFusion) or fantasia3d"),
             "grad_normalize": c.bool_input(_D.grad_normalize, "divide the gradient by its L2 norm over the whole batch (CSD stage 1: on)"),
@@ -63,6 +70,12 @@ class CSDGuidance:
                                       "Perp-Neg (the official character config): interpolated view prompts and the "
                                       "other views' scores, perpendicular to the prompt's, as negatives (about 5/3 "
                                       "the UNet cost). preset: the preset's choice (on for csd-coarse-character)"),
+            "lora_lr": c.float_input(_D.lora_lr, c.PRESET_VALUE, 0.1, 0.00001,
+                                     "vsd only: learning rate of the LoRA that learns the renders (ProlificDreamer: "
+                                     "0.0001). -1: the preset's", round=0.00001),
+            "camera_condition_drop": c.float_input(_D.camera_condition_drop, c.PRESET_VALUE, 1.0, 0.01,
+                                                   "vsd only: probability that a LoRA training step drops its "
+                                                   "camera condition (ProlificDreamer: 0.1). -1: the preset's"),
         }}
 
     @classmethod

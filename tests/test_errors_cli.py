@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"optim": {"steps": 0}}, "steps"),
     ({"optim": {"steps": -5}}, "steps"),
     ({"optim": {"lr": -1.0}}, "optim.lr"),
-    ({"guidance": {"mode": "vsd"}}, "guidance.mode"),
+    ({"guidance": {"mode": "no-such-mode"}}, "guidance.mode"),
     ({"guidance": {"weighting": "linear"}}, "guidance.weighting"),
     ({"guidance": {"negative_weight": [0, 1]}}, "guidance.negative_weight"),
     ({"guidance": {"mode": "edit", "source_prompt": ""}}, "source_prompt"),

@@ -333,7 +333,7 @@ BAD_VALUES = [
     ("CSDGuidance", {"mode": "edit", "source_prompt": ""}, "source_prompt"),
     ("CSDGuidance", {"t_min": 0.6}, "t_min"),
     ("CSDGuidance", {"t_max_end": 1.5}, "t_max_end"),
-    ("CSDGuidance", {"mode": "vsd"}, "mode"),
+    ("CSDGuidance", {"mode": "no-such-mode"}, "mode"),
     ("CSDScene", {"max_resolution": 8}, "max_resolution"),
     ("CSDScene", {"log2_hashmap_size": 40}, "log2_hashmap_size"),
     ("CSDLoadDiffusionModel", {"device": "tpu"}, "device"),
