@@ -81,10 +81,9 @@ def _prior_class():
     if _PRIOR_CLASS is not None:
         return _PRIOR_CLASS
     import torch
-    import torch.nn.functional as F
 
     from csd_backend.errors import ConfigError
-    from csd_backend.priors.base import DiffusionPrior
+    from csd_backend.priors.base import DiffusionPrior, resize_renders, scaled_input_size
 
     class _Call(torch.nn.Module):
         """``fn(module, x)`` as a module, so that ``torch.func.functional_call`` can swap the parameters."""
@@ -181,15 +180,11 @@ def _prior_class():
 
         # ---------------------------------------------------------------------------------- images
         def input_size(self, height: int, width: int):
-            return cs_math.input_size(height, width, self.resolution, self.size_multiple, self.vae_scale_factor)
+            m, f = self.size_multiple, self.vae_scale_factor
+            return scaled_input_size(height, width, self.resolution, m, f"VAE factor {f} × UNet downsampling {m // f}")
 
         def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-            if images.dim() != 4 or images.shape[-1] != 3:
-                raise ValueError(f"encode_images expects [B, H, W, 3] images in [0, 1], got {tuple(images.shape)}")
-            h, w = self.input_size(images.shape[1], images.shape[2])
-            x = images.to(self.device, torch.float32).permute(0, 3, 1, 2)  # [B, 3, H, W]
-            if x.shape[-2:] != (h, w):
-                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            x = resize_renders(images, self.input_size, self.device)  # [B, 3, h, w]
             vae = self.vae
             mem = vae.memory_used_encode(x.shape, vae.vae_dtype) if hasattr(vae, "memory_used_encode") else 0
             self._load([vae.patcher], 3 * mem)  # × 3: activations are kept for the backward pass

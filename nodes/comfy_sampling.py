@@ -166,27 +166,6 @@ def choose_resolution(requested: Optional[int], native: int) -> Tuple[int, Optio
     return int(requested), None
 
 
-def input_size(height: int, width: int, resolution: int, multiple: int, factor: int) -> Tuple[int, int]:
-    """(h, w) a ``height``×``width`` render is resized to: ``resolution`` high, the aspect ratio kept; both sides
-    must be multiples of ``multiple`` (VAE factor × UNet downsampling), else a ConfigError naming sizes that work."""
-    if int(height) <= 0 or int(width) <= 0:
-        raise ConfigError("render size", f"{height}×{width} must be positive")
-    h = int(resolution)
-    w = int(round(resolution * int(width) / int(height)))
-    m = int(multiple)
-    if h % m or w % m or w <= 0:
-        lo = (h // m) * m
-        options = [x for x in (lo, lo + m) if x > 0]
-        raise ConfigError(
-            "render size",
-            f"a {height}×{width} render is resized to {h}×{w} for this model (resolution {resolution}), but both "
-            f"sides must be multiples of {m} (VAE factor {factor} × UNet downsampling {m // max(1, factor)}); use a "
-            f"resolution such as {' or '.join(map(str, options))} and an aspect ratio that keeps the width a "
-            f"multiple of {m} (e.g. square renders)")
-    return h, w
-
-
-# ----------------------------------------------------------------------------------------- VAE posterior
 def posterior_sample(moments, noise=None):
     """A sample (``noise`` given) or the mean (``noise`` None) of the VAE's diagonal Gaussian from its moments
     ``[B, 2C, h, w]`` (mean, log-variance clamped to [−30, 20], as LDM/ComfyUI/diffusers do)."""

@@ -161,10 +161,12 @@ def test_resolution_and_input_size(sampling):
     assert sampling.choose_resolution(256, 512) == (256, None)
     res, warning = sampling.choose_resolution(1024, 512)
     assert res == 512 and "native size 512" in warning
-    assert sampling.input_size(64, 64, 512, 64, 8) == (512, 512)
-    assert sampling.input_size(64, 128, 256, 64, 8) == (256, 512)
+    from csd_backend.priors.base import scaled_input_size  # the engine's rule, shared by every prior
+
+    assert scaled_input_size(64, 64, 512, 64, "VAE 8 × UNet 8") == (512, 512)
+    assert scaled_input_size(64, 128, 256, 64, "VAE 8 × UNet 8") == (256, 512)
     with pytest.raises(ConfigError, match="multiples of 64.*448 or 512"):
-        sampling.input_size(64, 64, 480, 64, 8)
+        scaled_input_size(64, 64, 480, 64, "VAE 8 × UNet 8")
 
 
 def test_posterior_sample(sampling):
