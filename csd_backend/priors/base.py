@@ -13,7 +13,11 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+import logging
+
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class DiffusionPrior(ABC):
@@ -107,3 +111,27 @@ def resize_renders(images: torch.Tensor, input_size, device) -> torch.Tensor:
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
     return x
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(
+            "prediction_type", f"{prediction_type!r} is not supported; the scheduler must predict 'epsilon' or 'v_prediction'"
+        )
+
+
+def choose_resolution(native: int, resolution: Optional[int], max_resolution: Optional[int]) -> int:
+    """The side renders are resized to: ``resolution``, or the model's ``native`` size under a preset's cap
+    ``max_resolution`` (a cap never raises it: no warning); above ``native``: a warning, and ``native``."""
+    if resolution is None:
+        resolution = native
+        if max_resolution is not None:
+            resolution = min(resolution, int(max_resolution))
+    if isinstance(resolution, bool) or int(resolution) <= 0:
+        raise ConfigError("resolution", f"{resolution} must be a positive number of pixels (e.g. {native})")
+    if int(resolution) > native:
+        log.warning("resolution %d is above this model's native size %d: renders would be upscaled for nothing; "
+                    "using %d (a preset may lower the resolution for speed, never raise it above the model's)",
+                    int(resolution), native, native)
+        resolution = native
+    return int(resolution)

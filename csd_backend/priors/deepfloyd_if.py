@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, CSDError, ModelNotFoundError
-from .base import DiffusionPrior, resize_renders, scaled_input_size
+from .base import DiffusionPrior, check_prediction_type, choose_resolution, resize_renders, scaled_input_size
 from .stable_diffusion import (
     _HUB_ID,
     _freeze,
@@ -151,10 +151,7 @@ class DeepFloydIFPrior(DiffusionPrior):
         scheduler=None,
     ):
         super().__init__(alphas_cumprod, device)
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(
-                "prediction_type", f"{prediction_type!r} is not supported; the scheduler must predict 'epsilon' or 'v_prediction'"
-            )
+        check_prediction_type(prediction_type)
         in_ch = int(unet.config.in_channels)
         out_ch = int(unet.config.out_channels)
         if in_ch != 3 or out_ch not in (3, 6):
@@ -171,18 +168,7 @@ class DeepFloydIFPrior(DiffusionPrior):
         self.eps_channels = 3  # the learned-variance channels that follow are dropped
         self.size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
         self.native_resolution = _positive_int(getattr(unet.config, "sample_size", None)) or 64
-        if resolution is None:  # the model's own size, under a preset's cap (a cap never raises it: no warning)
-            resolution = self.native_resolution
-            if max_resolution is not None:
-                resolution = min(resolution, int(max_resolution))
-        if isinstance(resolution, bool) or int(resolution) <= 0:
-            raise ConfigError("resolution", f"{resolution} must be a positive number of pixels (e.g. 64)")
-        if int(resolution) > self.native_resolution:
-            log.warning("resolution %d is above this model's native size %d: renders would be upscaled for nothing; "
-                        "using %d (a preset may lower the resolution for speed, never raise it above the model's)",
-                        int(resolution), self.native_resolution, self.native_resolution)
-            resolution = self.native_resolution
-        self.resolution = int(resolution)
+        self.resolution = choose_resolution(self.native_resolution, resolution, max_resolution)
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ModelNotFoundError
-from .base import DiffusionPrior, resize_renders, scaled_input_size
+from .base import DiffusionPrior, check_prediction_type, choose_resolution, resize_renders, scaled_input_size
 
 log = logging.getLogger("csd_backend")
 
@@ -212,10 +212,7 @@ class StableDiffusionPrior(DiffusionPrior):
         scheduler=None,
     ):
         super().__init__(alphas_cumprod, device)
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(
-                "prediction_type", f"{prediction_type!r} is not supported; the scheduler must predict 'epsilon' or 'v_prediction'"
-            )
+        check_prediction_type(prediction_type)
         self.unet = _freeze(unet)
         self.vae = _freeze(vae)
         self.text_encoder = _freeze(text_encoder)
@@ -226,18 +223,7 @@ class StableDiffusionPrior(DiffusionPrior):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self.native_resolution = native_resolution(unet, vae, self.vae_scale_factor)
-        if resolution is None:  # the model's own size, under a preset's cap (a cap never raises it: no warning)
-            resolution = self.native_resolution
-            if max_resolution is not None:
-                resolution = min(resolution, int(max_resolution))
-        if isinstance(resolution, bool) or int(resolution) <= 0:
-            raise ConfigError("resolution", f"{resolution} must be a positive number of pixels (e.g. 512)")
-        if int(resolution) > self.native_resolution:
-            log.warning("resolution %d is above this model's native size %d: renders would be upscaled for nothing; "
-                        "using %d (a preset may lower the resolution for speed, never raise it above the model's)",
-                        int(resolution), self.native_resolution, self.native_resolution)
-            resolution = self.native_resolution
-        self.resolution = int(resolution)
+        self.resolution = choose_resolution(self.native_resolution, resolution, max_resolution)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
         self.controlnet = None  # an optional depth ControlNet (attach_controlnet)
         self.controlnet_scale = 1.0
