@@ -119,7 +119,8 @@ def measure(name: str, args) -> dict:
         import resource
 
         med["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    med.update(batch=cfg.camera.batch_size, samples=cfg.render.num_samples_per_ray, size=cfg.camera.height,
+    batch, height, _ = cfg.camera.size_at(opt.step)  # the phase the timed steps ran in
+    med.update(batch=batch, samples=cfg.render.num_samples_per_ray, size=height,
                prior_res=prior.resolution, threads=torch.get_num_threads(), total_steps=cfg.optim.steps,
                dtype=str(prior.unet_dtype).removeprefix("torch."), device=str(prior.device))
     if vsd is not None:

@@ -6,11 +6,12 @@ dataclass, ``RunConfig.from_dict`` accepts nested dicts (unknown keys are an err
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ConfigError
 from .schedules import ScheduleSpec, schedule_value, validate_schedule
@@ -166,10 +167,15 @@ class SceneConfig:
 class CameraConfig:
     """Camera sampling (spec §3.1). Angles in degrees; positions (r·cosφ·cosθ, r·cosφ·sinθ, r·sinφ), up = +z."""
 
-    height: int = 64
-    width: int = 64
+    #: render size and views a step: a number, or one number per phase of ``resolution_milestones`` (threestudio's
+    #: ``height: [64, 512]``)
+    height: Union[int, List[int]] = 64
+    width: Union[int, List[int]] = 64
     #: the official object config trains with 4 views a step (stratified azimuth)
-    batch_size: int = 4
+    batch_size: Union[int, List[int]] = 4
+    #: steps where the next phase's height/width/batch_size take over (ProlificDreamer: 64² → 512² at step 5000:
+    #: ``[5000]``); empty: one phase
+    resolution_milestones: List[int] = field(default_factory=list, metadata={"steps": True})
     elevation_range: List[float] = field(default_factory=lambda: [-10.0, 90.0])
     azimuth_range: List[float] = field(default_factory=lambda: [-180.0, 180.0])
     distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
@@ -196,6 +202,19 @@ class CameraConfig:
     eval_distance: float = 2.0
     eval_fovy: float = 70.0
     eval_elevation: float = 15.0
+
+    def phase(self, step: int) -> int:
+        """Index of the size phase at ``step`` (the phase starts at its milestone)."""
+        return bisect.bisect_right(self.resolution_milestones, step)
+
+    def size_at(self, step: int) -> Tuple[int, int, int]:
+        """``(batch_size, height, width)`` of the training renders at ``step``."""
+        k = self.phase(step)
+        return tuple(v[k] if isinstance(v, list) else v for v in (self.batch_size, self.height, self.width))
+
+    def sizes(self) -> List[Tuple[int, int, int]]:
+        """``(batch_size, height, width)`` of every phase, in order (the last is the final size)."""
+        return [self.size_at(m) for m in [0] + list(self.resolution_milestones)]
 
 
 @dataclass
@@ -293,7 +312,8 @@ class RunConfig:
                     if fld.metadata.get("schedule") and isinstance(v, list) and len(v) in (3, 4):
                         setattr(section, fld.name, _rescale_schedule(v, f))
                     elif fld.metadata.get("steps"):
-                        setattr(section, fld.name, int(round(v * f)))
+                        setattr(section, fld.name, [int(round(x * f)) for x in v] if isinstance(v, list)
+                                else int(round(v * f)))
         new.optim.steps = steps
         return new
 
@@ -389,9 +409,7 @@ class RunConfig:
         if not isinstance(s.fix_geometry, bool):
             raise ConfigError("scene.fix_geometry", f"must be true or false, got {s.fix_geometry!r}")
 
-        _int_range("camera.height", c.height, 8, 4096)
-        _int_range("camera.width", c.width, 8, 4096)
-        _int_range("camera.batch_size", c.batch_size, 1, 256)
+        _camera_phases(c)
         _range_pair("camera.elevation_range", c.elevation_range, -90.0, 90.0)
         _range_pair("camera.azimuth_range", c.azimuth_range, -360.0, 360.0)
         _range_pair("camera.distance_range", c.distance_range, 1e-3, 1e4)
@@ -442,6 +460,26 @@ class RunConfig:
         _int_range("optim.preview_every", o.preview_every, 0, 1 << 30)
         _int_range("seed", o.seed, 0, 2**63 - 1)
         return self
+
+
+def _camera_phases(c: "CameraConfig") -> None:
+    """Milestones: increasing positive steps; height/width/batch_size: a number or one per phase."""
+    m = c.resolution_milestones
+    if (not isinstance(m, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m)
+            or any(a >= b for a, b in zip(m, m[1:]))):
+        raise ConfigError("camera.resolution_milestones", f"must be a list of increasing steps (>= 0), e.g. "
+                                                          f"[5000] (or [] for one size), got {m!r}")
+    n = len(m) + 1
+    for name, lo, hi in (("height", 8, 4096), ("width", 8, 4096), ("batch_size", 1, 256)):
+        value = getattr(c, name)
+        if isinstance(value, list):
+            if len(value) != n:
+                raise ConfigError(f"camera.{name}", f"has {len(value)} values for {n} phases (resolution_milestones "
+                                                    f"{m}): give one number, or {n} numbers")
+            for v in value:
+                _int_range(f"camera.{name}", v, lo, hi)
+        else:
+            _int_range(f"camera.{name}", value, lo, hi)
 
 
 def _schedule_knots(*specs, total: int = 0):

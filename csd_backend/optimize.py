@@ -65,7 +65,8 @@ class Optimization:
         self.device = prior.device
         o = config.optim
         torch.manual_seed(o.seed)  # before building the scene: its initial weights follow the seed
-        prior.input_size(config.camera.height, config.camera.width)  # fail early on a size it cannot take
+        for _, height, width in config.camera.sizes():  # fail early on a size it cannot take, in any phase
+            prior.input_size(height, width)
         self.scene = (copy.deepcopy(scene) if scene is not None else make_scene(config.scene, self.device)
                       ).to(self.device)
         self.renderer = make_renderer(config.render, config.scene, self.device)
@@ -269,12 +270,13 @@ class Optimization:
                 raise
             except torch.OutOfMemoryError as e:
                 c = self.config
+                batch, height, width = c.camera.size_at(self.step)
                 where = f" The last checkpoint is kept in {self.checkpoint_path}." if self.out_dir else ""
                 raise CSDError(
                     f"out of memory at step {self.step} on {self.device}. Try, in this order: fp16 weights "
-                    f"(dtype float16 on CUDA), a smaller camera.batch_size (now {c.camera.batch_size}), fewer "
+                    f"(dtype float16 on CUDA), a smaller camera.batch_size (now {batch}), fewer "
                     f"render.num_samples_per_ray (now {c.render.num_samples_per_ray}), a smaller render "
-                    f"({c.camera.height}x{c.camera.width}) or prior resolution, or the preview-cpu preset." + where
+                    f"({height}x{width}) or prior resolution, or the preview-cpu preset." + where
                 ) from e
             if self.out_dir is not None and o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0:
                 self.save_checkpoint()

@@ -26,19 +26,19 @@ the renders and is subtracted from the frozen CFG prediction):
   camera condition (c2w) dropped with probability 0.1, one timestep sample; NeRF radius 1, hash grid 16 levels ×
   2 features, 2^19, base 16, per-level scale 1.4473 (max 4096), blob_magic3d density (10, 0.5), softplus,
   neural environment background with random solid colours half the time (random_aug), 512 samples per ray, renders
-  always albedo (``no-material`` and ``normal_type: null``: no shading, no normals); 64² renders, batch 1, elevation
+  always albedo (``no-material`` and ``normal_type: null``: no shading, no normals); 64² renders until step 5000,
+  then 512² (``resolution_milestones: [5000]``; stretched with the run's length), batch 1, elevation
   [−10°, 45°], distance [1, 1.5], fovy [40°, 70°], no camera/centre/up jitter, threestudio elevation sampling and
   dreamfusion light defaults, eval distance 1.5; sparsity 10, opaque 0 → 1000 at step 10000, orientation 0; lr 0.01
   on the hash grid and 0.001 on the MLPs and background, betas (0.9, 0.99), eps 1e-15; 25000 steps.
-  Not reproduced (no field maps them): the switch to 512² renders at step 5000 (``resolution_milestones``; the
-  preset keeps 64², raise the render size for a second run from the checkpoint if wanted); the LoRA on a second
+  Not reproduced (no field maps them): the LoRA on a second
   model, SD 2.1 (768, v-prediction, ``pretrained_model_name_or_path_lora``): here the LoRA adapts the prior's own
   UNet (threestudio's single-model path); AdamW's weight decay 0.01 on the scene's parameters (the scene's
   optimiser is Adam; the LoRA's AdamW has it); ``lambda_lora`` (the LoRA loss has its own optimiser, so its weight
   would only rescale what Adam normalises); ``sqrt_anneal`` and ``use_img_loss`` (off in the config); validation and
   test settings.
 - ``vsd-preview-cpu``: the same guidance with preview-cpu's small grid (8 levels up to 256, 2^16), 96 samples per
-  ray, prior input at most 256 and 150 steps (t-range switch at step 75) on a laptop CPU; sparsity 1 and lr 0.01 on
+  ray, 64² renders throughout, prior input at most 256 and 150 steps (t-range switch at step 75) on a laptop CPU; sparsity 1 and lr 0.01 on
   every part, as preview-cpu (ProlificDreamer's sparsity 10 and MLP lr 0.001 erase the object within 150 steps:
   measured with the toy prior, "a red cube"), and the LoRA at lr 1e-3 so that it follows the scene in so few steps.
 
@@ -231,7 +231,10 @@ _VSD_PROLIFICDREAMER: Dict[str, Any] = _merge(_STAGE1_OBJECT, {
               "active_levels": None, "mlp_width": 64, "mlp_hidden_layers": 1, "density_bias": "blob_magic3d",
               "density_blob_scale": 10.0, "density_blob_std": 0.5, "background": "neural_env",
               "random_background_prob": 0.5},
-    "camera": {"height": 64, "width": 64, "batch_size": 1, "elevation_range": [-10.0, 45.0],
+    # 64² renders until step 5000, then 512² (threestudio: "drastically reduces VRAM usage as empty space is pruned
+    # in early training")
+    "camera": {"height": [64, 512], "width": [64, 512], "batch_size": 1, "resolution_milestones": [5000],
+               "elevation_range": [-10.0, 45.0],
                "azimuth_range": [-180.0, 180.0], "distance_range": [1.0, 1.5], "fovy_range": [40.0, 70.0],
                "stratified_azimuth": True, "front_back_only_steps": 0, "elevation_sampling": "threestudio",
                "camera_perturb": 0.0, "center_perturb": 0.0, "up_perturb": 0.0, "light_position_perturb": 1.0,
@@ -256,6 +259,7 @@ PRESETS.update({
         "loss": {"sparsity": 1.0, "opaque": [60, 0.0, 1000.0, 61]},
         "optim": {"steps": 150, "lr": 0.01, "group_lr": {}, "checkpoint_every": 50, "preview_every": 25},
         "prior": {"resolution": None, "max_resolution": 256},
+        "camera": {"height": 64, "width": 64, "resolution_milestones": []},
     }),
 })
 

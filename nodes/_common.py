@@ -178,7 +178,7 @@ def error_text(fn, *args, **kwargs) -> Optional[str]:
 # --------------------------------------------------------------------------------------------- guidance spec
 #: the value of an optional number widget that keeps the preset's setting (any negative value does)
 PRESET_VALUE = -1.0
-_STEPS_REF = int(default_of(OptimConfig, "steps"))  # the spec's run length (10000): schedules are given for it
+STEPS_REF = int(default_of(OptimConfig, "steps"))  # the spec's run length (10000): schedules are given for it
 _NEG = default_of(GuidanceConfig, "negative_weight")  # [0, 0.0, 1.0, 5000]
 _TMAX = default_of(GuidanceConfig, "max_step_percent")  # [5000, 0.98, 0.5, 5001]
 
@@ -200,7 +200,7 @@ class GuidanceSpec:
     negative_weight_start: float = float(_NEG[1])
     negative_weight_end: float = float(_NEG[2])
     #: ω2 goes from start to end over this fraction of the run (spec: steps 0 → 5000 of 10000)
-    negative_weight_anneal_until: float = (_NEG[3] - _NEG[0]) / _STEPS_REF
+    negative_weight_anneal_until: float = (_NEG[3] - _NEG[0]) / STEPS_REF
     cfg_scale: float = float(default_of(GuidanceConfig, "cfg_scale"))
     weighting: str = default_of(GuidanceConfig, "weighting")
     grad_normalize: bool = bool(default_of(GuidanceConfig, "grad_normalize"))
@@ -208,7 +208,7 @@ class GuidanceSpec:
     t_max_start: float = float(_TMAX[1])
     t_max_end: float = float(_TMAX[2])
     #: the largest timestep drops from t_max_start to t_max_end at this fraction of the run (spec: 5000 of 10000)
-    t_max_switch_at: float = _TMAX[0] / _STEPS_REF
+    t_max_switch_at: float = _TMAX[0] / STEPS_REF
     view_dependent: bool = bool(default_of(GuidanceConfig, "view_dependent"))
     #: Perp-Neg: "preset" (the preset's setting: on for the character presets), "on" or "off"
     perp_neg: str = "preset"
@@ -240,7 +240,7 @@ class GuidanceSpec:
                if getattr(self, name) >= 0},
         }
 
-    def config(self, steps: int = _STEPS_REF) -> GuidanceConfig:
+    def config(self, steps: int = STEPS_REF) -> GuidanceConfig:
         return RunConfig().replace(guidance=self.overrides(steps)).guidance
 
     def validate(self) -> "GuidanceSpec":
@@ -248,13 +248,22 @@ class GuidanceSpec:
         if not self.t_min <= min(self.t_max_start, self.t_max_end):
             raise ConfigError("t_min", f"{self.t_min} must not exceed t_max_start ({self.t_max_start}) and "
                                        f"t_max_end ({self.t_max_end}): t is drawn from [t_min, t_max]")
-        g = self.overrides(_STEPS_REF)
+        g = self.overrides(STEPS_REF)
         validate_config(RunConfig().replace(guidance=g))
         return self
 
 
 #: the CameraConfig fields that "CSD Cameras" sets; Optimize takes these and leaves the rest to the preset
-CAMERA_FIELDS = ("height", "width", "batch_size", "elevation_range", "azimuth_range", "distance_range", "fovy_range")
+CAMERA_FIELDS = ("height", "width", "batch_size", "resolution_milestones", "elevation_range", "azimuth_range",
+                 "distance_range", "fovy_range")
+
+
+def camera_overrides(cameras, steps: int) -> Dict[str, Any]:
+    """The camera settings of "CSD Cameras" for a run of ``steps`` steps: its size milestones are given for a run
+    of STEPS_REF steps (as the guidance schedules) and follow the run's length."""
+    over = {k: getattr(cameras, k) for k in CAMERA_FIELDS}
+    over["resolution_milestones"] = [int(round(m * int(steps) / STEPS_REF)) for m in cameras.resolution_milestones]
+    return over
 
 
 # ---------------------------------------------------------------------------------------------- ComfyUI access

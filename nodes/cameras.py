@@ -16,7 +16,8 @@ _RANGES = {  # widget prefix → (CameraConfig field, lowest, highest, step, wha
 
 
 class CSDCameras:
-    DESCRIPTION = ("Random training cameras: each step renders batch_size views of width×height pixels, from "
+    DESCRIPTION = ("Random training cameras: each step renders batch_size views of width×height pixels (or, from "
+                   "later_from of the run, later_width×later_height), from "
                    "elevation/azimuth/distance/field of view drawn from these ranges (spec §3.1). The render is "
                    "resized to the model's resolution before the VAE. Other camera settings come from the preset "
                    "of CSD Optimize.")
@@ -38,7 +39,16 @@ class CSDCameras:
             lo_default, hi_default = getattr(d, field)
             req[f"{prefix}_min"] = c.float_input(lo_default, lo, hi, step, f"lowest {what}")
             req[f"{prefix}_max"] = c.float_input(hi_default, lo, hi, step, f"highest {what}")
-        return {"required": req}
+        later = {
+            "later_width": c.int_input(0, 0, 4096, "switch to renders this wide later in the run (ProlificDreamer: "
+                                                   "512 from 20 % of the run; 0: keep width)", step=8),
+            "later_height": c.int_input(0, 0, 4096, "switch to renders this high later in the run (0: keep height)",
+                                        step=8),
+            "later_from": c.float_input(0.2, 0.0, 1.0, 0.01, "the fraction of the run where later_width/"
+                                                             "later_height take over (ProlificDreamer: 5000 of "
+                                                             "25000 steps = 0.2)"),
+        }
+        return {"required": req, "optional": later}
 
     @classmethod
     def VALIDATE_INPUTS(cls, elevation_min=None, elevation_max=None, azimuth_min=None, azimuth_max=None,
@@ -55,8 +65,12 @@ class CSDCameras:
                 return f"{prefix}_min/{prefix}_max: the minimum {lo} is greater than the maximum {hi}; swap them"
         return True
 
-    def build(self, width, height, batch_size, **ranges):
+    def build(self, width, height, batch_size, later_width=0, later_height=0, later_from=0.2, **ranges):
         over = {"width": int(width), "height": int(height), "batch_size": int(batch_size)}
+        later = (int(later_width) or int(width), int(later_height) or int(height))
+        if later != (int(width), int(height)):  # two phases; the milestone is given for the reference run length
+            over.update(width=[int(width), later[0]], height=[int(height), later[1]],
+                        resolution_milestones=[int(round(float(later_from) * c.STEPS_REF))])
         for prefix, (field, *_rest) in _RANGES.items():
             over[field] = [float(ranges[f"{prefix}_min"]), float(ranges[f"{prefix}_max"])]
         cfg = dataclasses.replace(CameraConfig(), **over)

@@ -106,7 +106,7 @@ class CSDOptimize:
         guidance.validate()
         cfg = cfg.replace(
             guidance=guidance.overrides(int(steps)),
-            camera={k: getattr(cameras, k) for k in c.CAMERA_FIELDS} if cameras is not None else {},
+            camera=c.camera_overrides(cameras, int(steps)) if cameras is not None else {},
             scene=dataclasses.asdict(scene.cfg),
             optim={"lr": float(lr), "seed": int(seed), "checkpoint_every": int(checkpoint_every),
                    "preview_every": int(preview_every)},
@@ -195,7 +195,8 @@ class CSDOptimize:
             raise
         trained = opt.trained_scene()  # a detached copy: no gradients held while ComfyUI caches the output
         cam = opt.config.camera
-        size = c.preview_render_size(cam.height, cam.width)  # 64² training renders → a 256² render
+        _, height, width = cam.sizes()[-1]
+        size = c.preview_render_size(height, width)  # 64² training renders → a 256² render
         preview = render_ring(trained, 1, size, cam.eval_elevation, cam.eval_distance, cam.eval_fovy,
                               render_cfg=opt.config.render)
         return (trained, preview)

@@ -640,7 +640,7 @@ TINY_MODEL = "diffusers/tiny-sd"
 TEST_OVERRIDES: Dict[str, Dict[str, object]] = {
     "CSDLoadDiffusionModel": {"model": TINY_MODEL, "resolution": 32},
     "CSDScene": {"n_levels": 4, "log2_hashmap_size": 12, "max_resolution": 64},
-    "CSDCameras": {"width": 16, "height": 16},
+    "CSDCameras": {"width": 16, "height": 16, "later_width": 0, "later_height": 0},
     "CSDOptimize": {"steps": 2, "checkpoint_every": 1, "preview_every": 1},
     # the CPU presets: a 64 tet grid, and the automatic surface level (a 2-step stage 1 never reaches density 10)
     "CSDRefineMesh": {"steps": 2, "checkpoint_every": 1, "preview_every": 1, "preset": "refine-cpu"},

@@ -270,6 +270,26 @@ def test_guidance_defaults_reproduce_the_presets(pack, common, preset, steps):
             assert len(differ) <= 1, (name, g, w, differ)
 
 
+@pytest.mark.parametrize("steps", [25000, 2500])
+def test_cameras_later_size_reproduces_the_prolificdreamer_milestone(pack, common, steps):
+    """CSD Cameras' later_width/later_height/later_from as the vsd_prolificdreamer template sets them give the
+    preset's 64² → 512² switch at step 5000 of 25000, stretched with the run like the preset's own."""
+    from csd_backend.presets import get_preset
+
+    node = pack.NODE_CLASS_MAPPINGS["CSDCameras"]()
+    values = {**defaults(type(node)), "later_width": 512, "later_height": 512, "later_from": 0.2}
+    (cams,) = node.build(**values)
+    got = common.camera_overrides(cams, steps)
+    want = get_preset("vsd-prolificdreamer").with_steps(steps).camera
+    assert (got["height"], got["width"], got["resolution_milestones"]) == (
+        want.height, want.width, want.resolution_milestones)
+    (plain,) = node.build(**defaults(type(node)))  # later sizes 0: one phase, whatever the preset had
+    assert plain.resolution_milestones == [] and plain.sizes() == [(4, 64, 64)]
+    api = cs.load_api("vsd_prolificdreamer")
+    cam_inputs = next(v["inputs"] for v in api.values() if v["class_type"] == "CSDCameras")
+    assert (cam_inputs["later_width"], cam_inputs["later_height"], cam_inputs["later_from"]) == (512, 512, 0.2)
+
+
 def test_small_nodes_return_their_types(env, pack):
     m = pack.NODE_CLASS_MAPPINGS
     for node_id, kwargs in [("CSDGuidance", defaults(m["CSDGuidance"])), ("CSDCameras", defaults(m["CSDCameras"])),

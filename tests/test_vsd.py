@@ -262,7 +262,7 @@ def test_prolificdreamer_preset_has_the_configs_values():
     assert s.per_level_scale == 1.447269237440378 and s.active_levels is None
     assert (s.density_bias, s.density_blob_scale, s.density_blob_std) == ("blob_magic3d", 10.0, 0.5)
     assert (s.background, s.random_background_prob) == ("neural_env", 0.5)
-    assert (cam.height, cam.width, cam.batch_size) == (64, 64, 1)
+    assert (cam.height, cam.width, cam.batch_size, cam.resolution_milestones) == ([64, 512], [64, 512], 1, [5000])
     assert (cam.elevation_range, cam.distance_range, cam.fovy_range) == ([-10.0, 45.0], [1.0, 1.5], [40.0, 70.0])
     assert (cam.camera_perturb, cam.center_perturb, cam.up_perturb) == (0.0, 0.0, 0.0)
     assert (cam.eval_distance, cam.eval_fovy, cam.light_position_perturb, cam.light_distance_range) == (

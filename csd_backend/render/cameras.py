@@ -155,7 +155,7 @@ def sample_cameras(cfg: CameraConfig, step: int, generator: torch.Generator) -> 
     """Random training cameras for ``step`` (spec §3.1 camera sampler, including its quirks, and threestudio's
     camera, look-at and up perturbations). ``elevation``/``azimuth`` are the unperturbed angles (they pick the
     view-dependent prompt); the pose and the light use the perturbed position."""
-    B, g = cfg.batch_size, generator
+    (B, height, width), g = cfg.size_at(step), generator
     if cfg.first_step_fixed_view and step == 0:
         elevation = torch.full((B,), 15.0)
         azimuth = torch.zeros(B)
@@ -176,7 +176,7 @@ def sample_cameras(cfg: CameraConfig, step: int, generator: torch.Generator) -> 
     light_perturb = schedule_value(cfg.light_position_perturb, step)
     light_dir = F.normalize(pos + torch.randn(B, 3, generator=g) * light_perturb, dim=-1)
     light = light_dir * _uniform(*cfg.light_distance_range, B, g).unsqueeze(-1)
-    return Cameras(look_at(pos, center, up), fovy, elevation, azimuth, distance, light, cfg.height, cfg.width)
+    return Cameras(look_at(pos, center, up), fovy, elevation, azimuth, distance, light, height, width)
 
 
 def get_rays(cams: Cameras):
