@@ -27,7 +27,9 @@ Methods: ``csd`` = the preset as is; ``csd+refine`` / ``sds+refine`` = that run,
 ``refine-cpu``: the volume converted to a DMTet grid at the automatic surface level and refined through the
 rasterizer with the stage-2 CSD guidance, 150 steps); ``sds`` = the preset with the SDS baseline's guidance
 (``sds-dreamfusion``: CFG 100, w(t) = 1 − ᾱ, no gradient normalisation, t ∈ [0.02, 0.98], empty negative
-prompt, 45° view thresholds). Writes ``table.md``, ``scores.json`` and ``sheet.png`` (per run: renders beside
+prompt, 45° view thresholds); ``vsd`` = the preset with ProlificDreamer's guidance (``vsd-preview-cpu``: CFG 7.5
+minus a camera-conditioned LoRA of the toy UNet, w(t) = 1 − ᾱ, t ∈ [0.02, 0.98] → [0.02, 0.5] at mid-run, LoRA lr
+1e-3). Writes ``table.md``, ``scores.json`` and ``sheet.png`` (per run: renders beside
 the ground truth) into ``--out``.
 """
 from __future__ import annotations
@@ -52,7 +54,13 @@ for _p in (_HERE.parent, _HERE):
 
 from toy_prior.objects import OBJECTS, ToyObject, get_object, render_object, surface_points  # noqa: E402
 
-METHODS = ("csd", "sds")
+#: method → the preset whose guidance replaces the run preset's (None: the run preset's own, CSD)
+METHOD_GUIDANCE = {"csd": None, "sds": "sds-dreamfusion", "vsd": "vsd-preview-cpu"}
+METHODS = tuple(METHOD_GUIDANCE)
+#: the guidance fields a method takes from its preset (the rest: prompt, view_dependent, ... stay the run's)
+GUIDANCE_FIELDS = ("mode", "cfg_scale", "weighting", "grad_normalize", "front_threshold", "back_threshold",
+                   "negative_prompt", "min_step_percent", "max_step_percent", "grad_clip", "lora_lr", "lora_rank",
+                   "camera_condition_drop", "lora_cfg_scale", "lora_timestep_samples")
 #: ``<method>+refine``: the stage-1 run of <method>, then stage 2 (``refine-cpu``: DMTet, CSD stage-2 guidance)
 REFINE = "+refine"
 REFINE_PRESET = "refine-cpu"
@@ -87,7 +95,7 @@ def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str =
                model: str = "toy", resolution: Optional[int] = None, overrides: Optional[dict] = None):
     """The run of ``method`` for ``obj``'s prompt: the preset stretched to ``steps``, then ``overrides``
     (``{section: {field: value}}``, in the run's own steps) on top."""
-    from csd_backend.presets import PRESETS, get_preset
+    from csd_backend.presets import get_preset
 
     method = method[:-len(REFINE)] if method.endswith(REFINE) else method
     if method not in METHODS:
@@ -98,11 +106,9 @@ def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str =
             "optim": {"seed": seed, "checkpoint_every": 0, "preview_every": 0}}
     if resolution:
         over["prior"]["resolution"] = resolution
-    if method == "sds":
-        sds = PRESETS["sds-dreamfusion"]["guidance"]
-        over["guidance"].update({k: sds[k] for k in ("mode", "cfg_scale", "weighting", "grad_normalize",
-                                                      "front_threshold", "back_threshold", "negative_prompt",
-                                                      "min_step_percent", "max_step_percent")})
+    if METHOD_GUIDANCE[method] is not None:  # the method's guidance, stretched from its preset's run length
+        source = get_preset(METHOD_GUIDANCE[method]).with_steps(cfg.optim.steps).guidance
+        over["guidance"].update({k: getattr(source, k) for k in GUIDANCE_FIELDS})
     cfg = cfg.replace(**over).with_steps(steps)
     return cfg.replace(**overrides) if overrides else cfg
 
