@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (issue 12): CUDA tests, the step benchmark with full-size SD-2.1-base-shaped random weights in fp16
 # (csd-coarse at batch 4 and the preview preset: step split, UNet floor, ratio, peak memory, projected 10k-step
-# time) and the stage-2 step split, in one call that fits a short GPU loan (about 8 minutes).
+# time), each with the compiled path of item 2 off (torch) and on (compiled: hash grid and compositing through
+# torch.compile), the encoding / compositing micro-benchmark (torch vs compiled) and the stage-2 step split, in one
+# call that fits a short GPU loan (about 8 minutes).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh             # from the repository root, on a CUDA machine
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh --dry-run  # the whole script on a CPU, tiny sizes (< 3 min)
@@ -14,8 +16,8 @@
 #       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -r benchmarks/gpu_wheels.txt
 #
 # (`.whl/` is git-ignored; carry it to the GPU machine with the checkout). The script installs from it with
-# --no-index --no-deps, so it never touches torch. The compiled (torch.compile / Triton) path of issue 12 item 2 is
-# not built yet: its on/off rows are reported as missing.
+# --no-index --no-deps, so it never touches torch. The compiled path needs Triton, which CUDA builds of torch ship.
+# The CUDA tests compile the csd-coarse hash grid first; inductor's on-disk cache then serves the benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -62,21 +64,29 @@ if [[ $DRY == 0 ]] && ! $PY -c "import diffusers, trimesh, xatlas, fast_simplifi
 fi
 
 if [[ $DRY == 1 ]]; then
-  DEVICE=cpu; STEP_ARGS=(--presets preview-cpu --steps 1 --warmup 1 --threads 1)
+  # a 2-level hash grid: the compiled graphs of the CPU's dry run compile in seconds, not minutes; 2 cores: inductor
+  # compiles in-process (a worker pool costs more than it saves)
+  export TORCHINDUCTOR_COMPILE_THREADS=1
+  TINY=(--set scene.n_levels=2 --set scene.log2_hashmap_size=12 --set scene.max_resolution=32)
+  DEVICE=cpu; STEP_ARGS=(--presets preview-cpu --steps 1 --warmup 1 --threads 1 --backends torch,compiled "${TINY[@]}")
+  COMPILED_ARGS=(--device cpu --presets preview-cpu --points 4096 --rays 1024 --repeats 1 --threads 1 "${TINY[@]}")
   STAGE2_ARGS=(--device cpu --preset refine-cpu --tet 16 --sizes 64 --steps 1 --threads 1)
   TESTS=(tests/test_cuda_parity.py tests/test_rasterizer.py -k "cuda or nvdiffrast")
 else
-  DEVICE=cuda; STEP_ARGS=(--device cuda --full-size --dtype float16 --presets csd-coarse,preview-cpu --steps 5 --warmup 3)
+  DEVICE=cuda; STEP_ARGS=(--device cuda --full-size --dtype float16 --presets csd-coarse,preview-cpu --steps 5 --warmup 3
+                          --backends torch,compiled)
+  COMPILED_ARGS=(--device cuda --presets csd-coarse --points 262144 1048576 --repeats 5)
   STAGE2_ARGS=(--device cuda --tet 128 256 --sizes 512 --steps 3)
   TESTS=(tests/test_cuda_parity.py tests/test_rasterizer.py)
 fi
 
 # 2. the CUDA tests (skipped on a CPU: the dry run only checks that they collect and run)
 run_part cuda_tests 240 $PY -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}"
-# 3. the step benchmark: csd-coarse (batch 4) and the preview preset, fp16, full-size random SD-2.1-base weights
+# 3. the step benchmark: csd-coarse (batch 4) and the preview preset, fp16, full-size random SD-2.1-base weights,
+#    with the compiled path off (torch) and on (compiled), in the same process (one prior build)
 run_part bench_step 300 $PY benchmarks/bench_step.py "${STEP_ARGS[@]}"
-# 4. stage 2 (DMTet): marching tets, rasterize, shade, prior, backward
+# 4. the compiled path's parts alone: hash-grid encoding and packed compositing, torch vs compiled
+run_part bench_compiled 120 $PY benchmarks/bench_compiled.py "${COMPILED_ARGS[@]}"
+# 5. stage 2 (DMTet): marching tets, rasterize, shade, prior, backward
 run_part bench_stage2 240 $PY benchmarks/bench_stage2.py "${STAGE2_ARGS[@]}"
-# 5. the compiled path on / off (issue 12 item 2)
-status "compiled path: not built yet (issue 12 item 2); no on/off rows"
 status "done on $DEVICE in $(( $(date +%s) - START )) s; results in $OUT"

@@ -27,6 +27,10 @@ ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
 #: or a fixed mesh (a user's) whose texture is painted
 SCENE_KINDS = ("volume", "dmtet", "mesh")
 RASTERIZERS = ("auto", "torch", "nvdiffrast")
+#: hash-grid encoding backends (``scene/backends.py``): compiled = the torch reference's math through torch.compile
+ENCODING_BACKENDS = ("auto", "torch", "compiled", "tcnn")
+#: packed-compositing backends of the volume renderer (``render/volume_renderer.py``)
+RENDER_BACKENDS = ("auto", "torch", "compiled")
 
 
 def schedule(default: Any, doc: str = "") -> Any:
@@ -140,7 +144,9 @@ class SceneConfig:
     background_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     #: replace the background by a random solid colour per batch item with this probability (random_aug)
     random_background_prob: float = 0.5
-    encoding_backend: str = "auto"  # auto (tcnn on CUDA when usable, else torch) | torch | tcnn
+    #: auto (on CUDA: tcnn when usable, else compiled when a trial torch.compile works, else torch; on the CPU:
+    #: torch) | torch | compiled (torch.compile of the torch math, fused backward) | tcnn
+    encoding_backend: str = "auto"
     #: volume (stage 1) | dmtet (stage 2: per-vertex SDF and deformation of a tetrahedral grid, re-meshed every
     #: step by marching tetrahedra) | mesh (fixed geometry, only the texture and background train)
     kind: str = "volume"
@@ -244,6 +250,9 @@ class RenderConfig:
     chunk_size: int = 1 << 18
     #: mesh scenes (dmtet, mesh): auto (nvdiffrast on CUDA when usable, else torch) | torch | nvdiffrast
     rasterizer: str = "auto"
+    #: volume scenes, the packed compositing (per-ray transmittance, weights, per-ray sums): auto (compiled on CUDA
+    #: when a trial torch.compile works, else torch; on the CPU: torch) | torch | compiled (torch.compile)
+    backend: str = "auto"
 
 
 @dataclass
@@ -383,7 +392,7 @@ class RunConfig:
         _choice("scene.density_bias", s.density_bias, ("blob_magic3d", "blob_dreamfusion", "none"))
         _choice("scene.normal_type", s.normal_type, NORMAL_TYPES)
         _choice("scene.background", s.background, BACKGROUNDS)
-        _choice("scene.encoding_backend", s.encoding_backend, ("auto", "torch", "tcnn"))
+        _choice("scene.encoding_backend", s.encoding_backend, ENCODING_BACKENDS)
         _positive("scene.density_blob_std", s.density_blob_std)
         _positive("scene.density_blob_scale", s.density_blob_scale, allow_zero=True)
         _positive("scene.finite_difference_eps", s.finite_difference_eps)
@@ -429,6 +438,7 @@ class RunConfig:
         _in_range("render.alpha_threshold", r.alpha_threshold, 0.0, 1.0)
         _int_range("render.chunk_size", r.chunk_size, 1024, 1 << 30)
         _choice("render.rasterizer", r.rasterizer, RASTERIZERS)
+        _choice("render.backend", r.backend, RENDER_BACKENDS)
         _int_range("render.ambient_only_steps", r.ambient_only_steps, 0, 1 << 40)
         _int_range("render.grid_warmup_steps", r.grid_warmup_steps, 0, 1 << 40)
         _in_range("render.grid_threshold", r.grid_threshold, 0.0, 1e6)

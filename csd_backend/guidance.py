@@ -32,6 +32,7 @@ from .errors import ConfigError
 from .priors.base import DiffusionPrior
 from .prompts import PromptEmbeddings
 from .schedules import schedule_value
+from .transfer import to_device_async
 
 
 @dataclass
@@ -134,9 +135,9 @@ class ScoreDistillation:
         B = z.shape[0]
         if t is None:
             t = self.sample_timesteps(B, step, generator)
-        t = t.to(prior.device, torch.long)
+        t = to_device_async(t.long(), prior.device)
         if noise is None:
-            noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device)
+            noise = to_device_async(torch.randn(z.shape, generator=generator, dtype=torch.float32), z.device)
         coef = coefficients(self.cfg, step)
 
         with torch.no_grad():
@@ -155,7 +156,7 @@ class ScoreDistillation:
             if self.cfg.perp_neg:
                 direction = direction + self.cfg.perp_neg_scale * perp_neg_term(
                     eps["positive"], eps[self._negative_key], [eps["perp:0"], eps["perp:1"]],
-                    perp_weights.to(eps["positive"].device))
+                    to_device_async(perp_weights, eps["positive"].device))
             if self.vsd is not None:
                 direction = direction - self.vsd.predict(z_t, t, c2w)
             w = timestep_weight(self.cfg.weighting, prior.alphas_cumprod[t]).view(-1, 1, 1, 1)

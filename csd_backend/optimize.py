@@ -4,6 +4,15 @@
 the guidance, the optimiser and the RNG. Every random draw comes from one seeded ``torch.Generator`` (plus
 torch's global RNG, which the VAE's posterior sampling uses); both are in the checkpoint, so a resumed run
 continues exactly as an uninterrupted one.
+
+Host syncs on CUDA (``sync_free``, on for a CUDA device): the loop itself makes none per step. Draws of the CPU
+generator reach the GPU by non-blocking copies from pinned memory (the same numbers as on the CPU); the
+non-finite-loss check keeps a device-side record that ``check_finite`` reads every ``finite_check_every`` steps
+and before every checkpoint (so a checkpoint never holds weights updated from a non-finite loss, and the run
+still stops with the same error); ``StepInfo``'s losses, timesteps and preview are read from the device when a
+caller first uses them (one transfer for all). What still syncs each step: the volume renderer's packed sample
+counts (``render/volume_renderer.py``, three) and whatever the progress callback reads. On the CPU syncs cost
+nothing, so there the loss is checked before every update and ``StepInfo`` is filled at once, as before.
 """
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +38,7 @@ from .regularizers import REGULARIZERS
 from .render.cameras import sample_cameras
 from .scene_kinds import make_renderer, make_scene
 from .schedules import schedule_value
+from .transfer import to_device_async
 
 #: a scene of any kind (``scene_kinds.py``): the volume ``Scene`` or a ``MeshScene``
 Scene = torch.nn.Module
@@ -36,6 +47,9 @@ log = logging.getLogger(__name__)
 
 #: the resolved configuration written into every run folder when the run starts
 RUN_CONFIG_FILE = "config.json"
+
+#: CUDA runs: how often (in steps) the device-side non-finite-loss record is read (one host sync)
+FINITE_CHECK_EVERY = 10
 
 
 @dataclass
@@ -50,6 +64,42 @@ class StepInfo:
     seconds: float = 0.0
     num_samples: int = 0  # packed samples rendered this step (after empty-space skipping)
     timings: Dict[str, float] = field(default_factory=dict)
+
+
+def _read_on_use(name: str) -> property:
+    def get(self):
+        if name not in self.__dict__:
+            self._materialize()
+        return self.__dict__[name]
+
+    def set(self, value):
+        self.__dict__[name] = value
+
+    return property(get, set)
+
+
+class _DeferredStepInfo(StepInfo):
+    """A ``StepInfo`` whose ``losses``, ``timesteps`` and ``preview`` stay on the device until first read (then one
+    transfer for all): building it costs no host sync. ``seconds`` is the host's time for the step (the GPU may
+    still be working on it unless the loop was profiling)."""
+
+    losses = _read_on_use("losses")
+    timesteps = _read_on_use("timesteps")
+    preview = _read_on_use("preview")
+
+    def __init__(self, scalars: Dict[str, object], timesteps: torch.Tensor, preview: torch.Tensor, **fields):
+        self.__dict__.update(fields)
+        tensors = [k for k, v in scalars.items() if isinstance(v, torch.Tensor)]
+        stacked = torch.stack([scalars[k].detach().float().reshape(()) for k in tensors]) if tensors else None
+        plain = {k: float(v) for k, v in scalars.items() if k not in tensors}  # keeps no autograd graph alive
+        self._pending = (list(scalars), plain, tensors, stacked, timesteps.detach(), preview.detach())
+
+    def _materialize(self) -> None:
+        order, plain, tensors, stacked, timesteps, preview = self._pending
+        read = {**plain, **(dict(zip(tensors, stacked.tolist())) if stacked is not None else {})}
+        self.__dict__["losses"] = {k: read[k] for k in order}
+        self.__dict__["timesteps"] = timesteps.tolist()
+        self.__dict__["preview"] = preview.cpu()
 
 
 class Optimization:
@@ -74,6 +124,10 @@ class Optimization:
         self.optimizer = torch.optim.Adam(parameter_groups(self.scene, o.lr, o.group_lr), lr=o.lr,
                                           betas=tuple(o.betas), eps=o.eps)
         self.generator = torch.Generator().manual_seed(o.seed)
+        #: no host sync per step (module docstring); on for CUDA, where a sync stalls the GPU's queue
+        self.sync_free = self.device.type == "cuda"
+        self.finite_check_every = FINITE_CHECK_EVERY
+        self._nonfinite: Optional[tuple] = None  # sync_free: (first bad step or -1, its loss values, their names)
         self.step = 0
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.profile = False
@@ -122,6 +176,7 @@ class Optimization:
             raise CheckpointError(f"checkpoint does not match this configuration: {e}") from e
 
     def save_checkpoint(self, path: Optional[io.PathLike] = None) -> Path:
+        self.check_finite()  # never save weights updated from a non-finite loss
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise CSDError("no checkpoint path: give the Optimization an out_dir or pass a path")
@@ -132,6 +187,7 @@ class Optimization:
 
     def _save_unless_saved(self) -> None:
         """Save the run's checkpoint unless it already holds this step (so previous.ckpt stays one step older)."""
+        self.check_finite()
         if self.out_dir is not None and self.saved_step != self.step:
             self.save_checkpoint()
 
@@ -206,11 +262,12 @@ class Optimization:
         B = len(cams)
         bg_colors = None
         if cfg.scene.random_background_prob > 0 and torch.rand(1, generator=gen).item() < cfg.scene.random_background_prob:
-            bg_colors = torch.rand(B, 3, generator=gen).to(self.device)
+            bg_colors = to_device_async(torch.rand(B, 3, generator=gen), self.device)
         weights = {name: schedule_value(getattr(cfg.loss, name), s) for name in ("guidance", *REGULARIZERS)}
         need_normals = weights["orient"] > 0 or shading != "albedo"
         angles = cams.elevation, cams.azimuth  # on the CPU: the view-dependent prompt lookup needs no GPU sync
-        out = self.renderer.render(self.scene, cams.to(self.device), shading, bg_colors, need_normals, gen)
+        out = self.renderer.render(self.scene, _cameras_to(cams, self.device), shading, bg_colors, need_normals,
+                                   gen)
         t0 = self._tick("render", t0)
 
         control = depth_condition(out.depth, out.opacity) if self.prior.controlnet is not None else None
@@ -222,11 +279,7 @@ class Optimization:
             if weights[name] > 0:
                 losses[name] = fn(out)
                 total = total + weights[name] * losses[name]
-        for name, value in (("loss", total), *((f"{k} loss", v) for k, v in g.extra_losses.items())):
-            if not torch.isfinite(value):
-                raise CSDError(f"the {name} became {float(value)} at step {s}; lower optim.lr (guidance.lora_lr "
-                               f"for the lora loss) or check the prior's dtype (fp16 on CPU is not supported). The "
-                               f"last checkpoint is kept.")
+        self._watch_finite(s, [("loss", total), *((f"{k} loss", v) for k, v in g.extra_losses.items())])
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         t0 = self._tick("backward", t0)
@@ -236,6 +289,13 @@ class Optimization:
         self._updating = False
         t0 = self._tick("optimizer", t0)
         self.step += 1
+        if self.sync_free:
+            if self.step % self.finite_check_every == 0:
+                self.check_finite()
+            return _DeferredStepInfo({**losses, "total": total, "grad_norm": g.grad_norm, **g.extra_losses}, g.t,
+                                     out.rgb[:1].detach().float(), step=self.step, total=cfg.optim.steps,
+                                     shading=shading, coefficients=g.coefficients,
+                                     seconds=time.perf_counter() - t_start, num_samples=out.num_samples, timings={})
         values = {k: float(v.detach()) for k, v in losses.items()}
         values["total"] = float(total.detach())
         values["grad_norm"] = float(g.grad_norm)
@@ -243,6 +303,42 @@ class Optimization:
         return StepInfo(step=self.step, total=cfg.optim.steps, losses=values, shading=shading,
                         timesteps=g.t.tolist(), coefficients=g.coefficients, preview=out.rgb[:1].detach().float().cpu(),
                         seconds=time.perf_counter() - t_start, num_samples=out.num_samples)
+
+    # ------------------------------------------------------------- finite check
+    @staticmethod
+    def _nonfinite_error(name: str, value: float, step: int) -> CSDError:
+        return CSDError(f"the {name} became {value} at step {step}; lower optim.lr (guidance.lora_lr for the lora "
+                        f"loss) or check the prior's dtype (fp16 on CPU is not supported). The last checkpoint is "
+                        f"kept.")
+
+    def _watch_finite(self, step: int, named: list) -> None:
+        """Stop on a non-finite loss. Without ``sync_free``: checked now, before the update. With it: recorded on
+        the device (the first bad step and its values) and raised by ``check_finite``."""
+        if not self.sync_free:
+            for name, value in named:
+                if not torch.isfinite(value):
+                    raise self._nonfinite_error(name, float(value.detach()), step)
+            return
+        names = [name for name, _ in named]
+        values = torch.stack([v.detach().float().reshape(()) for _, v in named])  # [n]
+        if self._nonfinite is None or self._nonfinite[2] != names:
+            self.check_finite()  # the set of losses changed: settle the old record first
+            self._nonfinite = (torch.full((), -1, dtype=torch.long, device=values.device), values, names)
+        first, kept, _ = self._nonfinite
+        new = (first < 0) & ~torch.isfinite(values).all()
+        self._nonfinite = (torch.where(new, step, first), torch.where(new, values, kept), names)
+
+    def check_finite(self) -> None:
+        """Raise the error of the first non-finite loss recorded on the device (``sync_free`` runs; one host sync).
+        The loop calls it every ``finite_check_every`` steps, before every checkpoint and at the end."""
+        if self._nonfinite is None:
+            return
+        first, values, names = self._nonfinite
+        step = int(first)
+        if step >= 0:
+            vals = values.tolist()
+            name, value = next(((n, v) for n, v in zip(names, vals) if not math.isfinite(v)), (names[0], vals[0]))
+            raise self._nonfinite_error(name, value, step)
 
     # ------------------------------------------------------------------- run
     def run(self, progress: Optional[Callable[[StepInfo], None]] = None,
@@ -278,6 +374,10 @@ class Optimization:
                     f"render.num_samples_per_ray (now {c.render.num_samples_per_ray}), a smaller render "
                     f"({height}x{width}) or prior resolution, or the preview-cpu preset." + where
                 ) from e
+            except Exception as e:
+                if not isinstance(e, CSDError):
+                    self.check_finite()  # sync_free: a failure that follows a non-finite loss reports that loss
+                raise
             if self.out_dir is not None and o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0:
                 self.save_checkpoint()
             if progress is not None:
@@ -293,6 +393,15 @@ class Optimization:
     def trained_scene(self) -> Scene:
         """A detached copy of the current scene (safe to hand out; later steps do not change it)."""
         return copy.deepcopy(self.scene).eval()
+
+
+def _cameras_to(cams, device):
+    """``cams.to(device)``; to CUDA without a host sync (non-blocking copies of the camera tensors)."""
+    if torch.device(device).type != "cuda":
+        return cams.to(device)
+    return dataclasses.replace(cams, **{f.name: to_device_async(getattr(cams, f.name), device)
+                                        for f in dataclasses.fields(cams)
+                                        if isinstance(getattr(cams, f.name), torch.Tensor)})
 
 
 def parameter_groups(scene: torch.nn.Module, lr: float, group_lr: Dict[str, float]) -> list:

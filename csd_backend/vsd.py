@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from .config import GuidanceConfig, OptimConfig
 from .errors import CheckpointError, ConfigError
+from .transfer import to_device_async
 
 #: the attention projections threestudio's LoRAAttnProcessor adapts
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -232,8 +233,8 @@ class VSD:
         z0 = z.detach().to(torch.float32).repeat(n, 1, 1, 1)
         N = z0.shape[0]
         T = self.prior.num_train_timesteps
-        t = torch.randint(0, T, (N,), generator=generator, dtype=torch.long).to(self.device)
-        noise = torch.randn(z0.shape, generator=generator, dtype=torch.float32).to(self.device)
+        t = to_device_async(torch.randint(0, T, (N,), generator=generator, dtype=torch.long), self.device)
+        noise = to_device_async(torch.randn(z0.shape, generator=generator, dtype=torch.float32), self.device)
         drop = torch.rand(1, generator=generator).item() < float(self.cfg.camera_condition_drop)
         z_t = self.prior.add_noise(z0, noise, t)
         if self.prior.prediction_type == "v_prediction":  # v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·z0 (get_velocity)

@@ -180,7 +180,8 @@ class CSDOptimize:
             bar.update(opt.step, total)
 
         def on_step(info):
-            show = every > 0 and info.preview is not None and (info.step % every == 0 or info.step == info.total)
+            # the step test first: on CUDA reading the preview waits for the GPU (a host sync)
+            show = every > 0 and (info.step % every == 0 or info.step == info.total) and info.preview is not None
             bar.update(info.step, info.total, info.preview[0] if show else None)
 
         try:

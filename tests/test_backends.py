@@ -1,5 +1,6 @@
 """Encoding backend selection and the tinycudann adapter's parameter layout (CPU; a stand-in module replaces
-tinycudann, which needs CUDA). Real parity runs in tests/test_cuda_parity.py on a CUDA machine."""
+tinycudann, which needs CUDA), and the compile plumbing shared by the compiled backends. Real parity runs in
+tests/test_cuda_parity.py on a CUDA machine; the compiled backends' parity on the CPU in tests/test_compiled.py."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ import torch
 
 from csd_backend.config import SceneConfig
 from csd_backend.errors import ConfigError
+from csd_backend import compiling, transfer
 from csd_backend.scene import backends
 from csd_backend.scene.encoding import HashGridEncoding
 from csd_backend.scene.volume import Scene
@@ -70,3 +72,37 @@ def test_tcnn_adapter_shares_layout_and_state_dict_with_torch(fake_tcnn):
 def test_tcnn_available_is_false_without_cuda():
     backends.tcnn_available.cache_clear()
     assert backends.tcnn_available(0) is False
+
+
+def test_compiled_functions_are_cached_per_static_arguments_with_their_own_code():
+    def f(x, k):
+        return x * k
+
+    a, b = compiling.compiled(f, k=2), compiling.compiled(f, k=3)
+    assert compiling.compiled(f, k=2) is a and a is not b  # nothing is compiled until a call
+    codes = [c.source_function.__code__ for c in (a, b)]  # dynamo keeps graphs per code object
+    assert codes[0] is not codes[1] and codes[0] is not f.__code__ and codes[0].co_code == f.__code__.co_code
+
+
+def test_to_device_async_is_a_plain_move_on_the_cpu():
+    t = torch.arange(4)
+    assert transfer.to_device_async(t, "cpu") is t
+
+
+def test_a_failing_compile_is_a_config_error_naming_the_setting(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken(fn):
+        def call(*args):
+            raise BackendCompilerFailed(fn, RuntimeError("Cannot find a working triton installation"), None)
+        return call
+
+    monkeypatch.setattr(compiling.torch, "compile", broken)
+    monkeypatch.setattr(compiling, "_COMPILED", {})
+
+    def f(x):
+        return x + 1
+
+    with pytest.raises(ConfigError, match="triton") as e:
+        compiling.compiled(f, "render.backend")(torch.zeros(2))
+    assert e.value.field == "render.backend" and "'torch'" in str(e.value)

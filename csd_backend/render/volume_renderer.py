@@ -7,6 +7,24 @@ those with α < min(alpha_threshold, mean grid occupancy) or transmittance < ear
 estimator does); the
 differentiable pass then evaluates the scene only at the survivors. Nothing loops over rays or samples in
 Python.
+
+Compositing (``render.backend``): ``torch`` runs ``composite_packed`` / ``march_weights`` as they are; ``compiled``
+runs the same functions through ``torch.compile`` (``compiling.py``: one fused kernel chain forward and
+backward, dynamic in the number of samples); ``auto`` is compiled on CUDA when a trial compile works, else torch.
+
+Host syncs (each one makes the CPU wait until the GPU has drained its queue) in a training render, all of them
+because a packed tensor's length must be known on the host to allocate it:
+
+1. the number of lattice samples along the rays (``_samples``: one ``int(count.sum())``),
+2. the samples in occupied cells (one ``nonzero``),
+3. the samples that survive the α / transmittance pruning (``_march``: one ``nonzero``).
+
+Everything else is sync-free: the box of occupied cells is computed on the device (an empty grid zeroes the
+counts instead of branching on the host), per-ray segment bounds come from ``searchsorted`` instead of boolean
+masks, and the stratified jitter, drawn from the CPU generator (the run's single RNG, identical on every device),
+reaches CUDA by a non-blocking copy from pinned memory. The occupancy-grid update (every ``grid_update_every``
+steps) syncs once more (the ``nonzero`` of occupied cells), and the no-grad ``render_rays_eval`` syncs per slab
+of samples (a preview, not a training step).
 """
 from __future__ import annotations
 
@@ -18,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RenderConfig
+from ..compiling import compiled, resolve_compiled_backend
 from ..scene.volume import ImplicitVolume
+from ..transfer import to_device_async
 from .cameras import Cameras, get_rays
 from .shading import check_shading, shade
 
@@ -58,6 +78,15 @@ class OccupancyGrid(nn.Module):
         cell = 2 * self.radius / self.resolution
         return torch.stack([c.amin(0), c.amax(0) + 1]).float() * cell - self.radius
 
+    def occupied_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``occupied_box`` without a host sync: the ``[2, 3]`` box (meaningless when no cell is occupied) and a
+        0-dim bool, whether any cell is occupied."""
+        occ = self.binaries.unsqueeze(-1)  # [n, 1]
+        lo = torch.where(occ, self.cell_coords, self.resolution).amin(0)
+        hi = torch.where(occ, self.cell_coords + 1, 0).amax(0)
+        cell = 2 * self.radius / self.resolution
+        return torch.stack([lo, hi]).float() * cell - self.radius, self.binaries.any()
+
     def occupied(self, points: torch.Tensor) -> torch.Tensor:
         idx, inside = self.cell_index(points)
         return self.binaries[idx] & inside
@@ -71,13 +100,13 @@ class OccupancyGrid(nn.Module):
             indices = torch.arange(n, device=device)
         else:
             quarter = n // 4
-            uniform = torch.randint(0, n, (quarter,), generator=generator).to(device)
-            occupied = torch.nonzero(self.binaries).squeeze(-1)
+            uniform = to_device_async(torch.randint(0, n, (quarter,), generator=generator), device)
+            occupied = torch.nonzero(self.binaries).squeeze(-1)  # a host sync, every grid_update_every steps
             if occupied.numel() > quarter:
-                pick = torch.randperm(occupied.numel(), generator=generator)[:quarter].to(device)
+                pick = to_device_async(torch.randperm(occupied.numel(), generator=generator)[:quarter], device)
                 occupied = occupied[pick]
             indices = torch.cat([uniform, occupied])
-        jitter = torch.rand(indices.shape[0], 3, generator=generator).to(device)
+        jitter = to_device_async(torch.rand(indices.shape[0], 3, generator=generator), device)
         x = (self.cell_coords[indices].float() + jitter) / self.resolution * 2 * self.radius - self.radius
         occ = torch.cat([density_fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]) * step_size
         # a cell may be drawn twice (uniform + occupied): reduce duplicates by max, independent of thread order
@@ -100,17 +129,21 @@ def ray_aabb(rays_o: torch.Tensor, rays_d: torch.Tensor, radius, upper=None):
     return near, far, far > near
 
 
+def segment_bounds(ray_indices: torch.Tensor, rays: torch.Tensor, right: bool = False) -> torch.Tensor:
+    """For sorted packed ``ray_indices`` ``[N]``: the index of the first sample of each ray in ``rays`` (with
+    ``right``: one past its last), computed on the device (no boolean mask, so no host sync)."""
+    return torch.searchsorted(ray_indices, rays, right=right)
+
+
 def exclusive_sum_packed(x: torch.Tensor, ray_indices: torch.Tensor) -> torch.Tensor:
     """Per-ray exclusive cumulative sum of packed values ``x`` ``[N]`` (sorted by ray), in float64."""
     if x.numel() == 0:
         return x
     xd = x.double()
     excl = torch.cumsum(xd, 0) - xd
-    first = torch.ones_like(ray_indices, dtype=torch.bool)
-    first[1:] = ray_indices[1:] != ray_indices[:-1]
-    segment = torch.cumsum(first.long(), 0) - 1
+    first = segment_bounds(ray_indices, ray_indices)  # [N] the first sample of each sample's ray
     # F.embedding's backward is deterministic on CPU, unlike the index_put behind ``tensor[index]``
-    start = F.embedding(segment, excl[first].unsqueeze(-1)).squeeze(-1)
+    start = F.embedding(first, excl.unsqueeze(-1)).squeeze(-1)
     return (excl - start).to(x.dtype)
 
 
@@ -122,21 +155,60 @@ def composite_weights(sigma: torch.Tensor, dt: torch.Tensor, ray_indices: torch.
     return trans * alpha, trans, alpha
 
 
-def accumulate(values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
-    """Sum packed ``values`` ``[N, C]`` (sorted by ray) per ray → ``[n_rays, C]``.
+def accumulate(values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int,
+               rays: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum packed ``values`` ``[N, C]`` (sorted by ray) per ray → ``[n_rays, C]`` (``rays``: ``arange(n_rays)``
+    on the device, if the caller has it).
 
     Differences of a float64 cumulative sum at segment ends, instead of ``index_add`` whose CUDA atomics add in
     no fixed order: the result is bit-reproducible on CPU and GPU alike.
     """
-    out = torch.zeros(n_rays, values.shape[-1], dtype=values.dtype, device=values.device)
     if values.shape[0] == 0:
-        return out
-    cs = torch.cumsum(values.double(), 0)  # [N, C]
-    last = torch.ones_like(ray_indices, dtype=torch.bool)
-    last[:-1] = ray_indices[1:] != ray_indices[:-1]
-    ends = cs[last]  # [S, C] running totals at the end of each ray's segment
-    sums = torch.diff(ends, dim=0, prepend=torch.zeros_like(ends[:1]))
-    return out.index_copy(0, ray_indices[last], sums.to(values.dtype))
+        return torch.zeros(n_rays, values.shape[-1], dtype=values.dtype, device=values.device)
+    rays = torch.arange(n_rays, device=values.device) if rays is None else rays
+    cs = F.pad(torch.cumsum(values.double(), 0), (0, 0, 1, 0))  # [N + 1, C]: running totals, from 0
+    lo, hi = segment_bounds(ray_indices, rays), segment_bounds(ray_indices, rays, right=True)  # [R]
+    sums = F.embedding(hi, cs) - F.embedding(lo, cs)  # [R, C]
+    # empty rays are exact zeros and pass no gradient (so the other rays' gradients add as a plain difference)
+    return torch.where((hi > lo).unsqueeze(-1), sums, 0.0).to(values.dtype)
+
+
+def march_weights(sigma: torch.Tensor, dt: torch.Tensor, ray_indices: torch.Tensor):
+    """Transmittance and α of packed samples (the pruning pass): ``composite_weights`` without the weights."""
+    _, trans, alpha = composite_weights(sigma, dt, ray_indices)
+    return trans, alpha
+
+
+def composite_packed(sigma: torch.Tensor, dt: torch.Tensor, ray_indices: torch.Tensor, values: tuple,
+                     rays: torch.Tensor):
+    """The differentiable compositing of packed samples: weights ``[N]`` and the per-ray sums ``[R, 1 + ΣC]`` of
+    ``(w, w·v for v in values)`` for ``values``, a tuple of ``[N, C]`` (colour, depth, normal), and ``rays`` =
+    ``arange(R)``."""
+    weights, _, _ = composite_weights(sigma, dt, ray_indices)
+    w = weights.unsqueeze(-1)
+    return weights, accumulate(torch.cat([w] + [w * v for v in values], -1), ray_indices, rays.shape[0], rays)
+
+
+class Compositor:
+    """The compositing functions on a backend: ``torch`` calls them, ``compiled`` their ``torch.compile``."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def march_weights(self, sigma, dt, ray_indices):
+        if self.backend == "torch" or sigma.shape[0] < 2:  # 0 or 1 sample: not worth a specialised graph
+            return march_weights(sigma, dt, ray_indices)
+        for t in (sigma, dt, ray_indices):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(march_weights, "render.backend")(sigma, dt, ray_indices)
+
+    def composite(self, sigma, dt, ray_indices, values: tuple, n_rays: int):
+        rays = torch.arange(n_rays, device=sigma.device)
+        if self.backend == "torch" or sigma.shape[0] < 2 or n_rays < 2:
+            return composite_packed(sigma, dt, ray_indices, values, rays)
+        for t in (sigma, dt, ray_indices, rays, *values):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(composite_packed, "render.backend")(sigma, dt, ray_indices, values, rays)
 
 
 @dataclass
@@ -162,6 +234,7 @@ class VolumeRenderer(nn.Module):
         self.step_size = 1.732 * 2 * self.radius / cfg.num_samples_per_ray
         self.grid = OccupancyGrid(radius, cfg.grid_resolution, cfg.grid_ema_decay, cfg.grid_threshold,
                                   cfg.grid_warmup_steps)
+        self.compositor = Compositor(resolve_compiled_backend("render.backend", cfg.backend, device))
 
     # ------------------------------------------------- the interface every scene renderer has (scene_kinds.py)
     def prepare(self, scene) -> "VolumeRenderer":
@@ -205,33 +278,31 @@ class VolumeRenderer(nn.Module):
         R, device, step = rays_o.shape[0], rays_o.device, self.step_size
         near, far, hit = ray_aabb(rays_o, rays_d, self.radius)
         if self.training and self.cfg.stratified and generator is not None:
-            near = near + torch.rand(R, generator=generator).to(device) * step
-        box = self.grid.occupied_box()
-        if box is None or R == 0:
-            zero = torch.zeros(R, dtype=torch.long, device=device)
-            return near, far, zero, zero
+            near = near + to_device_async(torch.rand(R, generator=generator), device) * step
+        box, any_occupied = self.grid.occupied_bounds()  # no host sync: an empty grid zeroes the counts
         n2, f2, hit2 = ray_aabb(rays_o, rays_d, box[0], box[1])
         first = torch.floor((n2 - near) / step).long().clamp_min(1) - 1
         end = torch.minimum(torch.ceil((f2 - near) / step).long() + 1,
                             torch.ceil((far - near).clamp_min(0) / step).long() + 1)
-        count = torch.where(hit & hit2, (end - first).clamp_min(0), torch.zeros_like(first))
+        count = torch.where(hit & hit2 & any_occupied, (end - first).clamp_min(0), torch.zeros_like(first))
         return near, far, first, count
 
-    def _samples(self, rays_o, rays_d, near, far, first, count, j0: int, j1: int, rays=None):
-        """Occupied samples ``j0 ≤ j < j1`` of the lattice (of the rays ``rays``, default all), packed and sorted
-        by ray then depth: (ray index, t_start, t_end, position)."""
-        step = self.step_size
-        rays = torch.arange(rays_o.shape[0], device=rays_o.device) if rays is None else rays
-        j = torch.arange(j0, j1, device=rays_o.device)
-        k = first[rays, None] + j  # [r, J]
-        t_start = near[rays, None] + k.float() * step
-        valid = (j < count[rays, None]) & (t_start + 0.5 * step < far[rays, None])
-        local, jj = torch.nonzero(valid, as_tuple=True)
-        ray_idx = rays[local]
-        t_start = t_start[local, jj]
-        t_end = torch.minimum(t_start + step, far[ray_idx])
+    def _samples(self, rays_o, rays_d, near, far, first, count, j0: int = 0, j1: Optional[int] = None, rays=None):
+        """Occupied samples ``j0 ≤ j < j1`` (None: no bound) of the lattice (of the rays ``rays``, default all),
+        packed and sorted by ray then depth: (ray index, t_start, t_end, position). Two host syncs: the number of
+        lattice samples and the number of occupied ones."""
+        step, device = self.step_size, rays_o.device
+        n = count if rays is None else count[rays]
+        n = ((n if j1 is None else n.clamp(max=j1)) - j0).clamp_min(0)  # [r] j0 <= j < min(count, j1)
+        total = int(n.sum())
+        local = torch.repeat_interleave(n, output_size=total)  # [S] the ray (among ``rays``) of each sample
+        j = j0 + torch.arange(total, device=device) - (torch.cumsum(n, 0) - n)[local]
+        ray_idx = local if rays is None else rays[local]
+        t_start = near[ray_idx] + (first[ray_idx] + j).float() * step
+        ray_far = far[ray_idx]
+        t_end = torch.minimum(t_start + step, ray_far)
         pos = rays_o[ray_idx] + rays_d[ray_idx] * ((t_start + t_end) / 2).unsqueeze(-1)
-        keep = self.grid.occupied(pos)
+        keep = torch.nonzero((t_start + 0.5 * step < ray_far) & self.grid.occupied(pos)).squeeze(-1)
         return ray_idx[keep], t_start[keep], t_end[keep], pos[keep]
 
     @torch.no_grad()
@@ -239,13 +310,13 @@ class VolumeRenderer(nn.Module):
                generator: Optional[torch.Generator]) -> Dict[str, torch.Tensor]:
         """Packed samples that survive the occupancy grid and the α / transmittance pruning."""
         near, far, first, count = self._lattice(rays_o, rays_d, generator)
-        width = int(count.max().item()) if count.numel() else 0
-        ray_idx, t_start, t_end, pos = self._samples(rays_o, rays_d, near, far, first, count, 0, width)
+        ray_idx, t_start, t_end, pos = self._samples(rays_o, rays_d, near, far, first, count)
         if pos.shape[0] and (self.cfg.alpha_threshold > 0 or self.cfg.early_stop_eps > 0):
             chunk = self.cfg.chunk_size
             sigma = torch.cat([volume.density(pos[i:i + chunk]) for i in range(0, pos.shape[0], chunk)])
-            _, trans, alpha = composite_weights(sigma, t_end - t_start, ray_idx)
+            trans, alpha = self.compositor.march_weights(sigma, t_end - t_start, ray_idx)
             keep = (alpha >= self.alpha_threshold()) & (trans >= self.cfg.early_stop_eps)
+            keep = torch.nonzero(keep).squeeze(-1)  # one host sync for the four gathers
             ray_idx, t_start, t_end, pos = ray_idx[keep], t_start[keep], t_end[keep], pos[keep]
         return {"ray_idx": ray_idx, "t_start": t_start, "t_end": t_end, "pos": pos}
 
@@ -278,14 +349,12 @@ class VolumeRenderer(nn.Module):
         ray_idx = s["ray_idx"]
         normals_needed = need_normals or shading != "albedo"
         geo = volume(s["pos"], with_normal=normals_needed)
-        weights, _, _ = composite_weights(geo["density"], s["t_end"] - s["t_start"], ray_idx)
         lights = light_positions[ray_idx] if light_positions is not None else rays_o[ray_idx]
         color = self._shade(geo, s["pos"], lights, shading)
-        w = weights.unsqueeze(-1)
         mids = ((s["t_start"] + s["t_end"]) / 2).unsqueeze(-1)
-        parts = [w, w * color, w * mids] + ([w * geo["normal"]] if normals_needed else [])
-        out = self._finish(accumulate(torch.cat(parts, -1), ray_idx, R), rays_d, background, bg_colors,
-                           normals_needed)
+        values = (color, mids) + ((geo["normal"],) if normals_needed else ())  # [N, 3], [N, 1] (, [N, 3])
+        weights, acc = self.compositor.composite(geo["density"], s["t_end"] - s["t_start"], ray_idx, values, R)
+        out = self._finish(acc, rays_d, background, bg_colors, normals_needed)
         out.update(weights=weights, sample_normals=geo.get("normal"), sample_dirs=rays_d[ray_idx],
                    num_samples=ray_idx.shape[0])
         return out

@@ -1,9 +1,25 @@
-"""Encoding backends (DESIGN §2: backends of a part, same interface and parameters).
+"""Accelerator backends (DESIGN §2: backends of a part, same interface and parameters).
 
-``torch`` is the reference :class:`HashGridEncoding`; ``tcnn`` wraps tiny-cuda-nn's fused ``HashGrid`` with the
-*same* flat parameter vector (``params``, level-major, tinycudann's layout), so a checkpoint trained with one
-loads into the other. ``auto`` takes tcnn when the scene lives on CUDA and tinycudann imports and runs a trial
-call; otherwise torch. tinycudann is not on PyPI: it is built from source on a CUDA machine.
+Hash-grid encoding (``scene.encoding_backend``):
+
+- ``torch``: the reference :class:`HashGridEncoding`.
+- ``compiled``: :class:`CompiledHashGridEncoding`, the reference's math (``encoding.hash_grid_features``) through
+  ``torch.compile`` (Triton kernels on CUDA, C++ on the CPU): all levels' gathers, weights and sums fuse, and so
+  does the backward (the scatter of the gradient into the tables). Same ``params``, so checkpoints move between
+  backends. Dynamic in the number of points (one graph for every step's sample count; inputs of 0 or 1 point
+  use the reference), and every level is evaluated with the inactive ones masked to zero, so the progressive band
+  never recompiles. Gradients with respect to the points go through the Jacobian the compiled graph returns
+  (``_JacobianLink``): analytic normals and their second-order gradients reach the parameters; the second
+  derivatives with respect to the points themselves are dropped (zero; nothing trains the sample points).
+- ``tcnn``: tiny-cuda-nn's fused ``HashGrid`` with the *same* flat parameter vector (``params``, level-major,
+  tinycudann's layout). tinycudann is not on PyPI: it is built from source on a CUDA machine.
+- ``auto``: on CUDA tcnn when it imports and runs a trial call, else compiled when a trial compile works, else
+  torch (with one warning naming the cause); on the CPU torch: there a first compile takes about a minute on 2
+  cores (seconds once inductor's on-disk cache holds the graphs), which short runs and tests never recover. Long
+  CPU runs gain from an explicit ``compiled`` (preview-cpu, 1 thread: 1.6 s → 0.27 s a step;
+  ``benchmarks/bench_step.py --backends torch,compiled``, ``benchmarks/bench_compiled.py``).
+
+The volume renderer's compositing (``render.backend``: auto | torch | compiled) resolves the same way (``compiling.py``).
 """
 from __future__ import annotations
 
@@ -13,8 +29,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..compiling import compiled, resolve_compiled_backend
 from ..errors import ConfigError
-from .encoding import HashGridEncoding
+from .encoding import HashGridEncoding, hash_grid_features
 
 TCNN_HINT = ("tinycudann is optional and needs CUDA; build it on a CUDA machine with "
              "`pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch`, "
@@ -77,19 +94,67 @@ class TcnnHashGridEncoding(nn.Module):
         return out
 
 
+# ------------------------------------------------------------------------------------------- compiled hash grid
+class _JacobianLink(torch.autograd.Function):
+    """Returns ``feats`` with ``d feats / d x = jac``: the gradient for the points is ``Σ_k g_k · jac_k``, built
+    from differentiable ops, so second-order gradients (analytic normals) reach the parameters through ``jac``'s
+    compiled, first-order backward (a compiled graph has no double backward of its own)."""
+
+    @staticmethod
+    def forward(ctx, feats, jac, x):
+        ctx.save_for_backward(jac)
+        return feats.view_as(feats)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (jac,) = ctx.saved_tensors
+        return grad, None, torch.einsum("nk,nkd->nd", grad, jac)
+
+
+class CompiledHashGridEncoding(HashGridEncoding):
+    """:class:`HashGridEncoding` (same parameters, layout and ``state_dict``) evaluated by a compiled graph."""
+
+    def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
+                 base_resolution: int = 16, per_level_scale: float = 1.447269237440378):
+        super().__init__(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale)
+        self.levels = self.level_specs()
+        # the level of each output feature, to mask the inactive ones on the device (no host copy)
+        self.register_buffer("feature_level", torch.arange(n_levels).repeat_interleave(n_features_per_level),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, 3] in [0, 1] → [N, L·F]
+        if x.shape[0] < 2:  # sizes 0 and 1 would specialise the graph (a recompile): the reference does them
+            return super().forward(x)
+        mask = (self.feature_level < self.active_levels).to(x.dtype)  # [L·F]
+        with_jacobian = x.requires_grad and torch.is_grad_enabled()
+        xd = x.detach() if with_jacobian else x
+        torch._dynamo.maybe_mark_dynamic(xd, 0)
+        fn = compiled(hash_grid_features, "scene.encoding_backend", levels=self.levels, n_features=self.n_features,
+                      with_jacobian=with_jacobian)
+        if not with_jacobian:
+            return fn(xd, self.params, mask, self.corners)
+        feats, jac = fn(xd, self.params, mask, self.corners)
+        return _JacobianLink.apply(feats, jac, x)
+
+
 def make_hash_grid(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale,
                    backend: str = "auto", device: Optional[torch.device] = None) -> nn.Module:
     device = torch.device(device) if device is not None else torch.device("cpu")
     on_cuda = device.type == "cuda"
     index = device.index if device.index is not None else (torch.cuda.current_device() if on_cuda else 0)
+    field = "scene.encoding_backend"
     if backend == "tcnn" or (backend == "auto" and on_cuda and tcnn_available(index)):
         if not on_cuda:
-            raise ConfigError("scene.encoding_backend", f"'tcnn' runs on CUDA only, but the scene is on {device}; "
-                                                        "use 'torch' or 'auto'")
+            raise ConfigError(field, f"'tcnn' runs on CUDA only, but the scene is on {device}; "
+                                     "use 'torch', 'compiled' or 'auto'")
         if not tcnn_available(index):
-            raise ConfigError("scene.encoding_backend", f"'tcnn' was asked for but is not usable here: {TCNN_HINT}")
+            raise ConfigError(field, f"'tcnn' was asked for but is not usable here: {TCNN_HINT}")
         return TcnnHashGridEncoding(n_levels, n_features_per_level, log2_hashmap_size, base_resolution,
                                     per_level_scale, device)
-    if backend not in ("auto", "torch", "tcnn"):
-        raise ConfigError("scene.encoding_backend", f"{backend!r} is not one of 'auto', 'torch', 'tcnn'")
-    return HashGridEncoding(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale)
+    if backend not in ("auto", "torch", "compiled", "tcnn"):
+        raise ConfigError(field, f"{backend!r} is not one of 'auto', 'torch', 'compiled', 'tcnn'")
+    args = (n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale)
+    if resolve_compiled_backend(field, backend, device) == "compiled":
+        return CompiledHashGridEncoding(*args)
+    return HashGridEncoding(*args)

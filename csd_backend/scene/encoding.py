@@ -6,11 +6,17 @@ level's table holds ``min(res³, 2^T)`` entries rounded up to a multiple of 8, a
 parameter vector in level order (as tinycudann stores them), so a tinycudann backend can be dropped in later
 with the same parameters. Evaluation goes level by level (one gather per level over all points), which on CPU
 is several times faster than one gather over all levels and corners (DEPENDENCIES.md).
+
+``hash_grid_features`` is the same math as a pure function of ``(points, params)`` with the level layout as
+constants: the ``compiled`` backend (``backends.py``) hands it to ``torch.compile``, which fuses every level's
+gathers, weights and sums into a few kernels and, in the backward, the scatter of the gradient into the tables
+(the reference's expensive part: one ``embedding`` backward per level). It can also return the Jacobian
+``d features / d points``, which the compiled backend uses for gradients with respect to the points.
 """
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,29 +68,61 @@ class HashGridEncoding(nn.Module):
         self.active_levels = max(1, min(int(n), self.n_levels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, 3] in [0, 1]
-        corners = self.corners
-        feats = []
-        for level in range(self.active_levels):
-            scale = self.scales[level]
-            pos = x * scale + 0.5  # [N, 3]
-            grid = torch.floor(pos)
-            frac = pos - grid  # [N, 3]
-            grid = grid.long()
-            idx = grid.unsqueeze(1) + corners  # [N, 8, 3]
-            table = self.level_table(level)
-            size = table.shape[0]
-            if self.hashed[level]:
-                h = (idx[..., 0] * PRIMES[0]) ^ (idx[..., 1] * PRIMES[1]) ^ (idx[..., 2] * PRIMES[2])
-                h = h & 0xFFFFFFFF
-            else:
-                res = self.resolutions[level]
-                h = idx[..., 0] + idx[..., 1] * res + idx[..., 2] * res * res
-            h = h % size  # [N, 8]
-            # trilinear weights per corner: prod over dims of frac or 1 - frac
-            w = torch.where(corners.bool(), frac.unsqueeze(1), 1.0 - frac.unsqueeze(1)).prod(-1)  # [N, 8]
-            values = torch.nn.functional.embedding(h, table)  # [N, 8, F]; deterministic backward on CPU
-            feats.append((values * w.unsqueeze(-1)).sum(1))
-        if self.active_levels < self.n_levels:  # inactive levels contribute zeros (and get no gradient)
-            feats.append(x.new_zeros(x.shape[0], (self.n_levels - self.active_levels) * self.n_features))
-        return torch.cat(feats, -1)
+        # x: [N, 3] in [0, 1]; only the active levels are evaluated, the others output zeros (and get no gradient)
+        out = hash_grid_features(x, self.params, None, self.corners, self.level_specs()[:self.active_levels],
+                                 self.n_features, gather=torch.nn.functional.embedding)
+        if self.active_levels < self.n_levels:
+            out = torch.cat([out, x.new_zeros(x.shape[0], (self.n_levels - self.active_levels) * self.n_features)], -1)
+        return out
+
+    def level_specs(self) -> Tuple[LevelSpec, ...]:
+        """The static layout of every level, as ``hash_grid_features`` takes it."""
+        return tuple((self.offsets[level], self.offsets[level + 1] - self.offsets[level], self.scales[level],
+                      self.resolutions[level], self.hashed[level]) for level in range(self.n_levels))
+
+
+#: one level's (offset in table entries, table size, scale, resolution, hashed)
+LevelSpec = Tuple[int, int, float, int, bool]
+
+
+def hash_grid_features(x: torch.Tensor, params: torch.Tensor, mask: Optional[torch.Tensor], corners: torch.Tensor,
+                       levels: Tuple[LevelSpec, ...], n_features: int, with_jacobian: bool = False,
+                       gather: Optional[Callable] = None):
+    """The encoding as a pure function: points ``x`` ``[N, 3]`` in [0, 1]³, the flat ``params``, ``mask``
+    ``[L·F]`` or None (the compiled backend: 1 for the features of active levels, 0 for the others, so that one
+    compiled graph serves every number of active levels), ``corners`` ``[8, 3]``, the static layout of the
+    ``levels`` evaluated → features ``[N, L·F]``, and with ``with_jacobian`` also ``d features / d x``
+    ``[N, L·F, 3]`` (the trilinear weights' derivatives; the floor of the cell index has none). ``gather(h,
+    table)`` looks the corners up: ``F.embedding`` for the reference (a deterministic backward on the CPU),
+    indexing (None) for the compiled graph.
+    """
+    F = n_features
+    cb = corners.bool()
+    sign = corners.to(x.dtype) * 2 - 1  # [8, 3]: d w_c / d frac_d = ±(product over the other dims)
+    feats, jacs = [], []
+    for offset, size, scale, res, hashed in levels:
+        table = params[offset * F:(offset + size) * F].view(size, F)
+        pos = x * scale + 0.5  # [N, 3]
+        grid = torch.floor(pos)
+        frac = pos - grid
+        idx = grid.long().unsqueeze(1) + corners  # [N, 8, 3]
+        if hashed:
+            h = (idx[..., 0] * PRIMES[0]) ^ (idx[..., 1] * PRIMES[1]) ^ (idx[..., 2] * PRIMES[2])
+            h = h & 0xFFFFFFFF
+        else:
+            h = idx[..., 0] + idx[..., 1] * res + idx[..., 2] * res * res
+        h = h % size  # [N, 8]
+        wd = torch.where(cb, frac.unsqueeze(1), 1.0 - frac.unsqueeze(1))  # [N, 8, 3] per-dimension factors
+        w = wd.prod(-1)  # [N, 8]
+        values = table[h] if gather is None else gather(h, table)  # [N, 8, F]
+        feats.append((values * w.unsqueeze(-1)).sum(1))
+        if with_jacobian:
+            dw = sign * torch.stack([wd[..., 1] * wd[..., 2], wd[..., 0] * wd[..., 2], wd[..., 0] * wd[..., 1]], -1)
+            jacs.append(scale * (values.unsqueeze(-1) * dw.unsqueeze(-2)).sum(1))  # [N, F, 3]
+    out = torch.cat(feats, -1)
+    if mask is not None:
+        out = out * mask
+    if with_jacobian:
+        jac = torch.cat(jacs, 1)
+        return out, (jac if mask is None else jac * mask.unsqueeze(-1))
+    return out
