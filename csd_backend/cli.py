@@ -1,4 +1,4 @@
-"""Command line: ``python -m csd_backend generate|refine|texture|render|export|presets``.
+"""Command line: ``python -m csd_backend generate|refine|texture|render|export|batch|presets``.
 
 ``generate`` runs one optimisation stage and writes into ``--out``:
   checkpoints/last.ckpt      the resumable run state (atomically replaced every --checkpoint-every steps)
@@ -12,6 +12,8 @@
 refined through the rasterizer (writes the same files; its mesh is the refined mesh itself).
 ``texture MESH`` paints a texture onto a user's mesh (fixed geometry); its mesh is that mesh, in its own units.
 ``export`` writes the textured mesh of a saved run (GLB, OBJ + MTL + PNG, or PLY); ``render`` a ring of views.
+``batch PROMPTS`` turns a file of prompts into one such run folder each, in local worker processes or on a Ray
+cluster, with a manifest and ``--resume`` (``csd_backend/batch``).
 
 Every phase shows a progress bar on stderr (training, views, and the export stages extraction, simplification,
 vertex colors, UVs, baking); ``--quiet`` hides them. Errors are one ``error: ...`` line, engine warnings
@@ -120,18 +122,58 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_export_flags(x)
 
+    b = sub.add_parser("batch", help="many prompts, one run folder each, on every local device or a Ray cluster",
+                       epilog=BATCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("prompts", nargs="?", metavar="PROMPTS",
+                   help="a text file (one prompt a line; blank lines and lines starting with # are skipped) or a "
+                        ".jsonl file (one JSON object a line: prompt, and optionally negative_prompt, seed, preset, "
+                        "steps, set)")
+    b.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the batch in DIR: finished runs are skipped, unfinished ones resume from their "
+                        "checkpoints (only --workers/--ray/--retries/--cpus-per-run/--quiet and --model/"
+                        "--model-config/--device/--dtype may be given)")
+    b.add_argument("--seeds", type=int, default=None, metavar="K",
+                   help="K runs per prompt, with seeds S, S+1, ... S+K-1 (S: the line's seed, --seed or the preset's)")
+    b.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="local worker processes (default: one per GPU, else 1); each loads the model once")
+    b.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster: 'auto' (the cluster this machine belongs to), an address such as "
+                        "ray://head:10001, or 'local' (start one on this machine); needs pip install \".[ray]\"")
+    b.add_argument("--retries", type=int, default=None, metavar="N",
+                   help="times a run is restarted from its checkpoint when its worker dies (default 2)")
+    b.add_argument("--cpus-per-run", type=int, default=None, metavar="N",
+                   help="with --ray on a cluster without GPUs: CPUs (and torch threads) per run (default 1)")
+    _add_run_flags(b, "csd-coarse", batch=True)
+
     sub.add_parser("presets", help="list the presets and their settings")
     return p
 
 
-def _add_run_flags(p: argparse.ArgumentParser, default_preset: str) -> None:
-    """The flags of a run (generate and refine)."""
+BATCH_EPILOG = """examples:
+  python -m csd_backend batch prompts.txt --preset csd-coarse --model ./models/sd21-base --out runs/batch1
+  python -m csd_backend batch prompts.jsonl --preset preview-cpu --model analytic --out runs/b --workers 2 --seeds 3
+  python -m csd_backend batch prompts.txt --preset csd-coarse --model ./models/sd21-base --out /shared/b --ray auto
+  python -m csd_backend batch --resume runs/batch1          # skip finished runs, resume the others
+a .jsonl line: {"prompt": "a red ball", "negative_prompt": "blurry", "seed": 3, "preset": "preview-cpu",
+                "steps": 200, "set": {"render.num_samples_per_ray": 64}}
+exit code: 0 every run finished, 1 some run failed, 2 bad input (nothing ran), 130/143 stopped (resumable)
+"""
+
+
+def _add_run_flags(p: argparse.ArgumentParser, default_preset: str, batch: bool = False) -> None:
+    """The flags of a run (generate, refine, texture). ``batch``: those of ``batch``, whose prompts come from a
+    file (no --prompt/--source-prompt) and whose output flags default to None, so --resume can tell a given flag
+    (the defaults are applied by ``RunOutputs``)."""
     from .presets import preset_names
 
-    p.add_argument("--prompt", help="what to generate (required unless --resume; refine: default the run's)")
+    if not batch:
+        p.add_argument("--prompt", help="what to generate (required unless --resume; refine: default the run's)")
     p.add_argument("--negative-prompt", default=None,
-                   help="negative prompt (default: the preset's, 'oversaturated color, ugly, tiling, low quality, noisy')")
-    p.add_argument("--source-prompt", default=None, help="edit mode: a description of the scene given by --init-scene")
+                   help="negative prompt (default: the preset's, 'oversaturated color, ugly, tiling, low quality, noisy')"
+                        + ("; for the lines of PROMPTS that give none" if batch else ""))
+    if not batch:
+        p.add_argument("--source-prompt", default=None,
+                       help="edit mode: a description of the scene given by --init-scene")
     p.add_argument("--model", help="diffusers folder, single-file .safetensors checkpoint, hub id (from the local "
                                    "cache), or 'analytic[:RES]' for the exact test prior")
     p.add_argument("--model-config", default=None,
@@ -142,7 +184,8 @@ def _add_run_flags(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--steps", type=int, default=None, help="number of steps (default: the preset's)")
     p.add_argument("--no-rescale-schedules", action="store_true",
                    help="with --steps: keep the preset's schedules in absolute steps instead of stretching them")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: the preset's, 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (default: the preset's, 0)" + ("; a line's own seed wins" if batch else ""))
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", default=None, help="auto | float16 | float32 | bfloat16 (default auto: fp16 on CUDA)")
     p.add_argument("--resolution", type=int, default=None, help="image size fed to the prior (default: the preset's)")
@@ -150,17 +193,20 @@ def _add_run_flags(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help="a diffusers ControlNet folder (depth, e.g. lllyasviel/control_v11f1p_sd15_depth with an "
                         "SD 1.5 model) conditioning the prior on the depth of each render; mostly for texture")
     p.add_argument("--controlnet-scale", type=float, default=None, help="its conditioning scale (default 1.0)")
-    p.add_argument("--out", help="output folder (must be new or empty unless --resume)")
+    p.add_argument("--out", help="output folder (must be new or empty unless --resume)" +
+                   ("; it holds one run folder per run, manifest.jsonl and batch.json" if batch else ""))
     p.add_argument("--preview-every", type=int, default=None, help="write a preview PNG every K steps (0: never)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--views", type=int, default=8, help="number of views in the final ring of renders (default 8)")
-    p.add_argument("--view-size", type=int, default=256, help="size of the final renders (default 256)")
+    out_default = (lambda value: None) if batch else (lambda value: value)  # batch: RunOutputs applies them
+    p.add_argument("--views", type=int, default=out_default(8),
+                   help="number of views in the final ring of renders (default 8)")
+    p.add_argument("--view-size", type=int, default=out_default(256), help="size of the final renders (default 256)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any configuration field, e.g. --set render.num_samples_per_ray=256 "
                         "--set guidance.negative_weight='[0,0,1,5000]' (JSON values)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--mesh-format", default="glb", choices=["glb", "obj", "ply"],
-                   help="format of the mesh written into --out at the end (default %(default)s)")
+    p.add_argument("--mesh-format", default=out_default("glb"), choices=["glb", "obj", "ply"],
+                   help="format of the mesh written into --out at the end (default glb)")
     p.add_argument("--no-mesh", action="store_true", help="do not export a mesh at the end of the run")
     p.add_argument("--mesh-resolution", type=int, default=None, help="marching-cubes grid of that mesh (default 256)")
     p.add_argument("--mesh-texture-size", type=int, default=None,
@@ -542,7 +588,7 @@ def _resume(args):
     """(Optimization, run folder) for ``generate --resume``; checks every flag before the model is loaded."""
     from .config import RunConfig
     from .io import load_checkpoint
-    from .optimize import RUN_CONFIG_FILE, Optimization, read_run_config
+    from .optimize import RUN_CONFIG_FILE, read_run_config
     from .priors import load_prior
 
     run_dir, ckpt = _resume_target(Path(args.resume))
@@ -560,9 +606,7 @@ def _resume(args):
     base = state_config if state_config is not None else saved
     prior = load_prior(base.replace(prior=prior_over).prior)
     _raise_pending()
-    opt = Optimization.resume(ckpt if ckpt is not None else run_dir, prior, steps=args.steps)
-    _release_text_encoder(prior)
-    opt.config = opt.config.replace(prior=prior_over)  # the checkpoint records the model it continued with
+    opt = continue_run(ckpt if ckpt is not None else run_dir, prior, steps=args.steps, prior_over=prior_over)
     print(f"resuming {run_dir} at step {opt.step} of {opt.config.optim.steps}", file=sys.stderr)
     return opt, run_dir
 
@@ -577,8 +621,7 @@ def _release_text_encoder(prior) -> None:
 
 def _new_run(args):
     """(Optimization, run folder) for a new run; the folder is checked (and made) before the model loads."""
-    from .io import write_json
-    from .optimize import RUN_CONFIG_FILE, Optimization, load_scene
+    from .optimize import load_scene
     from .priors import load_prior
     from .scene_kinds import starting_scene
 
@@ -598,26 +641,82 @@ def _new_run(args):
         _raise_pending()
         prior = load_prior(config.prior)
         _raise_pending()
-        opt = Optimization(config, prior, scene=scene, out_dir=out)
-        _release_text_encoder(prior)
-        _raise_pending()
-        if scene is not None:  # the starting scene exists only here: keep it, so a stopped run can resume
-            opt.save_checkpoint()
-        write_json(out / RUN_CONFIG_FILE, opt.config.to_dict())
+        opt = start_run(config, prior, out, scene=scene)
     except BaseException:
         _remove_empty(created)  # only what this command created, and only while empty
         raise
     return opt, out
 
 
-def cmd_generate(args) -> int:
-    try:
-        opt, out = _resume(args) if args.resume else _new_run(args)
-    except KeyboardInterrupt:
-        return _stopped("before the run started; nothing was trained.")
+# ------------------------------------------------------------------------------------------ one run
+# A run folder is written by these functions, for ``generate`` (one run) and ``batch`` (many, in workers that
+# load the prior once): start_run / continue_run, then train_run, then finish_run.
+@dataclasses.dataclass
+class RunOutputs:
+    """What a run writes after training, besides its checkpoint: the ring of views and the mesh (the output flags
+    of ``generate``; ``quiet``: no progress bars)."""
 
+    views: int = 8
+    view_size: int = 256
+    mesh: bool = True
+    mesh_format: str = "glb"
+    mesh_resolution: Optional[int] = None
+    mesh_texture_size: Optional[int] = None
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "RunOutputs":
+        d = cls()
+        given = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)
+        return cls(views=given("views", d.views), view_size=given("view_size", d.view_size),
+                   mesh=not getattr(args, "no_mesh", False), mesh_format=given("mesh_format", d.mesh_format),
+                   mesh_resolution=getattr(args, "mesh_resolution", None),
+                   mesh_texture_size=getattr(args, "mesh_texture_size", None), quiet=bool(getattr(args, "quiet", False)))
+
+    def expected_files(self, out: Path) -> List[Path]:
+        """The files a finished run folder holds: its last view and (unless no mesh) its mesh."""
+        files = [out / "renders" / f"view_{self.views - 1:02d}.png"] if self.views > 0 else []
+        return files + ([out / f"mesh.{self.mesh_format}"] if self.mesh else [])
+
+
+def start_run(config, prior, out: Path, scene=None, release_text_encoder: bool = True):
+    """A new run in the existing, empty folder ``out`` with an already loaded ``prior``: the ``Optimization``, with
+    ``config.json`` written (and a checkpoint of ``scene`` when one is given, so a stopped run can resume).
+    ``release_text_encoder``: free a large text encoder once the run's prompts are encoded (not when the prior
+    goes on to serve other prompts)."""
+    from .io import write_json
+    from .optimize import RUN_CONFIG_FILE, Optimization
+
+    opt = Optimization(config, prior, scene=scene, out_dir=out)
+    if release_text_encoder:
+        _release_text_encoder(prior)
+    _raise_pending()
+    if scene is not None:  # the starting scene exists only here: keep it, so a stopped run can resume
+        opt.save_checkpoint()
+    write_json(out / RUN_CONFIG_FILE, opt.config.to_dict())
+    return opt
+
+
+def continue_run(target, prior, steps: Optional[int] = None, prior_over: Optional[dict] = None,
+                 release_text_encoder: bool = True):
+    """The ``Optimization`` of a run folder (or checkpoint) ``target``, continued with ``prior``: from its checkpoint,
+    or from step 0 with its config.json when it stopped before the first one. ``prior_over``: the prior settings
+    it continues with (model, device, ...), recorded in its next checkpoint."""
+    from .optimize import Optimization
+
+    opt = Optimization.resume(target, prior, steps=steps)
+    if release_text_encoder:
+        _release_text_encoder(prior)
+    opt.config = opt.config.replace(prior=prior_over or {})  # the checkpoint records the model it continued with
+    return opt
+
+
+def train_run(opt, out: Path, quiet: bool, on_step=None):
+    """Train ``opt`` to its last step and return the scene: a progress bar (unless ``quiet``), a preview PNG every
+    ``optim.preview_every`` steps, ``on_step(info)`` after every step. Ctrl-C / SIGTERM raise KeyboardInterrupt
+    once the last complete step is checkpointed (a signal inside a parameter update waits for its end)."""
     every = opt.config.optim.preview_every
-    bar, update = _progress_printer(opt.config.optim.steps, opt.step, args.quiet)
+    bar, update = _progress_printer(opt.config.optim.steps, opt.step, quiet)
 
     def progress(info):
         _raise_pending()  # a signal during this step's update: stop now (the engine saves the finished step)
@@ -626,16 +725,61 @@ def cmd_generate(args) -> int:
             path = out / "previews" / f"step_{info.step:05d}.png"
             if not path.exists():
                 _save_png(info.preview[0], path, MIN_PNG_SIDE)
+        if on_step is not None:
+            on_step(info)
 
-    t0 = time.time()
     _STOP["defer"] = lambda: opt.updating
     try:
         _raise_pending()  # a signal that some library swallowed while the run was being set up
-        scene = opt.run(progress=progress)
-    except KeyboardInterrupt:
+        return opt.run(progress=progress)
+    finally:
+        _STOP["defer"] = None
         if bar is not None:
             bar.close()
-            bar = None
+
+
+def _echo(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def finish_run(scene, opt, out: Path, outputs: RunOutputs, echo=_echo, phase=None) -> dict:
+    """Write the ring of views (``renders/view_NN.png``; new names when they exist) and the mesh of a trained run.
+    Returns ``{"renders": [paths], "mesh": path or None}``. ``echo(line)`` gets the mesh line or the warning that no
+    mesh was written; ``phase(text)`` is told what is being done ("while rendering the views", ...)."""
+    from .io import unique_path
+
+    written: dict = {"renders": [], "mesh": None}
+    if phase is not None:
+        phase("while rendering the views")
+    _raise_pending()  # a signal during the last step's update
+
+    def save_view(i, img):
+        path = out / "renders" / f"view_{i:02d}.png"
+        path = path if not path.exists() else unique_path(path.parent, path.stem, ".png")
+        _save_png(img, path, MIN_PNG_SIDE)
+        written["renders"].append(path)
+
+    # render with the trained occupancy grid (EMA over the whole run), not one refitted from a single pass
+    _render_views(scene, outputs.views, outputs.view_size, opt.config.camera, "albedo", opt.config.render,
+                  opt.renderer, outputs.quiet, save_view)
+    if outputs.mesh:
+        if phase is not None:
+            phase("while exporting the mesh")
+        written["mesh"] = _generate_mesh(outputs, scene, out, echo)
+    return written
+
+
+def cmd_generate(args) -> int:
+    try:
+        opt, out = _resume(args) if args.resume else _new_run(args)
+    except KeyboardInterrupt:
+        return _stopped("before the run started; nothing was trained.")
+
+    outputs = RunOutputs.from_args(args)
+    t0 = time.time()
+    try:
+        scene = train_run(opt, out, args.quiet)
+    except KeyboardInterrupt:
         ckpt = opt.checkpoint_path
         if opt.saved_step is not None:
             kept = f"checkpoint at step {opt.saved_step} kept in {ckpt}"
@@ -645,27 +789,11 @@ def cmd_generate(args) -> int:
             kept = "no checkpoint yet: --resume restarts it from step 0 with its config.json"
         return _stopped(f"at step {opt.step}; {kept}. Continue with: python -m csd_backend generate --resume "
                         f"{_q(out)}")
-    finally:
-        _STOP["defer"] = None
-        if bar is not None:
-            bar.close()
-    from .io import unique_path
-
-    phase = "while rendering the views"
+    phase = ["while rendering the views"]
     try:
-        _raise_pending()  # a signal during the last step's update
-        def save_view(i, img):
-            path = out / "renders" / f"view_{i:02d}.png"
-            _save_png(img, path if not path.exists() else unique_path(path.parent, path.stem, ".png"), MIN_PNG_SIDE)
-
-        # render with the trained occupancy grid (EMA over the whole run), not one refitted from a single pass
-        _render_views(scene, args.views, args.view_size, opt.config.camera, "albedo", opt.config.render,
-                      opt.renderer, args.quiet, save_view)
-        if not args.no_mesh:
-            phase = "while exporting the mesh"
-            _generate_mesh(args, scene, out)
+        finish_run(scene, opt, out, outputs, phase=lambda text: phase.__setitem__(0, text))
     except KeyboardInterrupt:
-        return _stopped(f"{phase}; the run itself is complete and its checkpoint is saved in "
+        return _stopped(f"{phase[0]}; the run itself is complete and its checkpoint is saved in "
                         f"{opt.checkpoint_path}. Later: python -m csd_backend render {_q(out)} --out "
                         f"{_q(out / 'renders')} --views {args.views} --size {args.view_size}; "
                         f"python -m csd_backend export {_q(out)} --out {_q(out)}")
@@ -711,22 +839,26 @@ def cmd_texture(args) -> int:
     return cmd_generate(args)
 
 
-def _generate_mesh(args, scene, out: Path) -> None:
+def _generate_mesh(outputs: RunOutputs, scene, out: Path, echo=_echo) -> Optional[Path]:
+    """Export the mesh of a finished run as ``out/mesh.<format>`` (a new name when it exists); None when the scene
+    has no surface to export (a warning through ``echo`` says how to export later)."""
     from .errors import OutputExistsError
     from .export import ExportConfig, save_mesh, save_mesh_unique
 
-    mesh_over = {k: v for k, v in (("resolution", args.mesh_resolution), ("texture_size", args.mesh_texture_size))
-                 if v is not None}
+    mesh_over = {k: v for k, v in (("resolution", outputs.mesh_resolution),
+                                   ("texture_size", outputs.mesh_texture_size)) if v is not None}
     try:
-        mesh = _export(scene, ExportConfig(**mesh_over), args.quiet)
+        mesh = _export(scene, ExportConfig(**mesh_over), outputs.quiet)
         try:
-            path = save_mesh(mesh, out / f"mesh.{args.mesh_format}", args.mesh_format)
+            path = save_mesh(mesh, out / f"mesh.{outputs.mesh_format}", outputs.mesh_format)
         except OutputExistsError:  # a resumed run: keep the earlier mesh
-            path = save_mesh_unique(mesh, out, "mesh", args.mesh_format)
-        print(f"mesh: {path} ({mesh.num_faces} faces)", file=sys.stderr)
+            path = save_mesh_unique(mesh, out, "mesh", outputs.mesh_format)
+        echo(f"mesh: {path} ({mesh.num_faces} faces)")
+        return path
     except CSDError as e:  # the run itself succeeded; say how to export later
-        print(f"warning: no mesh written: {e}. Export later with: python -m csd_backend export {_q(out)} "
-              f"--out {_q(out)} --threshold <value>", file=sys.stderr)
+        echo(f"warning: no mesh written: {e}. Export later with: python -m csd_backend export {_q(out)} "
+             f"--out {_q(out)} --threshold <value>")
+        return None
 
 
 # ------------------------------------------------------------------------------------------ render, export
@@ -793,6 +925,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    """Many prompts, one run folder each (``csd_backend/batch``)."""
+    from .batch.driver import cmd_batch as run_batch
+
+    return run_batch(args)
+
+
 def cmd_presets(args) -> int:
     from .presets import PRESETS
 
@@ -853,8 +992,8 @@ def _engine_warnings():
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    command = {"generate": cmd_generate, "refine": cmd_refine, "texture": cmd_texture, "render": cmd_render, "export": cmd_export,
-               "presets": cmd_presets}[args.command]
+    command = {"generate": cmd_generate, "refine": cmd_refine, "texture": cmd_texture, "render": cmd_render,
+               "export": cmd_export, "batch": cmd_batch, "presets": cmd_presets}[args.command]
     if getattr(args, "quiet", False):
         quiet_third_party()
     with _engine_warnings(), _signals_interrupt():
