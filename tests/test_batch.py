@@ -342,3 +342,29 @@ def test_ray_batch_survives_a_killed_worker_and_ctrl_c_with_results_equal_to_an_
     assert same_scene(out / victim, tmp_path / "ref")  # killed, resumed, cancelled, resumed: as if never stopped
     generate(tmp_path / "ref2", "a green cone")
     assert same_scene(out / "0003-a-green-cone", tmp_path / "ref2")
+
+
+def test_ray_shared_folder_check_names_a_node_that_cannot_see_the_folder(ray_cluster, tmp_path, monkeypatch):
+    """The check passes on the local cluster (every node is this machine); a node whose view of the same path is
+    another, empty folder (a folder that is not shared) is named in an error before anything runs."""
+    from csd_backend.batch import ray_runner
+    from csd_backend.errors import ConfigError
+
+    runner = ray_runner.RayRunner("auto")
+    shared = tmp_path / "out"
+    shared.mkdir()
+    runner.check_shared_folder(shared)
+    assert list(shared.iterdir()) == []  # the probe files are cleaned up
+
+    elsewhere = tmp_path / "node-local"
+    elsewhere.mkdir()
+
+    def blind(probe, token, answer):  # this node mounts something else at the batch folder's path
+        return ray_runner._sees_folder(probe.replace(str(shared), str(elsewhere)), token,
+                                       answer.replace(str(shared), str(elsewhere)))
+
+    reporter, task, _ = ray_runner._remotes(ray_cluster)
+    monkeypatch.setattr(ray_runner, "_remotes", lambda ray: (reporter, task, ray.remote(blind)))
+    with pytest.raises(ConfigError, match="not shared with every node") as info:
+        runner.check_shared_folder(shared)
+    assert info.value.field == "--out" and list(shared.iterdir()) == []

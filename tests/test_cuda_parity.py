@@ -44,17 +44,26 @@ def test_render_and_gradients_match_between_cpu_and_cuda():
     torch.manual_seed(0)
     cpu_scene = Scene(SceneConfig(**{**CFG.__dict__, "encoding_backend": "torch", "background": "solid"}))
     gpu_scene = copy.deepcopy(cpu_scene).cuda()
+    _assert_same_render_and_gradients((cpu_scene, "cpu", "torch"), (gpu_scene, "cuda", "torch"))
+
+
+def _assert_same_render_and_gradients(*runs):
+    """A textureless render with normals of each ``(scene, device, render backend)`` and the encoding's gradient
+    of its squared sum: the same within tolerance."""
     cams = orbit_cameras(2, 15.0, 2.0, 60.0, 32, 32)
     outs = []
-    for scene, device in ((cpu_scene, "cpu"), (gpu_scene, "cuda")):
-        r = VolumeRenderer(RenderConfig(num_samples_per_ray=256, stratified=False), 1.0).to(device)
+    for scene, device, backend in runs:
+        r = VolumeRenderer(RenderConfig(num_samples_per_ray=256, stratified=False, backend=backend), 1.0,
+                           device=device).to(device)
+        assert r.compositor.backend == backend
         r.grid.update(0, scene.volume.density, r.step_size, torch.Generator().manual_seed(0))
         o, d = get_rays(cams.to(device))
         out = r(scene.volume, scene.background, o, d, "textureless", need_normals=True)
         out.rgb.square().sum().backward()
         outs.append((out.rgb.detach().cpu(), scene.volume.encoding.params.grad.cpu()))
-    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-3)
+    for rgb, grad in outs[1:]:
+        torch.testing.assert_close(rgb, outs[0][0], atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(grad, outs[0][1], atol=1e-5, rtol=1e-3)
 
 
 # ------------------------------------------------------------------ the compiled backends (issue 12 item 2)
@@ -135,19 +144,7 @@ def test_render_with_compiled_backends_on_cuda_matches_cpu_torch():
                       device="cuda").cuda()
     assert type(gpu_scene.volume.encoding) is backends.CompiledHashGridEncoding
     gpu_scene.load_state_dict(cpu_scene.state_dict())
-    cams = orbit_cameras(2, 15.0, 2.0, 60.0, 32, 32)
-    outs = []
-    for scene, device, backend in ((cpu_scene, "cpu", "torch"), (gpu_scene, "cuda", "compiled")):
-        r = VolumeRenderer(RenderConfig(num_samples_per_ray=256, stratified=False, backend=backend), 1.0,
-                           device=device).to(device)
-        assert r.compositor.backend == backend
-        r.grid.update(0, scene.volume.density, r.step_size, torch.Generator().manual_seed(0))
-        o, d = get_rays(cams.to(device))
-        out = r(scene.volume, scene.background, o, d, "textureless", need_normals=True)
-        out.rgb.square().sum().backward()
-        outs.append((out.rgb.detach().cpu(), scene.volume.encoding.params.grad.cpu()))
-    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-3)
+    _assert_same_render_and_gradients((cpu_scene, "cpu", "torch"), (gpu_scene, "cuda", "compiled"))
 
 
 @cuda
