@@ -189,8 +189,11 @@ def _run_until_then_interrupt(args, flag: Path) -> subprocess.CompletedProcess:
     """``python -m csd_backend ARGS`` in its own process group, Ctrl-C'd (SIGINT to the group, as a terminal
     does) once ``flag`` exists."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # as from a terminal: SIGINT handled (a test runner started in the background, e.g. `cmd &` in a script,
+    # passes SIGINT on ignored, and the batch then ignores Ctrl-C as every process of that job does)
     proc = subprocess.Popen([sys.executable, "-m", "csd_backend", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT), start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=str(ROOT), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while not flag.exists():
@@ -294,7 +297,8 @@ def ray_cluster():
 
 def test_ray_batch_survives_a_killed_worker_and_ctrl_c_with_results_equal_to_an_uninterrupted_run(
         ray_cluster, tmp_path, capsys):
-    prompts = write_jsonl(tmp_path / "p.jsonl", {"prompt": "a red ball", "steps": 60}, {"prompt": "a blue cube"},
+    # the victim runs long enough (200 steps) that the Ctrl-C, set at its step ~11, lands before it ends
+    prompts = write_jsonl(tmp_path / "p.jsonl", {"prompt": "a red ball", "steps": 200}, {"prompt": "a blue cube"},
                           {"prompt": "a green cone"})
     out = tmp_path / "out"
     victim, killed, stopped, pids, attempt = "0001-a-red-ball", [], [], {}, Counter()
@@ -338,7 +342,7 @@ def test_ray_batch_survives_a_killed_worker_and_ctrl_c_with_results_equal_to_an_
     assert [r for r in records(out) if r["run"] == victim][-2]["step"] == stopped_at  # resumed where it stopped
     for run in state:
         assert (out / run / "mesh.glb").is_file() and (out / run / "renders" / "view_00.png").is_file()
-    generate(tmp_path / "ref", "a red ball", steps=60)
+    generate(tmp_path / "ref", "a red ball", steps=200)
     assert same_scene(out / victim, tmp_path / "ref")  # killed, resumed, cancelled, resumed: as if never stopped
     generate(tmp_path / "ref2", "a green cone")
     assert same_scene(out / "0003-a-green-cone", tmp_path / "ref2")

@@ -93,11 +93,15 @@ class LocalRunner:
         slots = [_Slot(i, self._device(i)) for i in range(min(self.workers, len(specs)))]
         out_dict = dataclasses.asdict(outputs)
         stopping, deadline = False, None
+        # workers take Ctrl-C as the driver does: a driver started with SIGINT ignored (nohup, `cmd &` in a script)
+        # has workers that ignore it too, so a SIGINT to the process group cannot stop them behind its back
+        interruptible = _sigint_handled()
 
         def start(slot: _Slot) -> None:
             parent, child = ctx.Pipe()
             slot.proc = ctx.Process(target=worker_main, name=f"csd-batch-worker-{slot.index}", daemon=True,
-                                    args=(slot.device, self.threads(), str(folder), out_dict, prior_over, child))
+                                    args=(slot.device, self.threads(), str(folder), out_dict, prior_over, child,
+                                          interruptible))
             with _sigint_ignored():  # a Ctrl-C while it imports torch: no traceback, the driver stops it
                 slot.proc.start()
             child.close()
@@ -199,9 +203,12 @@ class LocalRunner:
         return stopping
 
 
-def worker_main(device: str, threads: Optional[int], folder: str, outputs: dict, prior_over: dict, conn) -> None:
-    """A worker process: take runs from ``conn`` until it sends None; every event goes back over ``conn``."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored while it started
+def worker_main(device: str, threads: Optional[int], folder: str, outputs: dict, prior_over: dict, conn,
+                interruptible: bool = True) -> None:
+    """A worker process: take runs from ``conn`` until it sends None; every event goes back over ``conn``.
+    ``interruptible``: Ctrl-C (SIGINT) stops it, as it stops the driver (else SIGINT stays ignored)."""
+    if interruptible:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored while it started
     from .. import cli
 
     with cli._signals_interrupt():
@@ -233,6 +240,14 @@ def _serve(device, threads, folder, outputs, prior_over, conn) -> None:
         result = execute(RunSpec(**msg), folder, outs, conn.send, priors,
                          device=device if device != "cpu" else None, prior_over=prior_over)
         conn.send(result)
+
+
+def _sigint_handled() -> bool:
+    """Whether this process reacts to SIGINT (Python ignores it when it was started with SIGINT ignored)."""
+    try:
+        return signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    except ValueError:
+        return True
 
 
 @contextlib.contextmanager
