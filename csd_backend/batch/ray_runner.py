@@ -15,6 +15,8 @@ import functools
 import logging
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -67,6 +69,7 @@ def _run_task(spec: dict, folder: str, outputs: dict, prior_over: dict, threads:
     if threads:
         torch.set_num_threads(threads)
     quiet_third_party()
+    _cancellable()
     try:
         result = execute(RunSpec(**spec), Path(folder), RunOutputs(**outputs), reporter.report.remote,
                          prior_over=prior_over)
@@ -80,6 +83,13 @@ def _run_task(spec: dict, folder: str, outputs: dict, prior_over: dict, threads:
             os._exit(1)
     ray.get(reporter.sync.remote())  # the driver sees this run's events before its end
     return result
+
+
+def _cancellable() -> None:
+    """Let Ray's cancel reach the task: it raises KeyboardInterrupt through Python's SIGINT machinery, which does
+    nothing in a worker that inherited SIGINT ignored (a cluster started by a script run in the background)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _sees_folder(probe: str, token: str, answer: str) -> bool:
