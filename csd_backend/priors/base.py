@@ -135,3 +135,26 @@ def choose_resolution(native: int, resolution: Optional[int], max_resolution: Op
                     int(resolution), native, native)
         resolution = native
     return int(resolution)
+
+
+def place_modules(modules: Sequence[torch.nn.Module], device: torch.device,
+                  dtype: Optional[torch.dtype]) -> list:
+    """``modules`` moved to ``device`` and, when ``dtype`` is given and differs, cast to it (the loaders' parts)."""
+    placed = []
+    for m in modules:
+        m = m.to(device=device)
+        if dtype is not None and next(m.parameters()).dtype != dtype:
+            m = m.to(dtype=dtype)
+        placed.append(m)
+    return placed
+
+
+def unet_inputs(z_t: torch.Tensor, t, embeddings: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """``(z_t, t, embeddings)`` for a UNet call: detached on ``device``, ``t`` a long ``[N]`` (one timestep is
+    expanded to the batch), the embeddings in the UNet's ``dtype`` (``z_t`` keeps its own: callers need it in
+    float32 for the v → ε conversion)."""
+    z_t = z_t.detach().to(device)
+    t = torch.as_tensor(t, device=device).long().reshape(-1)
+    if t.numel() == 1 and z_t.shape[0] > 1:
+        t = t.expand(z_t.shape[0])
+    return z_t, t, embeddings.detach().to(device, dtype)

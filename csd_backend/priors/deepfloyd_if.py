@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, CSDError, ModelNotFoundError
-from .base import DiffusionPrior, check_prediction_type, choose_resolution, resize_renders, scaled_input_size
+from .base import (DiffusionPrior, check_prediction_type, choose_resolution, place_modules, resize_renders,
+                   scaled_input_size, unet_inputs)
 from .stable_diffusion import (
     _HUB_ID,
     _freeze,
@@ -202,12 +203,7 @@ class DeepFloydIFPrior(DiffusionPrior):
         if alphas is None:  # a scheduler without the table: the DDPM one of the same config has it
             alphas = DDPMScheduler.from_config(sched_cfg).alphas_cumprod
         dt = None if dtype is None else resolve_dtype(dtype, dev)
-        mods = []
-        for m in (unet, text_encoder):
-            m = m.to(device=dev)
-            if dt is not None and next(m.parameters()).dtype != dt:
-                m = m.to(dtype=dt)
-            mods.append(m)
+        mods = place_modules((unet, text_encoder), dev, dt)
         if dev.type == "cuda":
             mods[0] = mods[0].to(memory_format=torch.channels_last)  # as threestudio: faster convolutions
         return cls(
@@ -281,11 +277,7 @@ class DeepFloydIFPrior(DiffusionPrior):
         """ε for ``z_t`` ``[N, 3, h, w]`` (the first 3 UNet output channels; the learned variance is dropped).
         ``control`` is accepted and ignored: IF has no ControlNet."""
         dt = self.unet_dtype
-        z_t = z_t.detach().to(self.device)
-        t = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if t.numel() == 1 and z_t.shape[0] > 1:
-            t = t.expand(z_t.shape[0])
-        emb = embeddings.detach().to(self.device, dt)
+        z_t, t, emb = unet_inputs(z_t, t, embeddings, self.device, dt)
         out = self.unet(z_t.to(dt), t, encoder_hidden_states=emb).sample
         out = out[:, : self.eps_channels].to(torch.float32)
         if self.prediction_type == "v_prediction":

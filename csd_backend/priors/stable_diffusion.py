@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ModelNotFoundError
-from .base import DiffusionPrior, check_prediction_type, choose_resolution, resize_renders, scaled_input_size
+from .base import (DiffusionPrior, check_prediction_type, choose_resolution, place_modules, resize_renders,
+                   scaled_input_size, unet_inputs)
 
 log = logging.getLogger("csd_backend")
 
@@ -268,12 +269,7 @@ class StableDiffusionPrior(DiffusionPrior):
         sched_cfg = dict(scheduler.config)
         ddim = scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(sched_cfg)
         dt = None if dtype is None else resolve_dtype(dtype, dev)
-        mods = []
-        for m in (unet, vae, text_encoder):
-            m = m.to(device=dev)
-            if dt is not None and next(m.parameters()).dtype != dt:
-                m = m.to(dtype=dt)
-            mods.append(m)
+        mods = place_modules((unet, vae, text_encoder), dev, dt)
         return cls(
             *mods,
             tokenizer,
@@ -334,11 +330,7 @@ class StableDiffusionPrior(DiffusionPrior):
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
                       control: Optional[torch.Tensor] = None) -> torch.Tensor:
         dt = self.unet_dtype
-        z_t = z_t.detach().to(self.device)
-        t = torch.as_tensor(t, device=self.device).long().reshape(-1)
-        if t.numel() == 1 and z_t.shape[0] > 1:
-            t = t.expand(z_t.shape[0])
-        emb = embeddings.detach().to(self.device, dt)
+        z_t, t, emb = unet_inputs(z_t, t, embeddings, self.device, dt)
         extra = {}
         if control is not None and self.controlnet is not None:
             extra = self._control_residuals(z_t.to(dt), t, emb, control)
