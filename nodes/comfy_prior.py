@@ -83,7 +83,7 @@ def _prior_class():
     import torch
 
     from csd_backend.errors import ConfigError
-    from csd_backend.priors.base import DiffusionPrior, resize_renders, scaled_input_size
+    from csd_backend.priors.base import DiffusionPrior, resize_renders, scaled_input_size, unet_inputs
 
     class _Call(torch.nn.Module):
         """``fn(module, x)`` as a module, so that ``torch.func.functional_call`` can swap the parameters."""
@@ -209,10 +209,8 @@ def _prior_class():
         @torch.no_grad()
         def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
                           control: Optional[torch.Tensor] = None) -> torch.Tensor:
-            z_t = z_t.detach().to(self.device, torch.float32)
-            t = torch.as_tensor(t, device=self.device).long().reshape(-1)
-            if t.numel() == 1 and z_t.shape[0] > 1:
-                t = t.expand(z_t.shape[0])
+            z_t, t, emb = unet_inputs(z_t, t, embeddings, self.device, embeddings.dtype)
+            z_t = z_t.to(torch.float32)
             base = self.model.model
             mem = base.memory_required(list(z_t.shape)) if hasattr(base, "memory_required") else 0
             self._load([self.model], mem)
@@ -220,7 +218,7 @@ def _prior_class():
             x = cs_math.comfy_x_from_z_t(z_t, sigma)  # ComfyUI's x = z + σ·ε
             options = dict((getattr(self.model, "model_options", None) or {}).get("transformer_options", {}))
             options.update(sigmas=sigma, cond_or_uncond=[0])
-            denoised = base.apply_model(x, sigma, c_crossattn=embeddings.detach().to(self.device),
+            denoised = base.apply_model(x, sigma, c_crossattn=emb,
                                         transformer_options=options)
             return cs_math.eps_from_denoised(x, denoised.to(torch.float32), sigma).to(torch.float32)
 
