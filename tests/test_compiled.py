@@ -207,6 +207,7 @@ def _run_config(steps, **render):
 def test_training_steps_with_compiled_backends_match_torch():
     params = {}
     for backend in ("torch", "compiled"):
+        compiling.compile_problem.cache_clear()  # the trial compile runs while the scene is built: same weights
         cfg = _run_config(3, backend=backend).replace(scene={"encoding_backend": backend})
         opt = Optimization(cfg, AnalyticPrior(16))
         assert opt.renderer.compositor.backend == backend
@@ -215,6 +216,15 @@ def test_training_steps_with_compiled_backends_match_torch():
     assert type(opt.scene.volume.encoding) is CompiledHashGridEncoding
     for k, v in params["torch"].items():
         torch.testing.assert_close(params["compiled"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_trial_compile_leaves_the_seeded_generators_alone():
+    """The first trial compile happens while a run builds its scene: a random draw there would give the same seed
+    other initial weights with ``compiled`` than with ``torch``."""
+    compiling.compile_problem.cache_clear()
+    state = torch.get_rng_state()
+    assert compiling.compile_problem("cpu") is None
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_backend_selection_and_errors(monkeypatch, caplog):
