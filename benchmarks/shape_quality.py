@@ -2,6 +2,7 @@
 
     python benchmarks/shape_quality.py                                  # every object, csd and sds
     python benchmarks/shape_quality.py --objects cube,mug --methods csd --steps 200 --out runs/shape_quality
+    python benchmarks/shape_quality.py --methods csd --seeds 0,1 --every 50 --no-mesh   # means of 2 seeds, curves
 
 For each object and method, a short optimisation with the toy prior (``--preset``, default ``preview-cpu``, with
 ``--steps`` steps and ``--seed``) is scored against the object's exact geometry (``benchmarks/toy_prior/
@@ -17,7 +18,14 @@ objects.py``):
 * **colour**: mean |Δ| (per channel, in [0, 1]) between the rendered albedo (un-premultiplied by the opacity)
   and the true colour on the pixels both silhouettes cover; ``rgb`` is the mean rendered albedo there.
 
+* **IoU below**: the silhouette IoU of the 4 views from below alone, where density that training cameras rarely
+  see (a "skirt" under the object) shows.
+
 Runs go ``--jobs`` at a time (processes, default 2) with ``--threads`` torch threads each (default 1).
+``--seeds 0,1,2`` runs each (object, method) once per seed and reports the seeds' mean (with the IoU's range): one
+seed's IoU varies by about ±0.2 with this prior, so a single-seed difference smaller than that is noise.
+``--every N`` also scores the silhouette IoU every N steps of each run (a curve: does the shape hold, or peak and
+erode?).
 
 The **blob** row is the starting scene (step 0, same seed) scored against each object: a method has to beat it.
 The **cross-object matrix** scores the run for prompt A against every object B (silhouette IoU): its own object
@@ -72,6 +80,10 @@ N_POINTS = 20000
 
 
 # ------------------------------------------------------------------------------------------------- cameras
+#: the eval views from below (elevation −30°): where density that training cameras rarely see (a "skirt") shows
+BELOW = slice(12, 16)
+
+
 def eval_cameras(size: int = EVAL_SIZE):
     from csd_backend.render.cameras import make_cameras
 
@@ -192,10 +204,11 @@ class Scorer:
         normal = (render_scene(scene, self.cams, render_cfg, renderer, "textureless", background=[1, 1, 1])[0]
                   if normals else None)
         iou = {name: silhouette_iou(opacity, gt["mask"]) for name, gt in self.gt.items()}
+        below = {name: silhouette_iou(opacity[BELOW], gt["mask"][BELOW]) for name, gt in self.gt.items()}
         pts, info = mesh_points(scene) if meshes else (None, {})
         out = {}
         for name in own:
-            r = {"iou": dict(iou), **info}
+            r = {"iou": dict(iou), "iou_below": below[name], **info}
             r["colour_err"], r["rgb"] = colour_error(albedo, opacity, self.gt[name])
             if meshes:
                 r.update(mesh_scores(pts, self.pts[name]))
@@ -203,14 +216,28 @@ class Scorer:
         return out, {"albedo": albedo, "opacity": opacity, "normal": normal}
 
 
-def train_scene(cfg, prior, scene=None):
-    """The finished optimisation of ``cfg`` (from ``scene`` when given) and its training time in seconds."""
+def train_scene(cfg, prior, scene=None, every: int = 0, on_step=None):
+    """The finished optimisation of ``cfg`` (from ``scene`` when given) and its training time in seconds (the
+    time of ``on_step`` excluded). ``on_step(opt)`` is called after every ``every``-th step before the last."""
     from csd_backend.optimize import Optimization
 
     opt = Optimization(cfg, prior, scene=scene)
+    spent = [0.0]
+
+    def progress(info):
+        if every and on_step is not None and info.step % every == 0 and info.step < info.total:
+            t = time.perf_counter()
+            on_step(opt)
+            spent[0] += time.perf_counter() - t
+
     t0 = time.perf_counter()
-    opt.run()
-    return opt, time.perf_counter() - t0
+    opt.run(progress=progress)
+    return opt, time.perf_counter() - t0 - spent[0]
+
+
+def curve_point(step: int, ious: Dict[str, float], own: str) -> list:
+    """``[step, IoU against the own object, best IoU against another object]``."""
+    return [step, ious[own], max((v for k, v in ious.items() if k != own), default=math.nan)]
 
 
 def refine_scene(stage1, obj: ToyObject, prior, seed: int):
@@ -231,7 +258,7 @@ _WORKER: dict = {}
 
 def _run_one(job, scorer: Optional[Scorer] = None):
     """Train and score one (object, method) run; in a worker process the prior and the scorer are cached."""
-    name, method, steps, seed, preset, model, resolution, meshes, threads, names, overrides = job
+    name, method, seed, steps, preset, model, resolution, meshes, threads, names, overrides, every = job
     from csd_backend.priors import load_prior
 
     torch.set_num_threads(threads)
@@ -245,13 +272,21 @@ def _run_one(job, scorer: Optional[Scorer] = None):
     key = repr(cfg.prior)
     if key not in _WORKER:
         _WORKER[key] = load_prior(cfg.prior)
-    opt, secs = train_scene(cfg, _WORKER[key])
+    curve = []
+
+    def on_step(o):  # silhouette IoU during the run (stage 1 only)
+        ious = scorer.score(o.trained_scene(), cfg.render, o.renderer, own=[name], meshes=False, normals=False)[0]
+        curve.append(curve_point(o.step, ious[name]["iou"], name))
+
+    opt, secs = train_scene(cfg, _WORKER[key], every=every, on_step=on_step)
     if method.endswith(REFINE):
         opt, more = refine_scene(opt, obj, _WORKER[key], seed)
         secs += more
     rs, rend = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[name], meshes=meshes)
     r = rs[name]
     r["seconds"] = secs
+    if every:
+        r["curve"] = curve + [curve_point(steps, r["iou"], name)]
     return r, rend
 
 
@@ -260,10 +295,44 @@ def _fmt(v, nd=3):
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
+def _mean(values: list):
+    """The mean of the seeds' values: numbers (NaN-aware), dicts and lists element-wise, else the first value."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: _mean([v[k] for v in values if k in v]) for k in first}
+    if isinstance(first, list) and all(isinstance(v, list) and len(v) == len(first) for v in values):
+        return [_mean([v[i] for v in values]) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        if all(v == first for v in values):  # e.g. the steps of a curve stay integers
+            return first
+        finite = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+        return sum(finite) / len(finite) if finite else math.nan
+    return first
+
+
+def combine_seeds(per_seed: Dict[int, dict], own: str) -> dict:
+    """One result from the runs of several seeds: every score is the seeds' mean; ``per_seed`` keeps each run and
+    ``iou_range`` the lowest and highest IoU against the own object."""
+    runs = [per_seed[k] for k in sorted(per_seed)]
+    if len(runs) == 1:
+        return dict(runs[0])
+    r = _mean(runs)
+    ious = [x["iou"][own] for x in runs]
+    r["iou_range"] = [min(ious), max(ious)]
+    r["per_seed"] = {str(k): per_seed[k] for k in sorted(per_seed)}
+    return r
+
+
+def _iou_cell(r: dict, own: str) -> str:
+    lo_hi = r.get("iou_range")
+    return _fmt(r["iou"][own]) + (f" ({lo_hi[0]:.2f}–{lo_hi[1]:.2f})" if lo_hi else "")
+
+
 def write_table(results: dict, objects: List[ToyObject], methods: List[str], path: Path, header: str) -> str:
     lines = [header, "",
-             "| object | method | IoU ↑ | Chamfer ↓ (acc / comp) | F@0.05 ↑ | colour err ↓ | mean rgb (true) | time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| object | method | IoU ↑ | IoU below ↑ | Chamfer ↓ (acc / comp) | F@0.05 ↑ | colour err ↓ | mean rgb (true) "
+             "| time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for o in objects:
         for m in ["blob"] + methods:
             r = results.get(f"{o.name}/{m}")
@@ -273,7 +342,8 @@ def write_table(results: dict, objects: List[ToyObject], methods: List[str], pat
             rgb = r.get("rgb")
             rgb_s = "—" if rgb is None else "(" + ", ".join(f"{v:.2f}" for v in rgb) + ")"
             true_s = "(" + ", ".join(f"{v:.2f}" for v in o.color) + ")"
-            lines.append(f"| {o.name} | {m} | {_fmt(r['iou'][o.name])} | {ch} | {_fmt(r.get('fscore'))} | "
+            lines.append(f"| {o.name} | {m} | {_iou_cell(r, o.name)} | {_fmt(r.get('iou_below'))} | {ch} | "
+                         f"{_fmt(r.get('fscore'))} | "
                          f"{_fmt(r.get('colour_err'))} | {rgb_s} {true_s} | "
                          f"{_fmt(r.get('seconds'), 0) if r.get('seconds') else '—'} s |")
     names = [o.name for o in objects]
@@ -291,9 +361,26 @@ def write_table(results: dict, objects: List[ToyObject], methods: List[str], pat
     blob = results.get("blob")
     if blob is not None:
         lines += ["", "| blob (step 0) | " + " | ".join(f"{blob['iou'][b]:.3f}" for b in names) + " |"]
+    lines += curve_table(results, objects, methods)
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def curve_table(results: dict, objects: List[ToyObject], methods: List[str]) -> List[str]:
+    """The silhouette IoU during each run (``--every``): own object, and the best other object in brackets."""
+    rows = [(o.name, m, results[f"{o.name}/{m}"]["curve"]) for m in methods for o in objects
+            if "curve" in results.get(f"{o.name}/{m}", {})]
+    if not rows:
+        return []
+    steps = sorted({p[0] for _, _, c in rows for p in c})
+    lines = ["", "Silhouette IoU during the run: own object (best other object):", "",
+             "| object | method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    for name, m, curve in rows:
+        at = {p[0]: p for p in curve}
+        cells = [f"{at[s][1]:.3f} ({at[s][2]:.3f})" if s in at else "—" for s in steps]
+        lines.append(f"| {name} | {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_sheet(rows: List[tuple], path: Path, views=(0, 2, 4, 8, 12)) -> None:
@@ -325,6 +412,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=0, help="training steps (default 0: the preset's own, 150 for preview-cpu)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="", metavar="S,S,...",
+                    help="run every (object, method) with each of these seeds (instead of --seed) and report the "
+                         "seeds' mean, with the range of the IoU: one seed's IoU varies by ±0.2 on this prior")
     ap.add_argument("--preset", default="preview-cpu")
     ap.add_argument("--model", default="toy", help="the prior (default: the shipped toy prior)")
     ap.add_argument("--resolution", type=int, default=0,
@@ -335,6 +425,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per job")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes)")
     ap.add_argument("--no-mesh", action="store_true", help="skip the mesh scores (faster)")
+    ap.add_argument("--every", type=int, default=0, metavar="N",
+                    help="also score the silhouette IoU every N steps during each run (a table of the curve: does "
+                         "the shape hold, or peak and erode?); default 0: only at the end")
     ap.add_argument("--out", type=Path, default=Path("runs/shape_quality"))
     args = ap.parse_args(argv)
     if args.steps <= 0:
@@ -351,27 +444,32 @@ def main(argv=None) -> int:
     scorer = Scorer(objects, points=not args.no_mesh)
     results: Dict[str, dict] = {}
     sheet = []
-    # the step-0 scene depends only on the seed and the scene settings: score it once against every object
+    # the step-0 scene depends only on the seed and the scene settings: score it once per seed against every object
     from csd_backend.optimize import Optimization
     from csd_backend.priors import load_prior
 
     from csd_backend.cli import _overrides
 
     overrides = _overrides(args.set)
-    cfg0 = run_config(objects[0], methods[0], args.steps, args.seed, args.preset, args.model, args.resolution or None,
-                      overrides)
-    blob = Optimization(cfg0, load_prior(cfg0.prior)).trained_scene()
-    rs, rend = scorer.score(blob, cfg0.render, own=[b.name for b in objects], meshes=not args.no_mesh)
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds.strip() else [args.seed]
+    blobs = {}
+    for seed in seeds:
+        cfg0 = run_config(objects[0], methods[0], args.steps, seed, args.preset, args.model,
+                          args.resolution or None, overrides)
+        blob = Optimization(cfg0, load_prior(cfg0.prior)).trained_scene()
+        blobs[seed], rend = scorer.score(blob, cfg0.render, own=[b.name for b in objects], meshes=not args.no_mesh)
+        if seed == seeds[0]:
+            sheet.append(("blob (step 0)", rend, scorer.gt[objects[0].name]))
     for b in objects:
-        results[f"{b.name}/blob"] = rs[b.name]
-    results["blob"] = rs[objects[0].name]
-    sheet.append(("blob (step 0)", rend, scorer.gt[objects[0].name]))
+        results[f"{b.name}/blob"] = combine_seeds({k: v[b.name] for k, v in blobs.items()}, b.name)
+    results["blob"] = results[f"{objects[0].name}/blob"]
 
-    jobs = [(o.name, m) for m in methods for o in objects]
-    common = (args.steps, args.seed, args.preset, args.model, args.resolution or None, not args.no_mesh,
-              args.threads, [o.name for o in objects], overrides)
-    def report(name, m, r):
-        print(f"{name:5s} {m}: IoU {r['iou'][name]:.3f} (best other "
+    jobs = [(o.name, m, seed) for m in methods for o in objects for seed in seeds]
+    common = (args.steps, args.preset, args.model, args.resolution or None, not args.no_mesh,
+              args.threads, [o.name for o in objects], overrides, max(args.every, 0))
+
+    def report(name, m, seed, r):
+        print(f"{name:5s} {m} seed {seed}: IoU {r['iou'][name]:.3f} (best other "
               f"{max((v for k, v in r['iou'].items() if k != name), default=float('nan')):.3f}), "
               f"chamfer {_fmt(r.get('chamfer'))}, F {_fmt(r.get('fscore'))}, colour {_fmt(r.get('colour_err'))} "
               f"rgb {r.get('rgb')}, {r['seconds']:.0f} s", flush=True)
@@ -382,19 +480,21 @@ def main(argv=None) -> int:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_one, (name, m, *common)): (name, m) for name, m in jobs}
+            futures = {pool.submit(_run_one, (*job, *common)): job for job in jobs}
             for fut in as_completed(futures):
                 outs[futures[fut]] = fut.result()
                 report(*futures[fut], outs[futures[fut]][0])
     else:
-        for name, m in jobs:
-            outs[(name, m)] = _run_one((name, m, *common), scorer)
-            report(name, m, outs[(name, m)][0])
-    for name, m in jobs:
-        r, rend = outs[(name, m)]
-        results[f"{name}/{m}"] = r
-        sheet.append((f"{name} / {m}", rend, scorer.gt[name]))
-    header = (f"Shape quality with the toy prior: preset {args.preset}, {args.steps} steps, seed {args.seed}, "
+        for job in jobs:
+            outs[job] = _run_one((*job, *common), scorer)
+            report(*job, outs[job][0])
+    for o in objects:
+        for m in methods:
+            results[f"{o.name}/{m}"] = combine_seeds({seed: outs[(o.name, m, seed)][0] for seed in seeds}, o.name)
+            sheet.append((f"{o.name} / {m}", outs[(o.name, m, seeds[0])][1], scorer.gt[o.name]))
+    header = (f"Shape quality with the toy prior: preset {args.preset}, {args.steps} steps, "
+              f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+              f"{' (the mean; IoU range in brackets)' if len(seeds) > 1 else ''}, "
               f"prior resolution {args.resolution or 'preset'}, {args.jobs} job(s) × {args.threads} torch thread(s); "
               f"{'settings ' + ' '.join(args.set) + '; ' if args.set else ''}"
               f"{len(eval_cameras())} views at {EVAL_SIZE}², distance {EVAL_DISTANCE}, fovy {EVAL_FOVY}; "

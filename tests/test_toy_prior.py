@@ -95,3 +95,41 @@ def test_short_csd_run_makes_its_own_object(toy_prior):
     msg = f"IoU after {CI_STEPS} steps {after}, blob {before}"
     assert after[obj.name] > max(others.values()) + CI_MARGIN_OBJECTS, msg
     assert after[obj.name] > before[obj.name] + CI_MARGIN_BLOB, msg
+
+
+def test_shape_quality_scores_during_the_run(toy_prior):
+    """``shape_quality.py --every N``: the scorer is called after every N-th step before the last (its time is not
+    counted as training), and the curve table lists own and best-other IoU per step."""
+    from shape_quality import curve_point, curve_table, run_config, train_scene
+    from toy_prior.objects import get_object
+
+    seen = []
+    cfg = run_config(get_object("cone"), "csd", 5, seed=0)
+    opt, secs = train_scene(cfg, toy_prior, every=2, on_step=lambda o: seen.append(o.step))
+    assert seen == [2, 4] and opt.step == 5 and secs > 0
+
+    point = curve_point(5, {"cone": 0.7, "mug": 0.5, "ball": 0.6}, "cone")
+    assert point == [5, 0.7, 0.6]
+    results = {"cone/csd": {"curve": [[2, 0.55, 0.5], point]}, "mug/csd": {}}
+    lines = curve_table(results, [get_object("cone"), get_object("mug")], ["csd"])
+    assert lines[3] == "| object | method | step 2 | step 5 |"
+    assert lines[5] == "| cone | csd | 0.550 (0.500) | 0.700 (0.600) |"
+    assert curve_table({"cone/csd": {}}, [get_object("cone")], ["csd"]) == []
+
+
+def test_shape_quality_combines_seeds_into_means_and_an_iou_range():
+    from shape_quality import _iou_cell, combine_seeds
+
+    a = {"iou": {"cone": 0.8, "mug": 0.4}, "rgb": [0.0, 1.0, 0.0], "chamfer": float("nan"), "faces": 10,
+         "curve": [[50, 0.6, 0.5], [100, 0.8, 0.4]], "error": "no surface"}
+    b = {"iou": {"cone": 0.4, "mug": 0.6}, "rgb": [0.2, 0.8, 0.0], "chamfer": 0.1, "faces": 20,
+         "curve": [[50, 0.4, 0.5], [100, 0.4, 0.6]]}
+    r = combine_seeds({1: b, 0: a}, "cone")
+    assert r["iou"] == pytest.approx({"cone": 0.6, "mug": 0.5})
+    assert r["rgb"] == pytest.approx([0.1, 0.9, 0.0])
+    assert r["chamfer"] == pytest.approx(0.1)  # the seeds with a mesh
+    assert r["faces"] == 15 and r["error"] == "no surface"
+    assert r["curve"] == [[50, 0.5, 0.5], [100, pytest.approx(0.6), 0.5]]
+    assert r["iou_range"] == [0.4, 0.8] and list(r["per_seed"]) == ["0", "1"]
+    assert _iou_cell(r, "cone") == "0.600 (0.40–0.80)"
+    assert combine_seeds({0: a}, "cone") == a and _iou_cell(a, "cone") == "0.800"
