@@ -285,8 +285,8 @@ def _run_one(job, scorer: Optional[Scorer] = None):
     rs, rend = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[name], meshes=meshes)
     r = rs[name]
     r["seconds"] = secs
-    if every:
-        r["curve"] = curve + [curve_point(steps, r["iou"], name)]
+    if every:  # the last point is the final score (after stage 2 for a refined run: left out there)
+        r["curve"] = curve + ([] if method.endswith(REFINE) else [curve_point(steps, r["iou"], name)])
     return r, rend
 
 
