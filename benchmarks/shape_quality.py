@@ -451,7 +451,10 @@ def main(argv=None) -> int:
     from csd_backend.cli import _overrides
 
     overrides = _overrides(args.set)
-    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds.strip() else [args.seed]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds.strip() else [args.seed]
+    except ValueError:
+        ap.error(f"--seeds takes whole numbers separated by commas, e.g. --seeds 0,1,2; got {args.seeds!r}")
     blobs = {}
     for seed in seeds:
         cfg0 = run_config(objects[0], methods[0], args.steps, seed, args.preset, args.model,
