@@ -438,6 +438,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     objects = [get_object(n.strip()) for n in args.objects.split(",") if n.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds.strip() else [args.seed]
+    except ValueError:
+        ap.error(f"--seeds takes whole numbers separated by commas, e.g. --seeds 0,1,2; got {args.seeds!r}")
     args.out.mkdir(parents=True, exist_ok=True)
 
     t_all = time.perf_counter()
@@ -451,15 +455,12 @@ def main(argv=None) -> int:
     from csd_backend.cli import _overrides
 
     overrides = _overrides(args.set)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds.strip() else [args.seed]
-    except ValueError:
-        ap.error(f"--seeds takes whole numbers separated by commas, e.g. --seeds 0,1,2; got {args.seeds!r}")
-    blobs = {}
+    blobs, prior = {}, None
     for seed in seeds:
         cfg0 = run_config(objects[0], methods[0], args.steps, seed, args.preset, args.model,
                           args.resolution or None, overrides)
-        blob = Optimization(cfg0, load_prior(cfg0.prior)).trained_scene()
+        prior = prior or load_prior(cfg0.prior)  # the same for every seed: loaded once
+        blob = Optimization(cfg0, prior).trained_scene()
         blobs[seed], rend = scorer.score(blob, cfg0.render, own=[b.name for b in objects], meshes=not args.no_mesh)
         if seed == seeds[0]:
             sheet.append(("blob (step 0)", rend, scorer.gt[objects[0].name]))
