@@ -84,6 +84,7 @@ def _prior_class():
 
     from csd_backend.errors import ConfigError
     from csd_backend.priors.base import DiffusionPrior, resize_renders, scaled_input_size, unet_inputs
+    from csd_backend.priors.resolution import choose_resolution
 
     class _Call(torch.nn.Module):
         """``fn(module, x)`` as a module, so that ``torch.func.functional_call`` can swap the parameters."""
@@ -139,7 +140,7 @@ def _prior_class():
             levels = len(model.model.model_config.unet_config.get("channel_mult", (1, 2, 4, 4)))
             self.size_multiple = self.vae_scale_factor * 2 ** (levels - 1)
             self.native_resolution = support.native_resolution
-            res, warning = cs_math.choose_resolution(resolution, self.native_resolution)
+            res, warning = choose_resolution(self.native_resolution, resolution or None)  # 0: native
             if warning:
                 c.log.warning("CSD Prior from ComfyUI Model: %s", warning)
             self.resolution = res

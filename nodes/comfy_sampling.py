@@ -153,19 +153,6 @@ def check_support(config_class: str, model_class: str, prediction: str, in_chann
 
 
 # ------------------------------------------------------------------------------------------------- sizes
-def choose_resolution(requested: Optional[int], native: int) -> Tuple[int, Optional[str]]:
-    """The render side to use (``requested``; None or 0: the model's native size; above native: native, with a
-    warning text) and the warning, if any. As the engine's Stable Diffusion prior does."""
-    if requested is None or int(requested) == 0:
-        return int(native), None
-    if isinstance(requested, bool) or int(requested) < 0:
-        raise ConfigError("resolution", f"{requested} must be a positive number of pixels (e.g. 512) or 0")
-    if int(requested) > native:
-        return int(native), (f"resolution {int(requested)} is above this model's native size {native}: renders would "
-                             f"be upscaled for nothing; using {native}")
-    return int(requested), None
-
-
 def posterior_sample(moments, noise=None):
     """A sample (``noise`` given) or the mean (``noise`` None) of the VAE's diagonal Gaussian from its moments
     ``[B, 2C, h, w]`` (mean, log-variance clamped to [−30, 20], as LDM/ComfyUI/diffusers do)."""

@@ -155,12 +155,15 @@ def test_contexts_of_different_lengths_are_repeated_without_changing_attention(s
 
 def test_resolution_and_input_size(sampling):
     from csd_backend.errors import ConfigError
+    from csd_backend.priors.resolution import choose_resolution  # one rule for the engine's priors and this one
 
-    assert sampling.choose_resolution(None, 512) == (512, None)
-    assert sampling.choose_resolution(0, 768) == (768, None)
-    assert sampling.choose_resolution(256, 512) == (256, None)
-    res, warning = sampling.choose_resolution(1024, 512)
+    assert choose_resolution(512) == (512, None)
+    assert choose_resolution(768, None, 256) == (256, None)
+    assert choose_resolution(512, 256) == (256, None)
+    res, warning = choose_resolution(512, 1024)
     assert res == 512 and "native size 512" in warning
+    with pytest.raises(ConfigError, match="resolution"):
+        choose_resolution(512, -1)
     from csd_backend.priors.base import scaled_input_size  # the engine's rule, shared by every prior
 
     assert scaled_input_size(64, 64, 512, 64, "VAE 8 × UNet 8") == (512, 512)

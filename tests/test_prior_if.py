@@ -270,10 +270,10 @@ def test_hub_id_not_cached_offline_says_it_is_gated(tmp_path, monkeypatch):
 def test_hub_id_without_network_fails_fast(tmp_path, monkeypatch):
     import time
 
-    import csd_backend.priors.deepfloyd_if as dif
+    import csd_backend.priors.hub as hub
 
-    monkeypatch.setattr(dif, "_hf_offline", lambda: False)
-    monkeypatch.setattr(dif, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hf_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     t0 = time.perf_counter()
     with pytest.raises(ModelNotFoundError) as info:
         load_deepfloyd_if("DeepFloyd/IF-I-M-v1.0", device="cpu", cache_dir=tmp_path)

@@ -215,10 +215,10 @@ def test_hub_id_not_cached_and_no_network_fails_fast(tmp_path, monkeypatch):
     """Not offline by setting, but offline in fact: say so at once instead of retrying for 40 s."""
     import time
 
-    import csd_backend.priors.stable_diffusion as sd
+    import csd_backend.priors.hub as hub
 
-    monkeypatch.setattr(sd, "_hf_offline", lambda: False)
-    monkeypatch.setattr(sd, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hf_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     t0 = time.perf_counter()
     with pytest.raises(ModelNotFoundError) as info:
         load_stable_diffusion("csd-tests/not-a-cached-model", device="cpu", cache_dir=tmp_path)
@@ -232,15 +232,15 @@ def test_hub_id_not_cached_and_no_network_fails_fast(tmp_path, monkeypatch):
 def test_hub_probe_is_bounded_in_time(monkeypatch):
     import time
 
-    import csd_backend.priors.stable_diffusion as sd
+    import csd_backend.priors.hub as hub
 
     def hang(*args, **kwargs):  # a resolver that never answers
         time.sleep(3)
         raise OSError("no answer")
 
-    monkeypatch.setattr(sd.socket, "create_connection", hang)
+    monkeypatch.setattr(hub.socket, "create_connection", hang)
     t0 = time.perf_counter()
-    assert sd._hub_reachable(timeout=0.3) is False
+    assert hub.hub_reachable(timeout=0.3) is False
     assert time.perf_counter() - t0 < 2
 
 

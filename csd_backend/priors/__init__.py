@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import PriorConfig
 from ..errors import ConfigError, ModelNotFoundError
-from .base import DiffusionPrior
+
+if TYPE_CHECKING:  # the interface is loaded on use: importing the package (and .resolution) needs no torch
+    from .base import DiffusionPrior
 
 #: ``--model analytic`` (or ``analytic:RES``) selects the exact Gaussian test prior (no weights needed)
 ANALYTIC_PREFIX = "analytic"
@@ -69,3 +72,11 @@ def _load_model(cfg: PriorConfig) -> DiffusionPrior:
 
 
 __all__ = ["DiffusionPrior", "load_prior", "TOY_MODEL", "TOY_PROMPTS", "toy_model_path"]
+
+
+def __getattr__(name: str):
+    if name == "DiffusionPrior":
+        from .base import DiffusionPrior
+
+        return DiffusionPrior
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

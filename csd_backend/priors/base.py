@@ -13,11 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-import logging
-
 from ..errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 class DiffusionPrior(ABC):
@@ -120,23 +116,6 @@ def check_prediction_type(prediction_type: str) -> None:
         )
 
 
-def choose_resolution(native: int, resolution: Optional[int], max_resolution: Optional[int]) -> int:
-    """The side renders are resized to: ``resolution``, or the model's ``native`` size under a preset's cap
-    ``max_resolution`` (a cap never raises it: no warning); above ``native``: a warning, and ``native``."""
-    if resolution is None:
-        resolution = native
-        if max_resolution is not None:
-            resolution = min(resolution, int(max_resolution))
-    if isinstance(resolution, bool) or int(resolution) <= 0:
-        raise ConfigError("resolution", f"{resolution} must be a positive number of pixels (e.g. {native})")
-    if int(resolution) > native:
-        log.warning("resolution %d is above this model's native size %d: renders would be upscaled for nothing; "
-                    "using %d (a preset may lower the resolution for speed, never raise it above the model's)",
-                    int(resolution), native, native)
-        resolution = native
-    return int(resolution)
-
-
 def place_modules(modules: Sequence[torch.nn.Module], device: torch.device,
                   dtype: Optional[torch.dtype]) -> list:
     """``modules`` moved to ``device`` and, when ``dtype`` is given and differs, cast to it (the loaders' parts)."""
@@ -158,3 +137,15 @@ def unet_inputs(z_t: torch.Tensor, t, embeddings: torch.Tensor, device: torch.de
     if t.numel() == 1 and z_t.shape[0] > 1:
         t = t.expand(z_t.shape[0])
     return z_t, t, embeddings.detach().to(device, dtype)
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def positive_int(value) -> Optional[int]:
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

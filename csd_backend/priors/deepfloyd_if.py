@@ -34,20 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, CSDError, ModelNotFoundError
-from .base import (DiffusionPrior, check_prediction_type, choose_resolution, place_modules, resize_renders,
-                   scaled_input_size, unet_inputs)
-from .stable_diffusion import (
-    _HUB_ID,
-    _freeze,
-    _hf_cache_dir,
-    _hf_offline,
-    _hub_host,
-    _hub_reachable,
-    _positive_int,
-    resolve_device,
-    resolve_dtype,
-    v_to_eps,
-)
+from . import hub
+from .base import (DiffusionPrior, check_prediction_type, freeze, place_modules, positive_int,
+                   resize_renders, scaled_input_size, unet_inputs)
+from .resolution import choose_resolution
+from .stable_diffusion import resolve_device, resolve_dtype, v_to_eps
 
 log = logging.getLogger("csd_backend")
 
@@ -88,7 +79,7 @@ def _cached_index_file(repo: str, cache_dir=None) -> Optional[Path]:
 
 
 def _is_hub_id(raw: str) -> bool:
-    return bool(_HUB_ID.match(raw)) and not raw.startswith((".", "~"))
+    return bool(hub.HUB_ID.match(raw)) and not raw.startswith((".", "~"))
 
 
 def model_index_class(source: str | os.PathLike, cache_dir=None) -> Optional[str]:
@@ -160,16 +151,18 @@ class DeepFloydIFPrior(DiffusionPrior):
                 "model", f"the UNet of {source} takes {in_ch} channels and predicts {out_ch}; a DeepFloyd IF stage-I "
                          "UNet takes 3 (RGB) and predicts 6 (ε and the learned variance). Super-resolution stages "
                          f"(IF-II, IF-III) cannot be the prior: use the stage-I model, e.g. {IF_HUB_ID}")
-        self.unet = _freeze(unet)
-        self.text_encoder = _freeze(text_encoder)
+        self.unet = freeze(unet)
+        self.text_encoder = freeze(text_encoder)
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.prediction_type = prediction_type
         self.source = str(source)
         self.eps_channels = 3  # the learned-variance channels that follow are dropped
         self.size_multiple = 2 ** (len(unet.config.block_out_channels) - 1)
-        self.native_resolution = _positive_int(getattr(unet.config, "sample_size", None)) or 64
-        self.resolution = choose_resolution(self.native_resolution, resolution, max_resolution)
+        self.native_resolution = positive_int(getattr(unet.config, "sample_size", None)) or 64
+        self.resolution, warning = choose_resolution(self.native_resolution, resolution, max_resolution)
+        if warning:
+            log.warning(warning)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -413,7 +406,7 @@ def load_deepfloyd_if(
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    offline = _hf_offline()
+    offline = hub.hf_offline()
     raw = str(source)
     path = Path(os.path.expanduser(raw))
 
@@ -436,7 +429,7 @@ def load_deepfloyd_if(
         parts = _load_components(str(path), local=path, local_files_only=True, cache_dir=cache_dir,
                                  torch_dtype=torch_dtype, where=str(path))
     elif _is_hub_id(raw):
-        where = _hf_cache_dir(cache_dir)
+        where = hub.hf_cache_dir(cache_dir)
         index = _cached_index_file(raw, cache_dir)
         if index is None:
             fix = (f"To fix: run `huggingface-cli download {raw}` on a machine with internet access (and copy the "
@@ -446,10 +439,10 @@ def load_deepfloyd_if(
                     f"'{raw}' is neither a local path (no such folder: {path.resolve()}) nor a model in the Hugging "
                     f"Face cache ({where}), and HF_HUB_OFFLINE is set so it cannot be downloaded. {fix}; or unset "
                     "HF_HUB_OFFLINE.")
-            if not _hub_reachable():
+            if not hub.hub_reachable():
                 raise ModelNotFoundError(
                     f"'{raw}' is not in the Hugging Face cache ({where}) and there is no network: the hub "
-                    f"({_hub_host()}) did not answer within 3 s, so it cannot be downloaded. It is not a local path "
+                    f"({hub.hub_host()}) did not answer within 3 s, so it cannot be downloaded. It is not a local path "
                     f"either (no such folder: {path.resolve()}). {fix}.")
             local = None
         else:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
-import threading
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -27,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ModelNotFoundError
-from .base import (DiffusionPrior, check_prediction_type, choose_resolution, place_modules, resize_renders,
-                   scaled_input_size, unet_inputs)
+from . import hub
+from .base import (DiffusionPrior, check_prediction_type, freeze, place_modules, positive_int,
+                   resize_renders, scaled_input_size, unet_inputs)
+from .resolution import choose_resolution
 
 log = logging.getLogger("csd_backend")
 
@@ -39,7 +39,6 @@ REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth")
 _CONFIG_FLAG = "--model-config"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # reference diffusers configs for single LDM files (what diffusers itself infers, plus SD 2.x-base by file name)
 _REF_SD1 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -59,55 +58,6 @@ def v_to_eps(v: torch.Tensor, z_t: torch.Tensor, alphas_cumprod_t: torch.Tensor)
 
 
 # ------------------------------------------------------------------------------------------ small helpers
-def _hf_offline() -> bool:
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    try:
-        from huggingface_hub import constants
-
-        return env or bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - huggingface_hub always comes with diffusers
-        return env
-
-
-def _hf_cache_dir(cache_dir: Optional[str | os.PathLike]) -> str:
-    if cache_dir is not None:
-        return str(cache_dir)
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
-    except Exception:  # pragma: no cover
-        return "~/.cache/huggingface/hub"
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds (DNS included)."""
-    host = re.sub(r"^[a-z]+://", "", _hub_host()).split("/")[0]
-    name, _, port = host.partition(":")
-    ok = []
-
-    def probe():
-        try:
-            socket.create_connection((name, int(port or 443)), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    worker = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts: bound it here
-    worker.start()
-    worker.join(timeout)
-    return bool(ok)
-
-
-def _hub_host() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.ENDPOINT)
-    except Exception:  # pragma: no cover
-        return "https://huggingface.co"
-
-
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if isinstance(device, torch.device):
         dev = device
@@ -141,12 +91,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[key]
 
 
-def _freeze(module: torch.nn.Module) -> torch.nn.Module:
-    module.eval()
-    module.requires_grad_(False)
-    return module
-
-
 def _missing_parts(folder: Path) -> list:
     return [name for name in REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
 
@@ -172,19 +116,13 @@ def _warn_if_truncated(tokenizer, prompt: str, max_length: int) -> None:
                 len(ids), max_length, max_length - 2, kept[-40:], dropped)
 
 
-def _positive_int(value) -> Optional[int]:
-    if isinstance(value, (list, tuple)) and value:
-        value = value[0]
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
 def native_resolution(unet, vae, vae_scale_factor: int) -> int:
     """The image size a model was trained at: the UNet's latent ``sample_size`` × the VAE factor (512 for SD 1.x
     and 2.x-base, 768 for SD 2.x), else the VAE's ``sample_size``, else 512."""
-    latent = _positive_int(getattr(unet.config, "sample_size", None))
+    latent = positive_int(getattr(unet.config, "sample_size", None))
     if latent is not None:
         return latent * vae_scale_factor
-    return _positive_int(getattr(vae.config, "sample_size", None)) or 512
+    return positive_int(getattr(vae.config, "sample_size", None)) or 512
 
 
 # ------------------------------------------------------------------------------------------------ prior
@@ -214,9 +152,9 @@ class StableDiffusionPrior(DiffusionPrior):
     ):
         super().__init__(alphas_cumprod, device)
         check_prediction_type(prediction_type)
-        self.unet = _freeze(unet)
-        self.vae = _freeze(vae)
-        self.text_encoder = _freeze(text_encoder)
+        self.unet = freeze(unet)
+        self.vae = freeze(vae)
+        self.text_encoder = freeze(text_encoder)
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.prediction_type = prediction_type
@@ -224,7 +162,9 @@ class StableDiffusionPrior(DiffusionPrior):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.size_multiple = self.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self.native_resolution = native_resolution(unet, vae, self.vae_scale_factor)
-        self.resolution = choose_resolution(self.native_resolution, resolution, max_resolution)
+        self.resolution, warning = choose_resolution(self.native_resolution, resolution, max_resolution)
+        if warning:
+            log.warning(warning)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
         self.controlnet = None  # an optional depth ControlNet (attach_controlnet)
         self.controlnet_scale = 1.0
@@ -456,7 +396,7 @@ def _resolve_config(config: Optional[str], path: Path, *, offline: bool, cache_d
                 )
             _check_config_folder(cfg, f"{_CONFIG_FLAG}")
             return str(cfg)
-        if not _HUB_ID.match(str(config)):
+        if not hub.HUB_ID.match(str(config)):
             raise ModelNotFoundError(f"{_CONFIG_FLAG} {config}: no such folder, and it is not a hub id (owner/name)")
         repo, how = str(config), f"the configs of {config} (from {_CONFIG_FLAG})"
     else:
@@ -470,12 +410,12 @@ def _resolve_config(config: Optional[str], path: Path, *, offline: bool, cache_d
         how = f"the diffusers configs of {repo} (the reference model inferred from the checkpoint's layout)"
     why = "HF_HUB_OFFLINE is set"
     if not offline:
-        if _hub_reachable():
+        if hub.hub_reachable():
             return repo  # diffusers fetches (only) the config files from the hub
-        why = f"there is no network (the hub {_hub_host()} did not answer within 3 s)"
+        why = f"there is no network (the hub {hub.hub_host()} did not answer within 3 s)"
     from huggingface_hub import snapshot_download
 
-    where = _hf_cache_dir(cache_dir)
+    where = hub.hf_cache_dir(cache_dir)
     try:
         snap = Path(snapshot_download(repo, local_files_only=True, cache_dir=cache_dir, allow_patterns=_CONFIG_FILE_PATTERNS))
         _check_config_folder(snap, "the cached snapshot")
@@ -568,7 +508,7 @@ def load_stable_diffusion(
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    offline = _hf_offline()
+    offline = hub.hf_offline()
     raw = str(source)
     path = Path(os.path.expanduser(raw))
     config = None if config is None else str(config)
@@ -593,8 +533,8 @@ def load_stable_diffusion(
                 f"or a single .safetensors/.ckpt checkpoint."
             )
         parts = _load_from_location(str(path), local_files_only=True, cache_dir=cache_dir, torch_dtype=torch_dtype, where=str(path))
-    elif _HUB_ID.match(raw) and not raw.startswith((".", "~")):
-        where = _hf_cache_dir(cache_dir)
+    elif hub.HUB_ID.match(raw) and not raw.startswith((".", "~")):
+        where = hub.hf_cache_dir(cache_dir)
         from huggingface_hub import try_to_load_from_cache
 
         try:
@@ -609,10 +549,10 @@ def load_stable_diffusion(
                     f"'{raw}' is neither a local path (no such file or folder: {path.resolve()}) nor a model in the "
                     f"Hugging Face cache ({where}), and HF_HUB_OFFLINE is set so it cannot be downloaded. {fix}, or "
                     f"unset HF_HUB_OFFLINE.")
-            if not _hub_reachable():
+            if not hub.hub_reachable():
                 raise ModelNotFoundError(
                     f"'{raw}' is not in the Hugging Face cache ({where}) and there is no network: the hub "
-                    f"({_hub_host()}) did not answer within 3 s, so it cannot be downloaded. It is not a local path "
+                    f"({hub.hub_host()}) did not answer within 3 s, so it cannot be downloaded. It is not a local path "
                     f"either (no such file or folder: {path.resolve()}). {fix}.")
         parts = _load_from_location(
             raw, local_files_only=offline, cache_dir=cache_dir, torch_dtype=torch_dtype,
