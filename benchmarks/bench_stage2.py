@@ -26,7 +26,7 @@ from csd_backend.optimize import Optimization  # noqa: E402
 from csd_backend.presets import get_preset  # noqa: E402
 from csd_backend.priors import load_prior  # noqa: E402
 from csd_backend.render import mesh_renderer  # noqa: E402
-from csd_backend.scene.dmtet import volume_to_dmtet  # noqa: E402
+from csd_backend.convert.volume_to_dmtet import volume_to_dmtet  # noqa: E402
 from csd_backend.scene.volume import Scene  # noqa: E402
 
 

@@ -827,7 +827,7 @@ def cmd_refine(args) -> int:
 def cmd_texture(args) -> int:
     """Texture a user's mesh: a fixed-mesh scene optimised with a texturing preset (the same run as generate)."""
     from .presets import get_preset
-    from .scene.fixed_mesh import mesh_scene, read_mesh_file
+    from .convert.mesh_file import mesh_scene, read_mesh_file
 
     if not args.out:
         raise ConfigError("--out", "give an output folder for the textured run")

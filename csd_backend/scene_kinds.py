@@ -1,48 +1,59 @@
-"""Scene kinds (``scene.kind``) as data: which module holds the scene and which renderer draws it.
+"""Scene kinds (``scene.kind``) as data: the module of each kind's scene, of its renderer, and of the conversions
+that start a scene of that kind from a scene of another kind.
 
 The optimisation loop, checkpoints, previews, exports and nodes build scenes and renderers only through
-``make_scene`` / ``make_renderer``, so a new kind is one row here.
+``make_scene`` / ``make_renderer`` / ``starting_scene``, so a new kind is one row here. The rows name their
+classes and functions as "module:name" strings, resolved on use: this table imports none of them, so the
+representations (``scene/``), the renderers (``render/``) and the conversions (``convert/``) may all use it.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 from .config import RenderConfig, SceneConfig
 
-#: kind → (scene class, renderer class), as "module:name" so that importing this table is cheap
-KINDS = {
-    "volume": ("csd_backend.scene.volume:Scene", "csd_backend.render.volume_renderer:VolumeRenderer"),
-    "dmtet": ("csd_backend.scene.mesh_scene:MeshScene", "csd_backend.render.mesh_renderer:MeshRenderer"),
-    "mesh": ("csd_backend.scene.mesh_scene:MeshScene", "csd_backend.render.mesh_renderer:MeshRenderer"),
+
+@dataclass(frozen=True)
+class SceneKind:
+    scene: str  # "module:class" of the representation, built as ``cls(cfg, device)``
+    renderer: str  # "module:class" of its renderer, built as ``cls(render_cfg, radius, device=device)``
+    #: kind of a scene → "module:function" turning such a scene into this kind, called as ``fn(scene, cfg)``
+    starts_from: Dict[str, str] = field(default_factory=dict)
+
+
+KINDS: Dict[str, SceneKind] = {
+    "volume": SceneKind("csd_backend.scene.volume:Scene", "csd_backend.render.volume_renderer:VolumeRenderer"),
+    "dmtet": SceneKind("csd_backend.scene.mesh_scene:MeshScene", "csd_backend.render.mesh_renderer:MeshRenderer",
+                       starts_from={"volume": "csd_backend.convert.volume_to_dmtet:convert"}),
+    "mesh": SceneKind("csd_backend.scene.mesh_scene:MeshScene", "csd_backend.render.mesh_renderer:MeshRenderer"),
 }
 
 
-def _load(ref: str):
+def resolve(ref: str):
+    """The class or function a "module:name" entry of the table names."""
     module, name = ref.split(":")
     return getattr(importlib.import_module(module), name)
 
 
 def make_scene(cfg: SceneConfig, device=None):
     """An untrained scene of ``cfg.kind`` (a fixed mesh is empty until its mesh is set or loaded)."""
-    return _load(KINDS[cfg.kind][0])(cfg, device)
+    return resolve(KINDS[cfg.kind].scene)(cfg, device)
 
 
 def make_renderer(render_cfg: RenderConfig, scene_cfg: SceneConfig, device=None):
     """The renderer of ``scene_cfg.kind`` on ``device``."""
-    renderer = _load(KINDS[scene_cfg.kind][1])(render_cfg, scene_cfg.radius, device=device)
+    renderer = resolve(KINDS[scene_cfg.kind].renderer)(render_cfg, scene_cfg.radius, device=device)
     return renderer.to(device) if device is not None else renderer
 
 
 def starting_scene(scene, cfg: SceneConfig):
-    """The scene a run starts from (``--init-scene``, the nodes' init scene): a stage-1 volume is converted to a
-    DMTet grid when ``cfg`` (the preset's scene settings) asks for a dmtet scene (stage 2); any other scene is used
-    as it is, with its own settings (editing a volume, a refined mesh or a textured mesh)."""
-    if cfg.kind == "dmtet" and scene.kind == "volume":
-        from .scene.dmtet import volume_to_dmtet
-
-        return volume_to_dmtet(scene, cfg.tet_resolution, cfg.isosurface_threshold, cfg.fix_geometry)
-    return scene
+    """The scene a run starts from (``--init-scene``, the nodes' init scene): converted to ``cfg.kind`` (the preset's
+    scene settings) when that kind starts from ``scene``'s kind (a stage-1 volume becomes a DMTet grid for stage 2);
+    any other scene is used as it is, with its own settings (editing a volume, a refined mesh or a textured mesh)."""
+    converter = KINDS[cfg.kind].starts_from.get(scene.kind)
+    return scene if converter is None else resolve(converter)(scene, cfg)
 
 
 def scene_device(scene) -> Optional[object]:

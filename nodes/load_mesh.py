@@ -6,13 +6,14 @@ import os
 from pathlib import Path
 from typing import List
 
+from csd_backend.convert.mesh_file import MESH_SUFFIXES
+
 from . import _common as c
 
 NO_FILE = "(none: use the mesh input)"
 #: meshes shipped with the pack (for the example workflow), listed as "example/<name>"
 EXAMPLE_PREFIX = "example/"
 EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "example_workflows" / "meshes"
-_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")  # csd_backend.scene.fixed_mesh.MESH_SUFFIXES
 
 
 def input_3d_directory() -> Path:
@@ -25,7 +26,7 @@ def _meshes_in(folder: Path) -> List[str]:
     if not folder.is_dir():
         return []
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in _SUFFIXES)
+                  if p.is_file() and p.suffix.lower() in MESH_SUFFIXES)
 
 
 def input_meshes() -> List[str]:
@@ -99,7 +100,7 @@ class CSDLoadMesh:
 
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
-        from csd_backend.scene.fixed_mesh import mesh_scene, read_mesh_file
+        from csd_backend.convert.mesh_file import mesh_scene, read_mesh_file
 
         if mesh is not None:
             vertices, faces = getattr(mesh, "vertices", None), getattr(mesh, "faces", None)

@@ -67,7 +67,7 @@ def test_texture_run_with_a_depth_controlnet(tiny_sd, tiny_controlnet, tmp_path,
 def test_the_loop_hands_the_depth_of_the_render_to_the_prior(tiny_sd, tiny_controlnet):
     from csd_backend.optimize import Optimization
     from csd_backend.presets import get_preset
-    from csd_backend.scene.fixed_mesh import mesh_scene
+    from csd_backend.convert.mesh_file import mesh_scene
     import trimesh
 
     box = trimesh.creation.box()

@@ -16,8 +16,8 @@ from csd_backend.optimize import Optimization, load_scene
 from csd_backend.priors.analytic import AnalyticPrior
 from csd_backend.render.cameras import orbit_cameras
 from csd_backend.render.views import render_cameras, render_cameras_with_opacity
-from csd_backend.scene.dmtet import volume_to_dmtet
-from csd_backend.scene.fixed_mesh import mesh_scene
+from csd_backend.convert.volume_to_dmtet import volume_to_dmtet
+from csd_backend.convert.mesh_file import mesh_scene
 from csd_backend.scene.volume import Scene
 from engine_helpers import small_config
 
@@ -171,7 +171,7 @@ def test_bad_meshes_are_refused_clearly(tmp_path):
         mesh_scene(np.full((3, 3), np.nan), np.array([[0, 1, 2]]), cfg)
     with pytest.raises(MeshError, match="missing vertices"):
         mesh_scene(np.zeros((3, 3)), np.array([[0, 1, 5]]), cfg)
-    from csd_backend.scene.fixed_mesh import read_mesh_file
+    from csd_backend.convert.mesh_file import read_mesh_file
 
     with pytest.raises(MeshError, match="not found"):
         read_mesh_file(tmp_path / "nope.glb")
@@ -355,7 +355,7 @@ def test_edit_mode_works_on_a_refined_mesh():
 
 
 def test_huge_meshes_are_decimated_and_said_so(monkeypatch, caplog):
-    import csd_backend.scene.fixed_mesh as fm
+    import csd_backend.convert.mesh_file as fm
 
     v, f = icosphere()
     monkeypatch.setattr(fm, "MAX_FACES", 100)
@@ -380,7 +380,7 @@ def test_silhouette_level_matches_the_volumes_silhouettes():
     """A soft volume (a blob whose density crosses 10 nowhere near its visible edge): the "silhouette" level gives
     a mesh whose silhouettes match the volume's opacity > 0.5 far better than the mean-density ("auto") level."""
     from csd_backend.export.pipeline import SceneField
-    from csd_backend.scene.dmtet import silhouette_level
+    from csd_backend.convert.volume_to_dmtet import silhouette_level
 
     scene = Scene(SceneConfig(**{**SCENE, "density_blob_scale": 6.0, "density_blob_std": 0.6})).eval()
     with torch.no_grad():

@@ -92,7 +92,7 @@ class Grid:
         return Grid(self.lo, self.spacing * stride, tuple((n - 1) // stride + 1 for n in self.shape))
 
 
-class _Sampler:
+class DensitySampler:
     """Queries σ at grid points in chunks; counts queries and reports progress within a phase."""
 
     def __init__(self, fn: DensityFn, chunk: int, progress: Optional[ProgressFn]):
@@ -206,7 +206,7 @@ def fine_grid(lo: np.ndarray, hi: np.ndarray, resolution: int, stride: int) -> G
     return Grid(centre - cells * h / 2, h, tuple(int(c) + 1 for c in cells))
 
 
-def sample_grid(sampler: _Sampler, lo: np.ndarray, hi: np.ndarray, resolution: int, narrow_band: bool,
+def sample_grid(sampler: DensitySampler, lo: np.ndarray, hi: np.ndarray, resolution: int, narrow_band: bool,
                 threshold: Union[str, float], progress_span: Tuple[float, float] = (0.0, 1.0)
                 ) -> Tuple[np.ndarray, Grid, float, Dict[str, int]]:
     """σ on the fine grid of the box ``[lo, hi]``; returns ``(values, grid, τ, stats)``.
@@ -387,7 +387,7 @@ def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 2
     simplification (``"simplification"``) begins, after the density sampling and marching cubes."""
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
-    sampler = _Sampler(density_fn, chunk_size, progress)
+    sampler = DensitySampler(density_fn, chunk_size, progress)
     r = float(radius)
     lo, hi = np.full(3, -r), np.full(3, r)
     info: Dict[str, object] = {"resolution": resolution}

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from ..config import SceneConfig
+from .dmtet import TetSDFGeometry
+from .fixed_mesh import FixedMeshGeometry
 from .volume import TextureField, make_background
+
+#: the geometry of each mesh scene kind
+GEOMETRIES = {"dmtet": TetSDFGeometry, "mesh": FixedMeshGeometry}
 
 
 class MeshScene(nn.Module):
@@ -21,11 +26,8 @@ class MeshScene(nn.Module):
 
     def __init__(self, cfg: SceneConfig, device=None):
         super().__init__()
-        from .dmtet import TetSDFGeometry
-        from .fixed_mesh import FixedMeshGeometry
-
         self.cfg = cfg
-        geometry = {"dmtet": TetSDFGeometry, "mesh": FixedMeshGeometry}.get(cfg.kind)
+        geometry = GEOMETRIES.get(cfg.kind)
         if geometry is None:
             raise ValueError(f"MeshScene holds a 'dmtet' or 'mesh' scene, not {cfg.kind!r}")
         self.geometry = geometry(cfg)
