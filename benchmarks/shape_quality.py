@@ -452,9 +452,9 @@ def main(argv=None) -> int:
     from csd_backend.optimize import Optimization
     from csd_backend.priors import load_prior
 
-    from csd_backend.cli import _overrides
+    from csd_backend.runs.flags import parse_overrides
 
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     blobs, prior = {}, None
     for seed in seeds:
         cfg0 = run_config(objects[0], methods[0], args.steps, seed, args.preset, args.model,

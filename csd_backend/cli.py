@@ -22,21 +22,20 @@ vertex colors, UVs, baking); ``--quiet`` hides them. Errors are one ``error: ...
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
-import logging
 import os
-import shlex
-import signal
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import List, Optional
 
 from .errors import CSDError, ConfigError, ModelNotFoundError
+from .runs.flags import parse_overrides
+from .runs.folders import check_out_dir, quoted, remove_empty
+from .runs.life import open_new_run, open_resumed_run, train_run
+from .runs.outputs import RunOutputs, export_mesh, finish_run, render_views, save_png
+from .runs.progress import echo, engine_warnings, quiet_third_party
+from .runs.stopping import raise_pending, signals_interrupt, stopped
 
 EPILOG = """examples:
   python -m csd_backend generate --prompt "a DSLR photo of a corgi" --model ./models/sd21-base \\
@@ -60,22 +59,6 @@ TEXTURE_EPILOG = """examples:
   python -m csd_backend texture bunny.obj --prompt "a green cone" --model toy --preset texture-cpu --out runs/bunny
 The exported mesh is your mesh (same units and orientation) with a baked texture.
 """
-
-
-def _parse_value(text: str, key: str = "--set"):
-    """A --set value: JSON when it parses (numbers, lists, true/false, null), else the text itself. NaN and
-    ±Infinity (which Python's JSON reader accepts) are refused, naming the field."""
-    from .io import non_finite_path
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return text
-    bad = non_finite_path(value)
-    if bad is not None:
-        where = "" if bad == "value" else f" (at {bad})"
-        raise ConfigError(key, f"{text!r} is not a finite number{where}; NaN and Infinity are not allowed")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,531 +232,11 @@ def _export_config(args):
                         narrow_band=not args.dense, y_up=not args.z_up).validate()
 
 
-def _overrides(items: List[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError("--set", f"'{item}' is not SECTION.FIELD=VALUE, e.g. optim.lr=0.01")
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = _parse_value(value, key)
-    return out
-
-
-# ------------------------------------------------------------------------------------------ output helpers
-#: previews (and tiny renders) are enlarged to at least this many pixels on their shorter side
-MIN_PNG_SIDE = 256
-
-
-def _save_png(image, path: Path, min_side: int = 0) -> None:
-    """Save an ``[H, W, 3]`` image in [0, 1]; with ``min_side`` enlarged by the smallest integer factor that makes
-    its shorter side at least that long (nearest neighbour: every render pixel becomes a k×k block)."""
-    import numpy as np
-    from PIL import Image
-
-    from .io import atomic_write
-
-    arr = (image.clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")
-    short = min(arr.shape[0], arr.shape[1])
-    if min_side and 0 < short < min_side:
-        k = -(-min_side // short)
-        arr = np.repeat(np.repeat(arr, k, axis=0), k, axis=1)
-    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
-
-
-def _missing_dirs(path: Path) -> List[Path]:
-    """``path`` and those of its parents that do not exist yet, deepest first."""
-    out = []
-    p = path
-    while not p.exists() and p != p.parent:
-        out.append(p)
-        p = p.parent
-    return out
-
-
-def _check_out_dir(path: Path, flag: str = "--out") -> List[Path]:
-    """Make sure ``path`` is (or can become) a writable folder, before anything slow runs. Returns the folders it
-    created (deepest first) so that a run that fails before it starts can remove them again."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(flag, f"{path} is a file, not a folder; give a folder (new or empty)")
-    created = _missing_dirs(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(flag, f"cannot create the folder {path}: {e.strerror or e}") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".csd-write-test-", dir=str(path))
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        _remove_empty(created)
-        raise ConfigError(flag, f"cannot write into {path}: {e.strerror or e}") from None
-    return created
-
-
-def _remove_empty(folders: List[Path]) -> None:
-    for p in folders:  # deepest first
-        try:
-            p.rmdir()
-        except OSError:
-            return
-
-
-def _bar(quiet: bool, **kwargs):
-    """A tqdm progress bar on stderr, or None with --quiet (or without tqdm)."""
-    if quiet:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs)
-
-
-def _progress_printer(total: int, start: int, quiet: bool):
-    bar = _bar(quiet, total=total, initial=start, unit="step", desc="training")
-    if bar is None:
-        return None, lambda info: None
-
-    def update(info):
-        bar.update(1)
-        bar.set_postfix(loss=f"{info.losses['total']:.4f}", shading=info.shading)
-    return bar, update
-
-
-class _StageBars:
-    """``progress(fraction, stage)`` for ``extract_textured_mesh``: one bar per export stage."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.bar = None
-        self.stage = None
-
-    def __call__(self, fraction: float, stage: str) -> None:
-        from .export.pipeline import stage_fraction
-
-        _raise_pending()
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = _bar(self.quiet, total=100, desc=stage, unit="%",
-                            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]")
-        if self.bar is not None:
-            n = int(round(100 * stage_fraction(fraction, stage)))
-            if n > self.bar.n:
-                self.bar.update(n - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.update(100 - self.bar.n)
-            self.bar.close()
-            self.bar = None
-
-
-def _render_views(scene, n_views: int, size: int, camera_cfg, shading: str, render_cfg, renderer, quiet: bool,
-                  save) -> int:
-    """Render a ring of views one at a time (a tick of the "views" bar each) and ``save(index, image)`` each as
-    soon as it is done."""
-    from .render.cameras import orbit_cameras
-    from .render.views import prepare_renderer, render_cameras
-
-    c = camera_cfg
-    cams = orbit_cameras(n_views, c.eval_elevation, c.eval_distance, c.eval_fovy, size, size)
-    bar = _bar(quiet, total=n_views, desc="views", unit="view")
-    try:
-        renderer = prepare_renderer(scene, render_cfg, renderer)
-        for i in range(n_views):
-            _raise_pending()
-            save(i, render_cameras(scene, cams[i], shading, render_cfg, renderer)[0])
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return n_views
-
-
-def _export(scene, config, quiet: bool):
-    from .export import extract_textured_mesh
-
-    bars = _StageBars(quiet)
-    try:
-        return extract_textured_mesh(scene, config, progress=bars)
-    finally:
-        bars.close()
-
-
-# ------------------------------------------------------------------------------------------ signals
-#: the signal that stopped the command; while ``defer()`` is true (the parameter update of a step) a signal is
-#: only recorded ("pending") and raised at the end of the step, so that the checkpoint holds complete weights
-_STOP = {"signal": None, "pending": False, "defer": None}
-
-
-@contextlib.contextmanager
-def _signals_interrupt():
-    """While the command runs, SIGTERM (``timeout``, job schedulers, ``kill``) raises KeyboardInterrupt like
-    Ctrl-C, so a run saves its checkpoint and exits with the one-line message; neither signal cuts a parameter
-    update in half. The previous handlers come back afterwards."""
-    _STOP.update(signal=None, pending=False, defer=None)
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_signal(signum, frame):
-        name = "SIGTERM" if signum == getattr(signal, "SIGTERM", None) else "SIGINT"
-        first = _STOP["signal"] is None
-        _STOP["signal"] = _STOP["signal"] or name
-        # pending until the command reports the stop: if some library swallows the KeyboardInterrupt (a bare
-        # except), the training loop raises it again at the end of the step
-        _STOP["pending"] = True
-        defer = _STOP["defer"]
-        if (defer is not None and defer()) or _in_import(frame):
-            return  # raised at the next safe point: the end of the step, or of the import
-        if first or name == "SIGINT":  # a second SIGTERM does not break the checkpoint the first one saves
-            raise KeyboardInterrupt
-
-    installed = []
-    try:
-        for sig in (getattr(signal, "SIGTERM", None), signal.SIGINT):
-            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-                installed.append((sig, signal.signal(sig, on_signal)))
-        yield
-    finally:
-        for sig, previous in installed:
-            signal.signal(sig, previous)
-        _STOP.update(pending=False, defer=None)
-
-
-def _in_import(frame) -> bool:
-    """True while a module is being imported: an exception there can leave a half-initialised extension module
-    behind (and some imports swallow it), so the signal waits for the next safe point."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _raise_pending() -> None:
-    """Raise the interrupt a signal asked for during a parameter update, now that the step is complete."""
-    if _STOP["pending"]:
-        _STOP["pending"] = False
-        raise KeyboardInterrupt
-
-
-def _stopped(what: str) -> int:
-    """Print how the command was stopped (one line) and return its exit code."""
-    _STOP["pending"] = False
-    by = "stopped by SIGTERM" if _STOP["signal"] == "SIGTERM" else "interrupted"
-    print(f"\n{by} {what}", file=sys.stderr)
-    return 143 if _STOP["signal"] == "SIGTERM" else 130
-
-
-def _q(path) -> str:
-    return shlex.quote(str(path))
-
-
-# ------------------------------------------------------------------------------------------ generate
-#: settings that may differ from the saved run on --resume (they do not change what is trained)
-_RESUME_FREE = {"prior.model", "prior.model_config", "prior.device", "prior.dtype", "optim.steps"}
-_FLAG_FIELDS = {"prompt": "guidance.prompt", "negative_prompt": "guidance.negative_prompt",
-                "source_prompt": "guidance.source_prompt", "seed": "optim.seed",
-                "preview_every": "optim.preview_every", "checkpoint_every": "optim.checkpoint_every",
-                "resolution": "prior.resolution", "model": "prior.model", "model_config": "prior.model_config",
-                "device": "prior.device", "dtype": "prior.dtype", "controlnet": "prior.controlnet",
-                "controlnet_scale": "prior.controlnet_scale"}
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _build_config(args, preset: str, steps: Optional[int], init_scene_cfg=None):
-    """The configuration the flags describe, built as for a new run: preset, --set, the flags, then --steps
-    (stretching the schedules unless --no-rescale-schedules), then the scene settings of --init-scene."""
-    from .presets import get_preset
-
-    config = get_preset(preset)
-    over = _overrides(args.set)
-    guid = over.setdefault("guidance", {})
-    for key in ("prompt", "negative_prompt", "source_prompt"):
-        if getattr(args, key) is not None:
-            guid[key] = getattr(args, key)
-    pri = over.setdefault("prior", {})
-    for key in ("model", "model_config", "device", "dtype", "resolution", "controlnet", "controlnet_scale"):
-        if getattr(args, key) is not None:
-            pri[key] = getattr(args, key)
-    opt_over = over.setdefault("optim", {})
-    for key in ("seed", "preview_every", "checkpoint_every"):
-        if getattr(args, key) is not None:
-            opt_over[key] = getattr(args, key)
-    config = config.replace(**over)
-    if steps is not None:
-        config = config.with_steps(steps, rescale_schedules=not args.no_rescale_schedules)
-    if init_scene_cfg is not None:  # an edited scene keeps its own settings (as Optimization does)
-        config = config.replace(scene=dataclasses.asdict(init_scene_cfg))
-    return config
-
-
-def _given_fields(args) -> set:
-    """The configuration fields the command line sets explicitly (a preset sets every field it names)."""
-    from .config import SceneConfig
-    from .presets import PRESETS
-
-    fields = set()
-    if args.preset:
-        fields |= {"preset"} | set(_flatten(PRESETS[args.preset]))
-    fields |= {field for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
-    fields |= {item.split("=", 1)[0] for item in args.set}
-    if args.init_scene:
-        fields |= {f"scene.{f.name}" for f in dataclasses.fields(SceneConfig)}
-    return fields
-
-
-def _resume_target(path: Path):
-    """(run folder, checkpoint or None) of ``--resume PATH``."""
-    from .io import find_checkpoint
-    from .optimize import RUN_CONFIG_FILE, run_checkpoint
-
-    if path.is_dir():
-        ckpt = run_checkpoint(path)
-        if ckpt is None and not (path / RUN_CONFIG_FILE).is_file():
-            raise ConfigError("--resume", f"{path} is not a run folder: it has no checkpoints/last.ckpt and no "
-                                          f"{RUN_CONFIG_FILE}. Pass the folder written by `generate --out`.")
-        return path, ckpt
-    ckpt = find_checkpoint(path)
-    return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent), ckpt
-
-
-def _check_resume_flags(args, run_dir: Path, saved) -> None:
-    """Refuse flags whose values differ from the saved run (naming the field, the saved and the new value).
-
-    The flags are turned into a configuration exactly as for a new run; schedules are stretched to the run's
-    planned length (its config.json), which is what the original --steps did. Flags left out keep the saved
-    values; --steps sets where the resumed run ends; the model, device and dtype may change."""
-    from .optimize import load_scene
-    from .presets import PRESETS
-
-    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
-        raise ConfigError("--out", f"{args.out} is not the folder of the run being resumed ({run_dir}); a resumed "
-                                   "run writes into its own folder. Leave --out out, or start a new run there "
-                                   "without --resume.")
-    given = _given_fields(args) - _RESUME_FREE
-    if not given:
-        return
-    preset = args.preset or (saved.preset if saved.preset in PRESETS else "csd-coarse")
-    init_cfg = load_scene(args.init_scene)[0].cfg if args.init_scene else None
-    # --steps of the original command stretched the schedules to the run's planned length: do the same
-    new = _flatten(_build_config(args, preset, saved.optim.steps, init_cfg).to_dict())
-    old = _flatten(saved.to_dict())
-    names = sorted(new, key=lambda name: name != "preset")  # the preset first: it explains the rest
-    diffs = [f"{name}: saved {old.get(name)!r}, new {new[name]!r}" for name in names
-             if name in given and old.get(name) != new[name]]
-    if diffs:
-        more = f" (and {len(diffs) - 6} more)" if len(diffs) > 6 else ""
-        raise ConfigError("--resume", f"these settings differ from the saved run {run_dir}: "
-                                      f"{'; '.join(diffs[:6])}{more}. A resumed run keeps its saved settings: "
-                                      "leave these flags out (or give the saved values), or start a new run "
-                                      "in another --out folder.")
-
-
-def _resume(args):
-    """(Optimization, run folder) for ``generate --resume``; checks every flag before the model is loaded."""
-    from .config import RunConfig
-    from .io import load_checkpoint
-    from .optimize import RUN_CONFIG_FILE, read_run_config
-    from .priors import load_prior
-
-    run_dir, ckpt = _resume_target(Path(args.resume))
-    state_config = RunConfig.from_dict(load_checkpoint(ckpt)["config"]) if ckpt is not None else None
-    try:  # the settings the run started with (config.json); the checkpoint's otherwise
-        saved = read_run_config(run_dir) if (run_dir / RUN_CONFIG_FILE).is_file() else state_config
-    except CSDError:
-        if state_config is None:
-            raise
-        saved = state_config
-    _check_resume_flags(args, run_dir, saved)
-    _check_out_dir(run_dir)
-    prior_over = {k: getattr(args, k) for k in ("model", "model_config", "device", "dtype")
-                  if getattr(args, k) is not None}
-    base = state_config if state_config is not None else saved
-    prior = load_prior(base.replace(prior=prior_over).prior)
-    _raise_pending()
-    opt = continue_run(ckpt if ckpt is not None else run_dir, prior, steps=args.steps, prior_over=prior_over)
-    print(f"resuming {run_dir} at step {opt.step} of {opt.config.optim.steps}", file=sys.stderr)
-    return opt, run_dir
-
-
-def _release_text_encoder(prior) -> None:
-    """Every prompt of the run is encoded when the Optimization is built: a prior with a large text encoder
-    (DeepFloyd IF's T5-XXL, ~10 GB) frees it then, as threestudio does."""
-    release = getattr(prior, "release_text_encoder", None)
-    if release is not None:
-        release()
-
-
-def _new_run(args):
-    """(Optimization, run folder) for a new run; the folder is checked (and made) before the model loads."""
-    from .optimize import load_scene
-    from .priors import load_prior
-    from .scene_kinds import starting_scene
-
-    if not args.out:
-        raise ConfigError("--out", "give an output folder (or --resume a run)")
-    out = Path(args.out)
-    config = _build_config(args, args.preset or "csd-coarse", args.steps)
-    config.validate(require_model=True)
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError("--out", f"{out} exists and is not empty; outputs are never overwritten. "
-                                   "Choose a new folder, or continue that run with --resume.")
-    created = _check_out_dir(out)
-    try:
-        scene = getattr(args, "start_scene", None)
-        if args.init_scene:
-            scene = starting_scene(load_scene(args.init_scene)[0], config.scene)
-        _raise_pending()
-        prior = load_prior(config.prior)
-        _raise_pending()
-        opt = start_run(config, prior, out, scene=scene)
-    except BaseException:
-        _remove_empty(created)  # only what this command created, and only while empty
-        raise
-    return opt, out
-
-
-# ------------------------------------------------------------------------------------------ one run
-# A run folder is written by these functions, for ``generate`` (one run) and ``batch`` (many, in workers that
-# load the prior once): start_run / continue_run, then train_run, then finish_run.
-@dataclasses.dataclass
-class RunOutputs:
-    """What a run writes after training, besides its checkpoint: the ring of views and the mesh (the output flags
-    of ``generate``; ``quiet``: no progress bars)."""
-
-    views: int = 8
-    view_size: int = 256
-    mesh: bool = True
-    mesh_format: str = "glb"
-    mesh_resolution: Optional[int] = None
-    mesh_texture_size: Optional[int] = None
-    quiet: bool = False
-
-    @classmethod
-    def from_args(cls, args) -> "RunOutputs":
-        d = cls()
-        given = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)
-        return cls(views=given("views", d.views), view_size=given("view_size", d.view_size),
-                   mesh=not getattr(args, "no_mesh", False), mesh_format=given("mesh_format", d.mesh_format),
-                   mesh_resolution=getattr(args, "mesh_resolution", None),
-                   mesh_texture_size=getattr(args, "mesh_texture_size", None), quiet=bool(getattr(args, "quiet", False)))
-
-    def expected_files(self, out: Path) -> List[Path]:
-        """The files a finished run folder holds: its last view and (unless no mesh) its mesh."""
-        files = [out / "renders" / f"view_{self.views - 1:02d}.png"] if self.views > 0 else []
-        return files + ([out / f"mesh.{self.mesh_format}"] if self.mesh else [])
-
-
-def start_run(config, prior, out: Path, scene=None, release_text_encoder: bool = True):
-    """A new run in the existing, empty folder ``out`` with an already loaded ``prior``: the ``Optimization``, with
-    ``config.json`` written (and a checkpoint of ``scene`` when one is given, so a stopped run can resume).
-    ``release_text_encoder``: free a large text encoder once the run's prompts are encoded (not when the prior
-    goes on to serve other prompts)."""
-    from .io import write_json
-    from .optimize import RUN_CONFIG_FILE, Optimization
-
-    opt = Optimization(config, prior, scene=scene, out_dir=out)
-    if release_text_encoder:
-        _release_text_encoder(prior)
-    _raise_pending()
-    if scene is not None:  # the starting scene exists only here: keep it, so a stopped run can resume
-        opt.save_checkpoint()
-    write_json(out / RUN_CONFIG_FILE, opt.config.to_dict())
-    return opt
-
-
-def continue_run(target, prior, steps: Optional[int] = None, prior_over: Optional[dict] = None,
-                 release_text_encoder: bool = True):
-    """The ``Optimization`` of a run folder (or checkpoint) ``target``, continued with ``prior``: from its checkpoint,
-    or from step 0 with its config.json when it stopped before the first one. ``prior_over``: the prior settings
-    it continues with (model, device, ...), recorded in its next checkpoint."""
-    from .optimize import Optimization
-
-    opt = Optimization.resume(target, prior, steps=steps)
-    if release_text_encoder:
-        _release_text_encoder(prior)
-    opt.config = opt.config.replace(prior=prior_over or {})  # the checkpoint records the model it continued with
-    return opt
-
-
-def train_run(opt, out: Path, quiet: bool, on_step=None):
-    """Train ``opt`` to its last step and return the scene: a progress bar (unless ``quiet``), a preview PNG every
-    ``optim.preview_every`` steps, ``on_step(info)`` after every step. Ctrl-C / SIGTERM raise KeyboardInterrupt
-    once the last complete step is checkpointed (a signal inside a parameter update waits for its end)."""
-    every = opt.config.optim.preview_every
-    bar, update = _progress_printer(opt.config.optim.steps, opt.step, quiet)
-
-    def progress(info):
-        _raise_pending()  # a signal during this step's update: stop now (the engine saves the finished step)
-        update(info)
-        if every and (info.step % every == 0 or info.step == info.total):
-            path = out / "previews" / f"step_{info.step:05d}.png"
-            if not path.exists():
-                _save_png(info.preview[0], path, MIN_PNG_SIDE)
-        if on_step is not None:
-            on_step(info)
-
-    _STOP["defer"] = lambda: opt.updating
-    try:
-        _raise_pending()  # a signal that some library swallowed while the run was being set up
-        return opt.run(progress=progress)
-    finally:
-        _STOP["defer"] = None
-        if bar is not None:
-            bar.close()
-
-
-def _echo(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def finish_run(scene, opt, out: Path, outputs: RunOutputs, echo=_echo, phase=None) -> dict:
-    """Write the ring of views (``renders/view_NN.png``; new names when they exist) and the mesh of a trained run.
-    Returns ``{"renders": [paths], "mesh": path or None}``. ``echo(line)`` gets the mesh line or the warning that no
-    mesh was written; ``phase(text)`` is told what is being done ("while rendering the views", ...)."""
-    from .io import unique_path
-
-    written: dict = {"renders": [], "mesh": None}
-    if phase is not None:
-        phase("while rendering the views")
-    _raise_pending()  # a signal during the last step's update
-
-    def save_view(i, img):
-        path = out / "renders" / f"view_{i:02d}.png"
-        path = path if not path.exists() else unique_path(path.parent, path.stem, ".png")
-        _save_png(img, path, MIN_PNG_SIDE)
-        written["renders"].append(path)
-
-    # render with the trained occupancy grid (EMA over the whole run), not one refitted from a single pass
-    _render_views(scene, outputs.views, outputs.view_size, opt.config.camera, "albedo", opt.config.render,
-                  opt.renderer, outputs.quiet, save_view)
-    if outputs.mesh:
-        if phase is not None:
-            phase("while exporting the mesh")
-        written["mesh"] = _generate_mesh(outputs, scene, out, echo)
-    return written
-
-
 def cmd_generate(args) -> int:
     try:
-        opt, out = _resume(args) if args.resume else _new_run(args)
+        opt, out = open_resumed_run(args) if args.resume else open_new_run(args)
     except KeyboardInterrupt:
-        return _stopped("before the run started; nothing was trained.")
+        return stopped("before the run started; nothing was trained.")
 
     outputs = RunOutputs.from_args(args)
     t0 = time.time()
@@ -787,18 +250,18 @@ def cmd_generate(args) -> int:
             kept = f"the last checkpoint is kept in {ckpt}"
         else:
             kept = "no checkpoint yet: --resume restarts it from step 0 with its config.json"
-        return _stopped(f"at step {opt.step}; {kept}. Continue with: python -m csd_backend generate --resume "
-                        f"{_q(out)}")
+        return stopped(f"at step {opt.step}; {kept}. Continue with: python -m csd_backend generate --resume "
+                        f"{quoted(out)}")
     phase = ["while rendering the views"]
     try:
         finish_run(scene, opt, out, outputs, phase=lambda text: phase.__setitem__(0, text))
     except KeyboardInterrupt:
-        return _stopped(f"{phase[0]}; the run itself is complete and its checkpoint is saved in "
-                        f"{opt.checkpoint_path}. Later: python -m csd_backend render {_q(out)} --out "
-                        f"{_q(out / 'renders')} --views {args.views} --size {args.view_size}; "
-                        f"python -m csd_backend export {_q(out)} --out {_q(out)}")
-    print(f"done: {opt.step} steps in {time.time() - t0:.1f} s; checkpoint {opt.checkpoint_path}; "
-          f"renders in {out / 'renders'}", file=sys.stderr)
+        return stopped(f"{phase[0]}; the run itself is complete and its checkpoint is saved in "
+                        f"{opt.checkpoint_path}. Later: python -m csd_backend render {quoted(out)} --out "
+                        f"{quoted(out / 'renders')} --views {args.views} --size {args.view_size}; "
+                        f"python -m csd_backend export {quoted(out)} --out {quoted(out)}")
+    echo(f"done: {opt.step} steps in {time.time() - t0:.1f} s; checkpoint {opt.checkpoint_path}; "
+         f"renders in {out / 'renders'}")
     return 0
 
 
@@ -812,7 +275,7 @@ def cmd_refine(args) -> int:
     scene, stage1 = load_scene(args.run)
     if scene.kind != "volume":
         raise ConfigError("run", f"{args.run} holds a {scene.kind} scene, not a stage-1 volume; refine a run made "
-                                 f"by `generate` (continue a refine run with: generate --resume {_q(args.run)})")
+                                 f"by `generate` (continue a refine run with: generate --resume {quoted(args.run)})")
     del scene
     g = stage1.guidance
     for flag, value in (("prompt", g.prompt), ("negative_prompt", g.negative_prompt),
@@ -826,39 +289,17 @@ def cmd_refine(args) -> int:
 
 def cmd_texture(args) -> int:
     """Texture a user's mesh: a fixed-mesh scene optimised with a texturing preset (the same run as generate)."""
-    from .presets import get_preset
     from .convert.mesh_file import mesh_scene, read_mesh_file
+    from .presets import get_preset
 
     if not args.out:
         raise ConfigError("--out", "give an output folder for the textured run")
     args.preset = args.preset or "csd-texture"
-    cfg = get_preset(args.preset).replace(**_overrides(args.set)).scene
+    cfg = get_preset(args.preset).replace(**parse_overrides(args.set)).scene
     vertices, faces = read_mesh_file(args.mesh)
     args.start_scene = mesh_scene(vertices, faces, cfg, y_up=not args.z_up, name=Path(args.mesh).name)
     args.init_scene, args.resume, args.source_prompt = None, None, None
     return cmd_generate(args)
-
-
-def _generate_mesh(outputs: RunOutputs, scene, out: Path, echo=_echo) -> Optional[Path]:
-    """Export the mesh of a finished run as ``out/mesh.<format>`` (a new name when it exists); None when the scene
-    has no surface to export (a warning through ``echo`` says how to export later)."""
-    from .errors import OutputExistsError
-    from .export import ExportConfig, save_mesh, save_mesh_unique
-
-    mesh_over = {k: v for k, v in (("resolution", outputs.mesh_resolution),
-                                   ("texture_size", outputs.mesh_texture_size)) if v is not None}
-    try:
-        mesh = _export(scene, ExportConfig(**mesh_over), outputs.quiet)
-        try:
-            path = save_mesh(mesh, out / f"mesh.{outputs.mesh_format}", outputs.mesh_format)
-        except OutputExistsError:  # a resumed run: keep the earlier mesh
-            path = save_mesh_unique(mesh, out, "mesh", outputs.mesh_format)
-        echo(f"mesh: {path} ({mesh.num_faces} faces)")
-        return path
-    except CSDError as e:  # the run itself succeeded; say how to export later
-        echo(f"warning: no mesh written: {e}. Export later with: python -m csd_backend export {_q(out)} "
-             f"--out {_q(out)} --threshold <value>")
-        return None
 
 
 # ------------------------------------------------------------------------------------------ render, export
@@ -867,26 +308,26 @@ def cmd_render(args) -> int:
     from .optimize import load_scene
 
     out = Path(args.out)
-    created = _check_out_dir(out)
+    created = check_out_dir(out)
     try:
         scene, config = load_scene(args.checkpoint)
-        _raise_pending()
+        raise_pending()
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
     written = []
 
     def save(i, img):
         path = unique_path(out, "view", ".png")
-        _save_png(img, path)
+        save_png(img, path)
         written.append(path)
 
     try:
-        _render_views(scene, args.views, args.size, config.camera, args.shading, config.render, None, args.quiet,
+        render_views(scene, args.views, args.size, config.camera, args.shading, config.render, None, args.quiet,
                       save)
     except KeyboardInterrupt:
-        return _stopped(f"after {len(written)} of {args.views} views (written to {out}).")
-    print(f"wrote {len(written)} views to {out}", file=sys.stderr)
+        return stopped(f"after {len(written)} of {args.views} views (written to {out}).")
+    echo(f"wrote {len(written)} views to {out}")
     return 0
 
 
@@ -907,21 +348,21 @@ def cmd_export(args) -> int:
         from .export.writers import check_portable_name
 
         check_portable_name(out.name, "--out")
-    created = _check_out_dir(out.parent if is_file else out)
+    created = check_out_dir(out.parent if is_file else out)
     try:
         scene, _config = load_scene(args.checkpoint)
-        _raise_pending()
+        raise_pending()
     except BaseException:
-        _remove_empty(created)
+        remove_empty(created)
         raise
     t0 = time.time()
     try:
-        mesh = _export(scene, cfg, args.quiet)
+        mesh = export_mesh(scene, cfg, args.quiet)
         path = save_mesh(mesh, out, fmt) if is_file else save_mesh_unique(mesh, out, "mesh", fmt)
     except KeyboardInterrupt:
-        return _stopped("before the mesh was written; nothing was written.")
-    print(f"wrote {path}: {mesh.num_vertices} vertices, {mesh.num_faces} faces, threshold {mesh.threshold:.4g}, "
-          f"{time.time() - t0:.1f} s", file=sys.stderr)
+        return stopped("before the mesh was written; nothing was written.")
+    echo(f"wrote {path}: {mesh.num_vertices} vertices, {mesh.num_faces} faces, threshold {mesh.threshold:.4g}, "
+         f"{time.time() - t0:.1f} s")
     return 0
 
 
@@ -949,46 +390,6 @@ def try_without_weights() -> str:
             "prior that only knows colours)")
 
 
-def quiet_third_party() -> None:
-    """``--quiet``: no "Loading weights" bars or advice from diffusers / transformers / huggingface_hub."""
-    for name in ("diffusers", "transformers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import diffusers.utils.logging as dl
-
-        dl.set_verbosity_error()
-        dl.disable_progress_bar()
-    except Exception:  # pragma: no cover - an old or missing diffusers: nothing to silence
-        pass
-    try:
-        import transformers.utils.logging as tl
-
-        tl.set_verbosity_error()
-        tl.disable_progress_bar()
-    except Exception:  # pragma: no cover
-        pass
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
-class _LevelFormatter(logging.Formatter):
-    def format(self, record):
-        return f"{record.levelname.lower()}: {record.getMessage()}"
-
-
-@contextlib.contextmanager
-def _engine_warnings():
-    """The engine's warnings (logger ``csd_backend``) as ``warning: ...`` lines on stderr."""
-    logger = logging.getLogger("csd_backend")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setLevel(logging.WARNING)
-    handler.setFormatter(_LevelFormatter())
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -996,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "export": cmd_export, "batch": cmd_batch, "presets": cmd_presets}[args.command]
     if getattr(args, "quiet", False):
         quiet_third_party()
-    with _engine_warnings(), _signals_interrupt():
+    with engine_warnings(), signals_interrupt():
         if os.environ.get("CSD_DEBUG"):
             return command(args)
         try:
@@ -1010,4 +411,4 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {e} (set CSD_DEBUG=1 for the traceback)", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            return _stopped("before the command finished.")
+            return stopped("before the command finished.")

@@ -1,6 +1,13 @@
 """The ComfyUI skin of the CSD engine (DESIGN §1): every ``nodes/*.py`` module that defines
 ``NODE_CLASS_MAPPINGS`` (and ``NODE_DISPLAY_NAME_MAPPINGS``) is merged here. A module that fails to import is
-reported in the log and the other modules still load. Modules whose names start with "_" are helpers.
+reported in the log and the other modules still load.
+
+Node modules (one per node family: ``model.py``, ``guidance.py``, ``optimize.py``, ...) sit on helper modules,
+each named after what it holds: ``pack.py`` (category, socket types, logger), ``widgets.py``, ``input_errors.py``
+(errors in the node user's words), ``specs.py`` (guidance and camera settings that follow the run length),
+``execution.py`` (autograd, device, progress, Cancel), ``previews.py``, ``model_folders.py``,
+``run_folders.py`` and ``comfy_sampling.py`` (ComfyUI's σ ↔ the engine's ᾱ). Helpers never import node modules
+(``tests/import_graph.py`` checks it); none of them imports torch at start-up.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ def collect_mappings(package: str, folder: str) -> Tuple[Dict[str, type], Dict[s
 
 
 try:
-    from ._common import register_model_folders
+    from .model_folders import register_model_folders
 
     register_model_folders()
 except Exception:  # never keep the nodes from loading because of folder registration

@@ -5,7 +5,10 @@ import dataclasses
 
 from csd_backend.config import CameraConfig
 
-from . import _common as c
+from . import pack
+from .input_errors import validate_sections
+from .specs import STEPS_REF
+from .widgets import check_widgets, float_input, int_input
 
 _RANGES = {  # widget prefix → (CameraConfig field, lowest, highest, step, what)
     "elevation": ("elevation_range", -90.0, 90.0, 1.0, "elevation in degrees (spec: -10 … 90)"),
@@ -21,9 +24,9 @@ class CSDCameras:
                    "elevation/azimuth/distance/field of view drawn from these ranges (spec §3.1). The render is "
                    "resized to the model's resolution before the VAE. Other camera settings come from the preset "
                    "of CSD Optimize.")
-    CATEGORY = c.CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "build"
-    RETURN_TYPES = (c.CAMERAS,)
+    RETURN_TYPES = (pack.CAMERAS,)
     RETURN_NAMES = ("cameras",)
     OUTPUT_TOOLTIPS = ("Camera settings for CSD Optimize.",)
 
@@ -31,22 +34,22 @@ class CSDCameras:
     def INPUT_TYPES(cls):
         d = CameraConfig()
         req = {
-            "width": c.int_input(d.width, 8, 4096, "render width in pixels (spec: 64)", step=8),
-            "height": c.int_input(d.height, 8, 4096, "render height in pixels (spec: 64)", step=8),
-            "batch_size": c.int_input(d.batch_size, 1, 256, "views rendered per step (spec: 1)"),
+            "width": int_input(d.width, 8, 4096, "render width in pixels (spec: 64)", step=8),
+            "height": int_input(d.height, 8, 4096, "render height in pixels (spec: 64)", step=8),
+            "batch_size": int_input(d.batch_size, 1, 256, "views rendered per step (spec: 1)"),
         }
         for prefix, (field, lo, hi, step, what) in _RANGES.items():
             lo_default, hi_default = getattr(d, field)
-            req[f"{prefix}_min"] = c.float_input(lo_default, lo, hi, step, f"lowest {what}")
-            req[f"{prefix}_max"] = c.float_input(hi_default, lo, hi, step, f"highest {what}")
+            req[f"{prefix}_min"] = float_input(lo_default, lo, hi, step, f"lowest {what}")
+            req[f"{prefix}_max"] = float_input(hi_default, lo, hi, step, f"highest {what}")
         later = {
-            "later_width": c.int_input(0, 0, 4096, "switch to renders this wide later in the run (ProlificDreamer: "
-                                                   "512 from 20 % of the run; 0: keep width)", step=8),
-            "later_height": c.int_input(0, 0, 4096, "switch to renders this high later in the run (0: keep height)",
-                                        step=8),
-            "later_from": c.float_input(0.2, 0.0, 1.0, 0.01, "the fraction of the run where later_width/"
-                                                             "later_height take over (ProlificDreamer: 5000 of "
-                                                             "25000 steps = 0.2)"),
+            "later_width": int_input(0, 0, 4096, "switch to renders this wide later in the run (ProlificDreamer: "
+                                                 "512 from 20 % of the run; 0: keep width)", step=8),
+            "later_height": int_input(0, 0, 4096, "switch to renders this high later in the run (0: keep height)",
+                                      step=8),
+            "later_from": float_input(0.2, 0.0, 1.0, 0.01, "the fraction of the run where later_width/"
+                                                           "later_height take over (ProlificDreamer: 5000 of "
+                                                           "25000 steps = 0.2)"),
         }
         return {"required": req, "optional": later}
 
@@ -56,7 +59,7 @@ class CSDCameras:
         values = dict(elevation_min=elevation_min, elevation_max=elevation_max, azimuth_min=azimuth_min,
                       azimuth_max=azimuth_max, distance_min=distance_min, distance_max=distance_max,
                       fovy_min=fovy_min, fovy_max=fovy_max)
-        err = c.check_widgets(cls, values)
+        err = check_widgets(cls, values)
         if err:
             return err
         for prefix in _RANGES:
@@ -70,11 +73,11 @@ class CSDCameras:
         later = (int(later_width) or int(width), int(later_height) or int(height))
         if later != (int(width), int(height)):  # two phases; the milestone is given for the reference run length
             over.update(width=[int(width), later[0]], height=[int(height), later[1]],
-                        resolution_milestones=[int(round(float(later_from) * c.STEPS_REF))])
+                        resolution_milestones=[int(round(float(later_from) * STEPS_REF))])
         for prefix, (field, *_rest) in _RANGES.items():
             over[field] = [float(ranges[f"{prefix}_min"]), float(ranges[f"{prefix}_max"])]
         cfg = dataclasses.replace(CameraConfig(), **over)
-        c.validate_sections("CSD Cameras", camera=dataclasses.asdict(cfg))
+        validate_sections("CSD Cameras", camera=dataclasses.asdict(cfg))
         return (cfg,)
 
 

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import _common as c
+from . import pack
+from .execution import autograd_allowed, comfy_device, model_management
+from .input_errors import named_error
+from .widgets import int_input
 from . import comfy_sampling as cs_math
 
 _PRIOR_CLASS = None
@@ -64,15 +67,6 @@ def _model_sampling(model):
         except (AttributeError, KeyError):
             pass
     return getattr(model.model, "model_sampling", None)
-
-
-def _model_management():
-    try:
-        import comfy.model_management as mm  # type: ignore
-
-        return mm
-    except ImportError:
-        return None
 
 
 def _prior_class():
@@ -126,7 +120,7 @@ def _prior_class():
             if sigmas.dim() != 1 or sigmas.numel() < 2 or not bool((sigmas > 0).all()):
                 raise ConfigError("model", f"the model's sigmas table has shape {tuple(sigmas.shape)}; expected a "
                                            "positive [T] schedule")
-            device = torch.device(getattr(model, "load_device", None) or c.comfy_device() or "cpu")
+            device = torch.device(getattr(model, "load_device", None) or comfy_device() or "cpu")
             super().__init__(cs_math.alphas_cumprod_from_sigmas(sigmas).to(torch.float32), device)
             self.model, self.clip, self.vae = model, clip, vae
             self.support = support
@@ -142,12 +136,12 @@ def _prior_class():
             self.native_resolution = support.native_resolution
             res, warning = choose_resolution(self.native_resolution, resolution or None)  # 0: native
             if warning:
-                c.log.warning("CSD Prior from ComfyUI Model: %s", warning)
+                pack.log.warning("CSD Prior from ComfyUI Model: %s", warning)
             self.resolution = res
 
         # ------------------------------------------------------------------ ComfyUI's model management
         def _load(self, patchers, memory_required: float = 0.0) -> None:
-            mm = _model_management()
+            mm = model_management()
             if mm is None or not hasattr(mm, "load_models_gpu"):
                 return
             with torch.no_grad():  # LoRA weights are merged here: no graph, whatever the caller's mode
@@ -245,9 +239,9 @@ class CSDPriorFromComfyModel:
                    "no second copy of the model is loaded, and ComfyUI's memory management moves it on and off the "
                    "GPU. Stable Diffusion 1.x and 2.x (512 px ε and 768 px v-prediction) checkpoints; SDXL, SD3, "
                    "Flux and other families are refused with an error.")
-    CATEGORY = c.CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "make"
-    RETURN_TYPES = (c.PRIOR,)
+    RETURN_TYPES = (pack.PRIOR,)
     RETURN_NAMES = ("prior",)
     OUTPUT_TOOLTIPS = ("The diffusion prior, for CSD Optimize / Refine Mesh / Texture Mesh.",)
 
@@ -259,20 +253,20 @@ class CSDPriorFromComfyModel:
                                          "loader)"}),
             "vae": ("VAE", {"tooltip": "the VAE of the same checkpoint: renders are encoded through it with "
                                        "gradients"}),
-            "resolution": c.int_input(0, 0, 4096, "side the renders are resized to before the VAE; 0: the model's "
-                                                  "native size (512 for SD 1.5 and 2.x-base, 768 for SD 2.x v). A "
-                                                  "multiple of 64 for SD (VAE 8 × UNet 8); lower is faster", step=8),
+            "resolution": int_input(0, 0, 4096, "side the renders are resized to before the VAE; 0: the model's "
+                                                "native size (512 for SD 1.5 and 2.x-base, 768 for SD 2.x v). A "
+                                                "multiple of 64 for SD (VAE 8 × UNet 8); lower is faster", step=8),
         }}
 
-    @c.autograd_allowed
+    @autograd_allowed
     def make(self, model, clip, vae, resolution):
         from csd_backend.errors import ConfigError
 
         try:
             prior = make_prior(model, clip, vae, int(resolution) or None)
         except ConfigError as e:
-            raise c.named_error(e, "CSD Prior from ComfyUI Model") from e
-        c.log.info("CSD: prior %s on %s (render size %d)", prior.name, prior.device, prior.resolution)
+            raise named_error(e, "CSD Prior from ComfyUI Model") from e
+        pack.log.info("CSD: prior %s on %s (render size %d)", prior.name, prior.device, prior.resolution)
         return (prior,)
 
 

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import os
 
-from . import _common as c
+from . import pack
+from .model_folders import folder_paths_module, model_folders
+from .widgets import combo_input, float_input
 
 
 def controlnet_choices():
     """Diffusers ControlNet folders (config.json + weights) under ComfyUI's ``models/controlnet``."""
-    return c.model_folders("controlnet", "config.json")
+    return model_folders("controlnet", "config.json")
 
 
 def resolve_controlnet(choice: str) -> str:
     from csd_backend.errors import ConfigError
 
-    fp = c._folder_paths()
+    fp = folder_paths_module()
     roots = fp.get_folder_paths("controlnet") if fp is not None else []
     for root in roots:
         path = os.path.join(root, *choice.split("/"))
@@ -30,9 +32,9 @@ class CSDDepthControlNet:
                    "the paper's texture synthesis on a given mesh. Needs a diffusers ControlNet folder in "
                    "models/controlnet that matches the model (SD 1.5 depth with SD 1.5). The input prior is not "
                    "changed: a copy sharing its weights is returned.")
-    CATEGORY = c.CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "attach"
-    RETURN_TYPES = (c.PRIOR,)
+    RETURN_TYPES = (pack.PRIOR,)
     RETURN_NAMES = ("prior",)
     OUTPUT_TOOLTIPS = ("The prior with the ControlNet, for CSD Texture Mesh (or Optimize / Refine Mesh).",)
 
@@ -40,10 +42,10 @@ class CSDDepthControlNet:
     def INPUT_TYPES(cls):
         choices = controlnet_choices()
         return {"required": {
-            "prior": (c.PRIOR, {"tooltip": "from CSD Load Diffusion Model (a Stable Diffusion model)"}),
-            "controlnet": c.combo_input(choices, choices[0] if choices else None,
-                                        "a diffusers ControlNet folder under models/controlnet"),
-            "scale": c.float_input(1.0, 0.0, 10.0, 0.05, "conditioning scale (1 = as trained; 0 = no effect)"),
+            "prior": (pack.PRIOR, {"tooltip": "from CSD Load Diffusion Model (a Stable Diffusion model)"}),
+            "controlnet": combo_input(choices, choices[0] if choices else None,
+                                      "a diffusers ControlNet folder under models/controlnet"),
+            "scale": float_input(1.0, 0.0, 10.0, 0.05, "conditioning scale (1 = as trained; 0 = no effect)"),
         }}
 
     def attach(self, prior, controlnet, scale):

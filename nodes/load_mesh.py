@@ -8,7 +8,11 @@ from typing import List
 
 from csd_backend.convert.mesh_file import MESH_SUFFIXES
 
-from . import _common as c
+from . import pack
+from .execution import autograd_allowed, comfy_device
+from .model_folders import folder_paths_module
+from .run_folders import file_signature
+from .widgets import combo_input
 
 NO_FILE = "(none: use the mesh input)"
 #: meshes shipped with the pack (for the example workflow), listed as "example/<name>"
@@ -17,7 +21,7 @@ EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "example_workflows" / "meshe
 
 
 def input_3d_directory() -> Path:
-    fp = c._folder_paths()
+    fp = folder_paths_module()
     base = Path(fp.get_input_directory()) if fp is not None else Path("input").resolve()
     return base / "3d"
 
@@ -53,9 +57,9 @@ class CSDLoadMesh:
                    "(which wins when connected). It is centred and scaled into the scene; the export undoes both, "
                    "so the textured mesh comes back in your units and orientation. Meshes over 500k faces are "
                    "decimated to 200k (said in the log).")
-    CATEGORY = c.CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "load"
-    RETURN_TYPES = (c.SCENE,)
+    RETURN_TYPES = (pack.SCENE,)
     RETURN_NAMES = ("scene",)
     OUTPUT_TOOLTIPS = ("A fixed-mesh scene (its texture field and background are new).",)
 
@@ -64,11 +68,11 @@ class CSDLoadMesh:
         from .optimize import presets_of
 
         return {"required": {
-            "mesh_file": c.combo_input([NO_FILE] + input_meshes(), NO_FILE,
-                                       "a mesh file in input/3d, or (none) to use the mesh input"),
-            "up_axis": c.combo_input(["y", "z"], "y", "the file's up axis: y (glTF, and most OBJ/PLY files) or z"),
-            "preset": c.combo_input(presets_of("mesh"), "csd-texture",
-                                    "texture field settings (hash grid, background) of the scene"),
+            "mesh_file": combo_input([NO_FILE] + input_meshes(), NO_FILE,
+                                     "a mesh file in input/3d, or (none) to use the mesh input"),
+            "up_axis": combo_input(["y", "z"], "y", "the file's up axis: y (glTF, and most OBJ/PLY files) or z"),
+            "preset": combo_input(presets_of("mesh"), "csd-texture",
+                                  "texture field settings (hash grid, background) of the scene"),
         }, "optional": {
             "mesh": ("MESH", {"tooltip": "optional: ComfyUI's MESH (first of the batch, Y up); wins over the file"}),
         }}
@@ -77,7 +81,7 @@ class CSDLoadMesh:
     def IS_CHANGED(cls, mesh_file=None, **kwargs):
         if mesh_file and mesh_file != NO_FILE:
             try:
-                return c.file_signature(mesh_path(mesh_file))
+                return file_signature(mesh_path(mesh_file))
             except ValueError:
                 return ""
         return ""
@@ -94,7 +98,7 @@ class CSDLoadMesh:
             return f"mesh_file: {mesh_file} is not in {input_3d_directory()}; upload it there (e.g. with Load 3D)"
         return True
 
-    @c.autograd_allowed
+    @autograd_allowed
     def load(self, mesh_file, up_axis, preset, mesh=None):
         import numpy as np
 
@@ -108,7 +112,7 @@ class CSDLoadMesh:
                 raise ConfigError("mesh", f"expected ComfyUI's MESH (vertices and faces), got {type(mesh).__name__}")
             if vertices.ndim == 3:
                 if vertices.shape[0] > 1:
-                    c.log.warning("CSD Load Mesh: the MESH holds %d meshes; using the first", vertices.shape[0])
+                    pack.log.warning("CSD Load Mesh: the MESH holds %d meshes; using the first", vertices.shape[0])
                 vertices, faces = vertices[0], faces[0]
             v, f, name = np.asarray(vertices.detach().cpu(), np.float32), np.asarray(faces.cpu(), np.int64), "MESH"
         elif mesh_file == NO_FILE:
@@ -121,9 +125,9 @@ class CSDLoadMesh:
             v, f = read_mesh_file(path)
             name = os.path.basename(mesh_file)
         scene = mesh_scene(v, f, get_preset(preset).scene, y_up=(up_axis == "y"), name=name)
-        c.log.info("CSD Load Mesh: %s, %d vertices, %d faces", name, scene.geometry.vertices.shape[0],
-                   scene.geometry.faces.shape[0])
-        return (scene.to(c.comfy_device() or "cpu").eval(),)
+        pack.log.info("CSD Load Mesh: %s, %d vertices, %d faces", name, scene.geometry.vertices.shape[0],
+                      scene.geometry.faces.shape[0])
+        return (scene.to(comfy_device() or "cpu").eval(),)
 
 
 NODE_CLASS_MAPPINGS = {"CSDLoadMesh": CSDLoadMesh}

@@ -5,10 +5,11 @@ Preview3D node. All the work is in ``csd_backend.export``; nothing heavy is impo
 from __future__ import annotations
 
 import importlib
-import os
 
-CATEGORY = "CSD 3D"
-SCENE = "CSD_SCENE"
+from . import pack
+from .execution import Progress, check_interrupt, model_management
+from .model_folders import output_directory
+
 TEXTURED_MESH = "CSD_TEXTURED_MESH"
 FORMATS = ["glb", "obj", "ply"]
 _PROGRESS_STEPS = 1000
@@ -39,35 +40,15 @@ def mesh_class():
 def _progress_callback():
     """``callback(fraction, stage)`` driving ComfyUI's progress bar (whose global hook also raises when the user
     presses Cancel), plus an explicit interruption check; None outside ComfyUI."""
-    try:
-        import comfy.utils  # type: ignore
-
-        bar = comfy.utils.ProgressBar(_PROGRESS_STEPS)
-    except ImportError:
-        bar = None
-    try:
-        import comfy.model_management as mm  # type: ignore
-    except ImportError:
-        mm = None
-    if bar is None and mm is None:
+    bar = Progress(_PROGRESS_STEPS)
+    if bar.bar is None and model_management() is None:
         return None
 
     def callback(fraction: float, stage: str) -> None:
-        if mm is not None:
-            mm.throw_exception_if_processing_interrupted()
-        if bar is not None:
-            bar.update_absolute(int(round(min(max(fraction, 0.0), 1.0) * _PROGRESS_STEPS)), _PROGRESS_STEPS)
+        check_interrupt()
+        bar.update(int(round(min(max(fraction, 0.0), 1.0) * _PROGRESS_STEPS)), _PROGRESS_STEPS)
 
     return callback
-
-
-def _output_directory() -> str:
-    """ComfyUI's output folder (``./output`` outside ComfyUI)."""
-    try:
-        import folder_paths  # type: ignore
-    except ImportError:
-        return os.path.abspath("output")
-    return folder_paths.get_output_directory()
 
 
 class CSDExtractMesh:
@@ -75,7 +56,7 @@ class CSDExtractMesh:
                    "parts removed), simplified to the face budget, UV-unwrapped (xatlas) with the albedo baked into "
                    "a texture. Outputs ComfyUI's MESH (for the core Save GLB node) and the textured mesh for "
                    "CSD Save Mesh. The scene is not changed.")
-    CATEGORY = CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "extract"
     RETURN_TYPES = ("MESH", TEXTURED_MESH)
     RETURN_NAMES = ("mesh", "textured_mesh")
@@ -85,7 +66,7 @@ class CSDExtractMesh:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "scene": (SCENE, {"tooltip": "The scene to export (from CSD Optimize or CSD Load Scene)."}),
+            "scene": (pack.SCENE, {"tooltip": "The scene to export (from CSD Optimize or CSD Load Scene)."}),
             "resolution": ("INT", {"default": 256, "min": 32, "max": 512, "step": 32,
                                    "tooltip": "Grid samples along the longest side of the object's box. 256 takes "
                                               "tens of seconds on a CPU; 128 is a quick preview."}),
@@ -126,7 +107,7 @@ class CSDSaveMesh:
                    "(+ MTL + PNG) or PLY (vertex colours). Files are never overwritten: a counter is added. The "
                    "model_file output (the path relative to the output folder) feeds the core Preview 3D node, "
                    "which shows GLB and OBJ (not PLY).")
-    CATEGORY = CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "save"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
@@ -159,7 +140,7 @@ class CSDSaveMesh:
         from csd_backend.export.writers import resolve_output_prefix
 
         try:
-            resolve_output_prefix(_output_directory(), str(filename_prefix), field="filename_prefix")
+            resolve_output_prefix(str(output_directory()), str(filename_prefix), field="filename_prefix")
         except ConfigError as e:
             return str(e)
         return True

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from csd_backend.config import PriorConfig
 
-from . import _common as c
+from . import pack
+from .execution import autograd_allowed, comfy_device
+from .input_errors import named_error
+from .model_folders import AUTO_CONFIG, diffusers_models, model_choices, resolve_model
+from .widgets import check_widgets, combo_input, default_of, int_input
 
 _DEVICES = ["auto", "cpu", "cuda"]
 #: the small prior shipped with the pack (csd_backend.priors.TOY_MODEL; not imported here: no torch at start-up)
@@ -17,36 +21,36 @@ class CSDLoadDiffusionModel:
                    "(models/checkpoints). The CSD paper uses stabilityai/stable-diffusion-2-1-base; its stage 1 uses "
                    "DeepFloyd IF stage I (a diffusers folder of DeepFloyd/IF-I-XL-v1.0 under models/diffusers, 64² "
                    "pixel space, for the csd-coarse-if presets).")
-    CATEGORY = c.CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "load"
-    RETURN_TYPES = (c.PRIOR,)
+    RETURN_TYPES = (pack.PRIOR,)
     RETURN_NAMES = ("prior",)
     OUTPUT_TOOLTIPS = ("The diffusion prior, for CSD Optimize.",)
 
     @classmethod
     def INPUT_TYPES(cls):
-        models = c.model_choices() + [TOY]
-        configs = [c.AUTO_CONFIG] + [f"diffusers/{m}" for m in c.diffusers_models()]
+        models = model_choices() + [TOY]
+        configs = [AUTO_CONFIG] + [f"diffusers/{m}" for m in diffusers_models()]
         return {"required": {
-            "model": c.combo_input(models, None, "diffusers/<folder> from models/diffusers, or checkpoints/<file> "
-                                                 "(an SD 1.x/2.x .safetensors) from models/checkpoints, or toy: the small "
-                                                 "built-in prior of five toy objects (a red cube, a blue ball, a "
-                                                 "green cone, a yellow mug, a purple ring) for offline tests"),
-            "device": c.combo_input(_DEVICES, default_of_prior("device"),
-                                    "auto: ComfyUI's device (CUDA unless started with --cpu)"),
-            "dtype": c.combo_input(_DTYPES, default_of_prior("dtype"), "auto: float16 on CUDA, float32 on the CPU"),
-            "resolution": c.int_input(0, 0, 4096, "side the renders are resized to before the VAE; 0: the model's "
-                                                  "native size (512 for SD 2.1-base, 64 for DeepFloyd IF). Must be a "
-                                                  "multiple of 64 for SD (VAE 8 × UNet 8)", step=8),
-            "config_from": c.combo_input(configs, c.AUTO_CONFIG,
-                                         "single-file checkpoints only: a diffusers folder of the same architecture "
-                                         "to take the component configs from ((auto): inferred, needs the configs "
-                                         "in the Hugging Face cache or internet access)"),
+            "model": combo_input(models, None, "diffusers/<folder> from models/diffusers, or checkpoints/<file> "
+                                               "(an SD 1.x/2.x .safetensors) from models/checkpoints, or toy: the small "
+                                               "built-in prior of five toy objects (a red cube, a blue ball, a "
+                                               "green cone, a yellow mug, a purple ring) for offline tests"),
+            "device": combo_input(_DEVICES, default_of_prior("device"),
+                                  "auto: ComfyUI's device (CUDA unless started with --cpu)"),
+            "dtype": combo_input(_DTYPES, default_of_prior("dtype"), "auto: float16 on CUDA, float32 on the CPU"),
+            "resolution": int_input(0, 0, 4096, "side the renders are resized to before the VAE; 0: the model's "
+                                                "native size (512 for SD 2.1-base, 64 for DeepFloyd IF). Must be a "
+                                                "multiple of 64 for SD (VAE 8 × UNet 8)", step=8),
+            "config_from": combo_input(configs, AUTO_CONFIG,
+                                       "single-file checkpoints only: a diffusers folder of the same architecture "
+                                       "to take the component configs from ((auto): inferred, needs the configs "
+                                       "in the Hugging Face cache or internet access)"),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, device=None, dtype=None):
-        err = c.check_widgets(cls, {"device": device, "dtype": dtype})
+        err = check_widgets(cls, {"device": device, "dtype": dtype})
         if err:
             return err
         if device == "cuda":
@@ -58,7 +62,7 @@ class CSDLoadDiffusionModel:
             return "dtype: float16 is not supported on the CPU; use 'auto', 'float32' or 'bfloat16'"
         return True
 
-    @c.autograd_allowed
+    @autograd_allowed
     def load(self, model, device, dtype, resolution, config_from):
         from csd_backend.errors import ConfigError
         from csd_backend.priors import load_prior
@@ -66,24 +70,24 @@ class CSDLoadDiffusionModel:
         err = self.VALIDATE_INPUTS(device=device, dtype=dtype)
         if err is not True:
             raise ConfigError(err.split(":", 1)[0], err.split(":", 1)[1].strip())
-        path = TOY if model == TOY else c.resolve_model(model)
+        path = TOY if model == TOY else resolve_model(model)
         model_config = None
-        if config_from and config_from != c.AUTO_CONFIG:
-            model_config = c.resolve_model(config_from)
+        if config_from and config_from != AUTO_CONFIG:
+            model_config = resolve_model(config_from)
         if device == "auto":
-            device = c.comfy_device() or "auto"
+            device = comfy_device() or "auto"
         cfg = PriorConfig(model=path, model_config=model_config, device=device, dtype=dtype,
                           resolution=int(resolution) or None)
         try:
             prior = load_prior(cfg)
         except ConfigError as e:
-            raise c.named_error(e, "CSD Load Diffusion Model") from e
-        c.log.info("CSD: loaded %s on %s (render size %s)", model, prior.device, getattr(prior, "resolution", "?"))
+            raise named_error(e, "CSD Load Diffusion Model") from e
+        pack.log.info("CSD: loaded %s on %s (render size %s)", model, prior.device, getattr(prior, "resolution", "?"))
         return (prior,)
 
 
 def default_of_prior(name: str) -> str:
-    return c.default_of(PriorConfig, name)
+    return default_of(PriorConfig, name)
 
 
 NODE_CLASS_MAPPINGS = {"CSDLoadDiffusionModel": CSDLoadDiffusionModel}

@@ -9,7 +9,14 @@ from pathlib import Path
 from csd_backend.config import OptimConfig
 from csd_backend.presets import PRESETS
 
-from . import _common as c
+from . import pack
+from .execution import Progress, autograd_allowed, is_interrupt, processing_interrupted, raise_interrupt
+from .input_errors import error_text, named_error, validate_config
+from .previews import preview_render_size
+from .run_folders import (UNTRAINED_ATTR, check_run_name, file_signature, latest_checkpoint, new_run_folder,
+                          run_folders, runs_directory)
+from .specs import GuidanceSpec, camera_overrides
+from .widgets import bool_input, combo_input, float_input, int_input, string_input
 
 _SEED_MAX = 2**63 - 1
 
@@ -30,9 +37,9 @@ class CSDOptimize:
                    "stretched to `steps`. The input scene is never modified: a trained copy is returned. While it "
                    "runs, the progress bar shows a live render; Cancel stops it within a step, keeping a checkpoint "
                    "in output/csd3d/runs/<run_name>_NNNNN, and `resume` continues the latest run of that name.")
-    CATEGORY = c.CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "optimize"
-    RETURN_TYPES = (c.SCENE, "IMAGE")
+    RETURN_TYPES = (pack.SCENE, "IMAGE")
     RETURN_NAMES = ("scene", "preview")
     OUTPUT_TOOLTIPS = ("The trained scene.",
                        "A render of the trained scene from the evaluation view, at 4× the training render size "
@@ -43,28 +50,28 @@ class CSDOptimize:
         d = OptimConfig()
         return {
             "required": {
-                "prior": (c.PRIOR, {"tooltip": "from CSD Load Diffusion Model"}),
-                "guidance": (c.GUIDANCE, {"tooltip": "from CSD Guidance"}),
-                "scene": (c.SCENE, {"tooltip": "a new scene, or a trained one to continue or edit (not modified)"}),
-                "cameras": (c.CAMERAS, {"tooltip": "from CSD Cameras"}),
-                "preset": c.combo_input(presets_of(cls.KIND), cls.DEFAULT_PRESET, cls.PRESET_TOOLTIP),
-                "steps": c.int_input(d.steps, 1, 10_000_000, "optimisation steps (spec: 10000); the preset's "
-                                                             "schedules are stretched to this length"),
-                "lr": c.float_input(d.lr, 1e-6, 10.0, 0.0001, "Adam learning rate (CSD: 0.001, SDS: 0.01)",
-                                    round=False),
-                "seed": c.int_input(d.seed, 0, _SEED_MAX, "seed of every random draw (cameras, timesteps, noise, "
-                                                          "initial weights of a new scene)",
-                                    control_after_generate=False),
-                "checkpoint_every": c.int_input(d.checkpoint_every, 0, 10_000_000,
-                                                "save a resumable checkpoint every N steps (0: only at the end "
-                                                "and on cancel)"),
-                "preview_every": c.int_input(10, 0, 10_000_000, "send a live preview of the current render every "
-                                                                "N steps (0: never); it is enlarged (nearest "
-                                                                "neighbour, 64² → 512²) to be viewable"),
-                "run_name": c.string_input(cls.DEFAULT_RUN_NAME,
-                                           "runs are saved in output/csd3d/runs/<run_name>_NNNNN"),
-                "resume": c.bool_input(False, "continue the latest checkpoint of run_name (its saved settings are "
-                                              "used; steps may extend it) instead of starting a new run"),
+                "prior": (pack.PRIOR, {"tooltip": "from CSD Load Diffusion Model"}),
+                "guidance": (pack.GUIDANCE, {"tooltip": "from CSD Guidance"}),
+                "scene": (pack.SCENE, {"tooltip": "a new scene, or a trained one to continue or edit (not modified)"}),
+                "cameras": (pack.CAMERAS, {"tooltip": "from CSD Cameras"}),
+                "preset": combo_input(presets_of(cls.KIND), cls.DEFAULT_PRESET, cls.PRESET_TOOLTIP),
+                "steps": int_input(d.steps, 1, 10_000_000, "optimisation steps (spec: 10000); the preset's "
+                                                           "schedules are stretched to this length"),
+                "lr": float_input(d.lr, 1e-6, 10.0, 0.0001, "Adam learning rate (CSD: 0.001, SDS: 0.01)",
+                                  round=False),
+                "seed": int_input(d.seed, 0, _SEED_MAX, "seed of every random draw (cameras, timesteps, noise, "
+                                                        "initial weights of a new scene)",
+                                  control_after_generate=False),
+                "checkpoint_every": int_input(d.checkpoint_every, 0, 10_000_000,
+                                              "save a resumable checkpoint every N steps (0: only at the end "
+                                              "and on cancel)"),
+                "preview_every": int_input(10, 0, 10_000_000, "send a live preview of the current render every "
+                                                              "N steps (0: never); it is enlarged (nearest "
+                                                              "neighbour, 64² → 512²) to be viewable"),
+                "run_name": string_input(cls.DEFAULT_RUN_NAME,
+                                         "runs are saved in output/csd3d/runs/<run_name>_NNNNN"),
+                "resume": bool_input(False, "continue the latest checkpoint of run_name (its saved settings are "
+                                            "used; steps may extend it) instead of starting a new run"),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -72,20 +79,20 @@ class CSDOptimize:
     @classmethod
     def IS_CHANGED(cls, resume=False, run_name=None, **kwargs):
         if resume and run_name:  # the checkpoint on disk is an input too
-            return c.file_signature(c.latest_checkpoint(run_name))
+            return file_signature(latest_checkpoint(run_name))
         return ""
 
     @classmethod
     def VALIDATE_INPUTS(cls, run_name=None, resume=None):
         if run_name is None:
             return True
-        err = c.error_text(c.check_run_name, run_name)
+        err = error_text(check_run_name, run_name)
         if err:
             return err
-        if resume and c.latest_checkpoint(run_name) is None:
-            folders = c.run_folders(run_name)
+        if resume and latest_checkpoint(run_name) is None:
+            folders = run_folders(run_name)
             where = (f"its newest run {folders[-1]} has no checkpoint (it stopped before the first one)" if folders
-                     else f"there is no run '{run_name}' in {c.runs_directory()}")
+                     else f"there is no run '{run_name}' in {runs_directory()}")
             return f"resume: {where}; turn resume off to start a new run"
         return True
 
@@ -100,13 +107,13 @@ class CSDOptimize:
         try:
             cfg = get_preset(preset).with_steps(int(steps))
         except ConfigError as e:
-            raise c.named_error(e, where) from e
-        if not isinstance(guidance, c.GuidanceSpec):
+            raise named_error(e, where) from e
+        if not isinstance(guidance, GuidanceSpec):
             raise ConfigError("guidance", f"expected the output of CSD Guidance, got {type(guidance).__name__}")
         guidance.validate()
         cfg = cfg.replace(
             guidance=guidance.overrides(int(steps)),
-            camera=c.camera_overrides(cameras, int(steps)) if cameras is not None else {},
+            camera=camera_overrides(cameras, int(steps)) if cameras is not None else {},
             scene=dataclasses.asdict(scene.cfg),
             optim={"lr": float(lr), "seed": int(seed), "checkpoint_every": int(checkpoint_every),
                    "preview_every": int(preview_every)},
@@ -115,7 +122,7 @@ class CSDOptimize:
                    "controlnet": getattr(prior, "controlnet_source", None),
                    "controlnet_scale": float(getattr(prior, "controlnet_scale", 1.0))},
         )
-        return c.validate_config(cfg, where)
+        return validate_config(cfg, where)
 
     # --------------------------------------------------------------------------------------------------- run
     @staticmethod
@@ -126,7 +133,7 @@ class CSDOptimize:
         from csd_backend.scene_kinds import starting_scene
 
         target = get_preset(preset).scene
-        if target.kind != "volume" and getattr(scene, c.UNTRAINED_ATTR, False):
+        if target.kind != "volume" and getattr(scene, UNTRAINED_ATTR, False):
             raise ConfigError("scene", f"preset {preset} refines or textures a surface, but this scene is new "
                                        "(untrained): train it with CSD Optimize first, or load a mesh with CSD "
                                        "Load Mesh")
@@ -135,7 +142,7 @@ class CSDOptimize:
                                        f"{scene.kind} scene use CSD Optimize with csd-edit)")
         return starting_scene(scene, target)
 
-    @c.autograd_allowed
+    @autograd_allowed
     def optimize(self, prior, guidance, scene, preset, steps, lr, seed, checkpoint_every, preview_every,
                  run_name, resume, cameras=None, unique_id=None):
         from csd_backend.errors import Cancelled, ConfigError
@@ -143,21 +150,21 @@ class CSDOptimize:
         from csd_backend.optimize import Optimization
         from csd_backend.render.views import render_ring
 
-        c.check_run_name(run_name)
+        check_run_name(run_name)
         try:
             if resume:
-                ckpt = c.latest_checkpoint(run_name)
+                ckpt = latest_checkpoint(run_name)
                 if ckpt is None:
-                    raise ConfigError("resume", f"there is no checkpoint of run '{run_name}' in {c.runs_directory()}")
+                    raise ConfigError("resume", f"there is no checkpoint of run '{run_name}' in {runs_directory()}")
                 opt = Optimization.resume(ckpt, prior, steps=int(steps))
-                c.log.info("CSD Optimize: resuming %s at step %d of %d (the run's saved settings are used)",
-                           opt.out_dir, opt.step, opt.config.optim.steps)
+                pack.log.info("CSD Optimize: resuming %s at step %d of %d (the run's saved settings are used)",
+                              opt.out_dir, opt.step, opt.config.optim.steps)
             else:
                 scene = self.start_scene(scene, preset)
                 cfg = self.run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every,
                                       preview_every)
-                untrained = bool(getattr(scene, c.UNTRAINED_ATTR, False))
-                out_dir = c.new_run_folder(run_name)
+                untrained = bool(getattr(scene, UNTRAINED_ATTR, False))
+                out_dir = new_run_folder(run_name)
                 # an untrained scene is re-initialised from the seed (like the command line); a trained one is copied
                 try:
                     opt = Optimization(cfg, prior, scene=None if untrained else scene, out_dir=out_dir)
@@ -166,15 +173,15 @@ class CSDOptimize:
                     raise
                 text = json.dumps(opt.config.to_dict(), indent=2, allow_nan=False)  # strict JSON
                 atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-                c.log.info("CSD Optimize: run %s, %d steps", out_dir, cfg.optim.steps)
+                pack.log.info("CSD Optimize: run %s, %d steps", out_dir, cfg.optim.steps)
         except ConfigError as e:
-            named = c.named_error(e, "CSD Optimize")
+            named = named_error(e, "CSD Optimize")
             if named is e:
                 raise
             raise named from e
 
         total = opt.config.optim.steps
-        bar = c.Progress(total, node_id=unique_id)
+        bar = Progress(total, node_id=unique_id)
         every = int(preview_every)
         if opt.step > 0:
             bar.update(opt.step, total)
@@ -185,19 +192,19 @@ class CSDOptimize:
             bar.update(info.step, info.total, info.preview[0] if show else None)
 
         try:
-            trained = opt.run(progress=on_step, cancel=c.processing_interrupted)
+            trained = opt.run(progress=on_step, cancel=processing_interrupted)
         except Cancelled:  # the engine saved its checkpoint before raising
-            c.log.info("CSD Optimize: cancelled at step %d; resume from %s", opt.step, opt.checkpoint_path)
-            c.raise_interrupt()
+            pack.log.info("CSD Optimize: cancelled at step %d; resume from %s", opt.step, opt.checkpoint_path)
+            raise_interrupt()
             raise
         except BaseException as e:
-            if c.is_interrupt(e):  # raised by ComfyUI's progress hook; the engine saved the checkpoint already
-                c.log.info("CSD Optimize: cancelled at step %d; resume from %s", opt.step, opt.checkpoint_path)
+            if is_interrupt(e):  # raised by ComfyUI's progress hook; the engine saved the checkpoint already
+                pack.log.info("CSD Optimize: cancelled at step %d; resume from %s", opt.step, opt.checkpoint_path)
             raise
         trained = opt.trained_scene()  # a detached copy: no gradients held while ComfyUI caches the output
         cam = opt.config.camera
         _, height, width = cam.sizes()[-1]
-        size = c.preview_render_size(height, width)  # 64² training renders → a 256² render
+        size = preview_render_size(height, width)  # 64² training renders → a 256² render
         preview = render_ring(trained, 1, size, cam.eval_elevation, cam.eval_distance, cam.eval_fovy,
                               render_cfg=opt.config.render)
         return (trained, preview)
@@ -221,7 +228,7 @@ class CSDRefineMesh(CSDOptimize):
     @classmethod
     def INPUT_TYPES(cls):
         types = super().INPUT_TYPES()
-        types["required"]["scene"] = (c.SCENE, {"tooltip": cls.SCENE_TOOLTIP})
+        types["required"]["scene"] = (pack.SCENE, {"tooltip": cls.SCENE_TOOLTIP})
         cameras = types["required"].pop("cameras")
         types["optional"] = {"cameras": (cameras[0], {"tooltip": "optional: the preset's cameras when not "
                                                                  "connected"})}

@@ -5,7 +5,9 @@ import inspect
 
 from csd_backend.config import RenderConfig
 
-from . import _common as c
+from . import pack
+from .execution import Progress, autograd_allowed, check_interrupt
+from .widgets import combo_input, float_input, int_input
 
 _SHADINGS = ["albedo", "textureless", "diffuse"]  # csd_backend.render.volume_renderer.SHADINGS (imports torch)
 _BACKGROUNDS = {"scene": None, "white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "grey": (0.5, 0.5, 0.5)}
@@ -21,7 +23,7 @@ def _ring_defaults() -> dict:
 class CSDRenderViews:
     DESCRIPTION = ("Renders n_views views evenly spaced around the scene (a turntable) as an IMAGE batch; connect "
                    "it to Save Image, Preview Image or a video saver.")
-    CATEGORY = c.CATEGORY
+    CATEGORY = pack.CATEGORY
     FUNCTION = "render"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
@@ -31,21 +33,21 @@ class CSDRenderViews:
     def INPUT_TYPES(cls):
         d = _ring_defaults()
         return {"required": {
-            "scene": (c.SCENE, {"tooltip": "a scene from CSD Optimize or CSD 3D Scene"}),
-            "n_views": c.int_input(d["n_views"], 1, 720, "number of views around the scene"),
-            "size": c.int_input(d["size"], 8, 4096, "image width and height in pixels", step=8),
-            "elevation": c.float_input(d["elevation"], -90.0, 90.0, 1.0, "camera elevation in degrees"),
-            "distance": c.float_input(d["distance"], 0.01, 100.0, 0.05, "camera distance from the centre"),
-            "fovy": c.float_input(d["fovy"], 1.0, 179.0, 1.0, "vertical field of view in degrees"),
-            "shading": c.combo_input(_SHADINGS, d["shading"], "albedo: colours; textureless: the normal map "
-                                                              "(geometry); diffuse: Lambertian shading"),
-            "background": c.combo_input(list(_BACKGROUNDS), "scene", "scene: the learned background; or a solid "
-                                                                     "colour"),
-            "samples_per_ray": c.int_input(RenderConfig().num_samples_per_ray, 4, 8192,
-                                           "samples per ray (quality vs. speed)"),
+            "scene": (pack.SCENE, {"tooltip": "a scene from CSD Optimize or CSD 3D Scene"}),
+            "n_views": int_input(d["n_views"], 1, 720, "number of views around the scene"),
+            "size": int_input(d["size"], 8, 4096, "image width and height in pixels", step=8),
+            "elevation": float_input(d["elevation"], -90.0, 90.0, 1.0, "camera elevation in degrees"),
+            "distance": float_input(d["distance"], 0.01, 100.0, 0.05, "camera distance from the centre"),
+            "fovy": float_input(d["fovy"], 1.0, 179.0, 1.0, "vertical field of view in degrees"),
+            "shading": combo_input(_SHADINGS, d["shading"], "albedo: colours; textureless: the normal map "
+                                                            "(geometry); diffuse: Lambertian shading"),
+            "background": combo_input(list(_BACKGROUNDS), "scene", "scene: the learned background; or a solid "
+                                                                   "colour"),
+            "samples_per_ray": int_input(RenderConfig().num_samples_per_ray, 4, 8192,
+                                         "samples per ray (quality vs. speed)"),
         }}
 
-    @c.autograd_allowed
+    @autograd_allowed
     def render(self, scene, n_views, size, elevation, distance, fovy, shading, background, samples_per_ray):
         import torch
 
@@ -57,10 +59,10 @@ class CSDRenderViews:
         renderer = prepare_renderer(scene, render_cfg)
         bg = _BACKGROUNDS[background]
         bg = torch.tensor(bg, dtype=torch.float32) if bg is not None else None
-        bar = c.Progress(len(cams))
+        bar = Progress(len(cams))
         images = []
         for i in range(len(cams)):  # one view at a time: progress and Cancel between views
-            c.check_interrupt()
+            check_interrupt()
             images.append(render_cameras(scene, cams[i], shading, render_cfg, renderer, background=bg))
             bar.update(i + 1, len(cams))
         return (torch.cat(images, 0),)

@@ -19,6 +19,7 @@ from csd_backend import cli
 from csd_backend.batch.driver import cmd_batch
 from csd_backend.batch.manifest import Manifest
 from csd_backend.cli import main
+from csd_backend.runs.stopping import STOP
 from csd_backend.io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,14 +314,14 @@ def test_ray_batch_survives_a_killed_worker_and_ctrl_c_with_results_equal_to_an_
             os.kill(pids[victim], signal.SIGKILL)  # the Ray worker process running that task
             killed.append(ev["step"])
         elif attempt[victim] == 2 and ev["step"] >= killed[0] + 6 and not stopped:
-            cli._STOP.update(signal="SIGINT", pending=True)  # what the driver's Ctrl-C handler records
+            STOP.signal, STOP.pending = "SIGINT", True  # what the driver's Ctrl-C handler records
             stopped.append(ev["step"])
 
     args = cli.build_parser().parse_args(batch_args(prompts, out, "--ray", "auto"))
     try:
         code = cmd_batch(args, on_event=kill_then_ctrl_c)
     finally:
-        cli._STOP.update(signal=None, pending=False)
+        STOP.signal, STOP.pending = None, False
     assert code == 130, capsys.readouterr().err
     assert killed and stopped
     history = [r for r in records(out) if r["run"] == victim]

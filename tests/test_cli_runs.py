@@ -17,6 +17,7 @@ from PIL import Image
 
 from csd_backend import cli
 from csd_backend.cli import main
+from csd_backend.runs import outputs as run_outputs
 from csd_backend.io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,7 +222,7 @@ def test_ctrl_c_after_training_is_one_line_with_the_commands_to_finish(tmp_path,
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_render_views", interrupted)
+    monkeypatch.setattr(run_outputs, "render_views", interrupted)
     out = tmp_path / "a"
     assert main(quiet_no_mesh(gen_args(out))) == 130
     err = capsys.readouterr().err.strip().splitlines()
@@ -230,7 +231,7 @@ def test_ctrl_c_after_training_is_one_line_with_the_commands_to_finish(tmp_path,
     assert f"python -m csd_backend export {out} --out {out}" in err[-1]
     assert load_checkpoint(out)["step"] == 4
     monkeypatch.undo()
-    monkeypatch.setattr(cli, "_export", interrupted)
+    monkeypatch.setattr(run_outputs, "export_mesh", interrupted)
     out = tmp_path / "b"
     assert main([*gen_args(out), "--quiet"]) == 130
     last = capsys.readouterr().err.strip().splitlines()[-1]

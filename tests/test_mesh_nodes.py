@@ -21,12 +21,19 @@ from test_export import AnalyticScene
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: nodes/mesh.py and its helper modules are imported fresh under this package name (without the pack's other nodes)
+PACKAGE = "csd_mesh_nodes_under_test"
+
+
 def load_nodes():
-    """nodes/mesh.py as a module of its own (independent of the rest of the pack)."""
-    spec = importlib.util.spec_from_file_location("csd_mesh_nodes_under_test", ROOT / "nodes" / "mesh.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """nodes/mesh.py with its helpers, imported afresh as a module of a ``nodes`` package of its own (the rest of
+    the pack is not loaded)."""
+    for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
+        del sys.modules[name]
+    package = types.ModuleType(PACKAGE)
+    package.__path__ = [str(ROOT / "nodes")]
+    sys.modules[PACKAGE] = package
+    return importlib.import_module(f"{PACKAGE}.mesh")
 
 
 @pytest.fixture
@@ -74,13 +81,15 @@ def core_save_glb(mesh, path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- contracts
 def test_importing_the_node_module_is_cheap():
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('m', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "heavy = [n for n in ('torch', 'trimesh', 'xatlas', 'skimage', 'csd_backend') if n in sys.modules]; "
-            "print(sorted(m.NODE_CLASS_MAPPINGS), heavy)")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "nodes" / "mesh.py")], capture_output=True,
+    """No torch, no mesh library and nothing of the engine but its error types until a node runs."""
+    code = ("import importlib, sys, types; p = types.ModuleType('pk'); p.__path__ = [sys.argv[1]]; "
+            "sys.modules['pk'] = p; m = importlib.import_module('pk.mesh'); "
+            "heavy = [n for n in ('torch', 'trimesh', 'xatlas', 'skimage', 'numpy') if n in sys.modules]; "
+            "engine = sorted(n for n in sys.modules if n.startswith('csd_backend.') and n != 'csd_backend.errors'); "
+            "print(sorted(m.NODE_CLASS_MAPPINGS), heavy, engine)")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "nodes")], capture_output=True,
                          text=True, check=True).stdout.strip()
-    assert out == "['CSDExtractMesh', 'CSDSaveMesh'] []"
+    assert out == "['CSDExtractMesh', 'CSDSaveMesh'] [] []"
 
 
 def test_node_contracts(nodes):

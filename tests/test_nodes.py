@@ -32,8 +32,9 @@ def pack(env):
 
 
 @pytest.fixture
-def common(pack):
-    return sys.modules[f"{cs.PACK_MODULE}.nodes._common"]
+def part(pack):
+    """A helper module of the pack's nodes (``part("widgets")``), as the pack loaded it."""
+    return lambda name: sys.modules[f"{cs.PACK_MODULE}.nodes.{name}"]
 
 
 def defaults(cls) -> dict:
@@ -155,21 +156,21 @@ def test_a_broken_module_is_reported_and_the_others_load(tmp_path, pack):
     assert "boom" in failures["bad"] and "z_dupe:A" in failures and "_helper" not in failures
 
 
-def test_model_folders_are_merged_never_overwritten(env, common):
+def test_model_folders_are_merged_never_overwritten(env, part):
     fp = env.folder_paths
     extra = str(env.root / "elsewhere")
     fp.folder_names_and_paths["diffusers"] = ([extra], set())  # as extra_model_paths.yaml creates it: all files
     fp.folder_names_and_paths["checkpoints"] = ([extra], {".safetensors", ".gguf"})
-    common.register_model_folders()
+    part("model_folders").register_model_folders()
     paths, exts = fp.folder_names_and_paths["diffusers"]
     assert paths == [extra, str(env.models_dir / "diffusers")] and exts == set()
     paths, exts = fp.folder_names_and_paths["checkpoints"]
     assert paths[0] == extra and str(env.models_dir / "checkpoints") in paths
     assert {".safetensors", ".gguf", ".ckpt"} <= exts
     del fp.folder_names_and_paths["diffusers"]
-    common.register_model_folders()
+    part("model_folders").register_model_folders()
     assert fp.folder_names_and_paths["diffusers"][0] == [str(env.models_dir / "diffusers")]
-    common.register_model_folders()  # idempotent
+    part("model_folders").register_model_folders()  # idempotent
     assert fp.folder_names_and_paths["diffusers"][0] == [str(env.models_dir / "diffusers")]
 
 
@@ -247,7 +248,7 @@ def test_widget_defaults_come_from_the_engine_configs(pack):
 
 
 @pytest.mark.parametrize("preset,steps", [("csd-coarse", 10000), ("preview-cpu", 150), ("csd-coarse", 1000)])
-def test_guidance_defaults_reproduce_the_presets(pack, common, preset, steps):
+def test_guidance_defaults_reproduce_the_presets(pack, part, preset, steps):
     """The Guidance node's defaults are the spec's stage 1: with the preset's run length they give exactly the
     preset's schedules, and a shorter run keeps the same phases (as RunConfig.with_steps)."""
     from csd_backend.presets import get_preset
@@ -271,7 +272,7 @@ def test_guidance_defaults_reproduce_the_presets(pack, common, preset, steps):
 
 
 @pytest.mark.parametrize("steps", [25000, 2500])
-def test_cameras_later_size_reproduces_the_prolificdreamer_milestone(pack, common, steps):
+def test_cameras_later_size_reproduces_the_prolificdreamer_milestone(pack, part, steps):
     """CSD Cameras' later_width/later_height/later_from as the vsd_prolificdreamer template sets them give the
     preset's 64² → 512² switch at step 5000 of 25000, stretched with the run like the preset's own."""
     from csd_backend.presets import get_preset
@@ -279,7 +280,7 @@ def test_cameras_later_size_reproduces_the_prolificdreamer_milestone(pack, commo
     node = pack.NODE_CLASS_MAPPINGS["CSDCameras"]()
     values = {**defaults(type(node)), "later_width": 512, "later_height": 512, "later_from": 0.2}
     (cams,) = node.build(**values)
-    got = common.camera_overrides(cams, steps)
+    got = part("specs").camera_overrides(cams, steps)
     want = get_preset("vsd-prolificdreamer").with_steps(steps).camera
     assert (got["height"], got["width"], got["resolution_milestones"]) == (
         want.height, want.width, want.resolution_milestones)
@@ -306,16 +307,16 @@ def test_small_nodes_return_their_types(env, pack):
     assert [p[1] for p in env.progress] == [1, 2, 3]
 
 
-def test_live_preview_is_enlarged_by_nearest_neighbour(env, common):
+def test_live_preview_is_enlarged_by_nearest_neighbour(env, part):
     """Training renders are 64² px: the live preview sent to the browser is enlarged by an integer factor
     (nearest neighbour, so every render pixel is a sharp block) to a viewable 256-512 px."""
     import numpy as np
     import torch
 
-    assert [common.preview_factor(s, s) for s in (16, 64, 100, 200, 256, 257, 600)] == [32, 8, 5, 2, 2, 1, 1]
-    assert common.preview_factor(48, 64) == 8
+    assert [part("previews").preview_factor(s, s) for s in (16, 64, 100, 200, 256, 257, 600)] == [32, 8, 5, 2, 2, 1, 1]
+    assert part("previews").preview_factor(48, 64) == 8
     render = torch.rand(64, 48, 3)
-    bar = common.Progress(10, node_id="7")
+    bar = part("execution").Progress(10, node_id="7")
     bar.update(3, 10, render)
     bar.update(4, 10)
     (node, value, total, (kind, image, max_size)), (_n, _v, _t, none) = env.progress
@@ -326,10 +327,10 @@ def test_live_preview_is_enlarged_by_nearest_neighbour(env, common):
     assert torch.allclose(small, expected, atol=1e-6)
     for y in range(8):
         assert image.getpixel((5, y)) == image.getpixel((0, 0))
-    big = common.enlarge_nearest(common.to_pil(torch.rand(300, 300, 3)))
+    big = part("previews").enlarge_nearest(part("previews").to_pil(torch.rand(300, 300, 3)))
     assert big.size == (300, 300)
-    assert [common.preview_render_size(s, s) for s in (16, 64, 100, 200, 600)] == [64, 256, 400, 512, 600]
-    assert common.preview_render_size(64, 32) == 256
+    assert [part("previews").preview_render_size(s, s) for s in (16, 64, 100, 200, 600)] == [64, 256, 400, 512, 600]
+    assert part("previews").preview_render_size(64, 32) == 256
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -399,8 +400,8 @@ def test_render_size_error_names_the_inputs(env, pack, tiny_sd):
     assert not (env.output_dir / "csd3d" / "runs" / "corgi_00001").exists(), "no run folder for a run never started"
 
 
-def test_guidance_spec_is_the_guidance_config(common):
-    spec = common.GuidanceSpec(mode="edit", source_prompt="a corgi", negative_weight_start=1.0,
+def test_guidance_spec_is_the_guidance_config(part):
+    spec = part("specs").GuidanceSpec(mode="edit", source_prompt="a corgi", negative_weight_start=1.0,
                                negative_weight_end=1.0, t_max_start=0.5, t_max_end=0.5)
     cfg = spec.config(2000)
     assert (cfg.mode, cfg.source_prompt, cfg.negative_weight, cfg.max_step_percent) == ("edit", "a corgi", 1.0, 0.5)
@@ -473,11 +474,11 @@ def test_refine_and_texture_refuse_the_wrong_scene(env, pack):
     assert "cameras" in m["CSDRefineMesh"].INPUT_TYPES()["optional"]
 
 
-def test_depth_controlnet_node_returns_a_conditioned_copy(env, pack, common, tiny_sd, tiny_controlnet):
+def test_depth_controlnet_node_returns_a_conditioned_copy(env, pack, part, tiny_sd, tiny_controlnet):
     from csd_backend.config import PriorConfig
     from csd_backend.priors import load_prior
 
-    common.register_model_folders()  # as at start-up: models/controlnet joins ComfyUI's controlnet paths
+    part("model_folders").register_model_folders()  # as at start-up: models/controlnet joins ComfyUI's controlnet paths
     m = pack.NODE_CLASS_MAPPINGS
     node = m["CSDDepthControlNet"]
     assert node.INPUT_TYPES()["required"]["controlnet"][0] == []  # nothing installed yet
@@ -497,7 +498,7 @@ def test_depth_controlnet_node_returns_a_conditioned_copy(env, pack, common, tin
         node().attach(prior, "missing", 1.0)
 
 
-def test_perp_neg_option_follows_the_preset_unless_set(env, pack, common):
+def test_perp_neg_option_follows_the_preset_unless_set(env, pack, part):
     m = pack.NODE_CLASS_MAPPINGS
     assert m["CSDGuidance"].INPUT_TYPES()["optional"]["perp_neg"][0] == ["preset", "on", "off"]
     scene = m["CSDScene"]().make(**{**defaults(m["CSDScene"]), **SMALL_SCENE})[0]

@@ -88,3 +88,79 @@ def test_the_checks_catch_what_they_look_for(tmp_path):
     assert (pattern.search(str(ROOT.parent) + "/somewhere") or str(ROOT.parent) == "/"
             or str(ROOT.parent) in TEMPORARY_FOLDERS)
     assert not pattern.search("models/diffusers/stable-diffusion-2-1-base")
+
+
+# ------------------------------------------------------------------------------------------ the import graph
+import import_graph  # noqa: E402  (tests/ is on the path: the graph builder is also a script)
+
+#: package files allowed over MAX_LINES, each with the reason one concept needs the length
+LONG_FILES: dict = {}
+MAX_LINES = 600
+
+
+def test_import_graph_has_no_circle():
+    found = import_graph.cycles(import_graph.build())
+    assert not found, "import circles (python tests/import_graph.py draws the graph):\n" + "\n".join(
+        " <-> ".join(c) for c in found)
+
+
+def test_no_import_runs_up_the_layers():
+    """The layers of the README's *Engine layout* (``import_graph.LAYERS``): function-local imports count too."""
+    g = import_graph.build()
+    assert not import_graph.unplaced(g), f"modules without a layer in import_graph.LAYERS: {import_graph.unplaced(g)}"
+    up = import_graph.upward_imports(g)
+    assert not up, "imports from a lower layer back up:\n" + "\n".join(up)
+
+
+def test_no_module_uses_another_modules_private_names():
+    g = import_graph.build()
+    assert not g.private, "private names of other modules (make them public where they are shared):\n" + "\n".join(
+        f"{m}:{line}: {text}" for m, line, text in g.private)
+
+
+def test_the_graph_checks_catch_what_they_look_for(tmp_path):
+    """A circle, an upward function-local import and a private name, in a package tree of the same shape."""
+    files = {
+        "csd_backend/__init__.py": "",
+        "csd_backend/errors.py": "def f():\n    from .cli import main\n",  # foundation -> command line
+        "csd_backend/cli.py": "from . import io\n\ndef main():\n    return io._secret\n",
+        "csd_backend/io.py": "from .config import X\n",
+        "csd_backend/config.py": "from .io import Y\nfrom .schedules import _hidden\n",
+        "csd_backend/schedules.py": "_hidden = 1\n",
+        "nodes/__init__.py": "",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    g = import_graph.build(tmp_path)
+    assert import_graph.cycles(g) == [["csd_backend.config", "csd_backend.io"]]
+    up = import_graph.upward_imports(g)
+    assert any(u.startswith("csd_backend.errors:2 imports csd_backend.cli") for u in up)
+    assert any(u.startswith("csd_backend.io:1 imports csd_backend.config") for u in up)
+    private = {(m, text) for m, _, text in g.private}
+    assert private == {("csd_backend.cli", "io._secret"),
+                       ("csd_backend.config", "from csd_backend.schedules import _hidden")}
+
+
+def test_scene_kind_table_names_what_exists():
+    """The table names its classes and conversions as strings (it imports none of them): each must resolve."""
+    from csd_backend.config import SCENE_KINDS
+    from csd_backend.scene_kinds import KINDS, resolve
+
+    assert set(KINDS) == set(SCENE_KINDS)
+    for kind, row in KINDS.items():
+        for ref in (row.scene, row.renderer, *row.starts_from.values()):
+            assert callable(resolve(ref)), (kind, ref)
+        assert set(row.starts_from) <= set(KINDS), kind
+
+
+def test_no_package_file_is_too_long():
+    """Small modules named after one concept: a file over MAX_LINES is split, or listed in LONG_FILES with why."""
+    long = {}
+    for pkg in import_graph.PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            n = len(p.read_text(encoding="utf-8").splitlines())
+            rel = p.relative_to(ROOT).as_posix()
+            if n > MAX_LINES and rel not in LONG_FILES:
+                long[rel] = n
+    assert not long, f"package files over {MAX_LINES} lines: {long}"

@@ -12,8 +12,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from .. import cli
 from ..errors import ConfigError
+from ..runs.folders import check_out_dir, quoted, remove_empty
+from ..runs.outputs import RunOutputs
+from ..runs.progress import bar
+from ..runs.stopping import deferred, stopped, take_pending
 from .manifest import Manifest, outputs_exist
 from .plan import PLAN_FILE, BatchPlan, RunSpec, absolute_model_paths, plan_runs
 from .prompts_file import read_prompts
@@ -29,7 +32,7 @@ class Display:
     as it starts and ends; --quiet keeps the lines."""
 
     def __init__(self, total_steps: int, runs: int, quiet: bool):
-        self.bar = cli._bar(quiet, total=total_steps, unit="step", desc="batch")
+        self.bar = bar(quiet, total=total_steps, unit="step", desc="batch")
         self.steps: Dict[str, int] = {}
         self.runs = runs
 
@@ -151,14 +154,6 @@ class Driver:
         return counts
 
 
-def _stop_requested() -> bool:
-    """A Ctrl-C or SIGTERM arrived (``cli._signals_interrupt`` records it while the batch defers it)."""
-    if cli._STOP["pending"]:
-        cli._STOP["pending"] = False
-        return True
-    return False
-
-
 def make_runner(args):
     retries = 2 if args.retries is None else args.retries
     if args.ray:
@@ -186,13 +181,13 @@ def _new_batch(args):
     folder = Path(args.out)
     if (folder / PLAN_FILE).exists():
         raise ConfigError("--out", f"{folder} already holds a batch; continue it with: python -m csd_backend batch "
-                                   f"--resume {cli._q(folder)}")
+                                   f"--resume {quoted(folder)}")
     if folder.is_dir() and any(folder.iterdir()):
         raise ConfigError("--out", f"{folder} exists and is not empty; outputs are never overwritten. Choose a new "
                                    "folder.")
     runs = plan_runs(read_prompts(args.prompts), args, Path(args.prompts).name)
     absolute_model_paths(runs)
-    outputs = dataclasses.asdict(cli.RunOutputs.from_args(args))
+    outputs = dataclasses.asdict(RunOutputs.from_args(args))
     outputs.pop("quiet")
     return folder, BatchPlan(runs=runs, outputs=outputs, prompts=str(Path(args.prompts).resolve())), {}
 
@@ -229,7 +224,7 @@ def cmd_batch(args, on_event: Optional[Callable[[dict], None]] = None) -> int:
     finished = {s.id for s in plan.runs if latest.get(s.id, {}).get("status") == "done"
                 and outputs_exist(folder, latest[s.id])}
     todo = [s for s in plan.runs if s.id not in finished]
-    created = [] if args.resume else cli._check_out_dir(folder)
+    created = [] if args.resume else check_out_dir(folder)
     try:
         if todo:
             runner.prepare(folder.resolve())
@@ -241,7 +236,7 @@ def cmd_batch(args, on_event: Optional[Callable[[dict], None]] = None) -> int:
                                  "seconds": None, "outputs": None, "error": None, "line": spec.line})
     except BaseException:
         runner.close()
-        cli._remove_empty(created)
+        remove_empty(created)
         raise
     try:
         return _run(args, folder, plan, todo, prior_over, runner, manifest, on_event)
@@ -251,32 +246,32 @@ def cmd_batch(args, on_event: Optional[Callable[[dict], None]] = None) -> int:
 
 def _run(args, folder: Path, plan: BatchPlan, todo: List[RunSpec], prior_over: dict, runner, manifest: Manifest,
          on_event) -> int:
-    outputs = cli.RunOutputs(**plan.outputs, quiet=True)
+    outputs = RunOutputs(**plan.outputs, quiet=True)
     finished = len(plan.runs) - len(todo)
     skip = f" ({finished} finished before)" if finished else ""
     print(f"batch of {len(plan.runs)} runs in {folder}: {len(todo)} to run{skip}, on {runner.describe()}",
           file=sys.stderr)
     display = Display(sum(s.config["optim"]["steps"] for s in todo), len(plan.runs), bool(args.quiet))
     driver = Driver(folder, plan, todo, manifest, display, on_event)
-    stopped = False
-    cli._STOP["defer"] = lambda: True  # a signal is only recorded; the runner stops the workers cleanly
+    was_stopped = False
     try:
-        if todo:
-            stopped = runner.run(todo, folder.resolve(), outputs, prior_over, driver.handle, _stop_requested)
+        # a signal is only recorded (runs/stopping.py); the runner stops the workers cleanly when it asks
+        with deferred(lambda: True):
+            if todo:
+                was_stopped = runner.run(todo, folder.resolve(), outputs, prior_over, driver.handle, take_pending)
     finally:
-        cli._STOP["defer"] = None
         display.close()
         driver.close_unfinished()
     counts = driver.summary()
     done = counts["done"]
     line = (f"{done} of {len(plan.runs)} runs finished" + (f", {counts['failed']} failed" if counts["failed"] else "")
             + f"; manifest: {manifest.path}")
-    if stopped:
-        return cli._stopped(f"the batch ({line}). Every run resumes from its checkpoint: python -m csd_backend "
-                            f"batch --resume {cli._q(folder)}")
+    if was_stopped:
+        return stopped(f"the batch ({line}). Every run resumes from its checkpoint: python -m csd_backend "
+                            f"batch --resume {quoted(folder)}")
     print(line, file=sys.stderr)
     if done < len(plan.runs):
-        print(f"to retry the runs that did not finish: python -m csd_backend batch --resume {cli._q(folder)}",
+        print(f"to retry the runs that did not finish: python -m csd_backend batch --resume {quoted(folder)}",
               file=sys.stderr)
         return 1
     return 0

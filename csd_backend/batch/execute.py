@@ -3,7 +3,7 @@
 The run folder decides how the run goes on, so a retried or resumed run needs no other state: a folder with a
 checkpoint (or at least its ``config.json``) continues from it exactly as ``generate --resume`` does; an empty or
 missing folder starts the run; a finished run whose views and mesh are there is only reported. The run itself is
-``generate``'s code (``cli.start_run`` / ``continue_run`` / ``train_run`` / ``finish_run``), with a prior that the
+``generate``'s code (``runs.life.start_run`` / ``continue_run`` / ``train_run``, ``runs.outputs.finish_run``), with a prior that the
 worker loads once and keeps for the next runs.
 
 ``execute`` reports ``start``, ``training``, ``progress`` and ``log`` events through ``report(event)`` and returns
@@ -66,7 +66,8 @@ def execute(spec: RunSpec, batch_dir: Path, outputs, report: Callable[[dict], No
     ``device``: this worker's device, used when the run's device is ``auto``; ``prior_over``: prior settings
     given to ``batch --resume`` (--model, --device, ...). KeyboardInterrupt (Ctrl-C, SIGTERM, Ray's cancel)
     propagates once the run's checkpoint is saved, after an ``end`` event with status interrupted."""
-    from .. import cli
+    from ..runs.life import train_run
+    from ..runs.outputs import finish_run
 
     priors = priors if priors is not None else WORKER_PRIORS
     batch_dir = Path(batch_dir)
@@ -111,8 +112,8 @@ def execute(spec: RunSpec, batch_dir: Path, outputs, report: Callable[[dict], No
                 last[0] = now
                 report({"type": "progress", "run": spec.id, "step": info.step, "total": info.total})
 
-        scene = cli.train_run(opt, out, quiet=True, on_step=on_step)
-        written = cli.finish_run(scene, opt, out, outputs, echo=forward.echo)
+        scene = train_run(opt, out, quiet=True, on_step=on_step)
+        written = finish_run(scene, opt, out, outputs, say=forward.echo)
         return end("done", outputs=_relative(batch_dir, out, written))
     except KeyboardInterrupt:
         report(end("interrupted", error="stopped; the run resumes from its checkpoint"))
@@ -129,19 +130,19 @@ def execute(spec: RunSpec, batch_dir: Path, outputs, report: Callable[[dict], No
 
 def _open_run(spec: RunSpec, out: Path, config, prior):
     """(Optimization, resumed?) of the run folder ``out``: continued when it holds a run, else started."""
-    from .. import cli
     from ..optimize import RUN_CONFIG_FILE, run_checkpoint
+    from ..runs.life import continue_run, start_run
 
     saved = out / RUN_CONFIG_FILE
     if out.is_dir() and (saved.is_file() or run_checkpoint(out) is not None):
         _check_same_run(spec, out)
         over = {k: getattr(config.prior, k) for k in PRIOR_FREE}
-        return cli.continue_run(out, prior, prior_over=over, release_text_encoder=False), True
+        return continue_run(out, prior, prior_over=over, release_encoder=False), True
     if out.is_dir() and any(out.iterdir()):
         raise CheckpointError(f"{out} holds files but no run (no {RUN_CONFIG_FILE}, no checkpoint); move them away "
                               "and resume the batch")
     out.mkdir(parents=True, exist_ok=True)
-    return cli.start_run(config, prior, out, release_text_encoder=False), False
+    return start_run(config, prior, out, release_encoder=False), False
 
 
 def _check_same_run(spec: RunSpec, out: Path) -> None:

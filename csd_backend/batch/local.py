@@ -209,9 +209,9 @@ def worker_main(device: str, threads: Optional[int], folder: str, outputs: dict,
     ``interruptible``: Ctrl-C (SIGINT) stops it, as it stops the driver (else SIGINT stays ignored)."""
     if interruptible:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored while it started
-    from .. import cli
+    from ..runs.stopping import signals_interrupt
 
-    with cli._signals_interrupt():
+    with signals_interrupt():
         try:
             _serve(device, threads, Path(folder), outputs, prior_over, conn)
         except (KeyboardInterrupt, EOFError, BrokenPipeError):
@@ -221,7 +221,8 @@ def worker_main(device: str, threads: Optional[int], folder: str, outputs: dict,
 def _serve(device, threads, folder, outputs, prior_over, conn) -> None:
     import torch
 
-    from ..cli import RunOutputs, quiet_third_party
+    from ..runs.outputs import RunOutputs
+    from ..runs.progress import quiet_third_party
     from .execute import PriorCache, execute
 
     if threads:

@@ -51,7 +51,7 @@ class RunSpec:
 @dataclass
 class BatchPlan:
     runs: List[RunSpec]
-    outputs: dict  # cli.RunOutputs as a dict (quiet excluded: that is the driver's)
+    outputs: dict  # runs.outputs.RunOutputs as a dict (quiet excluded: that is the driver's)
     prompts: str = ""  # the PROMPTS file it came from
 
     def save(self, folder: Path) -> Path:
@@ -97,7 +97,7 @@ def slug(text: str, length: int = SLUG_LENGTH) -> str:
 def plan_runs(lines: List[PromptLine], args: argparse.Namespace, source: str) -> List[RunSpec]:
     """One spec per line and seed, each config built as ``generate`` builds it and validated (a ``ConfigError``
     names the file's line)."""
-    from ..cli import _build_config, _overrides
+    from ..runs.flags import build_config, parse_overrides
     from ..presets import get_preset
 
     seeds = 1 if args.seeds is None else args.seeds
@@ -120,9 +120,9 @@ def plan_runs(lines: List[PromptLine], args: argparse.Namespace, source: str) ->
             line_args.seed = seed
             steps = ln.steps if ln.steps is not None else args.steps
             try:
-                config = _build_config(line_args, preset, steps)
+                config = build_config(line_args, preset, steps)
                 if ln.sets:  # the line's own settings come last: over --set, the flags and --steps
-                    config = config.replace(**_overrides(ln.sets))
+                    config = config.replace(**parse_overrides(ln.sets))
                 config.validate(require_model=True)
             except ConfigError as e:
                 raise ConfigError(where, str(e)) from None

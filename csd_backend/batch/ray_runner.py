@@ -63,7 +63,8 @@ def _run_task(spec: dict, folder: str, outputs: dict, prior_over: dict, threads:
     import ray
     import torch
 
-    from ..cli import RunOutputs, quiet_third_party
+    from ..runs.outputs import RunOutputs
+    from ..runs.progress import quiet_third_party
     from .execute import execute
 
     if threads:
