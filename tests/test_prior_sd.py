@@ -251,7 +251,15 @@ def test_long_prompt_warns_where_it_is_cut(prior, caplog):
     text = " ".join(r.getMessage() for r in caplog.records)
     assert len(caplog.records) == 1 and "Token indices" not in text  # ours only, not the tokenizer's own
     squeezed = text.replace(" ", "")  # the tiny test tokenizer decodes byte by byte, with spaces
-    assert "cutafter" in squeezed and "ignored" in text and "w59" in squeezed and "w0w1" not in squeezed
+    assert "cutafter" in squeezed and "ignored" in text and "29w30w31" in squeezed and "w0w1" not in squeezed
+    assert "more characters" in text and "w59" not in squeezed and len(text) < 400  # the tail is not repeated
+    caplog.clear()
+    # a 5000-character prompt and its view-dependent variants (cut at the same place): one short warning
+    long = "a " + "very " * 1000 + "red ball"
+    with caplog.at_level("WARNING", logger="csd_backend"):
+        prior.encode_text([long, long + ", front view", long + ", side view", long + ", back view"])
+        prior.encode_text([long + ", overhead view"])
+    assert len(caplog.records) == 1 and len(caplog.records[0].getMessage()) < 500
     caplog.clear()
     with caplog.at_level("WARNING", logger="csd_backend"):
         prior.encode_text(["a short prompt"])

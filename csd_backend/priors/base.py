@@ -7,6 +7,7 @@ later on DeepFloyd IF or ComfyUI's own models.
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -14,6 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+#: how much of a prompt's ignored tail a truncation warning quotes
+SHOWN_TAIL = 60
 
 
 class DiffusionPrior(ABC):
@@ -26,6 +31,7 @@ class DiffusionPrior(ABC):
         self.device = torch.device(device)
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)  # [T]
         self._text_cache: Dict[str, torch.Tensor] = {}
+        self._truncation_warned: set = set()  # the kept part of every prompt already warned about
 
     @property
     def num_train_timesteps(self) -> int:
@@ -149,3 +155,24 @@ def positive_int(value) -> Optional[int]:
     if isinstance(value, (list, tuple)) and value:
         value = value[0]
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def warn_if_truncated(tokenizer, prompts: Sequence[str], max_length: int, start_tokens: int, encoder: str,
+                      seen: set) -> None:
+    """Warn when a prompt is longer than the text encoder reads (``max_length`` tokens with ``start_tokens``
+    before the text and an end token after it), naming the cut: once per cut (the view-dependent variants of
+    one long prompt are cut at the same place), quoting at most ``SHOWN_TAIL`` characters of what is ignored."""
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
+        if len(ids) <= max_length:
+            continue
+        kept = tokenizer.decode(ids[start_tokens:max_length - 1], skip_special_tokens=True).strip()
+        if kept in seen:
+            continue
+        seen.add(kept)
+        dropped = tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True).strip()
+        more = len(dropped) - SHOWN_TAIL
+        ignored = f'"{dropped}"' if more <= 0 else f'"{dropped[:SHOWN_TAIL]}..." and {more} more characters'
+        log.warning('the prompt is %d tokens long but %s reads %d (%d of text): it is cut after "...%s"; ignored: '
+                    '%s. Shorten the prompt.', len(ids), encoder, max_length, max_length - 1 - start_tokens,
+                    kept[-40:], ignored)

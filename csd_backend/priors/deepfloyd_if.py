@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, CSDError, ModelNotFoundError
 from . import hub
 from .base import (DiffusionPrior, check_prediction_type, freeze, place_modules, positive_int,
-                   resize_renders, scaled_input_size, unet_inputs)
+                   resize_renders, scaled_input_size, unet_inputs, warn_if_truncated)
 from .resolution import choose_resolution
 from .stable_diffusion import resolve_device, resolve_dtype, v_to_eps
 
@@ -241,8 +241,8 @@ class DeepFloydIFPrior(DiffusionPrior):
                 f"(release_text_encoder) and the prompt(s) {shown} were not encoded before; reload the model "
                 "(load_prior, or re-run CSD Load Diffusion Model) to encode new prompts, and encode every prompt of "
                 "a run before releasing the encoder")
-        for prompt in prompts:
-            _warn_if_truncated(self.tokenizer, prompt, TEXT_MAX_LENGTH)
+        # T5 has no start token: the encoder reads max_length − 1 prompt tokens and the end token
+        warn_if_truncated(self.tokenizer, prompts, TEXT_MAX_LENGTH, 0, "the T5 text encoder", self._truncation_warned)
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         dev = next(self.text_encoder.parameters()).device
@@ -276,19 +276,6 @@ class DeepFloydIFPrior(DiffusionPrior):
         if self.prediction_type == "v_prediction":
             out = v_to_eps(out, z_t.to(torch.float32), self.alphas_cumprod[t])
         return out
-
-
-def _warn_if_truncated(tokenizer, prompt: str, max_length: int) -> None:
-    """Warn (logger ``csd_backend``) when ``prompt`` is longer than the T5 context, naming the cut (T5 has no start
-    token: the encoder reads ``max_length − 1`` prompt tokens and the end token)."""
-    ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
-    if len(ids) <= max_length:
-        return
-    kept = tokenizer.decode(ids[: max_length - 1], skip_special_tokens=True).strip()
-    dropped = tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True).strip()
-    log.warning("the prompt is %d tokens long but the T5 text encoder reads %d (%d of text and the end token): it "
-                "is cut after \"...%s\"; ignored: \"%s\". Shorten the prompt.",
-                len(ids), max_length, max_length - 1, kept[-40:], dropped)
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError, ModelNotFoundError
 from . import hub
 from .base import (DiffusionPrior, check_prediction_type, freeze, place_modules, positive_int,
-                   resize_renders, scaled_input_size, unet_inputs)
+                   resize_renders, scaled_input_size, unet_inputs, warn_if_truncated)
 from .resolution import choose_resolution
 
 log = logging.getLogger("csd_backend")
@@ -101,19 +101,6 @@ def _fix_hint() -> str:
         "run once with internet access so that diffusers can fetch the configs into the Hugging Face cache, "
         "or load a diffusers folder instead of the single file"
     )
-
-
-def _warn_if_truncated(tokenizer, prompt: str, max_length: int) -> None:
-    """Warn (logger ``csd_backend``) when ``prompt`` is longer than the text encoder's context, naming the cut."""
-    ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False).input_ids
-    if len(ids) <= max_length:
-        return
-    # the encoder sees the start token, max_length − 2 prompt tokens and the end token
-    kept = tokenizer.decode(ids[1:max_length - 1], skip_special_tokens=True).strip()
-    dropped = tokenizer.decode(ids[max_length - 1:], skip_special_tokens=True).strip()
-    log.warning("the prompt is %d tokens long but the text encoder reads %d (%d of text between its start and "
-                "end tokens): it is cut after \"...%s\"; ignored: \"%s\". Shorten the prompt.",
-                len(ids), max_length, max_length - 2, kept[-40:], dropped)
 
 
 def native_resolution(unet, vae, vae_scale_factor: int) -> int:
@@ -237,8 +224,8 @@ class StableDiffusionPrior(DiffusionPrior):
         limit = int(getattr(self.text_encoder.config, "max_position_embeddings", 77))
         if max_length <= 0 or max_length > limit:  # unset (huge) model_max_length
             max_length = limit
-        for prompt in prompts:
-            _warn_if_truncated(self.tokenizer, prompt, max_length)
+        # the encoder sees the start token, max_length − 2 prompt tokens and the end token
+        warn_if_truncated(self.tokenizer, prompts, max_length, 1, "the text encoder", self._truncation_warned)
         tokens = self.tokenizer(
             list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
         )
