@@ -1,7 +1,8 @@
 """One helper for every value that changes over optimisation steps (spec §2).
 
 A schedule is either a constant, or ``[start_step, start_value, end_value, end_step]``: linear between the two
-steps and held at the ends. A 3-element list ``[start_value, end_value, end_step]`` gets ``start_step = 0``.
+steps and held at the ends. A 3-element list ``[start_value, end_value, end_step]`` gets ``start_step = 0``
+(threestudio's ``C()`` reads its configs the same way).
 ``end_step == start_step`` is a step change at that step (the value jumps to ``end_value`` once
 ``step >= end_step``; threestudio writes it ``[5000, 0.98, 0.5, 5001]``, which is the same thing one step later).
 """
@@ -13,6 +14,9 @@ from typing import Optional, Sequence, Union
 from .errors import ConfigError
 
 ScheduleSpec = Union[float, int, Sequence[float]]
+#: what a schedule may be (every error about one says it)
+FORMS = ("a number, [start_value, end_value, end_step] (from step 0) or [start_step, start_value, end_value, "
+         "end_step]")
 
 
 def _finite(v) -> bool:
@@ -36,7 +40,7 @@ def validate_schedule(spec: ScheduleSpec, field: str = "schedule", minimum: Opti
 
 def _validate_shape(spec: ScheduleSpec, field: str) -> None:
     if isinstance(spec, bool):
-        raise ConfigError(field, f"expected a number or [start_step, start_value, end_value, end_step], got {spec!r}")
+        raise ConfigError(field, f"expected {FORMS}, got {spec!r}")
     if isinstance(spec, (int, float)):
         if not math.isfinite(spec):
             raise ConfigError(field, f"must be a finite number, got {spec!r}")
@@ -45,13 +49,13 @@ def _validate_shape(spec: ScheduleSpec, field: str) -> None:
         if len(spec) not in (3, 4) or not all(_finite(v) for v in spec):
             raise ConfigError(
                 field,
-                f"expected a number or a list [start_step, start_value, end_value, end_step] of numbers, got {spec!r}",
+                f"expected {FORMS} (finite numbers), got {spec!r}",
             )
         s0, _, _, s1 = _normalise(spec)
         if s1 < s0:
             raise ConfigError(field, f"end_step {s1} is before start_step {s0}; swap them")
         return
-    raise ConfigError(field, f"expected a number or [start_step, start_value, end_value, end_step], got {spec!r}")
+    raise ConfigError(field, f"expected {FORMS}, got {spec!r}")
 
 
 def _normalise(spec: Sequence[float]):

@@ -164,3 +164,22 @@ def test_no_package_file_is_too_long():
             if n > MAX_LINES and rel not in LONG_FILES:
                 long[rel] = n
     assert not long, f"package files over {MAX_LINES} lines: {long}"
+
+
+def test_install_steps_pin_torch_before_any_pip_line_and_name_the_cpu_wheel():
+    """The README's install blocks: the CPU torch command (a plain ``pip install torch`` pulls the CUDA build), the
+    constraint file written before the first ``pip install`` of the pack and used by every one, no fixed /tmp file,
+    and the clone line says what ``<URL of this repository>`` is."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    install = text[text.index("## Install"):text.index("## The two commands")]
+    comfy = text[text.index("## Using the pack in ComfyUI"):text.index("### Models")]
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install
+    for block in (install, comfy):
+        lines = [ln for ln in block.splitlines() if "pip install" in ln and "torch " not in ln.split("#")[0]
+                 .replace("pip install torch", "TORCH")]
+        pack_lines = [ln for ln in lines if "-e " in ln or "-r requirements" in ln]
+        assert pack_lines and all("-c torch-constraint.txt" in ln for ln in pack_lines), pack_lines
+        assert block.index("> torch-constraint.txt") < block.index(pack_lines[0])
+        assert "/tmp/" not in block and "<this repository>" not in block
+        assert "<URL of this repository>" in block and "the page you are reading" in block
+    assert "/torch-constraint.txt" in (ROOT / ".gitignore").read_text()
