@@ -29,11 +29,11 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import CSDError, ConfigError, ModelNotFoundError
-from .runs.flags import parse_overrides
+from .errors import CSDError, ConfigError, DiskFullError, ModelNotFoundError
+from .runs.flags import flag_hint
 from .runs.folders import check_out_dir, quoted, remove_empty
 from .runs.life import open_new_run, open_resumed_run, train_run
-from .runs.outputs import RunOutputs, export_mesh, finish_run, render_views, save_png
+from .runs.outputs import RunOutputs, export_mesh, finish_run, render_views, save_png, view_name
 from .runs.progress import echo, engine_warnings, quiet_third_party
 from .runs.stopping import raise_pending, signals_interrupt, stopped
 
@@ -233,13 +233,19 @@ def _export_config(args):
 
 
 def cmd_generate(args) -> int:
+    outputs = RunOutputs.from_args(args).validate()  # every output flag before anything slow runs
     try:
-        opt, out = open_resumed_run(args) if args.resume else open_new_run(args)
+        opt, out, lock = open_resumed_run(args) if args.resume else open_new_run(args)
     except KeyboardInterrupt:
         return stopped("before the run started; nothing was trained.")
+    try:
+        return _train_and_finish(args, opt, out, outputs)
+    finally:
+        lock.release()
 
-    outputs = RunOutputs.from_args(args)
-    t0 = time.time()
+
+def _train_and_finish(args, opt, out: Path, outputs: RunOutputs) -> int:
+    t0, start = time.time(), opt.step
     try:
         scene = train_run(opt, out, args.quiet)
     except KeyboardInterrupt:
@@ -251,17 +257,25 @@ def cmd_generate(args) -> int:
         else:
             kept = "no checkpoint yet: --resume restarts it from step 0 with its config.json"
         return stopped(f"at step {opt.step}; {kept}. Continue with: python -m csd_backend generate --resume "
-                        f"{quoted(out)}")
+                       f"{quoted(out)}")
+    except DiskFullError as e:
+        raise DiskFullError(f"{e}: python -m csd_backend generate --resume {quoted(out)}", e.path, e.free) from e
     phase = ["while rendering the views"]
-    try:
-        finish_run(scene, opt, out, outputs, phase=lambda text: phase.__setitem__(0, text))
+    try:  # a resumed run with nothing left to train only writes what is missing
+        written = finish_run(scene, opt, out, outputs, phase=lambda text: phase.__setitem__(0, text),
+                             only_missing=opt.step == start)
     except KeyboardInterrupt:
         return stopped(f"{phase[0]}; the run itself is complete and its checkpoint is saved in "
-                        f"{opt.checkpoint_path}. Later: python -m csd_backend render {quoted(out)} --out "
-                        f"{quoted(out / 'renders')} --views {args.views} --size {args.view_size}; "
-                        f"python -m csd_backend export {quoted(out)} --out {quoted(out)}")
-    echo(f"done: {opt.step} steps in {time.time() - t0:.1f} s; checkpoint {opt.checkpoint_path}; "
-         f"renders in {out / 'renders'}")
+                       f"{opt.checkpoint_path}. Write the missing views and mesh later with: python -m csd_backend "
+                       f"generate --resume {quoted(out)}")
+    except DiskFullError as e:
+        raise DiskFullError(f"{e}. The training is complete and its checkpoint is saved in {opt.checkpoint_path}; "
+                            f"once there is space, write the missing views and mesh with: python -m csd_backend "
+                            f"generate --resume {quoted(out)}", e.path, e.free) from e
+    trained = f"{opt.step - start} steps in {time.time() - t0:.1f} s" if opt.step > start else "nothing to train"
+    echo(f"done: {trained}; checkpoint {opt.checkpoint_path}; " + (
+        f"renders in {out / 'renders'}" if outputs.views else "no renders (--views 0)")
+        + ("" if written["renders"] or not outputs.views else " (already there)"))
     return 0
 
 
@@ -282,7 +296,7 @@ def cmd_refine(args) -> int:
                         ("model", stage1.prior.model), ("model_config", stage1.prior.model_config)):
         if getattr(args, flag) is None:
             setattr(args, flag, value)
-    args.preset = args.preset or "csd-refine-object"
+    args.preset_given, args.preset = args.preset is not None, args.preset or "csd-refine-object"
     args.init_scene, args.resume, args.source_prompt = args.run, None, None
     return cmd_generate(args)
 
@@ -290,24 +304,34 @@ def cmd_refine(args) -> int:
 def cmd_texture(args) -> int:
     """Texture a user's mesh: a fixed-mesh scene optimised with a texturing preset (the same run as generate)."""
     from .convert.mesh_file import mesh_scene, read_mesh_file
-    from .presets import get_preset
 
     if not args.out:
         raise ConfigError("--out", "give an output folder for the textured run")
-    args.preset = args.preset or "csd-texture"
-    cfg = get_preset(args.preset).replace(**parse_overrides(args.set)).scene
-    vertices, faces = read_mesh_file(args.mesh)
-    args.start_scene = mesh_scene(vertices, faces, cfg, y_up=not args.z_up, name=Path(args.mesh).name)
+    args.preset_given, args.preset = args.preset is not None, args.preset or "csd-texture"
+
+    def start_scene(config):  # once the output folder is checked; the texture's first weights follow the seed
+        size = Path(args.mesh).stat().st_size if Path(args.mesh).is_file() else 0
+        if size > 10e6 and not args.quiet:
+            echo(f"reading {args.mesh} ({size / 1e6:.0f} MB) ...")
+        vertices, faces = read_mesh_file(args.mesh)
+        return mesh_scene(vertices, faces, config.scene, y_up=not args.z_up, name=Path(args.mesh).name,
+                          seed=config.optim.seed)
+
+    args.start_scene = start_scene
     args.init_scene, args.resume, args.source_prompt = None, None, None
     return cmd_generate(args)
 
 
 # ------------------------------------------------------------------------------------------ render, export
 def cmd_render(args) -> int:
-    from .io import unique_path
     from .optimize import load_scene
 
     out = Path(args.out)
+    RunOutputs(views=args.views, view_size=args.size).validate(flags={"views": "--views", "view_size": "--size"},
+                                                              at_least_one_view=True)
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError("--out", f"{out} exists and is not empty; outputs are never overwritten. Give a new or "
+                                   "empty folder.")
     created = check_out_dir(out)
     try:
         scene, config = load_scene(args.checkpoint)
@@ -318,13 +342,13 @@ def cmd_render(args) -> int:
     written = []
 
     def save(i, img):
-        path = unique_path(out, "view", ".png")
+        path = out / view_name(i)
         save_png(img, path)
         written.append(path)
 
     try:
         render_views(scene, args.views, args.size, config.camera, args.shading, config.render, None, args.quiet,
-                      save)
+                     save)
     except KeyboardInterrupt:
         return stopped(f"after {len(written)} of {args.views} views (written to {out}).")
     echo(f"wrote {len(written)} views to {out}")
@@ -402,8 +426,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return command(args)
         try:
             return command(args)
-        except CSDError as e:
+        except DiskFullError as e:  # not bad input: the command failed on the way
             print(f"error: {e}", file=sys.stderr)
+            return 1
+        except CSDError as e:
+            print(f"error: {e}{flag_hint(e)}", file=sys.stderr)
             if isinstance(e, ModelNotFoundError):
                 print(f"hint: {try_without_weights()}", file=sys.stderr)
             return 2

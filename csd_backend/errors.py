@@ -32,3 +32,23 @@ class OutputExistsError(CSDError, FileExistsError):
 
 class Cancelled(CSDError):
     """The run was cancelled by a callback; the last checkpoint is kept."""
+
+
+class DiskFullError(CSDError, OSError):
+    """A file could not be written because its disk is full (or failing): names the file and the free space.
+    What was written before (the last checkpoint) is intact: writes go to a temporary file and are renamed."""
+
+    def __init__(self, message: str, path=None, free: int = -1):
+        self.path, self.free = path, free
+        super().__init__(message)
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` → ``"1.5 KB"`` (decimal units, as disk tools show them)."""
+    if n < 0:
+        return "unknown"
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"  # pragma: no cover

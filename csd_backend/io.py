@@ -2,6 +2,7 @@
 read with ``weights_only=True`` and verified against the content digest stored in them."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -9,13 +10,14 @@ import math
 import os
 import re
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .errors import CheckpointError, CSDError, OutputExistsError
+from .errors import CheckpointError, CSDError, DiskFullError, OutputExistsError, format_bytes
 
 PathLike = Union[str, os.PathLike]
 CHECKPOINT_FORMAT = "csd-run"
@@ -57,13 +59,22 @@ def atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and path.exists():
         raise OutputExistsError(f"{path} already exists; outputs are never overwritten. Choose another name or folder.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    except OSError as e:
+        raise disk_full(e, path) or e
     os.close(fd)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~current_umask())
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        except (OSError, RuntimeError) as e:
+            full = disk_full(e, path)
+            if full is None:
+                raise
+            raise full from e
         if before_replace is not None:
             before_replace(tmp)
         if not overwrite:
@@ -82,6 +93,28 @@ def atomic_write(path: PathLike, write: Callable[[str], None], overwrite: bool =
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+#: how torch's zip writer reports a short write (a full disk) in a RuntimeError
+_WRITE_FAILED = ("unexpected pos", "file write failed", "No space left", "Disk quota exceeded")
+
+
+def disk_full(exc: BaseException, path: PathLike) -> Optional[DiskFullError]:
+    """A ``DiskFullError`` naming ``path`` and its disk's free space when ``exc`` is a failed write for lack of
+    space (ENOSPC, a quota, or torch's "unexpected pos" of a short write); None for any other error."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if not (code in (errno.ENOSPC, errno.EDQUOT) or (isinstance(exc, RuntimeError)
+                                                       and any(m in text for m in _WRITE_FAILED))):
+        return None
+    path = Path(path)
+    try:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+    except OSError:
+        free = -1
+    why = "the disk is full" if code in (errno.ENOSPC, errno.EDQUOT) or free < 64 << 20 else \
+        "the write failed (a full or failing disk)"
+    return DiskFullError(f"could not write {path}: {why} ({format_bytes(free)} free on its disk)", path, free)
 
 
 def non_finite_path(value: Any, where: str = "") -> Optional[str]:
@@ -303,11 +336,14 @@ def find_checkpoint(path: PathLike) -> Path:
 
 
 def _fallback_hint(p: Path) -> str:
+    """What is left after ``p`` turned out damaged: the checkpoint before it, only when that one is intact."""
     prev = previous_path(p)
-    if prev != p and prev.is_file():
-        return (f"The checkpoint before it is kept: resume from it with: python -m csd_backend generate --resume "
-                f"{shlex.quote(str(prev))} (in ComfyUI: copy {prev.name} over {p.name}).")
-    return "No earlier checkpoint of this run is kept; start a new run."
+    if prev == p or not prev.is_file():
+        return "No earlier checkpoint of this run is kept; start a new run."
+    if not _is_good_checkpoint(prev):
+        return f"The checkpoint before it ({prev.name}) is damaged too: no intact checkpoint is left; start a new run."
+    return (f"The checkpoint before it is intact: resume from it with: python -m csd_backend generate --resume "
+            f"{shlex.quote(str(prev))} (in ComfyUI: copy {prev.name} over {p.name}).")
 
 
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:

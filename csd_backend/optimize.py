@@ -30,7 +30,7 @@ import torch
 
 from . import io
 from .config import RunConfig
-from .errors import Cancelled, CheckpointError, ConfigError, CSDError
+from .errors import Cancelled, CheckpointError, ConfigError, CSDError, DiskFullError
 from .guidance import ScoreDistillation
 from .priors.base import DiffusionPrior
 from .priors.controlnet import depth_condition
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: the resolved configuration written into every run folder when the run starts
 RUN_CONFIG_FILE = "config.json"
+#: its entry recording what the settings left to run time ("auto", None) as the run resolved them
+RESOLVED_KEY = "resolved"
 
 #: CUDA runs: how often (in steps) the device-side non-finite-loss record is read (one host sync)
 FINITE_CHECK_EVERY = 10
@@ -180,7 +182,10 @@ class Optimization:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise CSDError("no checkpoint path: give the Optimization an out_dir or pass a path")
-        saved = io.save_checkpoint(path, self.state_dict())
+        try:
+            saved = io.save_checkpoint(path, self.state_dict())
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}. {intact_checkpoint(path)}", e.path, e.free) from e
         if path == self.checkpoint_path:
             self.saved_step = self.step
         return saved
@@ -220,6 +225,10 @@ class Optimization:
             out_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
         opt = cls(config, prior, out_dir=out_dir)
         opt.load_state_dict(state)
+        same_plan = config.optim.steps == RunConfig.from_dict(state["config"]).optim.steps
+        if same_plan and opt.checkpoint_path is not None and \
+                io.find_checkpoint(checkpoint).resolve() == opt.checkpoint_path.resolve():
+            opt.saved_step = done  # its checkpoint holds this step: a run with nothing left to train rewrites nothing
         return opt
 
     # ------------------------------------------------------------------ step
@@ -390,6 +399,22 @@ class Optimization:
         self._save_unless_saved()
         return self.scene
 
+    def resolved(self) -> Dict[str, object]:
+        """The values the configuration leaves to run time ("auto", None: the prior's input size, the device, the
+        dtype, the backends), as this run resolved them, by config field."""
+        dtype = getattr(self.prior, "unet_dtype", None)
+        encoding = next((m.backend_name for m in self.scene.modules() if hasattr(m, "backend_name")), None)
+        out = {"prior.model": getattr(self.prior, "source", None) or self.prior.name,
+               "prior.resolution": getattr(self.prior, "resolution", None), "prior.device": str(self.device),
+               "prior.dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+               "scene.encoding_backend": encoding, **getattr(self.renderer, "resolved_backends", {})}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def write_config(self, folder: Optional[io.PathLike] = None) -> Path:
+        """``config.json`` of the run folder: the configuration, and under ``"resolved"`` what ran (``resolved``)."""
+        folder = Path(folder) if folder is not None else self.out_dir
+        return io.write_json(folder / RUN_CONFIG_FILE, {**self.config.to_dict(), RESOLVED_KEY: self.resolved()})
+
     def trained_scene(self) -> Scene:
         """A detached copy of the current scene (safe to hand out; later steps do not change it)."""
         return copy.deepcopy(self.scene).eval()
@@ -436,6 +461,20 @@ def _resumed_steps(config: RunConfig, done: int, steps: Optional[int]) -> RunCon
     return config.replace(optim={"steps": steps})
 
 
+def intact_checkpoint(path: Path) -> str:
+    """Which checkpoint of a run is intact after a failed save of ``path`` (saves replace the file only once the
+    new one is complete), for the error message."""
+    for candidate in (path, io.previous_path(path)):
+        if candidate.is_file():
+            try:
+                step = io.load_checkpoint(candidate)["step"]
+            except CSDError:
+                continue
+            return (f"The checkpoint of step {step} ({candidate}) is intact: free some space, then resume the run "
+                    "from it")
+    return "No checkpoint of this run was written yet: free some space, then start it again"
+
+
 def run_checkpoint(folder: io.PathLike) -> Optional[Path]:
     """The checkpoint a run folder resumes from, or None when it has none (yet)."""
     try:
@@ -449,9 +488,15 @@ def read_run_config(folder: io.PathLike) -> RunConfig:
     path = Path(folder) / RUN_CONFIG_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data.pop(RESOLVED_KEY, None)  # a record of the run, not a setting
         return RunConfig.from_dict(data).validate(require_model=False)
     except (OSError, ValueError) as e:  # unreadable, not JSON, or an invalid setting (ConfigError is a ValueError)
-        raise CheckpointError(f"cannot use {path}: {e}") from None
+        kept = run_checkpoint(folder)
+        fix = (f"The run's settings are also stored in its checkpoint {kept}: delete {path.name} to resume with "
+               f"those, or restore it." if kept is not None else "It is the only record of this run's settings "
+               "(it stopped before its first checkpoint): restore it, or start the run again.")
+        raise CheckpointError(f"cannot use {path}: {e}. {fix}") from None
 
 
 def load_scene(checkpoint: io.PathLike, map_location="cpu") -> tuple[Scene, RunConfig]:

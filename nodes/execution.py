@@ -87,10 +87,16 @@ class Progress:
         except ImportError:
             self.bar = None
 
-    def update(self, step: int, total: int, image=None) -> None:
+    def update(self, step: int, total: int, image=None, caption: Optional[str] = None) -> None:
+        """``caption``: a line written on the preview's bottom edge (what the render shows)."""
         if self.bar is None:
             return
         preview = None
         if image is not None:
-            preview = ("JPEG", enlarge_nearest(to_pil(image)), PREVIEW_MAX_SIZE)
+            picture = enlarge_nearest(to_pil(image))
+            if caption:
+                from csd_backend.runs.outputs import captioned
+
+                picture = captioned(picture, caption)
+            preview = ("JPEG", picture, PREVIEW_MAX_SIZE)
         self.bar.update_absolute(step, total, preview)

@@ -11,7 +11,7 @@ from csd_backend.convert.mesh_file import MESH_SUFFIXES
 from . import pack
 from .execution import autograd_allowed, comfy_device
 from .model_folders import folder_paths_module
-from .run_folders import file_signature
+from .run_folders import UNTRAINED_ATTR, file_signature
 from .widgets import combo_input
 
 NO_FILE = "(none: use the mesh input)"
@@ -61,18 +61,15 @@ class CSDLoadMesh:
     FUNCTION = "load"
     RETURN_TYPES = (pack.SCENE,)
     RETURN_NAMES = ("scene",)
-    OUTPUT_TOOLTIPS = ("A fixed-mesh scene (its texture field and background are new).",)
+    OUTPUT_TOOLTIPS = ("A fixed-mesh scene for CSD Texture Mesh, which gives it the texture field and background "
+                       "of its preset (one choice: the preset of Texture Mesh).",)
 
     @classmethod
     def INPUT_TYPES(cls):
-        from .optimize import presets_of
-
         return {"required": {
             "mesh_file": combo_input([NO_FILE] + input_meshes(), NO_FILE,
                                      "a mesh file in input/3d, or (none) to use the mesh input"),
             "up_axis": combo_input(["y", "z"], "y", "the file's up axis: y (glTF, and most OBJ/PLY files) or z"),
-            "preset": combo_input(presets_of("mesh"), "csd-texture",
-                                  "texture field settings (hash grid, background) of the scene"),
         }, "optional": {
             "mesh": ("MESH", {"tooltip": "optional: ComfyUI's MESH (first of the batch, Y up); wins over the file"}),
         }}
@@ -99,12 +96,12 @@ class CSDLoadMesh:
         return True
 
     @autograd_allowed
-    def load(self, mesh_file, up_axis, preset, mesh=None):
+    def load(self, mesh_file, up_axis, mesh=None):
         import numpy as np
 
+        from csd_backend.convert.mesh_file import mesh_scene, read_mesh_file
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
-        from csd_backend.convert.mesh_file import mesh_scene, read_mesh_file
 
         if mesh is not None:
             vertices, faces = getattr(mesh, "vertices", None), getattr(mesh, "faces", None)
@@ -124,7 +121,10 @@ class CSDLoadMesh:
                 raise ConfigError("mesh_file", str(e).split(": ", 1)[1]) from None
             v, f = read_mesh_file(path)
             name = os.path.basename(mesh_file)
-        scene = mesh_scene(v, f, get_preset(preset).scene, y_up=(up_axis == "y"), name=name)
+        # the texture field is made again by CSD Texture Mesh from its preset and seed (UNTRAINED_ATTR): these
+        # settings only make the scene renderable on its own
+        scene = mesh_scene(v, f, get_preset("csd-texture").scene, y_up=(up_axis == "y"), name=name, seed=0)
+        setattr(scene, UNTRAINED_ATTR, True)
         pack.log.info("CSD Load Mesh: %s, %d vertices, %d faces", name, scene.geometry.vertices.shape[0],
                       scene.geometry.faces.shape[0])
         return (scene.to(comfy_device() or "cpu").eval(),)

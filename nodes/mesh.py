@@ -69,11 +69,13 @@ class CSDExtractMesh:
             "scene": (pack.SCENE, {"tooltip": "The scene to export (from CSD Optimize or CSD Load Scene)."}),
             "resolution": ("INT", {"default": 256, "min": 32, "max": 512, "step": 32,
                                    "tooltip": "Grid samples along the longest side of the object's box. 256 takes "
-                                              "tens of seconds on a CPU; 128 is a quick preview."}),
+                                              "tens of seconds on a CPU; 128 is a quick preview. Volumes only: a "
+                                              "refined or textured mesh scene exports its own mesh (unused)."}),
             "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.5,
                                     "tooltip": "Density of the surface. 0 = automatic (the mean density where "
                                                "there is any); threestudio uses 25, CSD's stage 2 uses 10. "
-                                               "Lower it if parts are missing, raise it if the mesh is blobby."}),
+                                               "Lower it if parts are missing, raise it if the mesh is blobby. "
+                                               "Volumes only: unused for a refined or textured mesh scene."}),
             "texture_size": ("INT", {"default": 1024, "min": 128, "max": 4096, "step": 128,
                                      "tooltip": "Side of the square base-colour texture in pixels."}),
             "face_budget": ("INT", {"default": 100000, "min": 0, "max": 2000000, "step": 1000,

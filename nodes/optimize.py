@@ -3,8 +3,6 @@ cancellation and resumable checkpoints under ``output/csd3d/runs``."""
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 from csd_backend.config import OptimConfig
 from csd_backend.presets import PRESETS
@@ -27,6 +25,7 @@ def presets_of(kind: str) -> list:
 
 
 class CSDOptimize:
+    DISPLAY = "CSD Optimize"  # the node's name as users see it (errors and the log name it)
     KIND = "volume"  # the presets listed: those of this scene kind (see presets_of)
     DEFAULT_PRESET = "csd-coarse"
     DEFAULT_RUN_NAME = "csd_run"
@@ -98,12 +97,12 @@ class CSDOptimize:
 
     # ------------------------------------------------------------------------------------------------ config
     @staticmethod
-    def run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every, preview_every):
+    def run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every, preview_every,
+                   where: str = "CSD Optimize"):
         """The full RunConfig of a new run (validated; errors name the node input)."""
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
 
-        where = "CSD Optimize"
         try:
             cfg = get_preset(preset).with_steps(int(steps))
         except ConfigError as e:
@@ -126,14 +125,18 @@ class CSDOptimize:
 
     # --------------------------------------------------------------------------------------------------- run
     @staticmethod
-    def start_scene(scene, preset: str):
-        """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset."""
+    def start_scene(scene, preset: str, seed: int = 0):
+        """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset; a mesh from
+        Load Mesh gets the texture field and background of the preset, drawn from ``seed``."""
+        from csd_backend.convert.mesh_file import with_scene_settings
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
         from csd_backend.scene_kinds import starting_scene
 
         target = get_preset(preset).scene
-        if target.kind != "volume" and getattr(scene, UNTRAINED_ATTR, False):
+        if scene.kind == "mesh" and getattr(scene, UNTRAINED_ATTR, False) and target.kind == "mesh":
+            return with_scene_settings(scene, target, seed)
+        if target.kind != "volume" and scene.kind == "volume" and getattr(scene, UNTRAINED_ATTR, False):
             raise ConfigError("scene", f"preset {preset} refines or textures a surface, but this scene is new "
                                        "(untrained): train it with CSD Optimize first, or load a mesh with CSD "
                                        "Load Mesh")
@@ -142,64 +145,91 @@ class CSDOptimize:
                                        f"{scene.kind} scene use CSD Optimize with csd-edit)")
         return starting_scene(scene, target)
 
+    def open_run(self, prior, guidance, scene, preset, steps, lr, seed, checkpoint_every, preview_every, run_name,
+                 resume, cameras):
+        """(Optimization, lock) of a new run folder, or of the latest run of ``run_name`` to resume; the folder is
+        locked (``csd_backend/runs/lock.py``) so that no other process writes it meanwhile."""
+        from csd_backend.errors import ConfigError
+        from csd_backend.optimize import Optimization
+        from csd_backend.runs.lock import RunLock
+
+        if resume:
+            ckpt = latest_checkpoint(run_name)
+            if ckpt is None:
+                raise ConfigError("resume", f"there is no checkpoint of run '{run_name}' in {runs_directory()}")
+            lock = RunLock(ckpt.parent.parent, f"ComfyUI {self.DISPLAY} (resume {run_name})").acquire()
+            try:
+                opt = Optimization.resume(ckpt, prior, steps=int(steps))
+            except BaseException:
+                lock.release()
+                raise
+            pack.log.info("%s: resuming %s at step %d of %d (the run's saved settings are used)", self.DISPLAY,
+                          opt.out_dir, opt.step, opt.config.optim.steps)
+            return opt, lock
+        scene = self.start_scene(scene, preset, int(seed))
+        cfg = self.run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every,
+                              preview_every, where=self.DISPLAY)
+        untrained = bool(getattr(scene, UNTRAINED_ATTR, False)) and scene.kind == "volume"
+        out_dir = new_run_folder(run_name)
+        lock = RunLock(out_dir, f"ComfyUI {self.DISPLAY} ({run_name})").acquire()
+        # an untrained scene is re-initialised from the seed (like the command line); a trained one is copied
+        try:
+            opt = Optimization(cfg, prior, scene=None if untrained else scene, out_dir=out_dir)
+            opt.write_config(out_dir)
+        except BaseException:
+            lock.release()
+            if not any(out_dir.iterdir()):
+                out_dir.rmdir()  # leave no run folder behind for a run that never started
+            raise
+        pack.log.info("%s: run %s, %d steps", self.DISPLAY, out_dir, cfg.optim.steps)
+        return opt, lock
+
     @autograd_allowed
     def optimize(self, prior, guidance, scene, preset, steps, lr, seed, checkpoint_every, preview_every,
                  run_name, resume, cameras=None, unique_id=None):
-        from csd_backend.errors import Cancelled, ConfigError
-        from csd_backend.io import atomic_write
-        from csd_backend.optimize import Optimization
-        from csd_backend.render.views import render_ring
+        from csd_backend.errors import ConfigError
 
         check_run_name(run_name)
         try:
-            if resume:
-                ckpt = latest_checkpoint(run_name)
-                if ckpt is None:
-                    raise ConfigError("resume", f"there is no checkpoint of run '{run_name}' in {runs_directory()}")
-                opt = Optimization.resume(ckpt, prior, steps=int(steps))
-                pack.log.info("CSD Optimize: resuming %s at step %d of %d (the run's saved settings are used)",
-                              opt.out_dir, opt.step, opt.config.optim.steps)
-            else:
-                scene = self.start_scene(scene, preset)
-                cfg = self.run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every,
-                                      preview_every)
-                untrained = bool(getattr(scene, UNTRAINED_ATTR, False))
-                out_dir = new_run_folder(run_name)
-                # an untrained scene is re-initialised from the seed (like the command line); a trained one is copied
-                try:
-                    opt = Optimization(cfg, prior, scene=None if untrained else scene, out_dir=out_dir)
-                except BaseException:
-                    out_dir.rmdir()  # still empty: leave no run folder behind for a run that never started
-                    raise
-                text = json.dumps(opt.config.to_dict(), indent=2, allow_nan=False)  # strict JSON
-                atomic_write(out_dir / "config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-                pack.log.info("CSD Optimize: run %s, %d steps", out_dir, cfg.optim.steps)
+            opt, lock = self.open_run(prior, guidance, scene, preset, steps, lr, seed, checkpoint_every,
+                                      preview_every, run_name, resume, cameras)
         except ConfigError as e:
-            named = named_error(e, "CSD Optimize")
+            named = named_error(e, self.DISPLAY)
             if named is e:
                 raise
             raise named from e
+        try:
+            return self.train(opt, int(preview_every), unique_id)
+        finally:
+            lock.release()
+
+    def train(self, opt, every: int, unique_id=None):
+        """Run ``opt`` to its last step with the progress bar and live previews: ``(trained scene, preview)``."""
+        from csd_backend.errors import Cancelled
+        from csd_backend.render.shading import shading_label
+        from csd_backend.render.views import render_ring
 
         total = opt.config.optim.steps
         bar = Progress(total, node_id=unique_id)
-        every = int(preview_every)
         if opt.step > 0:
             bar.update(opt.step, total)
 
         def on_step(info):
             # the step test first: on CUDA reading the preview waits for the GPU (a host sync)
             show = every > 0 and (info.step % every == 0 or info.step == info.total) and info.preview is not None
-            bar.update(info.step, info.total, info.preview[0] if show else None)
+            caption = f"step {info.step}: {shading_label(opt.config.render, info.shading)}" if show else None
+            bar.update(info.step, info.total, info.preview[0] if show else None, caption)
 
         try:
-            trained = opt.run(progress=on_step, cancel=processing_interrupted)
+            opt.run(progress=on_step, cancel=processing_interrupted)
         except Cancelled:  # the engine saved its checkpoint before raising
-            pack.log.info("CSD Optimize: cancelled at step %d; resume from %s", opt.step, opt.checkpoint_path)
+            pack.log.info("%s: cancelled at step %d; resume from %s", self.DISPLAY, opt.step, opt.checkpoint_path)
             raise_interrupt()
             raise
         except BaseException as e:
             if is_interrupt(e):  # raised by ComfyUI's progress hook; the engine saved the checkpoint already
-                pack.log.info("CSD Optimize: cancelled at step %d; resume from %s", opt.step, opt.checkpoint_path)
+                pack.log.info("%s: cancelled at step %d; resume from %s", self.DISPLAY, opt.step,
+                              opt.checkpoint_path)
             raise
         trained = opt.trained_scene()  # a detached copy: no gradients held while ComfyUI caches the output
         cam = opt.config.camera
@@ -211,6 +241,7 @@ class CSDOptimize:
 
 
 class CSDRefineMesh(CSDOptimize):
+    DISPLAY = "CSD Refine Mesh"
     KIND = "dmtet"
     DEFAULT_PRESET = "csd-refine-object"
     DEFAULT_RUN_NAME = "csd_refine"
@@ -236,6 +267,7 @@ class CSDRefineMesh(CSDOptimize):
 
 
 class CSDTextureMesh(CSDRefineMesh):
+    DISPLAY = "CSD Texture Mesh"
     KIND = "mesh"
     DEFAULT_PRESET = "csd-texture"
     DEFAULT_RUN_NAME = "csd_texture"

@@ -645,7 +645,6 @@ TEST_OVERRIDES: Dict[str, Dict[str, object]] = {
     # the CPU presets: a 64 tet grid, and the automatic surface level (a 2-step stage 1 never reaches density 10)
     "CSDRefineMesh": {"steps": 2, "checkpoint_every": 1, "preview_every": 1, "preset": "refine-cpu"},
     "CSDTextureMesh": {"steps": 2, "checkpoint_every": 1, "preview_every": 1, "preset": "texture-cpu"},
-    "CSDLoadMesh": {"preset": "texture-cpu"},
     "CSDRenderViews": {"n_views": 2, "size": 24, "samples_per_ray": 32},
     "CSDExtractMesh": {"resolution": 32, "texture_size": 64, "face_budget": 5000},
 }

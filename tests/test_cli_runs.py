@@ -227,8 +227,7 @@ def test_ctrl_c_after_training_is_one_line_with_the_commands_to_finish(tmp_path,
     assert main(quiet_no_mesh(gen_args(out))) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("interrupted while rendering the views; the run itself is complete")
-    assert f"python -m csd_backend render {out} --out {out / 'renders'}" in err[-1]
-    assert f"python -m csd_backend export {out} --out {out}" in err[-1]
+    assert f"Write the missing views and mesh later with: python -m csd_backend generate --resume {out}" in err[-1]
     assert load_checkpoint(out)["step"] == 4
     monkeypatch.undo()
     monkeypatch.setattr(run_outputs, "export_mesh", interrupted)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -426,6 +427,45 @@ def test_is_changed_follows_the_checkpoint_on_disk(env, pack):
 
 
 
+def test_refine_errors_name_presets_and_nodes_not_command_line_flags(env, pack):
+    """Refine Mesh on a scene without a surface at the preset's density level: the error is in the node user's
+    words (the node, the preset), never a command-line flag."""
+    m = pack.NODE_CLASS_MAPPINGS
+    (scene,) = m["CSDScene"]().make(**{**defaults(m["CSDScene"]), **SMALL_SCENE})
+    setattr(scene, "_csd_untrained", False)
+    with torch.no_grad():
+        for p in scene.volume.density_mlp.parameters():
+            p.zero_()
+    (guidance,) = m["CSDGuidance"]().build(**{**defaults(m["CSDGuidance"]), "prompt": "a red ball"})
+    from csd_backend.priors.analytic import AnalyticPrior
+
+    node = m["CSDRefineMesh"]()
+    with pytest.raises(Exception) as info:
+        node.optimize(AnalyticPrior(16), guidance, scene, "csd-refine-object", 2, 0.01, 0, 1, 1, "r", False)
+    text = str(info.value)
+    assert "no surface at the density level 10" in text and "CSD Refine Mesh" in text and "preset" in text
+    assert "--" not in text, text
+
+
+def test_a_run_folder_in_use_is_not_resumed_by_the_node(env, pack):
+    """Optimize's resume refuses a run folder that another process writes (its run.lock), naming that process."""
+    import json as _json
+    import socket
+
+    m = pack.NODE_CLASS_MAPPINGS
+    folder = env.output_dir / "csd3d" / "runs" / "busy_00001"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"not read")
+    (folder / "run.lock").write_text(_json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": 0,
+                                                 "command": "generate --resume"}))
+    (guidance,) = m["CSDGuidance"]().build(**{**defaults(m["CSDGuidance"]), "prompt": "a red ball"})
+    from csd_backend.priors.analytic import AnalyticPrior
+
+    with pytest.raises(Exception, match=f"in use by PID {os.getppid()}"):
+        m["CSDOptimize"]().optimize(AnalyticPrior(16), guidance, None, "preview-cpu", 2, 0.01, 0, 1, 1, "busy", True)
+    assert (folder / "checkpoints" / "last.ckpt").read_bytes() == b"not read"
+
+
 def test_load_mesh_from_a_file_or_a_comfy_mesh_and_refusals(env, pack):
     import numpy as np
     import trimesh
@@ -434,7 +474,7 @@ def test_load_mesh_from_a_file_or_a_comfy_mesh_and_refusals(env, pack):
     load = m["CSDLoadMesh"]
     choices = load.INPUT_TYPES()["required"]["mesh_file"][0]
     assert "example/csd_vase.obj" in choices
-    (scene,) = load().load("example/csd_vase.obj", "y", "texture-cpu")
+    (scene,) = load().load("example/csd_vase.obj", "y")
     cs.check_return("CSDLoadMesh", load, (scene,))
     assert scene.kind == "mesh" and scene.geometry.faces.shape[0] == 2496
     # a file uploaded to input/3d (where Load 3D puts it)
@@ -444,18 +484,18 @@ def test_load_mesh_from_a_file_or_a_comfy_mesh_and_refusals(env, pack):
     box.export(up / "box.stl")
     assert "sub/box.stl" in load.INPUT_TYPES()["required"]["mesh_file"][0]
     assert load.VALIDATE_INPUTS("sub/box.stl") is True
-    (scene,) = load().load("sub/box.stl", "z", "texture-cpu")
+    (scene,) = load().load("sub/box.stl", "z")
     assert scene.geometry.faces.shape[0] == 12 and not bool(scene.geometry.source_y_up)
     # ComfyUI's MESH (batched) wins over the file
     mesh = types.SimpleNamespace(vertices=torch.from_numpy(np.asarray(box.vertices, np.float32))[None],
                                  faces=torch.from_numpy(np.asarray(box.faces, np.int64))[None])
     (scene,) = load().load(NO_FILE := load.INPUT_TYPES()["required"]["mesh_file"][1]["default"], "y",
-                           "texture-cpu", mesh=mesh)
+                           mesh=mesh)
     assert scene.geometry.faces.shape[0] == 12
     assert "outside" in load.VALIDATE_INPUTS("../../etc/passwd.obj")
     assert "not in" in load.VALIDATE_INPUTS("missing.glb")
     with pytest.raises(Exception, match="mesh_file: choose a file"):
-        load().load(NO_FILE, "y", "texture-cpu")
+        load().load(NO_FILE, "y")
 
 
 def test_refine_and_texture_refuse_the_wrong_scene(env, pack):
@@ -510,3 +550,26 @@ def test_perp_neg_option_follows_the_preset_unless_set(env, pack, part):
 
     assert run("preset", "csd-coarse-character") is True and run("preset", "csd-coarse") is False
     assert run("off", "csd-coarse-character") is False and run("on", "csd-coarse") is True
+
+
+def test_requeueing_a_finished_resume_rewrites_nothing(env, pack):
+    """Optimize with resume on a run that has nothing left to train: the checkpoint is not rewritten, so ComfyUI's
+    IS_CHANGED stays the same and the graph after it (Extract, Save Mesh) is not run again (no second GLB)."""
+    from csd_backend.priors.analytic import AnalyticPrior
+
+    m = pack.NODE_CLASS_MAPPINGS
+    (scene,) = m["CSDScene"]().make(**{**defaults(m["CSDScene"]), **SMALL_SCENE})
+    (guidance,) = m["CSDGuidance"]().build(**{**defaults(m["CSDGuidance"]), "prompt": "a red ball"})
+    (cams,) = m["CSDCameras"]().build(**{**defaults(m["CSDCameras"]), "width": 16, "height": 16})
+    prior = AnalyticPrior(16)
+    node = m["CSDOptimize"]()
+    node.optimize(prior, guidance, scene, "preview-cpu", 2, 0.01, 0, 1, 1, "again", False, cams)
+    ckpt = env.output_dir / "csd3d" / "runs" / "again_00001" / "checkpoints" / "last.ckpt"
+    signature = m["CSDOptimize"].IS_CHANGED(resume=True, run_name="again")
+    data = ckpt.read_bytes()
+    for _ in range(2):
+        node.optimize(prior, guidance, scene, "preview-cpu", 2, 0.01, 0, 1, 1, "again", True, cams)
+        assert m["CSDOptimize"].IS_CHANGED(resume=True, run_name="again") == signature
+        assert ckpt.read_bytes() == data
+    node.optimize(prior, guidance, scene, "preview-cpu", 3, 0.01, 0, 1, 1, "again", True, cams)  # one more step
+    assert m["CSDOptimize"].IS_CHANGED(resume=True, run_name="again") != signature

@@ -85,7 +85,7 @@ def test_conversion_without_a_surface_says_what_to_do():
     with torch.no_grad():
         for p in scene.volume.density_mlp.parameters():
             p.zero_()
-    with pytest.raises(CSDError, match="no surface at the isosurface threshold 10.*isosurface_threshold"):
+    with pytest.raises(CSDError, match="scene.isosurface_threshold: .*no surface at the density level 10"):
         volume_to_dmtet(scene, tet_resolution=32, threshold=10.0)
 
 

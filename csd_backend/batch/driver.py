@@ -187,7 +187,7 @@ def _new_batch(args):
                                    "folder.")
     runs = plan_runs(read_prompts(args.prompts), args, Path(args.prompts).name)
     absolute_model_paths(runs)
-    outputs = dataclasses.asdict(RunOutputs.from_args(args))
+    outputs = dataclasses.asdict(RunOutputs.from_args(args).validate())
     outputs.pop("quiet")
     return folder, BatchPlan(runs=runs, outputs=outputs, prompts=str(Path(args.prompts).resolve())), {}
 

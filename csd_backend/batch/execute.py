@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 from ..errors import CheckpointError, CSDError
+from ..runs.lock import LOCK_FILE, RunLock
 from .plan import RunSpec
 
 #: at most one progress event per run this often (and always on the last step)
@@ -87,6 +88,7 @@ def execute(spec: RunSpec, batch_dir: Path, outputs, report: Callable[[dict], No
                 "total": opt.config.optim.steps if opt is not None else state["total"],
                 "seconds": round(time.perf_counter() - t0, 3), **extra}
 
+    lock = None
     try:
         over = dict(prior_over or {})
         config = spec.run_config()
@@ -94,8 +96,10 @@ def execute(spec: RunSpec, batch_dir: Path, outputs, report: Callable[[dict], No
             over["device"] = device
         config = config.replace(prior=over) if over else config
         prior, how, load_s = priors.get(config.prior)
-        opt, resumed = _open_run(spec, out, config, prior)
+        lock = RunLock(out, f"batch run {spec.id} (pid {os.getpid()})")
+        opt, resumed = _open_run(spec, out, config, prior, lock)
         state["opt"] = opt
+        start = opt.step
         total = opt.config.optim.steps
         report({"type": "training", "run": spec.id, "step": opt.step, "total": total, "resumed": resumed,
                 "prior": how, "prior_seconds": round(load_s, 3)})
@@ -113,7 +117,7 @@ def execute(spec: RunSpec, batch_dir: Path, outputs, report: Callable[[dict], No
                 report({"type": "progress", "run": spec.id, "step": info.step, "total": info.total})
 
         scene = train_run(opt, out, quiet=True, on_step=on_step)
-        written = finish_run(scene, opt, out, outputs, say=forward.echo)
+        written = finish_run(scene, opt, out, outputs, say=forward.echo, only_missing=opt.step == start)
         return end("done", outputs=_relative(batch_dir, out, written))
     except KeyboardInterrupt:
         report(end("interrupted", error="stopped; the run resumes from its checkpoint"))
@@ -123,36 +127,41 @@ def execute(spec: RunSpec, batch_dir: Path, outputs, report: Callable[[dict], No
     except Exception as e:  # noqa: BLE001 - one failed run must not stop the others; the manifest says why
         return end("failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=20))
     finally:
+        if lock is not None:
+            lock.release()
         logger.removeHandler(forward)
         state["opt"] = None
         _free_memory()
 
 
-def _open_run(spec: RunSpec, out: Path, config, prior):
-    """(Optimization, resumed?) of the run folder ``out``: continued when it holds a run, else started."""
+def _open_run(spec: RunSpec, out: Path, config, prior, lock: RunLock):
+    """(Optimization, resumed?) of the run folder ``out``, locked with ``lock``: continued when it holds a run,
+    else started."""
     from ..optimize import RUN_CONFIG_FILE, run_checkpoint
     from ..runs.life import continue_run, start_run
 
     saved = out / RUN_CONFIG_FILE
     if out.is_dir() and (saved.is_file() or run_checkpoint(out) is not None):
         _check_same_run(spec, out)
+        lock.acquire()
         over = {k: getattr(config.prior, k) for k in PRIOR_FREE}
         return continue_run(out, prior, prior_over=over, release_encoder=False), True
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise CheckpointError(f"{out} holds files but no run (no {RUN_CONFIG_FILE}, no checkpoint); move them away "
                               "and resume the batch")
     out.mkdir(parents=True, exist_ok=True)
+    lock.acquire()
     return start_run(config, prior, out, release_encoder=False), False
 
 
 def _check_same_run(spec: RunSpec, out: Path) -> None:
     """A folder that holds another run (another prompt or seed) is never continued as this one."""
-    from ..optimize import RUN_CONFIG_FILE
+    from ..optimize import RUN_CONFIG_FILE, read_run_config
 
-    try:
-        saved = json.loads((out / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # no readable config.json: the checkpoint's own config is checked by Optimization.resume
+    if not (out / RUN_CONFIG_FILE).is_file():
+        return  # stopped before config.json: the checkpoint's own config is checked by Optimization.resume
+    read_run_config(out)  # a damaged config.json is refused (the error says what to do), as by generate --resume
+    saved = json.loads((out / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
     prompt = saved.get("guidance", {}).get("prompt")
     seed = saved.get("optim", {}).get("seed")
     if prompt != spec.config["guidance"]["prompt"] or seed != spec.seed:

@@ -211,7 +211,7 @@ def worker_main(device: str, threads: Optional[int], folder: str, outputs: dict,
         signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored while it started
     from ..runs.stopping import signals_interrupt
 
-    with signals_interrupt():
+    with signals_interrupt(notice=False):  # the driver tells the user
         try:
             _serve(device, threads, Path(folder), outputs, prior_over, conn)
         except (KeyboardInterrupt, EOFError, BrokenPipeError):

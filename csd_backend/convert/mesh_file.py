@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,31 @@ def prepare_mesh(vertices, faces, y_up: bool = True, name: str = "the mesh") -> 
     return (y_up_to_scene(v) if y_up else v), f, info
 
 
-def mesh_scene(vertices, faces, cfg, y_up: bool = True, name: str = "the mesh", device=None):
+def with_scene_settings(scene, cfg, seed: Optional[int] = None):
+    """The same fixed mesh in a new ``mesh`` scene whose texture field and background follow scene settings ``cfg``
+    (a texturing preset's), their first weights drawn from ``seed``: how a run textures a mesh that was loaded
+    before its settings were chosen."""
+    import torch
+
+    from ..scene.mesh_scene import MeshScene
+
+    g = scene.geometry
+    cfg = dataclasses.replace(cfg, kind="mesh", fix_geometry=True, bbox=scene.cfg.bbox)
+    device = g.vertices.device
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = MeshScene(cfg, device).to(device)
+    out.geometry.set_mesh(g.vertices, g.faces, g.center, float(g.scale), bool(g.source_y_up))
+    out.info = dict(getattr(scene, "info", {}))
+    return out
+
+
+def mesh_scene(vertices, faces, cfg, y_up: bool = True, name: str = "the mesh", device=None,
+               seed: Optional[int] = None):
     """A ``mesh`` MeshScene of a user's mesh (arrays in its own frame; ``y_up``: glTF convention, else Z up),
-    centred and scaled into a ball of ``MESH_RADIUS``; the export undoes both."""
+    centred and scaled into a ball of ``MESH_RADIUS``; the export undoes both. ``seed``: the texture field's and
+    the background's first weights follow it (else torch's global random state)."""
     import numpy as np
     import torch
 
@@ -100,7 +123,10 @@ def mesh_scene(vertices, faces, cfg, y_up: bool = True, name: str = "the mesh", 
     lo, hi = world.min(0) - 0.05, world.max(0) + 0.05
     cfg = dataclasses.replace(cfg, kind="mesh", fix_geometry=True,
                               bbox=[[float(x) for x in lo], [float(x) for x in hi]])
-    scene = MeshScene(cfg, device)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        scene = MeshScene(cfg, device)
     scene.geometry.set_mesh(torch.from_numpy(world.astype(np.float32)), torch.from_numpy(f),
                             torch.from_numpy(center.astype(np.float32)), scale, y_up)
     scene.info = info

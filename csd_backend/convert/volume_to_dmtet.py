@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..config import SceneConfig
-from ..errors import CSDError
+from ..errors import ConfigError
 from ..export.isosurface import COARSE_RESOLUTION, DensitySampler, Grid, resolve_threshold, tight_box
 from ..export.pipeline import SceneField
 from ..render.cameras import make_cameras
@@ -37,10 +37,10 @@ def object_box(density_fn, radius: float, threshold: Union[float, str], chunk: i
     coarse = DensitySampler(density_fn, chunk, None)(grid).reshape(grid.shape)
     tau = resolve_threshold(threshold, coarse)
     if not (coarse > tau).any():
-        raise CSDError(f"the stage-1 scene has no surface at the isosurface threshold {tau:g}: its density "
-                       f"peaks at {float(coarse.max()):.4g} on a {n}³ grid. Train stage 1 longer, or lower "
-                       f"scene.isosurface_threshold (e.g. --set scene.isosurface_threshold="
-                       f"{max(float(coarse.max()) / 2, 1e-3):.3g}, or \"auto\")")
+        raise ConfigError("scene.isosurface_threshold",
+                          f"the stage-1 scene has no surface at the density level {tau:g}: its density peaks at "
+                          f"{float(coarse.max()):.4g} on a {n}³ grid. Train stage 1 longer, or lower the level "
+                          f"(e.g. {max(float(coarse.max()) / 2, 1e-3):.3g}, or \"auto\" or \"silhouette\")")
     return tight_box(coarse, grid, tau, float(radius)), tau
 
 
@@ -53,11 +53,13 @@ SILHOUETTE_SIZE = 64
 
 
 @torch.no_grad()
-def silhouette_level(scene, density_fn, chunk: int = 1 << 18) -> Tuple[float, float]:
+def silhouette_level(scene, density_fn, chunk: int = 1 << 18,
+                     progress: Optional[Callable[[float], None]] = None) -> Tuple[float, float]:
     """``(τ, IoU)``: the density level whose surface has the volume's silhouettes — of ``SILHOUETTE_LEVELS``
     candidates, the one whose marching-tetrahedra mesh covers the pixels where the volume's opacity exceeds 0.5
     best (silhouette IoU over a ring of views at elevations ±15°). A soft volume (a short run) is opaque well inside
-    its mean-density level, so "auto" bloats it; the spec's τ = 10 suits a fully trained one."""
+    its mean-density level, so "auto" bloats it; the spec's τ = 10 suits a fully trained one. ``progress(f)``: the
+    fraction of the candidates tried."""
     radius = float(scene.radius)
     n = SILHOUETTE_VIEWS
     azimuth = torch.arange(n) * (720.0 / n) - 180.0  # two rings, the second turned by half a step
@@ -74,7 +76,9 @@ def silhouette_level(scene, density_fn, chunk: int = 1 << 18) -> Tuple[float, fl
     if not target.any() or peak <= tau_auto:
         return tau_auto, 0.0
     best = (tau_auto, -1.0)
-    for tau in np.geomspace(tau_auto, 0.95 * peak, SILHOUETTE_LEVELS):
+    for k, tau in enumerate(np.geomspace(tau_auto, 0.95 * peak, SILHOUETTE_LEVELS)):
+        if progress is not None:
+            progress(k / SILHOUETTE_LEVELS)
         verts, faces = marching_tetrahedra(points, float(tau) - sigma, tets)
         if faces.shape[0] == 0:
             continue
@@ -87,17 +91,20 @@ def silhouette_level(scene, density_fn, chunk: int = 1 << 18) -> Tuple[float, fl
 
 @torch.no_grad()
 def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, str, None] = None,
-                    fix_geometry: bool = False, chunk: int = 1 << 18):
+                    fix_geometry: bool = False, chunk: int = 1 << 18,
+                    progress: Optional[Callable[[float], None]] = None):
     """A ``dmtet`` MeshScene converted from a stage-1 ``Scene`` (spec §5.3): the grid fills the tight box of the
     surface ``σ = τ`` (``threshold``: a number, "auto", "silhouette" (``silhouette_level``) or None for the scene's
     ``isosurface_threshold``),
     ``sdf = clamp(τ − σ, −1, 1)`` at the grid vertices, no deformation, and the hash grid, albedo MLP and
-    background copied from the volume."""
+    background copied from the volume. ``progress(f)``: the fraction done (the level search is most of it)."""
+    tick = progress if progress is not None else (lambda f: None)
     field = SceneField(scene, chunk)
     level = scene.cfg.isosurface_threshold if threshold is None else threshold
     if level == "silhouette":
-        level, iou = silhouette_level(scene, field.density, chunk)
+        level, iou = silhouette_level(scene, field.density, chunk, lambda f: tick(0.8 * f))
         log.info("the density level %.4g has the volume's silhouettes (IoU %.3f)", level, iou)
+    tick(0.8)
     box, tau = object_box(field.density, scene.radius, level, chunk)
     cfg = dataclasses.replace(scene.cfg, kind="dmtet", tet_resolution=int(tet_resolution),
                               bbox=[[float(x) for x in box[0]], [float(x) for x in box[1]]],
@@ -109,17 +116,20 @@ def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, st
     out.geometry.sdf.copy_((tau - sigma).clamp(-1.0, 1.0))
     inside = int((sigma > tau).sum())
     if inside == 0:
-        raise CSDError(f"no tetrahedral grid vertex of resolution {tet_resolution} lies inside the surface at "
-                       f"threshold {tau:g} (the density peaks at {float(sigma.max()):.4g} there); raise "
-                       f"scene.tet_resolution or lower scene.isosurface_threshold")
+        raise ConfigError("scene.isosurface_threshold",
+                          f"no tetrahedral grid vertex of resolution {tet_resolution} lies inside the surface at "
+                          f"the density level {tau:g} (the density peaks at {float(sigma.max()):.4g} there); raise "
+                          "the tet grid's resolution (scene.tet_resolution) or lower the level")
     texture = {k: v for k, v in scene.volume.state_dict().items() if k.startswith(("encoding.", "feature_mlp."))}
     out.texture.load_state_dict(texture)
     out.background.load_state_dict(scene.background.state_dict())
+    tick(1.0)
     log.info("converted the volume to a %d tet grid in the box %s: %d of %d vertices inside", tet_resolution,
              box.round(3).tolist(), inside, points.shape[0])
     return out
 
 
-def convert(scene, cfg: SceneConfig):
+def convert(scene, cfg: SceneConfig, progress: Optional[Callable[[float], None]] = None):
     """The ``dmtet`` scene a stage-2 run with scene settings ``cfg`` starts from (the scene-kind table's entry)."""
-    return volume_to_dmtet(scene, cfg.tet_resolution, cfg.isosurface_threshold, cfg.fix_geometry)
+    return volume_to_dmtet(scene, cfg.tet_resolution, cfg.isosurface_threshold, cfg.fix_geometry,
+                           progress=progress)

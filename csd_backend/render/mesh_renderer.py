@@ -30,6 +30,11 @@ class MeshRenderer(nn.Module):
         self.backend = rasterizer_backend(cfg.rasterizer, torch.device(device) if device is not None else
                                           torch.device("cpu"))
 
+    @property
+    def resolved_backends(self) -> dict:
+        """The backends this renderer runs on, by config field (recorded in a run's config.json)."""
+        return {"render.rasterizer": self.backend}
+
     def prepare(self, scene) -> "MeshRenderer":
         return self
 

@@ -31,6 +31,16 @@ def shade(cfg: RenderConfig, shading: str, albedo: Optional[torch.Tensor], norma
     return lum.expand(-1, 3) if shading == "textureless" else albedo * lum
 
 
+def shading_label(cfg: RenderConfig, shading: str) -> str:
+    """What a render with ``shading`` shows, in words (previews are captioned with it: training switches between
+    colour and shape-only renders, and a normal map's rainbow colours are not the object's)."""
+    if shading == "albedo":
+        return "colour (albedo)"
+    if shading == "textureless":
+        return "normal map (shape only)" if cfg.textureless_normal else "grey shading (shape only)"
+    return "shaded colour"
+
+
 def needs_albedo(shading: str) -> bool:
     """Whether ``shade`` reads the albedo for this shading (a textureless render, normal map or grey, does not)."""
     return shading != "textureless"

@@ -237,6 +237,11 @@ class VolumeRenderer(nn.Module):
         self.compositor = Compositor(resolve_compiled_backend("render.backend", cfg.backend, device))
 
     # ------------------------------------------------- the interface every scene renderer has (scene_kinds.py)
+    @property
+    def resolved_backends(self) -> dict:
+        """The backends this renderer runs on, by config field (recorded in a run's config.json)."""
+        return {"render.backend": self.compositor.backend}
+
     def prepare(self, scene) -> "VolumeRenderer":
         """Fit the occupancy grid to ``scene`` in one full update of every cell (for rendering a given scene)."""
         self.grid.update(0, scene.volume.density, self.step_size, torch.Generator().manual_seed(0),

@@ -21,6 +21,22 @@ FLAG_FIELDS = {"prompt": "guidance.prompt", "negative_prompt": "guidance.negativ
                "controlnet_scale": "prior.controlnet_scale"}
 
 
+#: the sections of the configuration (``--set SECTION.FIELD=VALUE``)
+SECTIONS = ("guidance", "prior", "scene", "camera", "render", "loss", "optim")
+
+
+def flag_hint(err) -> str:
+    """How the command line sets the configuration field an engine error names (``ConfigError.field``): the
+    named flag, or ``--set``; empty when the error already names a flag. The engine's messages name fields, not
+    flags, because the ComfyUI nodes show them too (with their widgets instead)."""
+    field = getattr(err, "field", None)
+    if not isinstance(field, str) or "--" in str(err) or field.split(".")[0] not in SECTIONS or "." not in field:
+        return ""
+    flag = next((f"--{name.replace('_', '-')}" for name, f in FLAG_FIELDS.items() if f == field), None)
+    return f" (on the command line: {flag} or --set {field}=...)" if flag else \
+        f" (on the command line: --set {field}=...)"
+
+
 def parse_value(text: str, key: str = "--set"):
     """A --set value: JSON when it parses (numbers, lists, true/false, null), else the text itself. NaN and
     ±Infinity (which Python's JSON reader accepts) are refused, naming the field."""

@@ -8,15 +8,19 @@ A run folder holds ``config.json`` (the resolved configuration, written when the
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ConfigError, CSDError
+from ..errors import ConfigError
 from .flags import build_config, check_resume_flags
 from .folders import check_out_dir, remove_empty, resume_target
+from .lock import RunLock
 from .outputs import MIN_PNG_SIDE, save_png
 from .progress import echo, training_bar
 from .stopping import deferred, raise_pending
+
+log = logging.getLogger("csd_backend")
 
 
 def release_text_encoder(prior) -> None:
@@ -32,8 +36,7 @@ def start_run(config, prior, out: Path, scene=None, release_encoder: bool = True
     ``config.json`` written (and a checkpoint of ``scene`` when one is given, so a stopped run can resume).
     ``release_encoder``: free a large text encoder once the run's prompts are encoded (not when the prior goes on
     to serve other prompts)."""
-    from ..io import write_json
-    from ..optimize import RUN_CONFIG_FILE, Optimization
+    from ..optimize import Optimization
 
     opt = Optimization(config, prior, scene=scene, out_dir=out)
     if release_encoder:
@@ -41,7 +44,7 @@ def start_run(config, prior, out: Path, scene=None, release_encoder: bool = True
     raise_pending()
     if scene is not None:  # the starting scene exists only here: keep it, so a stopped run can resume
         opt.save_checkpoint()
-    write_json(out / RUN_CONFIG_FILE, opt.config.to_dict())
+    opt.write_config(out)
     return opt
 
 
@@ -63,6 +66,8 @@ def train_run(opt, out: Path, quiet: bool, on_step=None):
     """Train ``opt`` to its last step and return the scene: a progress bar (unless ``quiet``), a preview PNG every
     ``optim.preview_every`` steps, ``on_step(info)`` after every step. Ctrl-C / SIGTERM raise KeyboardInterrupt
     once the last complete step is checkpointed (a signal inside a parameter update waits for its end)."""
+    from ..render.shading import shading_label
+
     every = opt.config.optim.preview_every
     bar, update = training_bar(opt.config.optim.steps, opt.step, quiet)
 
@@ -71,8 +76,9 @@ def train_run(opt, out: Path, quiet: bool, on_step=None):
         update(info)
         if every and (info.step % every == 0 or info.step == info.total):
             path = out / "previews" / f"step_{info.step:05d}.png"
-            if not path.exists():
-                save_png(info.preview[0], path, MIN_PNG_SIDE)
+            if not path.exists():  # captioned: training switches between colour and shape-only renders
+                label = shading_label(opt.config.render, info.shading)
+                save_png(info.preview[0], path, MIN_PNG_SIDE, caption=f"step {info.step}: {label}")
         if on_step is not None:
             on_step(info)
 
@@ -85,39 +91,80 @@ def train_run(opt, out: Path, quiet: bool, on_step=None):
             bar.close()
 
 
+#: the GPU presets that are a command's default, with the preset of the same stage sized for a CPU and the seconds
+#: a step they take on a CPU (measured with the toy prior on the 2-core development machine, 1 torch thread)
+CPU_ALTERNATIVES = {"csd-coarse": ("preview-cpu", 80.0), "csd-refine-object": ("refine-cpu", None),
+                    "csd-texture": ("texture-cpu", None)}
+
+
+def duration(seconds: float) -> str:
+    """``"about 9 days"``, ``"about 3 hours"``, ``"about 5 minutes"``, ``"under a minute"``."""
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"about {seconds / size:.0f} {unit}"
+    return "about a minute" if seconds >= 60 else "under a minute"
+
+
+def warn_if_gpu_preset_on_cpu(preset: str, config) -> None:
+    """No ``--preset`` given and the command's default is a GPU preset while the run goes to the CPU: say at once
+    how long that takes and which preset suits a CPU (the run goes on: the user may mean it)."""
+    if preset not in CPU_ALTERNATIVES or config.prior.device not in ("auto", "cpu"):
+        return
+    import torch
+
+    if config.prior.device == "auto" and torch.cuda.is_available():
+        return
+    alternative, seconds = CPU_ALTERNATIVES[preset]
+    steps = config.optim.steps
+    took = (f"{duration(steps * seconds)} ({seconds:.0f} s a step measured on a 2-core CPU)" if seconds
+            else "many hours")
+    log.warning("no --preset given: %s (%d steps) is sized for a GPU and takes %s on this CPU; for a CPU use "
+                "--preset %s (stop with Ctrl-C)", preset, steps, took, alternative)
+
+
 def open_new_run(args):
-    """(Optimization, run folder) for a new run of ``generate``'s flags; the folder is checked (and made) before
-    the model loads. ``args.start_scene``: a scene to start from (``texture``); ``args.init_scene``: a run whose
-    scene it starts from (``refine``, editing)."""
+    """(Optimization, run folder, lock) for a new run of ``generate``'s flags; the folder is checked (and made)
+    and locked before the model loads. ``args.start_scene(config)``: makes the scene to start from (``texture``);
+    ``args.init_scene``: a run whose scene it starts from (``refine``, editing). Release the lock when done."""
     from ..optimize import load_scene
     from ..priors import load_prior
     from ..scene_kinds import starting_scene
+    from .progress import conversion_bar
 
     if not args.out:
         raise ConfigError("--out", "give an output folder (or --resume a run)")
     out = Path(args.out)
-    config = build_config(args, args.preset or "csd-coarse", args.steps)
+    preset = args.preset or "csd-coarse"
+    config = build_config(args, preset, args.steps)
     config.validate(require_model=True)
+    if not getattr(args, "preset_given", args.preset is not None):
+        warn_if_gpu_preset_on_cpu(preset, config)
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError("--out", f"{out} exists and is not empty; outputs are never overwritten. "
                                    "Choose a new folder, or continue that run with --resume.")
     created = check_out_dir(out)
+    lock = RunLock(out, f"{args.command} --out {out}")
     try:
-        scene = getattr(args, "start_scene", None)
+        lock.acquire()
+        make_scene = getattr(args, "start_scene", None)
+        scene = make_scene(config) if make_scene is not None else None
         if args.init_scene:
-            scene = starting_scene(load_scene(args.init_scene)[0], config.scene)
+            scene = load_scene(args.init_scene)[0]
+            scene = starting_scene(scene, config.scene, progress=conversion_bar(scene, config.scene, args.quiet))
         raise_pending()
         prior = load_prior(config.prior)
         raise_pending()
         opt = start_run(config, prior, out, scene=scene)
     except BaseException:
+        lock.release()
         remove_empty(created)  # only what this command created, and only while empty
         raise
-    return opt, out
+    return opt, out, lock
 
 
 def open_resumed_run(args):
-    """(Optimization, run folder) for ``generate --resume``; checks every flag before the model is loaded."""
+    """(Optimization, run folder, lock) for ``generate --resume``; checks every flag and locks the folder before the
+    model is loaded. Release the lock when done."""
     from ..config import RunConfig
     from ..io import load_checkpoint
     from ..optimize import RUN_CONFIG_FILE, read_run_config
@@ -125,19 +172,21 @@ def open_resumed_run(args):
 
     run_dir, ckpt = resume_target(Path(args.resume))
     state_config = RunConfig.from_dict(load_checkpoint(ckpt)["config"]) if ckpt is not None else None
-    try:  # the settings the run started with (config.json); the checkpoint's otherwise
-        saved = read_run_config(run_dir) if (run_dir / RUN_CONFIG_FILE).is_file() else state_config
-    except CSDError:
-        if state_config is None:
-            raise
-        saved = state_config
+    # the settings the run started with (config.json); the checkpoint's when there is none (a damaged one is
+    # refused: it is the run's record, and continuing would hide that it was lost)
+    saved = read_run_config(run_dir) if (run_dir / RUN_CONFIG_FILE).is_file() else state_config
     check_resume_flags(args, run_dir, saved)
     check_out_dir(run_dir)
-    prior_over = {k: getattr(args, k) for k in ("model", "model_config", "device", "dtype")
-                  if getattr(args, k) is not None}
-    base = state_config if state_config is not None else saved
-    prior = load_prior(base.replace(prior=prior_over).prior)
-    raise_pending()
-    opt = continue_run(ckpt if ckpt is not None else run_dir, prior, steps=args.steps, prior_over=prior_over)
+    lock = RunLock(run_dir, f"generate --resume {run_dir}").acquire()
+    try:
+        prior_over = {k: getattr(args, k) for k in ("model", "model_config", "device", "dtype")
+                      if getattr(args, k) is not None}
+        base = state_config if state_config is not None else saved
+        prior = load_prior(base.replace(prior=prior_over).prior)
+        raise_pending()
+        opt = continue_run(ckpt if ckpt is not None else run_dir, prior, steps=args.steps, prior_over=prior_over)
+    except BaseException:
+        lock.release()
+        raise
     echo(f"resuming {run_dir} at step {opt.step} of {opt.config.optim.steps}")
-    return opt, run_dir
+    return opt, run_dir, lock

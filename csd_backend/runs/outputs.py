@@ -6,13 +6,23 @@ import dataclasses
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import CSDError
+from ..errors import ConfigError, CSDError, DiskFullError
 from .folders import quoted
 from .progress import StageBars, bar, echo
 from .stopping import raise_pending
 
 #: previews (and tiny renders) are enlarged to at least this many pixels on their shorter side
 MIN_PNG_SIDE = 256
+#: the sizes a ring of views may have (pixels a side)
+VIEW_SIZES = (8, 4096)
+#: the flags that set each output field (``generate``; ``render`` names its own)
+OUTPUT_FLAGS = {"views": "--views", "view_size": "--view-size", "mesh_format": "--mesh-format",
+                "mesh_resolution": "--mesh-resolution", "mesh_texture_size": "--mesh-texture-size"}
+
+
+def view_name(index: int) -> str:
+    """The file name of view ``index`` of a ring (``generate`` and ``render`` alike): ``view_00.png``."""
+    return f"view_{index:02d}.png"
 
 
 @dataclasses.dataclass
@@ -38,15 +48,45 @@ class RunOutputs:
                    mesh_texture_size=getattr(args, "mesh_texture_size", None),
                    quiet=bool(getattr(args, "quiet", False)))
 
+    def validate(self, flags: Optional[dict] = None, at_least_one_view: bool = False) -> "RunOutputs":
+        """Check every output setting before anything runs (a bad one would fail only after training); errors
+        name the flag (``flags``: field → flag, default ``OUTPUT_FLAGS``)."""
+        from ..export import ExportConfig
+        from ..export.writers import FORMATS
+
+        flags = {**OUTPUT_FLAGS, **(flags or {})}
+        lowest = 1 if at_least_one_view else 0
+        if not _int(self.views) or self.views < lowest:
+            raise ConfigError(flags["views"], f"must be a whole number of views, at least {lowest}"
+                                              + ("" if lowest else " (0: no ring of views)") + f", got {self.views!r}")
+        lo, hi = VIEW_SIZES
+        if not _int(self.view_size) or not lo <= self.view_size <= hi:
+            raise ConfigError(flags["view_size"], f"must be a size in pixels in [{lo}, {hi}], got {self.view_size!r}")
+        if self.mesh_format not in FORMATS:
+            raise ConfigError(flags["mesh_format"], f"must be one of {', '.join(FORMATS)}, got {self.mesh_format!r}")
+        for name, field in (("mesh_resolution", "resolution"), ("mesh_texture_size", "texture_size")):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    ExportConfig(**{field: value}).validate()
+                except ConfigError as e:
+                    raise ConfigError(flags[name], str(e).split(": ", 1)[-1]) from None
+        return self
+
     def expected_files(self, out: Path) -> List[Path]:
         """The files a finished run folder holds: its last view and (unless no mesh) its mesh."""
-        files = [out / "renders" / f"view_{self.views - 1:02d}.png"] if self.views > 0 else []
+        files = [out / "renders" / view_name(self.views - 1)] if self.views > 0 else []
         return files + ([out / f"mesh.{self.mesh_format}"] if self.mesh else [])
 
 
-def save_png(image, path: Path, min_side: int = 0) -> None:
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def save_png(image, path: Path, min_side: int = 0, caption: Optional[str] = None) -> None:
     """Save an ``[H, W, 3]`` image in [0, 1]; with ``min_side`` enlarged by the smallest integer factor that makes
-    its shorter side at least that long (nearest neighbour: every render pixel becomes a k×k block)."""
+    its shorter side at least that long (nearest neighbour: every render pixel becomes a k×k block); with
+    ``caption`` the text on a dark band along its bottom edge (``captioned``)."""
     import numpy as np
     from PIL import Image
 
@@ -57,30 +97,60 @@ def save_png(image, path: Path, min_side: int = 0) -> None:
     if min_side and 0 < short < min_side:
         k = -(-min_side // short)
         arr = np.repeat(np.repeat(arr, k, axis=0), k, axis=1)
-    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+    picture = Image.fromarray(arr)
+    if caption:
+        picture = captioned(picture, caption)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+#: height of a caption band, as a fraction of the image height (at least 12 px)
+CAPTION_BAND = 0.07
+
+
+def captioned(picture, text: str):
+    """A copy of the PIL image with ``text`` in white on a dark band along its bottom edge (same size), or the
+    image itself when it is too small to hold a line of text."""
+    from PIL import ImageDraw, ImageFont
+
+    band = max(12, int(round(picture.height * CAPTION_BAND)))
+    if picture.height < 3 * band or picture.width < 64:
+        return picture
+    out = picture.convert("RGB").copy()
+    draw = ImageDraw.Draw(out, "RGBA")
+    draw.rectangle([0, out.height - band, out.width, out.height], fill=(0, 0, 0, 170))
+    try:
+        font = ImageFont.load_default(size=max(9, band - 4))
+    except TypeError:  # Pillow < 10.1: one fixed size
+        font = ImageFont.load_default()
+    draw.text((4, out.height - band + 1), text, fill=(255, 255, 255, 255), font=font)
+    return out
 
 
 def render_views(scene, n_views: int, size: int, camera_cfg, shading: str, render_cfg, renderer, quiet: bool,
-                 save) -> int:
-    """Render a ring of views one at a time (a tick of the "views" bar each) and ``save(index, image)`` each as
-    soon as it is done."""
+                 save, indices: Optional[List[int]] = None) -> int:
+    """Render a ring of ``n_views`` views one at a time (a tick of the "views" bar each) and ``save(k, image)``
+    each as soon as it is done (``k``: its position in ``indices``, the views of the ring to render; all by
+    default). Returns the number rendered."""
     from ..render.cameras import orbit_cameras
     from ..render.views import prepare_renderer, render_cameras
 
     c = camera_cfg
+    indices = list(range(n_views)) if indices is None else list(indices)
+    if not indices:
+        return 0
     cams = orbit_cameras(n_views, c.eval_elevation, c.eval_distance, c.eval_fovy, size, size)
-    views_bar = bar(quiet, total=n_views, desc="views", unit="view")
+    views_bar = bar(quiet, total=len(indices), desc="views", unit="view")
     try:
         renderer = prepare_renderer(scene, render_cfg, renderer)
-        for i in range(n_views):
+        for k, i in enumerate(indices):
             raise_pending()
-            save(i, render_cameras(scene, cams[i], shading, render_cfg, renderer)[0])
+            save(k, render_cameras(scene, cams[i], shading, render_cfg, renderer)[0])
             if views_bar is not None:
                 views_bar.update(1)
     finally:
         if views_bar is not None:
             views_bar.close()
-    return n_views
+    return len(indices)
 
 
 def export_mesh(scene, config, quiet: bool):
@@ -110,33 +180,40 @@ def write_run_mesh(outputs: RunOutputs, scene, out: Path, say=echo) -> Optional[
             path = save_mesh_unique(mesh, out, "mesh", outputs.mesh_format)
         say(f"mesh: {path} ({mesh.num_faces} faces)")
         return path
+    except DiskFullError:
+        raise  # not a property of the scene: the caller says how to finish once there is space
     except CSDError as e:  # the run itself succeeded; say how to export later
         say(f"warning: no mesh written: {e}. Export later with: python -m csd_backend export {quoted(out)} "
             f"--out {quoted(out)} --threshold <value>")
         return None
 
 
-def finish_run(scene, opt, out: Path, outputs: RunOutputs, say=echo, phase=None) -> dict:
-    """Write the ring of views (``renders/view_NN.png``; new names when they exist) and the mesh of a trained run.
-    Returns ``{"renders": [paths], "mesh": path or None}``. ``say(line)`` gets the mesh line or the warning that no
-    mesh was written; ``phase(text)`` is told what is being done ("while rendering the views", ...)."""
+def finish_run(scene, opt, out: Path, outputs: RunOutputs, say=echo, phase=None, only_missing: bool = False) -> dict:
+    """Write the ring of views (``renders/view_NN.png``) and the mesh of a trained run. Returns ``{"renders":
+    [paths], "mesh": path or None}`` (what this call wrote). ``only_missing``: the scene is the one the existing
+    files show (a resumed run with nothing left to train), so only the views and the mesh that are not there yet
+    are written; otherwise an existing file gets a new name beside it. ``say(line)`` gets the mesh line or the
+    warning that no mesh was written; ``phase(text)`` is told what is being done ("while rendering the views")."""
     from ..io import unique_path
 
     written: dict = {"renders": [], "mesh": None}
     if phase is not None:
         phase("while rendering the views")
     raise_pending()  # a signal during the last step's update
+    todo = [i for i in range(outputs.views)
+            if not (only_missing and (out / "renders" / view_name(i)).is_file())]
 
     def save_view(i, img):
-        path = out / "renders" / f"view_{i:02d}.png"
+        path = out / "renders" / view_name(todo[i])
         path = path if not path.exists() else unique_path(path.parent, path.stem, ".png")
         save_png(img, path, MIN_PNG_SIDE)
         written["renders"].append(path)
 
-    # render with the trained occupancy grid (EMA over the whole run), not one refitted from a single pass
-    render_views(scene, outputs.views, outputs.view_size, opt.config.camera, "albedo", opt.config.render,
-                 opt.renderer, outputs.quiet, save_view)
-    if outputs.mesh:
+    if todo:  # render with the trained occupancy grid (EMA over the whole run), not one refitted from one pass
+        render_views(scene, outputs.views, outputs.view_size, opt.config.camera, "albedo", opt.config.render,
+                     opt.renderer, outputs.quiet, save_view, indices=todo)
+    mesh_file = out / f"mesh.{outputs.mesh_format}"
+    if outputs.mesh and not (only_missing and mesh_file.is_file()):
         if phase is not None:
             phase("while exporting the mesh")
         written["mesh"] = write_run_mesh(outputs, scene, out, say)

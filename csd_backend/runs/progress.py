@@ -63,6 +63,28 @@ class StageBars:
             self.bar = None
 
 
+def conversion_bar(scene, cfg, quiet: bool):
+    """``progress(fraction)`` of a "conversion" bar when a run starts by converting ``scene`` (stage 2 from a
+    volume: seconds to a minute); None otherwise."""
+    from ..scene_kinds import converts
+
+    if not converts(scene, cfg):
+        return None
+    b = bar(quiet, total=100, desc=f"{scene.kind} -> {cfg.kind}", unit="%",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]")
+    if b is None:
+        return None
+
+    def progress(fraction: float) -> None:
+        raise_pending()
+        n = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        if n > b.n:
+            b.update(n - b.n)
+        if n >= 100:
+            b.close()
+    return progress
+
+
 def echo(message: str) -> None:
     """A line for the user on stderr."""
     print(message, file=sys.stderr)

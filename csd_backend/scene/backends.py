@@ -58,6 +58,8 @@ def tcnn_available(device_index: int = 0) -> bool:
 class TcnnHashGridEncoding(nn.Module):
     """tinycudann HashGrid with this package's parameter name and layout (``params``); output float32."""
 
+    backend_name = "tcnn"
+
     def __init__(self, n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale,
                  device: torch.device):
         super().__init__()
@@ -113,6 +115,8 @@ class _JacobianLink(torch.autograd.Function):
 
 class CompiledHashGridEncoding(HashGridEncoding):
     """:class:`HashGridEncoding` (same parameters, layout and ``state_dict``) evaluated by a compiled graph."""
+
+    backend_name = "compiled"
 
     def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
                  base_resolution: int = 16, per_level_scale: float = 1.447269237440378):

@@ -28,6 +28,9 @@ _CORNERS = torch.tensor([[(i >> d) & 1 for d in range(3)] for i in range(8)], dt
 class HashGridEncoding(nn.Module):
     """Input ``[N, 3]`` in [0, 1]³ → features ``[N, L·F]``."""
 
+    #: the ``scene.encoding_backend`` this class is (recorded in a run's config.json)
+    backend_name = "torch"
+
     def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
                  base_resolution: int = 16, per_level_scale: float = 1.447269237440378):
         super().__init__()
