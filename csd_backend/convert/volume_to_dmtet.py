@@ -66,19 +66,21 @@ def silhouette_level(scene, density_fn, chunk: int = 1 << 18,
     elevation = torch.tensor([15.0 if i < n // 2 else -15.0 for i in range(n)])
     cams = make_cameras(elevation, azimuth, torch.full((n,), 2.0 * max(1.0, radius / 2.0)),
                         torch.full((n,), 60.0), SILHOUETTE_SIZE, SILHOUETTE_SIZE)
+    tick = progress if progress is not None else (lambda f: None)
     target = render_cameras_with_opacity(scene, cams)[1] > 0.5
+    tick(0.15)
     box, tau_auto = object_box(density_fn, radius, "auto", chunk)
     grid, tets = tet_grid(SILHOUETTE_TET_RESOLUTION)
     lo, hi = torch.from_numpy(box[0]).float(), torch.from_numpy(box[1]).float()
     points = lo + grid * (hi - lo)
     sigma = torch.from_numpy(density_fn(points.numpy()))
+    tick(0.3)
     peak = float(sigma.max())
     if not target.any() or peak <= tau_auto:
         return tau_auto, 0.0
     best = (tau_auto, -1.0)
     for k, tau in enumerate(np.geomspace(tau_auto, 0.95 * peak, SILHOUETTE_LEVELS)):
-        if progress is not None:
-            progress(k / SILHOUETTE_LEVELS)
+        tick(0.3 + 0.7 * k / SILHOUETTE_LEVELS)
         verts, faces = marching_tetrahedra(points, float(tau) - sigma, tets)
         if faces.shape[0] == 0:
             continue
