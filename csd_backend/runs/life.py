@@ -93,8 +93,8 @@ def train_run(opt, out: Path, quiet: bool, on_step=None):
 
 #: the GPU presets that are a command's default, with the preset of the same stage sized for a CPU and the seconds
 #: a step they take on a CPU (measured with the toy prior on the 2-core development machine, 1 torch thread)
-CPU_ALTERNATIVES = {"csd-coarse": ("preview-cpu", 80.0), "csd-refine-object": ("refine-cpu", None),
-                    "csd-texture": ("texture-cpu", None)}
+CPU_ALTERNATIVES = {"csd-coarse": ("preview-cpu", 80.0), "csd-refine-object": ("refine-cpu", 3.4),
+                    "csd-texture": ("texture-cpu", 2.4)}
 
 
 def duration(seconds: float) -> str:
@@ -150,7 +150,12 @@ def open_new_run(args):
         scene = make_scene(config) if make_scene is not None else None
         if args.init_scene:
             scene = load_scene(args.init_scene)[0]
-            scene = starting_scene(scene, config.scene, progress=conversion_bar(scene, config.scene, args.quiet))
+            progress = conversion_bar(scene, config.scene, args.quiet)
+            try:
+                scene = starting_scene(scene, config.scene, progress=progress)
+            finally:
+                if progress is not None:
+                    progress.close()
         raise_pending()
         prior = load_prior(config.prior)
         raise_pending()

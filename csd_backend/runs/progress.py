@@ -63,26 +63,32 @@ class StageBars:
             self.bar = None
 
 
+class _ConversionBar:
+    """``progress(fraction)`` of a conversion, drawn as one bar; ``close()`` ends the line (also after a failure)."""
+
+    def __init__(self, b):
+        self.bar = b
+
+    def __call__(self, fraction: float) -> None:
+        raise_pending()
+        n = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def conversion_bar(scene, cfg, quiet: bool):
-    """``progress(fraction)`` of a "conversion" bar when a run starts by converting ``scene`` (stage 2 from a
-    volume: seconds to a minute); None otherwise."""
+    """A "conversion" bar (``progress(fraction)``, then ``close()``) when a run starts by converting ``scene``
+    (stage 2 from a volume: seconds to a minute); None otherwise."""
     from ..scene_kinds import converts
 
     if not converts(scene, cfg):
         return None
     b = bar(quiet, total=100, desc=f"{scene.kind} -> {cfg.kind}", unit="%",
             bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}]")
-    if b is None:
-        return None
-
-    def progress(fraction: float) -> None:
-        raise_pending()
-        n = int(round(100 * min(max(fraction, 0.0), 1.0)))
-        if n > b.n:
-            b.update(n - b.n)
-        if n >= 100:
-            b.close()
-    return progress
+    return None if b is None else _ConversionBar(b)
 
 
 def echo(message: str) -> None:
