@@ -93,7 +93,8 @@ class GuidanceConfig:
     max_step_percent: ScheduleSpec = schedule([5000, 0.98, 0.5, 5001])
     view_dependent: bool = True
     #: Perp-Neg (spec §1.3, the official character config): interpolated view embeddings and the perpendicular
-    #: component of the other views' scores as a negative term, scaled by ``perp_neg_scale``
+    #: component of the other views' scores as a negative term, scaled by ``perp_neg_scale`` (SDS: by ``cfg_scale``
+    #: inside the guidance, threestudio's ε_u + s·(ε_y − ε_u + Δ_perp))
     perp_neg: bool = False
     perp_neg_scale: float = 3.0
     #: the weight functions f(r) = a·exp(−b·r) + c as [a, b, c]: front↔side, side↔back, front (in the back half)
