@@ -161,6 +161,9 @@ class SceneConfig:
     isosurface_threshold: Union[float, str] = 10.0
     #: dmtet: freeze the SDF and the deformation (only the texture and background train)
     fix_geometry: bool = False
+    #: stage 1 → dmtet: keep the volume's trained background; False: a fresh one from the run's seed, as the official
+    #: refine configs (threestudio converts the geometry and texture field only)
+    keep_background: bool = False
 
     def level_scale(self) -> float:
         if self.per_level_scale is not None:
@@ -416,8 +419,9 @@ class RunConfig:
                 raise ConfigError("scene.isosurface_threshold", f"{s.isosurface_threshold!r}: give a density "
                                                                 f"(spec: 10), 'auto' or 'silhouette'")
             _positive("scene.isosurface_threshold", s.isosurface_threshold)
-        if not isinstance(s.fix_geometry, bool):
-            raise ConfigError("scene.fix_geometry", f"must be true or false, got {s.fix_geometry!r}")
+        for name in ("fix_geometry", "keep_background"):
+            if not isinstance(getattr(s, name), bool):
+                raise ConfigError(f"scene.{name}", f"must be true or false, got {getattr(s, name)!r}")
 
         _camera_phases(c)
         _range_pair("camera.elevation_range", c.elevation_range, -90.0, 90.0)

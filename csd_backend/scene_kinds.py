@@ -19,7 +19,8 @@ from .config import RenderConfig, SceneConfig
 class SceneKind:
     scene: str  # "module:class" of the representation, built as ``cls(cfg, device)``
     renderer: str  # "module:class" of its renderer, built as ``cls(render_cfg, radius, device=device)``
-    #: kind of a scene → "module:function" turning such a scene into this kind, called as ``fn(scene, cfg)``
+    #: kind of a scene → "module:function" turning such a scene into this kind, called as ``fn(scene, cfg, seed)``
+    #: (``seed``: the run's, for whatever the conversion initialises afresh)
     starts_from: Dict[str, str] = field(default_factory=dict)
 
 
@@ -48,12 +49,13 @@ def make_renderer(render_cfg: RenderConfig, scene_cfg: SceneConfig, device=None)
     return renderer.to(device) if device is not None else renderer
 
 
-def starting_scene(scene, cfg: SceneConfig):
+def starting_scene(scene, cfg: SceneConfig, seed: int = 0):
     """The scene a run starts from (``--init-scene``, the nodes' init scene): converted to ``cfg.kind`` (the preset's
-    scene settings) when that kind starts from ``scene``'s kind (a stage-1 volume becomes a DMTet grid for stage 2);
-    any other scene is used as it is, with its own settings (editing a volume, a refined mesh or a textured mesh)."""
+    scene settings) when that kind starts from ``scene``'s kind (a stage-1 volume becomes a DMTet grid for stage 2,
+    with a fresh background from the run's ``seed`` unless ``cfg.keep_background``); any other scene is used as it
+    is, with its own settings (editing a volume, a refined mesh or a textured mesh)."""
     converter = KINDS[cfg.kind].starts_from.get(scene.kind)
-    return scene if converter is None else resolve(converter)(scene, cfg)
+    return scene if converter is None else resolve(converter)(scene, cfg, seed)
 
 
 def scene_device(scene) -> Optional[object]:

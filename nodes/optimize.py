@@ -126,8 +126,9 @@ class CSDOptimize:
 
     # --------------------------------------------------------------------------------------------------- run
     @staticmethod
-    def start_scene(scene, preset: str):
-        """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset."""
+    def start_scene(scene, preset: str, seed: int = 0):
+        """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset (what it
+        initialises afresh, the background, follows ``seed``)."""
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
         from csd_backend.scene_kinds import starting_scene
@@ -140,7 +141,7 @@ class CSDOptimize:
         if target.kind == "mesh" and scene.kind != "mesh":
             raise ConfigError("scene", f"preset {preset} textures a fixed mesh: connect CSD Load Mesh (to paint a "
                                        f"{scene.kind} scene use CSD Optimize with csd-edit)")
-        return starting_scene(scene, target)
+        return starting_scene(scene, target, int(seed))
 
     @autograd_allowed
     def optimize(self, prior, guidance, scene, preset, steps, lr, seed, checkpoint_every, preview_every,
@@ -160,7 +161,7 @@ class CSDOptimize:
                 pack.log.info("CSD Optimize: resuming %s at step %d of %d (the run's saved settings are used)",
                               opt.out_dir, opt.step, opt.config.optim.steps)
             else:
-                scene = self.start_scene(scene, preset)
+                scene = self.start_scene(scene, preset, seed)
                 cfg = self.run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every,
                                       preview_every)
                 untrained = bool(getattr(scene, UNTRAINED_ATTR, False))
@@ -220,9 +221,9 @@ class CSDRefineMesh(CSDOptimize):
     SCENE_TOOLTIP = "a trained stage-1 scene (CSD Optimize), or a refined one to continue"
     DESCRIPTION = ("Stage 2: converts a trained stage-1 scene into a deformable tetrahedral SDF grid (DMTet) over "
                    "its surface (density 10) and refines the mesh itself through a differentiable rasterizer, with "
-                   "the texture and background it inherits. Without cameras the preset's are used (512² for the "
-                   "paper's presets). Live preview, Cancel and resume as CSD Optimize. Extract Mesh then exports "
-                   "the refined mesh itself.")
+                   "the texture it inherits and a new background from the seed (refine-cpu keeps the volume's). "
+                   "Without cameras the preset's are used (512² for the paper's presets). Live preview, Cancel and "
+                   "resume as CSD Optimize. Extract Mesh then exports the refined mesh itself.")
     OUTPUT_TOOLTIPS = ("The refined mesh scene.", "A render of it from the evaluation view.")
 
     @classmethod

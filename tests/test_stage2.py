@@ -28,10 +28,11 @@ SCENE = dict(radius=1.0, n_levels=4, log2_hashmap_size=12, base_resolution=8, ma
              density_blob_scale=20.0, density_blob_std=0.5)
 
 
-def blob_scene(seed: int = 0) -> Scene:
-    """A stage-1 volume whose density crosses τ = 10 on a sphere of radius ≈ 0.25 (blob bias 20·(1 − r/0.5))."""
+def blob_scene(seed: int = 0, **over) -> Scene:
+    """A stage-1 volume whose density crosses τ = 10 on a sphere of radius ≈ 0.25 (blob bias 20·(1 − r/0.5));
+    ``over``: other scene settings."""
     torch.manual_seed(seed)
-    scene = Scene(SceneConfig(**SCENE)).eval()
+    scene = Scene(SceneConfig(**{**SCENE, **over})).eval()
     with torch.no_grad():
         for p in scene.volume.density_mlp.parameters():
             p.zero_()  # the density is the blob alone: an exact sphere
@@ -78,6 +79,37 @@ def test_conversion_keeps_the_stage1_surface():
     d = torch.cdist(a, b)
     chamfer = float(d.min(1).values.mean() + d.min(0).values.mean())
     assert chamfer < 0.02, chamfer
+
+
+def test_conversion_starts_a_fresh_background_unless_kept():
+    """The official refine configs convert the geometry and its texture field only: the stage-2 background is a new
+    one, initialised from the run's seed (whatever torch's global RNG holds); ``scene.keep_background`` copies the
+    volume's trained one."""
+    from csd_backend.scene.volume import make_background
+    from csd_backend.scene_kinds import starting_scene
+
+    volume = blob_scene(background="neural_env")
+    target = SceneConfig(**{**SCENE, "kind": "dmtet", "tet_resolution": 32, "isosurface_threshold": 10.0})
+    assert target.keep_background is False  # the default: as the official configs
+    torch.manual_seed(123)
+    fresh = starting_scene(volume, target, seed=5)
+    torch.manual_seed(456)
+    again = starting_scene(volume, target, seed=5)
+    other_seed = starting_scene(volume, target, seed=6)
+    kept = starting_scene(volume, dataclasses.replace(target, keep_background=True), seed=5)
+    torch.manual_seed(5)
+    want = make_background(fresh.cfg).state_dict()
+    stage1 = volume.background.state_dict()
+    assert stage1.keys() == want.keys() and len(want) > 0
+    for k in stage1:
+        assert torch.equal(fresh.background.state_dict()[k], want[k]), k
+        assert torch.equal(again.background.state_dict()[k], want[k]), k
+        assert not torch.equal(fresh.background.state_dict()[k], stage1[k]), k
+        assert torch.equal(kept.background.state_dict()[k], stage1[k]), k
+    assert any(not torch.equal(other_seed.background.state_dict()[k], want[k]) for k in want)
+    for k, t in fresh.texture.state_dict().items():  # the texture field is inherited either way
+        assert torch.equal(t, volume.volume.state_dict()[k]), k
+    assert (fresh.cfg.keep_background, kept.cfg.keep_background) == (False, True)  # recorded in the run's config
 
 
 def test_conversion_without_a_surface_says_what_to_do():
@@ -282,6 +314,7 @@ CSD_SD_REFINE = {
     "50% albedo renders": ("render.albedo_prob", 0.5), "the other 50% normal maps": ("render.textureless_prob", 1.0),
     "textureless = normal map": ("render.textureless_normal", True),
     "background random colour prob": ("scene.random_background_prob", 0.5),
+    "background not converted (a fresh one)": ("scene.keep_background", False),
     "prompt thresholds 45/45/60": ("guidance.front_threshold", 45.0),
     "back threshold": ("guidance.back_threshold", 45.0), "overhead": ("guidance.overhead_threshold", 60.0),
     "c = ω1": ("guidance.guidance_weight", 1.0), "ω2 1 → 0.5 over 10k": ("guidance.negative_weight",
@@ -302,6 +335,7 @@ MAGIC3D_REFINE_SD = {
     "data.eval_camera_distance": ("camera.eval_distance", 2.0), "data.eval_fovy_deg": ("camera.eval_fovy", 70.0),
     "data.light_distance_range (default)": ("camera.light_distance_range", [0.8, 1.5]),
     "geometry.radius": ("scene.radius", 2.0), "geometry.isosurface_resolution": ("scene.tet_resolution", 128),
+    "background not converted (a fresh one)": ("scene.keep_background", False),
     "pos_encoding per_level_scale": ("scene.per_level_scale", 1.447269237440378),
     "material.ambient_only_steps": ("render.ambient_only_steps", 0),
     "guidance.guidance_scale": ("guidance.cfg_scale", 100.0), "guidance mode": ("guidance.mode", "sds"),
@@ -328,6 +362,7 @@ def test_stage2_presets_reproduce_their_configs(preset, table):
         if not same:
             wrong.append(f"{key}: config {want!r}, preset {path} = {got!r}")
     assert not wrong, "\n".join(wrong)
+    assert get_preset("refine-cpu").scene.keep_background  # says otherwise: keeps the trained background
     object_cfg = get_preset("csd-refine-object").to_dict()
     assert object_cfg["scene"]["radius"] == 2.0 and {k: v for k, v in object_cfg["scene"].items() if k != "radius"} \
         == {k: v for k, v in get_preset("csd-refine").to_dict()["scene"].items() if k != "radius"}

@@ -3,7 +3,9 @@
 
 The density level of the surface is a number, "auto" (the export's mean density) or "silhouette" (the level
 whose mesh has the volume's silhouettes, found by rendering both); the grid fills that surface's tight box, its
-SDF is ``clamp(τ − σ, −1, 1)``, and the texture field and the background come from the volume.
+SDF is ``clamp(τ − σ, −1, 1)``, and the texture field comes from the volume. The background starts afresh from the
+run's seed, as in threestudio's refine configs (which convert the geometry and its texture field only), unless
+``scene.keep_background`` keeps the volume's.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..render.rasterizer import rasterize
 from ..render.views import render_cameras_with_opacity
 from ..scene.mesh_scene import MeshScene
 from ..scene.tetrahedra import marching_tetrahedra, tet_grid
+from ..scene.volume import make_background
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +88,22 @@ def silhouette_level(scene, density_fn, chunk: int = 1 << 18) -> Tuple[float, fl
     return best
 
 
+def fresh_background(cfg: SceneConfig, seed: int) -> torch.nn.Module:
+    """A newly initialised background of ``cfg`` whose weights follow ``seed`` alone (torch's global RNG is left as
+    it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return make_background(cfg)
+
+
 @torch.no_grad()
 def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, str, None] = None,
-                    fix_geometry: bool = False, chunk: int = 1 << 18):
+                    fix_geometry: bool = False, chunk: int = 1 << 18, keep_background: bool = False, seed: int = 0):
     """A ``dmtet`` MeshScene converted from a stage-1 ``Scene`` (spec §5.3): the grid fills the tight box of the
     surface ``σ = τ`` (``threshold``: a number, "auto", "silhouette" (``silhouette_level``) or None for the scene's
     ``isosurface_threshold``),
-    ``sdf = clamp(τ − σ, −1, 1)`` at the grid vertices, no deformation, and the hash grid, albedo MLP and
-    background copied from the volume."""
+    ``sdf = clamp(τ − σ, −1, 1)`` at the grid vertices, no deformation, the hash grid and albedo MLP copied from the
+    volume, and the background a fresh one from ``seed`` (``keep_background``: the volume's, copied)."""
     field = SceneField(scene, chunk)
     level = scene.cfg.isosurface_threshold if threshold is None else threshold
     if level == "silhouette":
@@ -101,7 +112,8 @@ def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, st
     box, tau = object_box(field.density, scene.radius, level, chunk)
     cfg = dataclasses.replace(scene.cfg, kind="dmtet", tet_resolution=int(tet_resolution),
                               bbox=[[float(x) for x in box[0]], [float(x) for x in box[1]]],
-                              isosurface_threshold=tau, fix_geometry=bool(fix_geometry))
+                              isosurface_threshold=tau, fix_geometry=bool(fix_geometry),
+                              keep_background=bool(keep_background))
     device = next(scene.parameters()).device
     out = MeshScene(cfg, device).to(device)
     points = out.geometry.grid_world_vertices().cpu().numpy()
@@ -114,12 +126,15 @@ def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, st
                        f"scene.tet_resolution or lower scene.isosurface_threshold")
     texture = {k: v for k, v in scene.volume.state_dict().items() if k.startswith(("encoding.", "feature_mlp."))}
     out.texture.load_state_dict(texture)
-    out.background.load_state_dict(scene.background.state_dict())
+    background = scene.background if keep_background else fresh_background(cfg, seed)
+    out.background.load_state_dict(background.state_dict())
     log.info("converted the volume to a %d tet grid in the box %s: %d of %d vertices inside", tet_resolution,
              box.round(3).tolist(), inside, points.shape[0])
     return out
 
 
-def convert(scene, cfg: SceneConfig):
-    """The ``dmtet`` scene a stage-2 run with scene settings ``cfg`` starts from (the scene-kind table's entry)."""
-    return volume_to_dmtet(scene, cfg.tet_resolution, cfg.isosurface_threshold, cfg.fix_geometry)
+def convert(scene, cfg: SceneConfig, seed: int = 0):
+    """The ``dmtet`` scene a stage-2 run with scene settings ``cfg`` and seed ``seed`` starts from (the scene-kind
+    table's entry)."""
+    return volume_to_dmtet(scene, cfg.tet_resolution, cfg.isosurface_threshold, cfg.fix_geometry,
+                           keep_background=cfg.keep_background, seed=seed)

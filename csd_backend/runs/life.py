@@ -105,7 +105,7 @@ def open_new_run(args):
     try:
         scene = getattr(args, "start_scene", None)
         if args.init_scene:
-            scene = starting_scene(load_scene(args.init_scene)[0], config.scene)
+            scene = starting_scene(load_scene(args.init_scene)[0], config.scene, config.optim.seed)
         raise_pending()
         prior = load_prior(config.prior)
         raise_pending()
