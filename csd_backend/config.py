@@ -23,6 +23,7 @@ WEIGHTINGS = ("uniform", "sds", "fantasia3d")
 NORMAL_TYPES = ("analytic", "finite_difference")
 BACKGROUNDS = ("neural_env", "solid")
 ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
+LIGHT_SAMPLING = ("dreamfusion", "magic3d")
 #: what a run optimises: the stage-1 volume (NeRF), the stage-2 deformable tetrahedral SDF grid (DMTet, a mesh),
 #: or a fixed mesh (a user's) whose texture is painted
 SCENE_KINDS = ("volume", "dmtet", "mesh")
@@ -206,6 +207,9 @@ class CameraConfig:
     #: the very first step renders at elevation 15°, azimuth 0 (threestudio progressive_until=0)
     first_step_fixed_view: bool = True
     light_distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
+    #: threestudio's light_sample_strategy: dreamfusion (around the camera, below) | magic3d (within 60° of the
+    #: camera's direction: light elevation U[30°, 90°] and azimuth U[−180°, 180°] about it)
+    light_sampling: str = "dreamfusion"
     #: dreamfusion light: direction = normalise(camera position + N(0, light_position_perturb²)) (threestudio 1.0)
     light_position_perturb: ScheduleSpec = schedule(0.1)
     #: evaluation / preview views
@@ -251,6 +255,9 @@ class RenderConfig:
     textureless_normal: bool = True
     ambient_light: float = 0.1
     diffuse_light: float = 0.9
+    #: training renders lit by the light use diffuse d ~ U[0, 1] drawn per step and ambient 1 − d instead of the two
+    #: above (threestudio's soft_shading, Magic3D)
+    soft_shading: bool = False
     chunk_size: int = 1 << 18
     #: mesh scenes (dmtet, mesh): auto (nvdiffrast on CUDA when usable, else torch) | torch | nvdiffrast
     rasterizer: str = "auto"
@@ -346,7 +353,7 @@ class RunConfig:
         for name in ("prompt", "negative_prompt", "source_prompt"):
             if not isinstance(getattr(g, name), str):
                 raise ConfigError(name, f"must be text, got {type(getattr(g, name)).__name__}")
-        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")), (r, ("stratified", "textureless_normal")),
+        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")), (r, ("stratified", "textureless_normal", "soft_shading")),
                                (c, ("stratified_azimuth", "first_step_fixed_view"))):
             for name in names:
                 if not isinstance(getattr(section, name), bool):
@@ -430,6 +437,7 @@ class RunConfig:
         _range_pair("camera.fovy_range", c.fovy_range, 1.0, 179.0)
         _range_pair("camera.light_distance_range", c.light_distance_range, 1e-3, 1e4)
         _choice("camera.elevation_sampling", c.elevation_sampling, ELEVATION_SAMPLING)
+        _choice("camera.light_sampling", c.light_sampling, LIGHT_SAMPLING)
         _int_range("camera.front_back_only_steps", c.front_back_only_steps, 0, 1 << 30)
         if min(c.distance_range) <= 0:
             raise ConfigError("camera.distance_range", "distances must be positive")

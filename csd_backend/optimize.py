@@ -36,6 +36,7 @@ from .priors.base import DiffusionPrior
 from .priors.controlnet import depth_condition
 from .regularizers import REGULARIZERS
 from .render.cameras import sample_cameras
+from .render.shading import soft_shading_ratio
 from .scene_kinds import make_renderer, make_scene
 from .schedules import schedule_value
 from .transfer import to_device_async
@@ -267,7 +268,7 @@ class Optimization:
         need_normals = weights["orient"] > 0 or shading != "albedo"
         angles = cams.elevation, cams.azimuth  # on the CPU: the view-dependent prompt lookup needs no GPU sync
         out = self.renderer.render(self.scene, _cameras_to(cams, self.device), shading, bg_colors, need_normals,
-                                   gen)
+                                   gen, ambient_ratio=soft_shading_ratio(cfg.render, shading, gen))
         t0 = self._tick("render", t0)
 
         control = depth_condition(out.depth, out.opacity) if self.prior.controlnet is not None else None

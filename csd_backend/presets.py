@@ -50,8 +50,9 @@ weights start afresh from the run's seed as in the official refine configs unles
   t ∈ [0.02, 0.5], normal consistency 1000, 50 % albedo / 50 % normal-map renders from step 0, lr 1e-3, tet
   resolution 256. ``csd-refine-object`` is the object config (radius 2.0, the only difference; a refined scene
   keeps the radius of the run it is converted from either way).
-- ``sds-refine``: threestudio `magic3d-refine-sd.yaml`: SDS with CFG 100, lr 0.01, β2 0.99, normal consistency
-  10000, tet resolution 128, 5000 steps (magic3d light sampling and soft shading are not reproduced).
+- ``sds-refine``: threestudio `magic3d-refine-sd.yaml`, value for value: SDS with CFG 100, lr 0.01, β2 0.99, normal
+  consistency 10000, tet resolution 128, 5000 steps, the surface at the "auto" level (magic3d-coarse-sd.yaml's),
+  magic3d light sampling, soft shading, a fresh background.
 - ``refine-cpu``: a 64 tet grid, 64² renders and 150 steps that run on a laptop CPU; it keeps the volume's trained
   background (``scene.keep_background``).
 
@@ -169,16 +170,19 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     }),
     "csd-refine": _STAGE2_CSD,
     "csd-refine-object": _merge(_STAGE2_CSD, {"scene": {"radius": 2.0}}),
-    # threestudio configs/magic3d-refine-sd.yaml
+    # threestudio configs/magic3d-refine-sd.yaml (and the defaults of the classes it names; the conversion level is
+    # magic3d-coarse-sd.yaml's "auto", which the refine config does not override)
     "sds-refine": _merge(_STAGE2_CSD, {
         "guidance": {"mode": "sds", "cfg_scale": 100.0, "weighting": "sds", "grad_normalize": False,
                      "negative_prompt": "", "min_step_percent": 0.02, "max_step_percent": 0.5},
         "scene": {"tet_resolution": 128, "radius": 2.0, "per_level_scale": 1.447269237440378,
-                  "max_resolution": 4096, "random_background_prob": 0.0},
+                  "max_resolution": 4096, "random_background_prob": 0.0, "isosurface_threshold": "auto",
+                  "keep_background": False},
         "camera": {"fovy_range": [30.0, 45.0], "eval_distance": 2.0, "eval_fovy": 70.0, "stratified_azimuth": True,
                    "elevation_sampling": "threestudio", "camera_perturb": 0.1, "center_perturb": 0.2,
-                   "up_perturb": 0.02, "light_position_perturb": 1.0, "light_distance_range": [0.8, 1.5]},
-        "render": {"albedo_prob": 0.25, "textureless_prob": 0.5, "textureless_normal": False},
+                   "up_perturb": 0.02, "light_sampling": "magic3d", "light_position_perturb": 1.0,
+                   "light_distance_range": [0.8, 1.5]},
+        "render": {"albedo_prob": 0.25, "textureless_prob": 0.5, "textureless_normal": False, "soft_shading": True},
         "loss": {"normal_consistency": 10000.0},
         "optim": {"steps": 5000, "lr": 1e-2, "betas": [0.9, 0.99]},
     }),

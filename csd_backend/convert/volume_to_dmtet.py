@@ -101,7 +101,8 @@ def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, st
                     fix_geometry: bool = False, chunk: int = 1 << 18, keep_background: bool = False, seed: int = 0):
     """A ``dmtet`` MeshScene converted from a stage-1 ``Scene`` (spec §5.3): the grid fills the tight box of the
     surface ``σ = τ`` (``threshold``: a number, "auto", "silhouette" (``silhouette_level``) or None for the scene's
-    ``isosurface_threshold``),
+    ``isosurface_threshold``; "auto" as threestudio's coarse-to-fine extraction: the box from the mean density
+    where there is any over the whole box, then τ = that mean over the grid's vertices in the box),
     ``sdf = clamp(τ − σ, −1, 1)`` at the grid vertices, no deformation, the hash grid and albedo MLP copied from the
     volume, and the background a fresh one from ``seed`` (``keep_background``: the volume's, copied)."""
     field = SceneField(scene, chunk)
@@ -118,6 +119,9 @@ def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, st
     out = MeshScene(cfg, device).to(device)
     points = out.geometry.grid_world_vertices().cpu().numpy()
     sigma = torch.from_numpy(field.density(points)).to(device)
+    if level == "auto":  # threestudio takes the automatic level again in its fine pass: over the grid in the box
+        tau = resolve_threshold("auto", sigma.cpu().numpy())
+        cfg.isosurface_threshold = tau
     out.geometry.sdf.copy_((tau - sigma).clamp(-1.0, 1.0))
     inside = int((sigma > tau).sum())
     if inside == 0:
