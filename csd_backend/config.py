@@ -19,6 +19,7 @@ from .schedules import ScheduleSpec, schedule_value, validate_schedule
 DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"
 
 GUIDANCE_MODES = ("csd", "sds", "edit", "vsd")
+OPTIMIZERS = ("adam", "adamw")
 WEIGHTINGS = ("uniform", "sds", "fantasia3d")
 NORMAL_TYPES = ("analytic", "finite_difference")
 BACKGROUNDS = ("neural_env", "solid")
@@ -68,6 +69,9 @@ class PriorConfig:
     controlnet: Optional[str] = None
     #: the ControlNet's conditioning scale
     controlnet_scale: float = 1.0
+    #: VSD: a second model (folder, file or hub id) whose UNet carries the LoRA, as threestudio's
+    #: pretrained_model_name_or_path_lora (ProlificDreamer: stabilityai/stable-diffusion-2-1, 768 v); None: the prior's
+    lora_base_model: Optional[str] = None
 
 
 @dataclass
@@ -289,6 +293,9 @@ class OptimConfig:
     #: learning rates of parts of the scene by parameter-name prefix, e.g. {"background": 0.001} (threestudio's
     #: optimizer.params); every other parameter uses ``lr``
     group_lr: Dict[str, float] = field(default_factory=dict)
+    #: the scene's optimiser (threestudio's optimizer.name): adam | adamw (decoupled weight decay)
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
     seed: int = 0
     checkpoint_every: int = 500
     preview_every: int = 100
@@ -348,12 +355,17 @@ class RunConfig:
         if self.prior.controlnet is not None and not isinstance(self.prior.controlnet, str):
             raise ConfigError("prior.controlnet", f"must be a folder path or null, got {self.prior.controlnet!r}")
         _in_range("prior.controlnet_scale", self.prior.controlnet_scale, 0.0, 10.0)
+        base = self.prior.lora_base_model
+        if base is not None and (not isinstance(base, str) or not base.strip() or g.mode != "vsd"):
+            raise ConfigError("prior.lora_base_model", f"{base!r}: only VSD (guidance.mode vsd) trains a LoRA; give "
+                                                       f"a model folder, file or hub id with mode vsd, or none")
         _choice("guidance.mode", g.mode, GUIDANCE_MODES)
         _choice("guidance.weighting", g.weighting, WEIGHTINGS)
         for name in ("prompt", "negative_prompt", "source_prompt"):
             if not isinstance(getattr(g, name), str):
                 raise ConfigError(name, f"must be text, got {type(getattr(g, name)).__name__}")
-        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")), (r, ("stratified", "textureless_normal", "soft_shading")),
+        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")),
+                               (r, ("stratified", "textureless_normal", "soft_shading")),
                                (c, ("stratified_azimuth", "first_step_fixed_view"))):
             for name in names:
                 if not isinstance(getattr(section, name), bool):
@@ -470,6 +482,8 @@ class RunConfig:
         _int_range("steps", o.steps, 1, 10_000_000)
         _positive("optim.lr", o.lr)
         _vec("optim.betas", o.betas, 2, 0.0, 0.999999)
+        _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+        _in_range("optim.weight_decay", o.weight_decay, 0.0, 1.0)
         _positive("optim.eps", o.eps)
         if not isinstance(o.group_lr, dict):
             raise ConfigError("optim.group_lr", f"must be a mapping of parameter-name prefix to learning rate, e.g. "

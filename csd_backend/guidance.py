@@ -11,8 +11,9 @@ with per-mode coefficients (``coefficients``):
   writes ε_u + s·(ε_y − ε_u + Δ_perp) − ε instead: c = s, u = 1 − s, k = −1 and the Perp-Neg term weighted s;
 - edit: as CSD with the *source* prompt in the negative slot (ω2 = 1 gives ε(y_tgt) − ε(y_src));
 - VSD:  c = s, u = 1 − s, n = 0, k = 0 (the frozen ε_u + s(ε_y − ε_u), diffusers' form), minus ε_lora of the run's
-  LoRA (``vsd.py``: the same UNet with its adapters on, conditioned on the cameras' ``c2w``), whose own training step
-  runs in the same call; ``update()`` steps its optimiser and ``state_dict()`` holds it.
+  LoRA (``vsd.py``: the same UNet, or the UNet of ``prior.lora_base_model``, with its adapters on, conditioned on the
+  cameras' ``c2w``), whose own training step runs in the same call; ``update()`` steps its optimiser and
+  ``state_dict()`` holds it.
 
 Branches that share an embedding are merged and zero coefficients are dropped before the single batched
 UNet call, so e.g. stage-1 CSD at step 0 (ω2 = 0) costs two branches, not three.
@@ -118,7 +119,7 @@ class ScoreDistillation:
         if cfg.mode == "vsd":
             from .vsd import VSD
 
-            self.vsd = VSD(cfg, prior, prompts.plain, optim)
+            self.vsd = VSD(cfg, prior, prompts, optim)
 
     def sample_timesteps(self, batch: int, step: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         t_min, t_max = timestep_range(self.cfg, step, self.prior.num_train_timesteps)

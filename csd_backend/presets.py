@@ -30,17 +30,18 @@ the renders and is subtracted from the frozen CFG prediction):
   then 512² (``resolution_milestones: [5000]``; stretched with the run's length), batch 1, elevation
   [−10°, 45°], distance [1, 1.5], fovy [40°, 70°], no camera/centre/up jitter, threestudio elevation sampling and
   dreamfusion light defaults, eval distance 1.5; sparsity 10, opaque 0 → 1000 at step 10000, orientation 0; lr 0.01
-  on the hash grid and 0.001 on the MLPs and background, betas (0.9, 0.99), eps 1e-15; 25000 steps.
-  Not reproduced (no field maps them): the LoRA on a second
-  model, SD 2.1 (768, v-prediction, ``pretrained_model_name_or_path_lora``): here the LoRA adapts the prior's own
-  UNet (threestudio's single-model path); AdamW's weight decay 0.01 on the scene's parameters (the scene's
-  optimiser is Adam; the LoRA's AdamW has it); ``lambda_lora`` (the LoRA loss has its own optimiser, so its weight
-  would only rescale what Adam normalises); ``sqrt_anneal`` and ``use_img_loss`` (off in the config); validation and
-  test settings.
+  on the hash grid and 0.001 on the MLPs and background, betas (0.9, 0.99), eps 1e-15, AdamW with torch's default
+  weight decay 0.01 in every group (``optim.optimizer: adamw``); 25000 steps. The LoRA's second model, SD 2.1 (768,
+  v-prediction, ``pretrained_model_name_or_path_lora``), is ``prior.lora_base_model`` (``--lora-base-model``) when
+  given; without it the LoRA adapts the prior's own UNet (threestudio's single-model path).
+  Not reproduced (no field maps them): ``lambda_lora`` (the LoRA loss has its own optimiser, so its weight would only
+  rescale what Adam normalises); ``sqrt_anneal`` and ``use_img_loss`` (off in the config); validation and test
+  settings.
 - ``vsd-preview-cpu``: the same guidance with preview-cpu's small grid (8 levels up to 256, 2^16), 96 samples per
-  ray, 64² renders throughout, prior input at most 256 and 150 steps (t-range switch at step 75) on a laptop CPU; sparsity 1 and lr 0.01 on
-  every part, as preview-cpu (ProlificDreamer's sparsity 10 and MLP lr 0.001 erase the object within 150 steps:
-  measured with the toy prior, "a red cube"), and the LoRA at lr 1e-3 so that it follows the scene in so few steps.
+  ray, 64² renders throughout, prior input at most 256 and 150 steps (t-range switch at step 75) on a laptop CPU;
+  sparsity 1 and lr 0.01 on every part with Adam (no weight decay), as preview-cpu (ProlificDreamer's sparsity 10
+  and MLP lr 0.001 erase the object within 150 steps: measured with the toy prior, "a red cube"), and the LoRA at lr
+  1e-3 so that it follows the scene in so few steps.
 
 Stage 2 (``scene.kind`` dmtet: a stage-1 run converted to a deformable tetrahedral SDF grid and refined through
 the rasterizer; the scene's hash grid, radius and background kind come from the stage-1 run, the background's
@@ -251,7 +252,10 @@ _VSD_PROLIFICDREAMER: Dict[str, Any] = _merge(_STAGE1_OBJECT, {
     # no-material + normal_type null: every render is the albedo (no shading, so no normals are needed)
     "render": {"num_samples_per_ray": 512, "ambient_only_steps": 25001, "albedo_prob": 1.0},
     "loss": {"guidance": 1.0, "orient": 0.0, "sparsity": 10.0, "opaque": [10000, 0.0, 1000.0, 10001]},
-    "optim": {"steps": 25000, "lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15, "seed": 0,
+    # optimizer AdamW without weight_decay in its args: torch's default 0.01 in every group (the guidance group is
+    # the LoRA's own AdamW, vsd.py)
+    "optim": {"steps": 25000, "lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15, "seed": 0, "optimizer": "adamw",
+              "weight_decay": 0.01,
               "group_lr": {"volume.encoding": 0.01, "volume.density_mlp": 0.001, "volume.feature_mlp": 0.001,
                            "background": 0.001},
               "checkpoint_every": 500, "preview_every": 200},
@@ -265,7 +269,8 @@ PRESETS.update({
         "render": {"num_samples_per_ray": 96, "ambient_only_steps": 151, "grid_warmup_steps": 32,
                    "grid_update_every": 8},
         "loss": {"sparsity": 1.0, "opaque": [60, 0.0, 1000.0, 61]},
-        "optim": {"steps": 150, "lr": 0.01, "group_lr": {}, "checkpoint_every": 50, "preview_every": 25},
+        "optim": {"steps": 150, "lr": 0.01, "group_lr": {}, "optimizer": "adam", "weight_decay": 0.0,
+                  "checkpoint_every": 50, "preview_every": 25},
         "prior": {"resolution": None, "max_resolution": 256},
         "camera": {"height": 64, "width": 64, "resolution_milestones": []},
     }),

@@ -120,6 +120,7 @@ class CSDOptimize:
             prior={"model": str(getattr(prior, "source", "") or getattr(prior, "name", "")),
                    "resolution": getattr(prior, "resolution", None),
                    "controlnet": getattr(prior, "controlnet_source", None),
+                   "lora_base_model": getattr(getattr(prior, "lora_prior", None), "source", None),
                    "controlnet_scale": float(getattr(prior, "controlnet_scale", 1.0))},
         )
         return validate_config(cfg, where)
