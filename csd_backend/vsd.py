@@ -65,6 +65,13 @@ CAMERA_DIM = 16
 _ADAPTER_IDS = itertools.count()
 
 
+def refuse_controlnet(prior) -> None:
+    """VSD takes no ControlNet: ``ConfigError`` naming ``prior.controlnet`` when ``prior`` has one."""
+    if getattr(prior, "controlnet", None) is not None:
+        raise ConfigError("prior.controlnet", "vsd does not take a ControlNet (the LoRA learns the renders, not "
+                                              "depth-conditioned images); remove the ControlNet or use mode csd/sds")
+
+
 def check_vsd_prior(prior, field: str = "guidance.mode") -> None:
     """Raise ``ConfigError`` (naming ``field``: ``guidance.mode`` for the prior's own UNet, ``prior.lora_base_model``
     for a second model) unless ``prior`` has a diffusers Stable Diffusion UNet that a LoRA can adapt."""
@@ -86,9 +93,7 @@ def check_vsd_prior(prior, field: str = "guidance.mode") -> None:
     if unet.class_embedding is not None or unet.config.addition_embed_type is not None:
         raise ConfigError(field, f"vsd conditions the LoRA on the camera through the UNet's class embedding, "
                                  f"which the '{name}' prior's UNet already uses; {fix}")
-    if getattr(prior, "controlnet", None) is not None:
-        raise ConfigError("prior.controlnet", "vsd does not take a ControlNet (the LoRA learns the renders, not "
-                                              "depth-conditioned images); remove the ControlNet or use mode csd/sds")
+    refuse_controlnet(prior)
 
 
 def lora_model(prior):
@@ -111,9 +116,7 @@ def lora_model(prior):
         raise ConfigError(field, f"'{base}' has {model.num_train_timesteps} diffusion timesteps and the prior "
                                  f"{prior.num_train_timesteps}; the LoRA sees the prior's timesteps: use a model "
                                  f"with the same schedule length")
-    if getattr(prior, "controlnet", None) is not None:
-        raise ConfigError("prior.controlnet", "vsd does not take a ControlNet (the LoRA learns the renders, not "
-                                              "depth-conditioned images); remove the ControlNet or use mode csd/sds")
+    refuse_controlnet(prior)
     return model
 
 
