@@ -249,7 +249,7 @@ def refine_scene(stage1, obj: ToyObject, prior, seed: int):
                                             prior=dataclasses.asdict(stage1.config.prior),
                                             optim={"seed": seed, "checkpoint_every": 0, "preview_every": 0})
     t0 = time.perf_counter()
-    opt, _ = train_scene(cfg, prior, starting_scene(stage1.trained_scene(), cfg.scene))
+    opt, _ = train_scene(cfg, prior, starting_scene(stage1.trained_scene(), cfg.scene, cfg.optim.seed))
     return opt, time.perf_counter() - t0  # conversion included
 
 

@@ -176,6 +176,10 @@ def _add_run_flags(p: argparse.ArgumentParser, default_preset: str, batch: bool 
                    help="a diffusers ControlNet folder (depth, e.g. lllyasviel/control_v11f1p_sd15_depth with an "
                         "SD 1.5 model) conditioning the prior on the depth of each render; mostly for texture")
     p.add_argument("--controlnet-scale", type=float, default=None, help="its conditioning scale (default 1.0)")
+    p.add_argument("--lora-base-model", default=None,
+                   help="VSD: a second model (folder, file or hub id) whose UNet carries the LoRA, as threestudio's "
+                        "pretrained_model_name_or_path_lora (ProlificDreamer: stabilityai/stable-diffusion-2-1, "
+                        "768 v); default: a LoRA of --model's own UNet")
     p.add_argument("--out", help="output folder (must be new or empty unless --resume)" +
                    ("; it holds one run folder per run, manifest.jsonl and batch.json" if batch else ""))
     p.add_argument("--preview-every", type=int, default=None, help="write a preview PNG every K steps (0: never)")

@@ -19,10 +19,12 @@ from .schedules import ScheduleSpec, schedule_value, validate_schedule
 DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"
 
 GUIDANCE_MODES = ("csd", "sds", "edit", "vsd")
+OPTIMIZERS = ("adam", "adamw")
 WEIGHTINGS = ("uniform", "sds", "fantasia3d")
 NORMAL_TYPES = ("analytic", "finite_difference")
 BACKGROUNDS = ("neural_env", "solid")
 ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
+LIGHT_SAMPLING = ("dreamfusion", "magic3d")
 #: what a run optimises: the stage-1 volume (NeRF), the stage-2 deformable tetrahedral SDF grid (DMTet, a mesh),
 #: or a fixed mesh (a user's) whose texture is painted
 SCENE_KINDS = ("volume", "dmtet", "mesh")
@@ -67,6 +69,9 @@ class PriorConfig:
     controlnet: Optional[str] = None
     #: the ControlNet's conditioning scale
     controlnet_scale: float = 1.0
+    #: VSD: a second model (folder, file or hub id) whose UNet carries the LoRA, as threestudio's
+    #: pretrained_model_name_or_path_lora (ProlificDreamer: stabilityai/stable-diffusion-2-1, 768 v); None: the prior's
+    lora_base_model: Optional[str] = None
 
 
 @dataclass
@@ -93,7 +98,8 @@ class GuidanceConfig:
     max_step_percent: ScheduleSpec = schedule([5000, 0.98, 0.5, 5001])
     view_dependent: bool = True
     #: Perp-Neg (spec §1.3, the official character config): interpolated view embeddings and the perpendicular
-    #: component of the other views' scores as a negative term, scaled by ``perp_neg_scale``
+    #: component of the other views' scores as a negative term, scaled by ``perp_neg_scale`` (SDS: by ``cfg_scale``
+    #: inside the guidance, threestudio's ε_u + s·(ε_y − ε_u + Δ_perp))
     perp_neg: bool = False
     perp_neg_scale: float = 3.0
     #: the weight functions f(r) = a·exp(−b·r) + c as [a, b, c]: front↔side, side↔back, front (in the back half)
@@ -160,6 +166,9 @@ class SceneConfig:
     isosurface_threshold: Union[float, str] = 10.0
     #: dmtet: freeze the SDF and the deformation (only the texture and background train)
     fix_geometry: bool = False
+    #: stage 1 → dmtet: keep the volume's trained background; False: a fresh one from the run's seed, as the official
+    #: refine configs (threestudio converts the geometry and texture field only)
+    keep_background: bool = False
 
     def level_scale(self) -> float:
         if self.per_level_scale is not None:
@@ -202,6 +211,9 @@ class CameraConfig:
     #: the very first step renders at elevation 15°, azimuth 0 (threestudio progressive_until=0)
     first_step_fixed_view: bool = True
     light_distance_range: List[float] = field(default_factory=lambda: [1.5, 2.0])
+    #: threestudio's light_sample_strategy: dreamfusion (around the camera, below) | magic3d (within 60° of the
+    #: camera's direction: light elevation U[30°, 90°] and azimuth U[−180°, 180°] about it)
+    light_sampling: str = "dreamfusion"
     #: dreamfusion light: direction = normalise(camera position + N(0, light_position_perturb²)) (threestudio 1.0)
     light_position_perturb: ScheduleSpec = schedule(0.1)
     #: evaluation / preview views
@@ -247,6 +259,9 @@ class RenderConfig:
     textureless_normal: bool = True
     ambient_light: float = 0.1
     diffuse_light: float = 0.9
+    #: training renders lit by the light use diffuse d ~ U[0, 1] drawn per step and ambient 1 − d instead of the two
+    #: above (threestudio's soft_shading, Magic3D)
+    soft_shading: bool = False
     chunk_size: int = 1 << 18
     #: mesh scenes (dmtet, mesh): auto (nvdiffrast on CUDA when usable, else torch) | torch | nvdiffrast
     rasterizer: str = "auto"
@@ -278,6 +293,9 @@ class OptimConfig:
     #: learning rates of parts of the scene by parameter-name prefix, e.g. {"background": 0.001} (threestudio's
     #: optimizer.params); every other parameter uses ``lr``
     group_lr: Dict[str, float] = field(default_factory=dict)
+    #: the scene's optimiser (threestudio's optimizer.name): adam | adamw (decoupled weight decay)
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
     seed: int = 0
     checkpoint_every: int = 500
     preview_every: int = 100
@@ -337,12 +355,17 @@ class RunConfig:
         if self.prior.controlnet is not None and not isinstance(self.prior.controlnet, str):
             raise ConfigError("prior.controlnet", f"must be a folder path or null, got {self.prior.controlnet!r}")
         _in_range("prior.controlnet_scale", self.prior.controlnet_scale, 0.0, 10.0)
+        base = self.prior.lora_base_model
+        if base is not None and (not isinstance(base, str) or not base.strip() or g.mode != "vsd"):
+            raise ConfigError("prior.lora_base_model", f"{base!r}: only VSD (guidance.mode vsd) trains a LoRA; give "
+                                                       f"a model folder, file or hub id with mode vsd, or none")
         _choice("guidance.mode", g.mode, GUIDANCE_MODES)
         _choice("guidance.weighting", g.weighting, WEIGHTINGS)
         for name in ("prompt", "negative_prompt", "source_prompt"):
             if not isinstance(getattr(g, name), str):
                 raise ConfigError(name, f"must be text, got {type(getattr(g, name)).__name__}")
-        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")), (r, ("stratified", "textureless_normal")),
+        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")),
+                               (r, ("stratified", "textureless_normal", "soft_shading")),
                                (c, ("stratified_azimuth", "first_step_fixed_view"))):
             for name in names:
                 if not isinstance(getattr(section, name), bool):
@@ -415,8 +438,9 @@ class RunConfig:
                 raise ConfigError("scene.isosurface_threshold", f"{s.isosurface_threshold!r}: give a density "
                                                                 f"(spec: 10), 'auto' or 'silhouette'")
             _positive("scene.isosurface_threshold", s.isosurface_threshold)
-        if not isinstance(s.fix_geometry, bool):
-            raise ConfigError("scene.fix_geometry", f"must be true or false, got {s.fix_geometry!r}")
+        for name in ("fix_geometry", "keep_background"):
+            if not isinstance(getattr(s, name), bool):
+                raise ConfigError(f"scene.{name}", f"must be true or false, got {getattr(s, name)!r}")
 
         _camera_phases(c)
         _range_pair("camera.elevation_range", c.elevation_range, -90.0, 90.0)
@@ -425,6 +449,7 @@ class RunConfig:
         _range_pair("camera.fovy_range", c.fovy_range, 1.0, 179.0)
         _range_pair("camera.light_distance_range", c.light_distance_range, 1e-3, 1e4)
         _choice("camera.elevation_sampling", c.elevation_sampling, ELEVATION_SAMPLING)
+        _choice("camera.light_sampling", c.light_sampling, LIGHT_SAMPLING)
         _int_range("camera.front_back_only_steps", c.front_back_only_steps, 0, 1 << 30)
         if min(c.distance_range) <= 0:
             raise ConfigError("camera.distance_range", "distances must be positive")
@@ -457,6 +482,8 @@ class RunConfig:
         _int_range("steps", o.steps, 1, 10_000_000)
         _positive("optim.lr", o.lr)
         _vec("optim.betas", o.betas, 2, 0.0, 0.999999)
+        _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+        _in_range("optim.weight_decay", o.weight_decay, 0.0, 1.0)
         _positive("optim.eps", o.eps)
         if not isinstance(o.group_lr, dict):
             raise ConfigError("optim.group_lr", f"must be a mapping of parameter-name prefix to learning rate, e.g. "

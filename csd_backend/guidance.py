@@ -7,18 +7,22 @@ Every mode is one linear combination of noise predictions,
 with per-mode coefficients (``coefficients``):
 - CSD:  c = ω1, u = −ω2, n = −(ω1 − ω2), k = 0 (the classifier score only; paper Eq. 10);
 - SDS:  c = 1 + s, u = −s, n = 0, k = −1 (threestudio's ε_y + s(ε_y − ε_u) − ε, with ε_u the negative or ""
-  prompt: the effective classifier-free guidance scale is s + 1, threestudio issue #289);
+  prompt: the effective classifier-free guidance scale is s + 1, threestudio issue #289); with Perp-Neg threestudio
+  writes ε_u + s·(ε_y − ε_u + Δ_perp) − ε instead: c = s, u = 1 − s, k = −1 and the Perp-Neg term weighted s;
 - edit: as CSD with the *source* prompt in the negative slot (ω2 = 1 gives ε(y_tgt) − ε(y_src));
 - VSD:  c = s, u = 1 − s, n = 0, k = 0 (the frozen ε_u + s(ε_y − ε_u), diffusers' form), minus ε_lora of the run's
-  LoRA (``vsd.py``: the same UNet with its adapters on, conditioned on the cameras' ``c2w``), whose own training step
-  runs in the same call; ``update()`` steps its optimiser and ``state_dict()`` holds it.
+  LoRA (``vsd.py``: the same UNet, or the UNet of ``prior.lora_base_model``, with its adapters on, conditioned on the
+  cameras' ``c2w``), whose own training step runs in the same call; ``update()`` steps its optimiser and
+  ``state_dict()`` holds it.
 
 Branches that share an embedding are merged and zero coefficients are dropped before the single batched
 UNet call, so e.g. stage-1 CSD at step 0 (ω2 = 0) costs two branches, not three.
 
 Perp-Neg (``perp_neg``, spec §1.3: the official character config) interpolates the positive view embedding and
-adds ``perp_neg_scale · Σ_i w_i · perp(ε_view_i − ε_neg, ε_pos − ε_neg)``: the part of the two neighbouring views'
-scores perpendicular to the positive direction, with negative weights (5B UNet inputs).
+adds ``p · Δ_perp``, ``Δ_perp = Σ_i w_i · perp(ε_view_i − ε_neg, ε_pos − ε_neg)``: the part of the two neighbouring
+views' scores perpendicular to the positive direction, with negative weights (5B UNet inputs; 4B for SDS, which has
+no null branch). ``p`` is ``perp_neg_scale`` for CSD, edit and VSD (the official IF guidance's ``perpneg_scale``) and
+the guidance scale s for SDS (threestudio's ``stable-diffusion-guidance``, spec §5.6).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class Coefficients:
     u: float  # negative (or source prompt in edit mode)
     n: float  # null ""
     k: float  # the sampled noise ε
+    p: float = 0.0  # the Perp-Neg term Δ_perp (0 without Perp-Neg)
 
 
 @dataclass
@@ -56,17 +61,20 @@ class GuidanceOutput:
 
 
 def coefficients(cfg: GuidanceConfig, step: int) -> Coefficients:
-    """The mixing coefficients of spec §1.1 at ``step``."""
+    """The mixing coefficients of spec §1.1 at ``step`` (with ``p``, the weight of the Perp-Neg term)."""
+    p = float(cfg.perp_neg_scale) if cfg.perp_neg else 0.0
     if cfg.mode in ("csd", "edit"):
         w1 = schedule_value(cfg.guidance_weight, step)
         w2 = schedule_value(cfg.negative_weight, step)
-        return Coefficients(c=w1, u=-w2, n=-(w1 - w2), k=0.0)
+        return Coefficients(c=w1, u=-w2, n=-(w1 - w2), k=0.0, p=p)
     if cfg.mode == "sds":
         s = float(cfg.cfg_scale)
+        if cfg.perp_neg:  # threestudio: ε_u + s·(ε_y − ε_u + Δ_perp) − ε
+            return Coefficients(c=s, u=1.0 - s, n=0.0, k=-1.0, p=s)
         return Coefficients(c=1.0 + s, u=-s, n=0.0, k=-1.0)
     if cfg.mode == "vsd":  # the frozen part; ε_lora is subtracted by the VSD model
         s = float(cfg.cfg_scale)
-        return Coefficients(c=s, u=1.0 - s, n=0.0, k=0.0)
+        return Coefficients(c=s, u=1.0 - s, n=0.0, k=0.0, p=p)
     raise ConfigError("guidance.mode", f"{cfg.mode!r} is not one of 'csd', 'sds', 'edit', 'vsd'")
 
 
@@ -111,7 +119,7 @@ class ScoreDistillation:
         if cfg.mode == "vsd":
             from .vsd import VSD
 
-            self.vsd = VSD(cfg, prior, prompts.plain, optim)
+            self.vsd = VSD(cfg, prior, prompts, optim)
 
     def sample_timesteps(self, batch: int, step: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         t_min, t_max = timestep_range(self.cfg, step, self.prior.num_train_timesteps)
@@ -154,7 +162,7 @@ class ScoreDistillation:
                 if weight != 0.0:
                     direction = direction + weight * eps[key]
             if self.cfg.perp_neg:
-                direction = direction + self.cfg.perp_neg_scale * perp_neg_term(
+                direction = direction + coef.p * perp_neg_term(
                     eps["positive"], eps[self._negative_key], [eps["perp:0"], eps["perp:1"]],
                     to_device_async(perp_weights, eps["positive"].device))
             if self.vsd is not None:

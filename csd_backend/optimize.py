@@ -29,13 +29,14 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import io
-from .config import RunConfig
+from .config import OptimConfig, RunConfig
 from .errors import Cancelled, CheckpointError, ConfigError, CSDError, DiskFullError
 from .guidance import ScoreDistillation
 from .priors.base import DiffusionPrior
 from .priors.controlnet import depth_condition
 from .regularizers import REGULARIZERS
 from .render.cameras import sample_cameras
+from .render.shading import soft_shading_ratio
 from .scene_kinds import make_renderer, make_scene
 from .schedules import schedule_value
 from .transfer import to_device_async
@@ -123,8 +124,7 @@ class Optimization:
                       ).to(self.device)
         self.renderer = make_renderer(config.render, config.scene, self.device)
         self.guidance = ScoreDistillation(config.guidance, prior, optim=o)
-        self.optimizer = torch.optim.Adam(parameter_groups(self.scene, o.lr, o.group_lr), lr=o.lr,
-                                          betas=tuple(o.betas), eps=o.eps)
+        self.optimizer = scene_optimizer(self.scene, o)
         self.generator = torch.Generator().manual_seed(o.seed)
         #: no host sync per step (module docstring); on for CUDA, where a sync stalls the GPU's queue
         self.sync_free = self.device.type == "cuda"
@@ -276,7 +276,7 @@ class Optimization:
         need_normals = weights["orient"] > 0 or shading != "albedo"
         angles = cams.elevation, cams.azimuth  # on the CPU: the view-dependent prompt lookup needs no GPU sync
         out = self.renderer.render(self.scene, _cameras_to(cams, self.device), shading, bg_colors, need_normals,
-                                   gen)
+                                   gen, ambient_ratio=soft_shading_ratio(cfg.render, shading, gen))
         t0 = self._tick("render", t0)
 
         control = depth_condition(out.depth, out.opacity) if self.prior.controlnet is not None else None
@@ -427,6 +427,14 @@ def _cameras_to(cams, device):
     return dataclasses.replace(cams, **{f.name: to_device_async(getattr(cams, f.name), device)
                                         for f in dataclasses.fields(cams)
                                         if isinstance(getattr(cams, f.name), torch.Tensor)})
+
+
+def scene_optimizer(scene: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    """The scene's optimiser: ``o.optimizer`` (torch's Adam, or AdamW with decoupled weight decay, as threestudio's
+    ``optimizer.name``) over ``parameter_groups``, with the run's betas, eps and ``weight_decay`` in every group."""
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.optimizer]
+    extra = {"weight_decay": float(o.weight_decay)} if o.optimizer == "adamw" or o.weight_decay else {}
+    return cls(parameter_groups(scene, o.lr, o.group_lr), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
 
 
 def parameter_groups(scene: torch.nn.Module, lr: float, group_lr: Dict[str, float]) -> list:

@@ -30,28 +30,32 @@ the renders and is subtracted from the frozen CFG prediction):
   then 512² (``resolution_milestones: [5000]``; stretched with the run's length), batch 1, elevation
   [−10°, 45°], distance [1, 1.5], fovy [40°, 70°], no camera/centre/up jitter, threestudio elevation sampling and
   dreamfusion light defaults, eval distance 1.5; sparsity 10, opaque 0 → 1000 at step 10000, orientation 0; lr 0.01
-  on the hash grid and 0.001 on the MLPs and background, betas (0.9, 0.99), eps 1e-15; 25000 steps.
-  Not reproduced (no field maps them): the LoRA on a second
-  model, SD 2.1 (768, v-prediction, ``pretrained_model_name_or_path_lora``): here the LoRA adapts the prior's own
-  UNet (threestudio's single-model path); AdamW's weight decay 0.01 on the scene's parameters (the scene's
-  optimiser is Adam; the LoRA's AdamW has it); ``lambda_lora`` (the LoRA loss has its own optimiser, so its weight
-  would only rescale what Adam normalises); ``sqrt_anneal`` and ``use_img_loss`` (off in the config); validation and
-  test settings.
+  on the hash grid and 0.001 on the MLPs and background, betas (0.9, 0.99), eps 1e-15, AdamW with torch's default
+  weight decay 0.01 in every group (``optim.optimizer: adamw``); 25000 steps. The LoRA's second model, SD 2.1 (768,
+  v-prediction, ``pretrained_model_name_or_path_lora``), is ``prior.lora_base_model`` (``--lora-base-model``) when
+  given; without it the LoRA adapts the prior's own UNet (threestudio's single-model path).
+  Not reproduced (no field maps them): ``lambda_lora`` (the LoRA loss has its own optimiser, so its weight would only
+  rescale what Adam normalises); ``sqrt_anneal`` and ``use_img_loss`` (off in the config); validation and test
+  settings.
 - ``vsd-preview-cpu``: the same guidance with preview-cpu's small grid (8 levels up to 256, 2^16), 96 samples per
-  ray, 64² renders throughout, prior input at most 256 and 150 steps (t-range switch at step 75) on a laptop CPU; sparsity 1 and lr 0.01 on
-  every part, as preview-cpu (ProlificDreamer's sparsity 10 and MLP lr 0.001 erase the object within 150 steps:
-  measured with the toy prior, "a red cube"), and the LoRA at lr 1e-3 so that it follows the scene in so few steps.
+  ray, 64² renders throughout, prior input at most 256 and 150 steps (t-range switch at step 75) on a laptop CPU;
+  sparsity 1 and lr 0.01 on every part with Adam (no weight decay), as preview-cpu (ProlificDreamer's sparsity 10
+  and MLP lr 0.001 erase the object within 150 steps: measured with the toy prior, "a red cube"), and the LoRA at lr
+  1e-3 so that it follows the scene in so few steps.
 
 Stage 2 (``scene.kind`` dmtet: a stage-1 run converted to a deformable tetrahedral SDF grid and refined through
-the rasterizer; the scene's hash grid, radius and background come from the stage-1 run):
+the rasterizer; the scene's hash grid, radius and background kind come from the stage-1 run, the background's
+weights start afresh from the run's seed as in the official refine configs unless ``scene.keep_background``):
 
 - ``csd-refine``: spec §3.2 (`csd-sd-refine.yaml`): 512², SD 2.1-base, w = 1 − ᾱ, ω2 1 → 0.5 over 10k steps,
   t ∈ [0.02, 0.5], normal consistency 1000, 50 % albedo / 50 % normal-map renders from step 0, lr 1e-3, tet
   resolution 256. ``csd-refine-object`` is the object config (radius 2.0, the only difference; a refined scene
   keeps the radius of the run it is converted from either way).
-- ``sds-refine``: threestudio `magic3d-refine-sd.yaml`: SDS with CFG 100, lr 0.01, β2 0.99, normal consistency
-  10000, tet resolution 128, 5000 steps (magic3d light sampling and soft shading are not reproduced).
-- ``refine-cpu``: a 64 tet grid, 64² renders and 150 steps that run on a laptop CPU.
+- ``sds-refine``: threestudio `magic3d-refine-sd.yaml`, value for value: SDS with CFG 100, lr 0.01, β2 0.99, normal
+  consistency 10000, tet resolution 128, 5000 steps, the surface at the "auto" level (magic3d-coarse-sd.yaml's),
+  magic3d light sampling, soft shading, a fresh background.
+- ``refine-cpu``: a 64 tet grid, 64² renders and 150 steps that run on a laptop CPU; it keeps the volume's trained
+  background (``scene.keep_background``).
 
 Texturing a user's mesh (``scene.kind`` mesh: fixed geometry; spec §4, inferred there): stage-2 CSD coefficients,
 renders half albedo, half Lambertian-shaded (a normal-map render carries no texture gradient):
@@ -167,23 +171,28 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     }),
     "csd-refine": _STAGE2_CSD,
     "csd-refine-object": _merge(_STAGE2_CSD, {"scene": {"radius": 2.0}}),
-    # threestudio configs/magic3d-refine-sd.yaml
+    # threestudio configs/magic3d-refine-sd.yaml (and the defaults of the classes it names; the conversion level is
+    # magic3d-coarse-sd.yaml's "auto", which the refine config does not override)
     "sds-refine": _merge(_STAGE2_CSD, {
         "guidance": {"mode": "sds", "cfg_scale": 100.0, "weighting": "sds", "grad_normalize": False,
                      "negative_prompt": "", "min_step_percent": 0.02, "max_step_percent": 0.5},
         "scene": {"tet_resolution": 128, "radius": 2.0, "per_level_scale": 1.447269237440378,
-                  "max_resolution": 4096, "random_background_prob": 0.0},
+                  "max_resolution": 4096, "random_background_prob": 0.0, "isosurface_threshold": "auto",
+                  "keep_background": False},
         "camera": {"fovy_range": [30.0, 45.0], "eval_distance": 2.0, "eval_fovy": 70.0, "stratified_azimuth": True,
                    "elevation_sampling": "threestudio", "camera_perturb": 0.1, "center_perturb": 0.2,
-                   "up_perturb": 0.02, "light_position_perturb": 1.0, "light_distance_range": [0.8, 1.5]},
-        "render": {"albedo_prob": 0.25, "textureless_prob": 0.5, "textureless_normal": False},
+                   "up_perturb": 0.02, "light_sampling": "magic3d", "light_position_perturb": 1.0,
+                   "light_distance_range": [0.8, 1.5]},
+        "render": {"albedo_prob": 0.25, "textureless_prob": 0.5, "textureless_normal": False, "soft_shading": True},
         "loss": {"normal_consistency": 10000.0},
         "optim": {"steps": 5000, "lr": 1e-2, "betas": [0.9, 0.99]},
     }),
     "refine-cpu": _merge(_STAGE2_CSD, {
         "guidance": {"negative_weight": [0, 1.0, 0.5, 150]},
-        # a short stage-1 run is soft (its density rarely reaches the spec's τ = 10): the level of its silhouettes
-        "scene": {"tet_resolution": 64, "radius": 2.0, "isosurface_threshold": "silhouette"},
+        # a short stage-1 run is soft (its density rarely reaches the spec's τ = 10): the level of its silhouettes;
+        # it keeps the trained background (the official refine configs start a fresh one; the README's measured
+        # stage-2 shape scores are of this setting)
+        "scene": {"tet_resolution": 64, "radius": 2.0, "isosurface_threshold": "silhouette", "keep_background": True},
         "camera": {"height": 64, "width": 64, "eval_distance": 2.0},
         "optim": {"steps": 150, "lr": 1e-3, "checkpoint_every": 50, "preview_every": 25},
         "prior": {"resolution": None, "max_resolution": 256},
@@ -243,7 +252,10 @@ _VSD_PROLIFICDREAMER: Dict[str, Any] = _merge(_STAGE1_OBJECT, {
     # no-material + normal_type null: every render is the albedo (no shading, so no normals are needed)
     "render": {"num_samples_per_ray": 512, "ambient_only_steps": 25001, "albedo_prob": 1.0},
     "loss": {"guidance": 1.0, "orient": 0.0, "sparsity": 10.0, "opaque": [10000, 0.0, 1000.0, 10001]},
-    "optim": {"steps": 25000, "lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15, "seed": 0,
+    # optimizer AdamW without weight_decay in its args: torch's default 0.01 in every group (the guidance group is
+    # the LoRA's own AdamW, vsd.py)
+    "optim": {"steps": 25000, "lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15, "seed": 0, "optimizer": "adamw",
+              "weight_decay": 0.01,
               "group_lr": {"volume.encoding": 0.01, "volume.density_mlp": 0.001, "volume.feature_mlp": 0.001,
                            "background": 0.001},
               "checkpoint_every": 500, "preview_every": 200},
@@ -257,7 +269,8 @@ PRESETS.update({
         "render": {"num_samples_per_ray": 96, "ambient_only_steps": 151, "grid_warmup_steps": 32,
                    "grid_update_every": 8},
         "loss": {"sparsity": 1.0, "opaque": [60, 0.0, 1000.0, 61]},
-        "optim": {"steps": 150, "lr": 0.01, "group_lr": {}, "checkpoint_every": 50, "preview_every": 25},
+        "optim": {"steps": 150, "lr": 0.01, "group_lr": {}, "optimizer": "adam", "weight_decay": 0.0,
+                  "checkpoint_every": 50, "preview_every": 25},
         "prior": {"resolution": None, "max_resolution": 256},
         "camera": {"height": 64, "width": 64, "resolution_milestones": []},
     }),

@@ -20,7 +20,8 @@ class SceneKind:
     scene: str  # "module:class" of the representation, built as ``cls(cfg, device)``
     renderer: str  # "module:class" of its renderer, built as ``cls(render_cfg, radius, device=device)``
     #: kind of a scene → "module:function" turning such a scene into this kind, called as
-    #: ``fn(scene, cfg, progress=None)`` (``progress(fraction)`` for a conversion that takes a while)
+    #: ``fn(scene, cfg, seed, progress=None)`` (``seed``: the run's, for whatever the conversion initialises afresh;
+    #: ``progress(fraction)`` for a conversion that takes a while)
     starts_from: Dict[str, str] = field(default_factory=dict)
 
 
@@ -54,13 +55,14 @@ def converts(scene, cfg: SceneConfig) -> bool:
     return scene.kind in KINDS[cfg.kind].starts_from
 
 
-def starting_scene(scene, cfg: SceneConfig, progress=None):
+def starting_scene(scene, cfg: SceneConfig, seed: int = 0, progress=None):
     """The scene a run starts from (``--init-scene``, the nodes' init scene): converted to ``cfg.kind`` (the preset's
-    scene settings) when that kind starts from ``scene``'s kind (a stage-1 volume becomes a DMTet grid for stage 2);
-    any other scene is used as it is, with its own settings (editing a volume, a refined mesh or a textured mesh).
-    ``progress(fraction)`` follows a conversion."""
+    scene settings) when that kind starts from ``scene``'s kind (a stage-1 volume becomes a DMTet grid for stage 2,
+    with a fresh background from the run's ``seed`` unless ``cfg.keep_background``); any other scene is used as it
+    is, with its own settings (editing a volume, a refined mesh or a textured mesh). ``progress(fraction)`` follows
+    a conversion."""
     converter = KINDS[cfg.kind].starts_from.get(scene.kind)
-    return scene if converter is None else resolve(converter)(scene, cfg, progress=progress)
+    return scene if converter is None else resolve(converter)(scene, cfg, seed, progress=progress)
 
 
 def scene_device(scene) -> Optional[object]:

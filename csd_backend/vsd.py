@@ -1,5 +1,5 @@
 """Variational Score Distillation (ProlificDreamer, arXiv 2305.16213) as threestudio codes it
-(``stable-diffusion-vsd-guidance``), over the prior's own Stable Diffusion UNet.
+(``stable-diffusion-vsd-guidance``), over the prior's own Stable Diffusion UNet or a second model's.
 
 The direction on the render latents ``z`` at a timestep ``t`` is
 
@@ -13,8 +13,14 @@ embedding (threestudio ``camera_condition_type: extrinsics``). With ``lora_cfg_s
 itself guided against a zero camera, ``ε_∅cam + s_l·(ε_cam − ε_∅cam)`` (threestudio ``guidance_scale_lora``; at
 its default 1 only the camera branch runs).
 
-**One UNet.** No second UNet is loaded: peft LoRA layers (rank ``lora_rank`` on ``to_q``/``to_k``/``to_v``/
-``to_out.0`` of every attention, as threestudio's ``LoRAAttnProcessor``) are injected into ``prior.unet`` under an
+**The LoRA's model.** By default the prior's own (threestudio's single-model path when
+``pretrained_model_name_or_path_lora`` equals the prior's): no second UNet is loaded. With ``prior.lora_base_model``
+(``prior.lora_prior``, loaded by ``load_prior``; ProlificDreamer: SD 2.1 at 768, v-prediction) the LoRA adapts that
+model's UNet instead, as threestudio's two-model path: it sees the prior's latents and noisy latents, predicts with its
+own scheduler's prediction type (v converted to ε with its own ᾱ), trains on its own ``add_noise`` and v target, and
+reads the prompt through its own text encoder (SD 2.1 and 2.1-base share OpenCLIP ViT-H, so for the official pair this
+is threestudio's embedding). Either way peft LoRA layers (rank ``lora_rank`` on ``to_q``/``to_k``/``to_v``/
+``to_out.0`` of every attention, as threestudio's ``LoRAAttnProcessor``) are injected into that UNet under an
 adapter name of their own. The adapters are *disabled* except inside :meth:`VSD._lora_active`, which also sets
 the camera embedding as the UNet's class embedding for that call and removes it after, so every other use of the
 prior (the frozen ε above, other runs sharing the prior) sees the plain UNet, bit for bit. Several VSD runs on one
@@ -59,11 +65,18 @@ CAMERA_DIM = 16
 _ADAPTER_IDS = itertools.count()
 
 
-def check_vsd_prior(prior) -> None:
-    """Raise ``ConfigError`` (naming ``guidance.mode``) unless ``prior`` has a diffusers Stable Diffusion UNet that a
-    LoRA can adapt."""
+def refuse_controlnet(prior) -> None:
+    """VSD takes no ControlNet: ``ConfigError`` naming ``prior.controlnet`` when ``prior`` has one."""
+    if getattr(prior, "controlnet", None) is not None:
+        raise ConfigError("prior.controlnet", "vsd does not take a ControlNet (the LoRA learns the renders, not "
+                                              "depth-conditioned images); remove the ControlNet or use mode csd/sds")
+
+
+def check_vsd_prior(prior, field: str = "guidance.mode") -> None:
+    """Raise ``ConfigError`` (naming ``field``: ``guidance.mode`` for the prior's own UNet, ``prior.lora_base_model``
+    for a second model) unless ``prior`` has a diffusers Stable Diffusion UNet that a LoRA can adapt."""
     fix = ("use a Stable Diffusion model (a diffusers folder, a .safetensors checkpoint, a hub id, or --model toy), "
-           "or mode csd or sds")
+           + ("or mode csd or sds" if field == "guidance.mode" else "or no LoRA base model (the prior's own UNet)"))
     unet = getattr(prior, "unet", None)
     try:
         from diffusers import UNet2DConditionModel
@@ -71,20 +84,40 @@ def check_vsd_prior(prior) -> None:
         UNet2DConditionModel = None
     name = getattr(prior, "name", type(prior).__name__)
     if unet is None or UNet2DConditionModel is None or not isinstance(unet, UNet2DConditionModel):
-        raise ConfigError("guidance.mode", f"vsd trains a LoRA of the prior's diffusers UNet, and the '{name}' prior "
-                                           f"has none; {fix}")
+        raise ConfigError(field, f"vsd trains a LoRA of a diffusers UNet, and the '{name}' prior has none; {fix}")
     if unet.config.out_channels != unet.config.in_channels or getattr(prior, "prediction_type", None) not in (
             "epsilon", "v_prediction"):
-        raise ConfigError("guidance.mode", f"vsd supports Stable Diffusion 1.x/2.x UNets (ε or v prediction); the "
-                                           f"'{name}' prior's UNet predicts {unet.config.out_channels} channels "
-                                           f"for {unet.config.in_channels} (e.g. DeepFloyd IF's learned variance); "
-                                           f"{fix}")
+        raise ConfigError(field, f"vsd supports Stable Diffusion 1.x/2.x UNets (ε or v prediction); the '{name}' "
+                                 f"prior's UNet predicts {unet.config.out_channels} channels for "
+                                 f"{unet.config.in_channels} (e.g. DeepFloyd IF's learned variance); {fix}")
     if unet.class_embedding is not None or unet.config.addition_embed_type is not None:
-        raise ConfigError("guidance.mode", f"vsd conditions the LoRA on the camera through the UNet's class "
-                                           f"embedding, which the '{name}' prior's UNet already uses; {fix}")
-    if getattr(prior, "controlnet", None) is not None:
-        raise ConfigError("prior.controlnet", "vsd does not take a ControlNet (the LoRA learns the renders, not "
-                                              "depth-conditioned images); remove the ControlNet or use mode csd/sds")
+        raise ConfigError(field, f"vsd conditions the LoRA on the camera through the UNet's class embedding, "
+                                 f"which the '{name}' prior's UNet already uses; {fix}")
+    refuse_controlnet(prior)
+
+
+def lora_model(prior):
+    """The prior whose UNet carries the run's LoRA: ``prior.lora_prior`` (``prior.lora_base_model``) when the prior
+    has one, else ``prior`` itself; checked (``ConfigError`` naming the field to change)."""
+    model = getattr(prior, "lora_prior", None)
+    if model is None:
+        check_vsd_prior(prior)
+        return prior
+    field = "prior.lora_base_model"
+    check_vsd_prior(model, field)
+    unet = getattr(prior, "unet", None)
+    channels = getattr(getattr(unet, "config", None), "in_channels", None)
+    name, base = getattr(prior, "name", type(prior).__name__), getattr(model, "source", model.name)
+    if channels != model.unet.config.in_channels or getattr(prior, "vae", None) is None:
+        raise ConfigError(field, f"the LoRA of '{base}' learns the prior's latents, but the '{name}' prior's input is "
+                                 f"not {model.unet.config.in_channels}-channel VAE latents; use a Stable Diffusion "
+                                 f"prior with it, or no LoRA base model")
+    if model.num_train_timesteps != prior.num_train_timesteps:
+        raise ConfigError(field, f"'{base}' has {model.num_train_timesteps} diffusion timesteps and the prior "
+                                 f"{prior.num_train_timesteps}; the LoRA sees the prior's timesteps: use a model "
+                                 f"with the same schedule length")
+    refuse_controlnet(prior)
+    return model
 
 
 def _tuner_layers(unet) -> list:
@@ -120,12 +153,16 @@ def _remove_adapter(unet, adapter: str) -> None:
 
 
 class VSD:
-    """The LoRA "particle" model of VSD for one run: adapters on the prior's UNet, the camera embedding, and their
-    optimiser. ``guidance.ScoreDistillation`` builds it for mode ``vsd``."""
+    """The LoRA "particle" model of VSD for one run: adapters on the UNet of the prior (or of its LoRA base model),
+    the camera embedding, and their optimiser. ``guidance.ScoreDistillation`` builds it for mode ``vsd``."""
 
-    def __init__(self, cfg: GuidanceConfig, prior, plain_embedding: torch.Tensor,
-                 optim: Optional[OptimConfig] = None):
-        check_vsd_prior(prior)
+    def __init__(self, cfg: GuidanceConfig, prior, prompts, optim: Optional[OptimConfig] = None):
+        """``prior``: the run's prior (its ``lora_prior``, when set, carries the LoRA); ``prompts``: the run's
+        ``PromptEmbeddings`` (the LoRA reads the plain prompt)."""
+        model = lora_model(prior)
+        #: whether the LoRA adapts a second model (``prior.lora_base_model``), recorded in checkpoints
+        self.separate_model = model is not prior
+        plain_embedding = model.encode_text([prompts.prompt])[0] if self.separate_model else prompts.plain
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError as e:
@@ -134,9 +171,9 @@ class VSD:
         from diffusers.models.embeddings import TimestepEmbedding
 
         self.cfg = cfg
-        self.prior = prior
-        self.unet = prior.unet
-        self.device = prior.device
+        self.prior = model  # the LoRA's model: its UNet, scheduler and text encoder
+        self.unet = model.unet
+        self.device = model.device
         self.plain = plain_embedding.detach()  # [L, D] the prompt without a view suffix (threestudio: view-independent)
         self.adapter = f"csd_vsd_{next(_ADAPTER_IDS)}"
         lora = LoraConfig(r=int(cfg.lora_rank), lora_alpha=int(cfg.lora_rank), lora_dropout=0.0,
@@ -266,9 +303,17 @@ class VSD:
     def state_dict(self) -> dict:
         return {"lora": {k: p.detach().clone() for k, p in self.lora.items()},
                 "camera_embedding": {k: v.clone() for k, v in self.camera_embedding.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "lora_rank": int(self.cfg.lora_rank)}
+                "optimizer": self.optimizer.state_dict(), "lora_rank": int(self.cfg.lora_rank),
+                "separate_model": self.separate_model}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = bool(state.get("separate_model", False))
+        if saved != self.separate_model:
+            which = {True: "a second model's UNet (prior.lora_base_model)", False: "the prior's own UNet"}
+            raise CheckpointError(f"the checkpoint's VSD LoRA adapts {which[saved]}, this run's {which[not saved]}: "
+                                  f"resume with the prior it was trained with, {'with' if saved else 'without'} its "
+                                  f"LoRA base model (--lora-base-model; the node: CSD Load Diffusion Model's "
+                                  f"vsd_lora_base_model)")
         lora = state["lora"]
         if set(lora) != set(self.lora):
             missing, extra = sorted(set(self.lora) - set(lora)), sorted(set(lora) - set(self.lora))

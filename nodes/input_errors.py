@@ -17,7 +17,7 @@ INPUT_NAMES: Dict[str, str] = {
     "guidance.min_step_percent": "t_min", "guidance.max_step_percent": "t_max_start/t_max_end/t_max_switch_at",
     "guidance.min_step_percent/max_step_percent": "t_min/t_max_start/t_max_end",
     "guidance.cfg_scale": "cfg_scale", "guidance.lora_lr": "lora_lr",
-    "guidance.camera_condition_drop": "camera_condition_drop",
+    "guidance.camera_condition_drop": "camera_condition_drop", "prior.lora_base_model": "vsd_lora_base_model",
     "scene.radius": "radius", "scene.n_levels": "n_levels", "scene.log2_hashmap_size": "log2_hashmap_size",
     "scene.max_resolution": "max_resolution", "scene.background": "background",
     "camera.height": "height", "camera.width": "width", "camera.batch_size": "batch_size",

@@ -13,6 +13,8 @@ _DEVICES = ["auto", "cpu", "cuda"]
 #: the small prior shipped with the pack (csd_backend.priors.TOY_MODEL; not imported here: no torch at start-up)
 TOY = "toy"
 _DTYPES = ["auto", "float32", "float16", "bfloat16"]
+#: no LoRA base model: VSD adapts the loaded model's own UNet
+NO_LORA_BASE = "(none)"
 
 
 class CSDLoadDiffusionModel:
@@ -46,6 +48,12 @@ class CSDLoadDiffusionModel:
                                        "single-file checkpoints only: a diffusers folder of the same architecture "
                                        "to take the component configs from ((auto): inferred, needs the configs "
                                        "in the Hugging Face cache or internet access)"),
+        }, "optional": {
+            "vsd_lora_base_model": combo_input([NO_LORA_BASE] + models, NO_LORA_BASE,
+                                               "vsd only: a second model whose UNet carries VSD's LoRA, loaded "
+                                               "with this one (ProlificDreamer: stable-diffusion-2-1, 768 "
+                                               "v-prediction, under models/diffusers); (none): a LoRA of this "
+                                               "model's own UNet"),
         }}
 
     @classmethod
@@ -63,7 +71,7 @@ class CSDLoadDiffusionModel:
         return True
 
     @autograd_allowed
-    def load(self, model, device, dtype, resolution, config_from):
+    def load(self, model, device, dtype, resolution, config_from, vsd_lora_base_model=NO_LORA_BASE):
         from csd_backend.errors import ConfigError
         from csd_backend.priors import load_prior
 
@@ -76,8 +84,12 @@ class CSDLoadDiffusionModel:
             model_config = resolve_model(config_from)
         if device == "auto":
             device = comfy_device() or "auto"
+        lora_base = None
+        if vsd_lora_base_model and vsd_lora_base_model != NO_LORA_BASE:
+            lora_base = TOY if vsd_lora_base_model == TOY else resolve_model(vsd_lora_base_model,
+                                                                             "vsd_lora_base_model")
         cfg = PriorConfig(model=path, model_config=model_config, device=device, dtype=dtype,
-                          resolution=int(resolution) or None)
+                          resolution=int(resolution) or None, lora_base_model=lora_base)
         try:
             prior = load_prior(cfg)
         except ConfigError as e:

@@ -95,15 +95,15 @@ def model_choices() -> List[str]:
     return ([f"diffusers/{m}" for m in diffusers_models()] + [f"checkpoints/{m}" for m in checkpoint_models()])
 
 
-def resolve_model(choice: str) -> str:
-    """A "diffusers/<rel>" or "checkpoints/<rel>" choice → the path on disk."""
+def resolve_model(choice: str, field: str = "model") -> str:
+    """A "diffusers/<rel>" or "checkpoints/<rel>" choice → the path on disk (errors name the widget ``field``)."""
     kind, _, rel = choice.partition("/")
     fp = folder_paths_module()
     if kind not in ("diffusers", "checkpoints") or not rel or fp is None:
-        raise ConfigError("model", f"{choice!r} is not a model of the list; put diffusers folders under "
-                                   "models/diffusers and single-file checkpoints under models/checkpoints")
+        raise ConfigError(field, f"{choice!r} is not a model of the list; put diffusers folders under "
+                                 "models/diffusers and single-file checkpoints under models/checkpoints")
     for root in fp.get_folder_paths(kind):
         path = os.path.join(root, *rel.split("/"))
         if os.path.exists(path):
             return path
-    raise ConfigError("model", f"{choice!r} was not found in {fp.get_folder_paths(kind)}")
+    raise ConfigError(field, f"{choice!r} was not found in {fp.get_folder_paths(kind)}")

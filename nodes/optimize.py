@@ -119,6 +119,7 @@ class CSDOptimize:
             prior={"model": str(getattr(prior, "source", "") or getattr(prior, "name", "")),
                    "resolution": getattr(prior, "resolution", None),
                    "controlnet": getattr(prior, "controlnet_source", None),
+                   "lora_base_model": getattr(getattr(prior, "lora_prior", None), "source", None),
                    "controlnet_scale": float(getattr(prior, "controlnet_scale", 1.0))},
         )
         return validate_config(cfg, where)
@@ -126,8 +127,9 @@ class CSDOptimize:
     # --------------------------------------------------------------------------------------------------- run
     @staticmethod
     def start_scene(scene, preset: str, seed: int = 0):
-        """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset; a mesh from
-        Load Mesh gets the texture field and background of the preset, drawn from ``seed``."""
+        """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset (what it
+        initialises afresh, the background, follows ``seed``); a mesh from Load Mesh gets the texture field and
+        background of the preset, drawn from ``seed``."""
         from csd_backend.convert.mesh_file import with_scene_settings
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
@@ -143,7 +145,7 @@ class CSDOptimize:
         if target.kind == "mesh" and scene.kind != "mesh":
             raise ConfigError("scene", f"preset {preset} textures a fixed mesh: connect CSD Load Mesh (to paint a "
                                        f"{scene.kind} scene use CSD Optimize with csd-edit)")
-        return starting_scene(scene, target)
+        return starting_scene(scene, target, int(seed))
 
     def open_run(self, prior, guidance, scene, preset, steps, lr, seed, checkpoint_every, preview_every, run_name,
                  resume, cameras):
@@ -251,9 +253,9 @@ class CSDRefineMesh(CSDOptimize):
     SCENE_TOOLTIP = "a trained stage-1 scene (CSD Optimize), or a refined one to continue"
     DESCRIPTION = ("Stage 2: converts a trained stage-1 scene into a deformable tetrahedral SDF grid (DMTet) over "
                    "its surface (density 10) and refines the mesh itself through a differentiable rasterizer, with "
-                   "the texture and background it inherits. Without cameras the preset's are used (512² for the "
-                   "paper's presets). Live preview, Cancel and resume as CSD Optimize. Extract Mesh then exports "
-                   "the refined mesh itself.")
+                   "the texture it inherits and a new background from the seed (refine-cpu keeps the volume's). "
+                   "Without cameras the preset's are used (512² for the paper's presets). Live preview, Cancel and "
+                   "resume as CSD Optimize. Extract Mesh then exports the refined mesh itself.")
     OUTPUT_TOOLTIPS = ("The refined mesh scene.", "A render of it from the evaluation view.")
 
     @classmethod

@@ -26,6 +26,16 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory):
+    """The tiny model's SD-2.1-768 counterpart (VSD's LoRA base model): the same shapes and schedule, other weights,
+    v-prediction, 96 px native: ``{"folder": diffusers folder, "single_file": LDM .safetensors}``."""
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd_v"), name="tiny-sd-v", seed=1,
+                         prediction_type="v_prediction", resolution=96)
+
+
+@pytest.fixture(scope="session")
 def tiny_if(tmp_path_factory):
     """A tiny random-weight DeepFloyd-IF-shaped stage-I model: ``{"folder": diffusers folder (IFPipeline)}``."""
     from tiny_if import build_tiny_if

@@ -538,6 +538,31 @@ def test_depth_controlnet_node_returns_a_conditioned_copy(env, pack, part, tiny_
         node().attach(prior, "missing", 1.0)
 
 
+def test_load_model_with_a_vsd_lora_base_model(env, pack, tiny_sd, tiny_sd_v):
+    """The optional vsd_lora_base_model loads a second model with the first (prior.lora_base_model), CSD Optimize
+    records it in the run's configuration, and a mode other than vsd is told which widget to change."""
+    (env.models_dir / "diffusers" / "tiny-sd").symlink_to(tiny_sd["folder"], target_is_directory=True)
+    (env.models_dir / "diffusers" / "tiny-sd-v").symlink_to(tiny_sd_v["folder"], target_is_directory=True)
+    m = pack.NODE_CLASS_MAPPINGS
+    node = m["CSDLoadDiffusionModel"]
+    choices, opts = node.INPUT_TYPES()["optional"]["vsd_lora_base_model"]
+    assert choices[0] == "(none)" == opts["default"] and "diffusers/tiny-sd-v" in choices
+    (plain,) = node().load("diffusers/tiny-sd", "cpu", "auto", 32, "(auto)")  # as saved workflows call it
+    assert plain.lora_prior is None
+    (prior,) = node().load("diffusers/tiny-sd", "cpu", "auto", 32, "(auto)", vsd_lora_base_model="diffusers/tiny-sd-v")
+    cs.check_return("CSDLoadDiffusionModel", node, (prior,))
+    assert prior.lora_prior.prediction_type == "v_prediction" and prior.lora_prior.source.endswith("tiny-sd-v")
+    scene = m["CSDScene"]().make(**{**defaults(m["CSDScene"]), **SMALL_SCENE})[0]
+    (vsd,) = m["CSDGuidance"]().build(**{**defaults(m["CSDGuidance"]), "mode": "vsd", "cfg_scale": 7.5})
+    run = m["CSDOptimize"].run_config(prior, vsd, scene, None, "vsd-preview-cpu", 2, 0.01, 0, 0, 0)
+    assert run.prior.lora_base_model.endswith("tiny-sd-v")
+    (csd,) = m["CSDGuidance"]().build(**defaults(m["CSDGuidance"]))
+    with pytest.raises(Exception, match="vsd_lora_base_model.*only VSD"):
+        m["CSDOptimize"].run_config(prior, csd, scene, None, "preview-cpu", 2, 0.01, 0, 0, 0)
+    with pytest.raises(Exception, match="vsd_lora_base_model.*not found"):
+        node().load("diffusers/tiny-sd", "cpu", "auto", 32, "(auto)", vsd_lora_base_model="diffusers/gone")
+
+
 def test_perp_neg_option_follows_the_preset_unless_set(env, pack, part):
     m = pack.NODE_CLASS_MAPPINGS
     assert m["CSDGuidance"].INPUT_TYPES()["optional"]["perp_neg"][0] == ["preset", "on", "off"]

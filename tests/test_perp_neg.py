@@ -105,6 +105,41 @@ def test_perp_neg_direction_matches_a_hand_computation():
     torch.testing.assert_close(out.grad, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_sds_perp_neg_is_threestudios_form():
+    """SDS with Perp-Neg as threestudio's stable-diffusion-guidance: ε̂ = ε_u + s·(ε_pos − ε_u + Σ_i w_i·perp(ε_i − ε_u,
+    ε_pos − ε_u)), g = w(t)·(ε̂ − ε): the perpendicular term inside the guidance scale s (not ``perp_neg_scale``),
+    ε_u (not ε_pos) as the base, 4B UNet inputs (no null branch)."""
+    prior = FixedPrior()
+    s = 7.5
+    cfg = GuidanceConfig(prompt="a corgi", negative_prompt="ugly", mode="sds", cfg_scale=s, weighting="sds",
+                         grad_normalize=False, perp_neg=True, perp_neg_scale=3.0)
+    images = torch.rand(2, 4, 4, 3)
+    elevation, azimuth = torch.tensor([10.0, 40.0]), torch.tensor([-60.0, 120.0])
+    t, noise = torch.tensor([200, 700]), torch.randn(2, 3, 4, 4)
+    out = ScoreDistillation(cfg, prior)(images, elevation, azimuth, step=0, t=t, noise=noise)
+    assert prior.calls == [8]  # positive, negative, two negative views
+
+    z_t = prior.add_noise(images.permute(0, 3, 1, 2) * 2 - 1, noise, t)
+    e = {d: prior.encode_text([f"a corgi, {d} view"])[0] for d in ("front", "side", "back")}
+    r0, r1 = 1 - 60 / 90, 2 - 120 / 90
+    pos = torch.stack([r0 * e["front"] + (1 - r0) * e["side"], r1 * e["side"] + (1 - r1) * e["back"]])
+    views = [torch.stack([e["front"], e["side"]]), torch.stack([e["side"], e["front"]])]
+    w = [[-f(F_FS, r0), -f(F_FS, 1 - r0)], [-f(F_SB, r1), -f(F_FSB, r1)]]
+    eps_u = prior.eps_of(prior.encode_text(["ugly"]).expand(2, 8), z_t)
+    e_pos = prior.eps_of(pos, z_t) - eps_u
+    expected = torch.zeros(2, 3, 4, 4)
+    for b in range(2):  # one sample at a time, as written in threestudio
+        accum = torch.zeros(3, 4, 4)
+        for i in range(2):
+            x, y = prior.eps_of(views[i], z_t)[b] - eps_u[b], e_pos[b]
+            accum += w[b][i] * (x - (x * y).sum() / max(float((y * y).sum()), 1e-6) * y)
+        eps_hat = eps_u[b] + s * (e_pos[b] + accum)
+        expected[b] = (1 - prior.alphas_cumprod[t[b]]) * (eps_hat - noise[b])
+    torch.testing.assert_close(out.grad, expected, rtol=1e-5, atol=1e-4)
+    c = out.coefficients
+    assert (c.c, c.u, c.n, c.k, c.p) == (s, 1 - s, 0.0, -1.0, s)
+
+
 def test_without_perp_neg_the_direction_has_no_perpendicular_term():
     prior = FixedPrior()
     cfg = GuidanceConfig(prompt="a corgi", negative_prompt="ugly", negative_weight=0.4, grad_normalize=False)

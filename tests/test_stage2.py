@@ -28,10 +28,11 @@ SCENE = dict(radius=1.0, n_levels=4, log2_hashmap_size=12, base_resolution=8, ma
              density_blob_scale=20.0, density_blob_std=0.5)
 
 
-def blob_scene(seed: int = 0) -> Scene:
-    """A stage-1 volume whose density crosses τ = 10 on a sphere of radius ≈ 0.25 (blob bias 20·(1 − r/0.5))."""
+def blob_scene(seed: int = 0, **over) -> Scene:
+    """A stage-1 volume whose density crosses τ = 10 on a sphere of radius ≈ 0.25 (blob bias 20·(1 − r/0.5));
+    ``over``: other scene settings."""
     torch.manual_seed(seed)
-    scene = Scene(SceneConfig(**SCENE)).eval()
+    scene = Scene(SceneConfig(**{**SCENE, **over})).eval()
     with torch.no_grad():
         for p in scene.volume.density_mlp.parameters():
             p.zero_()  # the density is the blob alone: an exact sphere
@@ -78,6 +79,57 @@ def test_conversion_keeps_the_stage1_surface():
     d = torch.cdist(a, b)
     chamfer = float(d.min(1).values.mean() + d.min(0).values.mean())
     assert chamfer < 0.02, chamfer
+
+
+def test_conversion_starts_a_fresh_background_unless_kept():
+    """The official refine configs convert the geometry and its texture field only: the stage-2 background is a new
+    one, initialised from the run's seed (whatever torch's global RNG holds); ``scene.keep_background`` copies the
+    volume's trained one."""
+    from csd_backend.scene.volume import make_background
+    from csd_backend.scene_kinds import starting_scene
+
+    volume = blob_scene(background="neural_env")
+    target = SceneConfig(**{**SCENE, "kind": "dmtet", "tet_resolution": 32, "isosurface_threshold": 10.0})
+    assert target.keep_background is False  # the default: as the official configs
+    torch.manual_seed(123)
+    fresh = starting_scene(volume, target, seed=5)
+    torch.manual_seed(456)
+    again = starting_scene(volume, target, seed=5)
+    other_seed = starting_scene(volume, target, seed=6)
+    kept = starting_scene(volume, dataclasses.replace(target, keep_background=True), seed=5)
+    torch.manual_seed(5)
+    want = make_background(fresh.cfg).state_dict()
+    stage1 = volume.background.state_dict()
+    assert stage1.keys() == want.keys() and len(want) > 0
+    for k in stage1:
+        assert torch.equal(fresh.background.state_dict()[k], want[k]), k
+        assert torch.equal(again.background.state_dict()[k], want[k]), k
+        assert not torch.equal(fresh.background.state_dict()[k], stage1[k]), k
+        assert torch.equal(kept.background.state_dict()[k], stage1[k]), k
+    assert any(not torch.equal(other_seed.background.state_dict()[k], want[k]) for k in want)
+    for k, t in fresh.texture.state_dict().items():  # the texture field is inherited either way
+        assert torch.equal(t, volume.volume.state_dict()[k]), k
+    assert (fresh.cfg.keep_background, kept.cfg.keep_background) == (False, True)  # recorded in the run's config
+
+
+def test_auto_level_is_taken_again_over_the_grid_in_the_box():
+    """threestudio's "auto" conversion (magic3d-refine-sd from magic3d-coarse-sd): the coarse pass over the whole box
+    finds the tight box at the mean density, the fine pass takes the mean again over its own grid vertices (those in
+    the box) and that is the surface: sdf = clamp(τ − σ, −1, 1) with that τ."""
+    from csd_backend.convert.volume_to_dmtet import object_box
+    from csd_backend.export.pipeline import SceneField
+
+    scene = blob_scene()
+    field = SceneField(scene)
+    box, coarse_tau = object_box(field.density, scene.radius, "auto")
+    refined = volume_to_dmtet(scene, tet_resolution=32, threshold="auto")
+    assert np.allclose(np.array(refined.cfg.bbox), box)
+    sigma = field.density(refined.geometry.grid_world_vertices().numpy()).astype(np.float64)
+    tau = float(sigma[sigma > 1e-5].mean())
+    assert refined.cfg.isosurface_threshold == pytest.approx(tau, rel=1e-9)
+    assert tau > 1.2 * coarse_tau  # the box holds less empty space: a higher level (1.71 against 1.34 here)
+    want = torch.from_numpy(np.clip(tau - sigma, -1.0, 1.0)).float()
+    torch.testing.assert_close(refined.geometry.sdf.detach(), want, rtol=0, atol=1e-6)
 
 
 def test_conversion_without_a_surface_says_what_to_do():
@@ -282,6 +334,7 @@ CSD_SD_REFINE = {
     "50% albedo renders": ("render.albedo_prob", 0.5), "the other 50% normal maps": ("render.textureless_prob", 1.0),
     "textureless = normal map": ("render.textureless_normal", True),
     "background random colour prob": ("scene.random_background_prob", 0.5),
+    "background not converted (a fresh one)": ("scene.keep_background", False),
     "prompt thresholds 45/45/60": ("guidance.front_threshold", 45.0),
     "back threshold": ("guidance.back_threshold", 45.0), "overhead": ("guidance.overhead_threshold", 60.0),
     "c = ω1": ("guidance.guidance_weight", 1.0), "ω2 1 → 0.5 over 10k": ("guidance.negative_weight",
@@ -293,24 +346,66 @@ CSD_SD_REFINE = {
     "eps": ("optim.eps", 1e-15), "max_steps": ("optim.steps", 10000), "SD 2.1-base at 512": ("prior.max_resolution",
                                                                                             512),
 }
-#: threestudio configs/magic3d-refine-sd.yaml (and the defaults of the classes it names)
+#: threestudio @28d9d80 configs/magic3d-refine-sd.yaml (and the defaults of the classes it names:
+#: RandomCameraDataModuleConfig, TetrahedraSDFGrid, DiffuseWithPointLightMaterial, NeuralEnvironmentMapBackground,
+#: StableDiffusionPromptProcessor, StableDiffusionGuidance; the conversion level is magic3d-coarse-sd.yaml's)
 MAGIC3D_REFINE_SD = {
+    "data.batch_size (default)": ("camera.batch_size", 1),
     "data.width": ("camera.width", 512), "data.height": ("camera.height", 512),
     "data.camera_distance_range": ("camera.distance_range", [1.5, 2.0]),
     "data.elevation_range": ("camera.elevation_range", [-10.0, 45.0]), "data.fovy_range": ("camera.fovy_range",
                                                                                          [30.0, 45.0]),
+    "data.azimuth_range (default)": ("camera.azimuth_range", [-180.0, 180.0]),
     "data.eval_camera_distance": ("camera.eval_distance", 2.0), "data.eval_fovy_deg": ("camera.eval_fovy", 70.0),
+    "data.eval_elevation_deg (default)": ("camera.eval_elevation", 15.0),
+    "data.camera_perturb (default)": ("camera.camera_perturb", 0.1),
+    "data.center_perturb (default)": ("camera.center_perturb", 0.2),
+    "data.up_perturb (default)": ("camera.up_perturb", 0.02),
+    "data.batch_uniform_azimuth (default)": ("camera.stratified_azimuth", True),
+    "data elevation sampling (collate)": ("camera.elevation_sampling", "threestudio"),
+    "data.progressive_until (default 0)": ("camera.first_step_fixed_view", True),
+    "no front/back phase": ("camera.front_back_only_steps", 0),
+    "data.light_sample_strategy": ("camera.light_sampling", "magic3d"),
     "data.light_distance_range (default)": ("camera.light_distance_range", [0.8, 1.5]),
+    "geometry_type tetrahedra-sdf-grid": ("scene.kind", "dmtet"),
     "geometry.radius": ("scene.radius", 2.0), "geometry.isosurface_resolution": ("scene.tet_resolution", 128),
+    "geometry.fix_geometry": ("scene.fix_geometry", False),
+    "coarse geometry isosurface_threshold (no geometry_convert_override)": ("scene.isosurface_threshold", "auto"),
+    "background not converted (a fresh one)": ("scene.keep_background", False),
+    "pos_encoding n_levels": ("scene.n_levels", 16), "n_features_per_level": ("scene.n_features_per_level", 2),
+    "log2_hashmap_size": ("scene.log2_hashmap_size", 19), "base_resolution": ("scene.base_resolution", 16),
     "pos_encoding per_level_scale": ("scene.per_level_scale", 1.447269237440378),
+    "no progressive band": ("scene.active_levels", None),
+    "mlp_network_config (default VanillaMLP 64×1)": ("scene.mlp_width", 64),
+    "mlp hidden layers": ("scene.mlp_hidden_layers", 1),
+    "background neural env map": ("scene.background", "neural_env"),
+    "background.random_aug (default false)": ("scene.random_background_prob", 0.0),
     "material.ambient_only_steps": ("render.ambient_only_steps", 0),
+    "material.soft_shading": ("render.soft_shading", True),
+    "material.diffuse_prob (default 0.75)": ("render.albedo_prob", 0.25),
+    "material.textureless_prob (default)": ("render.textureless_prob", 0.5),
+    "material textureless = grey Lambertian": ("render.textureless_normal", False),
+    "material.ambient_light_color (default; eval)": ("render.ambient_light", 0.1),
+    "material.diffuse_light_color (default; eval)": ("render.diffuse_light", 0.9),
+    "prompt_processor thresholds (default 45/45/60)": ("guidance.front_threshold", 45.0),
+    "prompt_processor back threshold": ("guidance.back_threshold", 45.0),
+    "prompt_processor overhead threshold": ("guidance.overhead_threshold", 60.0),
+    "prompt_processor.negative_prompt (default '')": ("guidance.negative_prompt", ""),
+    "prompt_processor.use_perp_neg (default)": ("guidance.perp_neg", False),
+    "view_dependent_prompting (default)": ("guidance.view_dependent", True),
     "guidance.guidance_scale": ("guidance.cfg_scale", 100.0), "guidance mode": ("guidance.mode", "sds"),
     "guidance.weighting_strategy": ("guidance.weighting", "sds"),
     "guidance.min_step_percent": ("guidance.min_step_percent", 0.02),
     "guidance.max_step_percent": ("guidance.max_step_percent", 0.5),
+    "guidance (no normalisation)": ("guidance.grad_normalize", False),
+    "guidance.grad_clip (default none)": ("guidance.grad_clip", None),
+    "loss.lambda_sds": ("loss.guidance", 1.0),
     "loss.lambda_normal_consistency": ("loss.normal_consistency", 10000.0),
+    "no Laplacian (magic3d-system)": ("loss.laplacian", 0.0),
     "optimizer.args.lr": ("optim.lr", 0.01), "optimizer.args.betas": ("optim.betas", [0.9, 0.99]),
-    "trainer.max_steps": ("optim.steps", 5000),
+    "optimizer.args.eps": ("optim.eps", 1e-15), "no optimizer.params": ("optim.group_lr", {}),
+    "trainer.max_steps": ("optim.steps", 5000), "seed": ("optim.seed", 0),
+    "guidance: SD 2.1-base, renders resized to 512": ("prior.max_resolution", 512),
 }
 
 
@@ -328,6 +423,7 @@ def test_stage2_presets_reproduce_their_configs(preset, table):
         if not same:
             wrong.append(f"{key}: config {want!r}, preset {path} = {got!r}")
     assert not wrong, "\n".join(wrong)
+    assert get_preset("refine-cpu").scene.keep_background  # says otherwise: keeps the trained background
     object_cfg = get_preset("csd-refine-object").to_dict()
     assert object_cfg["scene"]["radius"] == 2.0 and {k: v for k, v in object_cfg["scene"].items() if k != "radius"} \
         == {k: v for k, v in get_preset("csd-refine").to_dict()["scene"].items() if k != "radius"}

@@ -272,5 +272,162 @@ def test_prolificdreamer_preset_has_the_configs_values():
     assert (o.steps, o.betas, o.eps, o.seed) == (25000, [0.9, 0.99], 1e-15, 0)
     assert o.group_lr == {"volume.encoding": 0.01, "volume.density_mlp": 0.001, "volume.feature_mlp": 0.001,
                           "background": 0.001}
+    # optimizer.name AdamW, no weight_decay in optimizer.args: torch's default 0.01 in every group
+    assert (o.optimizer, o.weight_decay) == ("adamw", 0.01)
+    assert c.prior.lora_base_model is None  # the user's: --lora-base-model stabilityai/stable-diffusion-2-1
     preview = get_preset("vsd-preview-cpu")
     assert preview.guidance.mode == "vsd" and preview.optim.steps == 150
+    assert (preview.optim.optimizer, preview.optim.weight_decay) == ("adam", 0.0)  # as before
+
+
+def test_prolificdreamer_scene_optimizer_is_adamw_with_decoupled_decay():
+    """One AdamW step with zero gradients leaves only the decay: every parameter times 1 − lr_group·0.01 (its
+    group's learning rate: 0.01 on the hash grid, 0.001 on the MLPs and the background); Adam (the other presets)
+    leaves it as it is."""
+    from csd_backend.optimize import scene_optimizer
+    from csd_backend.presets import get_preset
+    from csd_backend.scene.volume import Scene
+
+    cfg = get_preset("vsd-prolificdreamer")
+    scene = Scene(cfg.replace(scene={"log2_hashmap_size": 12}).scene)
+    opt = scene_optimizer(scene, cfg.optim)
+    assert type(opt) is torch.optim.AdamW and {g["weight_decay"] for g in opt.param_groups} == {0.01}
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    want_lr = {"volume.encoding": 0.01, "volume.density_mlp": 0.001, "volume.feature_mlp": 0.001, "background": 0.001}
+    before = {}
+    for name, p in scene.named_parameters():
+        assert lr[id(p)] == next(v for k, v in want_lr.items() if name.startswith(k + ".")), name
+        before[name] = p.detach().clone()
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in scene.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name] * (1 - lr[id(p)] * 0.01), rtol=1e-6, atol=0), name
+    adam = scene_optimizer(scene, get_preset("vsd-preview-cpu").optim)
+    assert type(adam) is torch.optim.Adam and {g["weight_decay"] for g in adam.param_groups} == {0}
+    with pytest.raises(ConfigError, match="optim.optimizer"):
+        small_config(optim={"optimizer": "sgd"}).validate(require_model=False)
+
+
+# ------------------------------------------------------------------------------- a second model for the LoRA
+@pytest.fixture
+def two_models(tiny_sd, tiny_sd_v):
+    """The tiny prior with the tiny v-prediction model as VSD's LoRA base model (threestudio's SD 2.1-base + 2.1)."""
+    from csd_backend.config import PriorConfig
+    from csd_backend.priors import load_prior
+
+    return load_prior(PriorConfig(model=str(tiny_sd["folder"]), lora_base_model=str(tiny_sd_v["folder"]),
+                                  device="cpu", resolution=32))
+
+
+def test_the_lora_base_model_carries_the_lora(two_models, tiny_sd_v):
+    prior, base = two_models, two_models.lora_prior
+    assert base is not None and base.source == str(tiny_sd_v["folder"]) and base.prediction_type == "v_prediction"
+    sd = ScoreDistillation(vsd_guidance(), prior)
+    assert sd.vsd.prior is base and sd.vsd.unet is base.unet and sd.vsd.separate_model
+    assert any("lora_" in n for n, _ in base.unet.named_parameters())
+    assert not any("lora_" in n for n, _ in prior.unet.named_parameters())  # the frozen prior: no adapters
+    # the plain prompt through the base model's own text encoder (threestudio's embedding for SD 2.1 / 2.1-base,
+    # which share theirs; the tiny pair does not)
+    assert torch.equal(sd.vsd.plain, base.encode_text(["red"])[0])
+    assert not torch.equal(sd.vsd.plain, sd.prompts.plain)
+
+
+def test_direction_with_a_lora_base_model_by_hand(two_models):
+    """threestudio's two-model compute_grad_vsd: the LoRA UNet sees the prior's noisy latents and its v output is
+    turned into ε with *its own* scheduler's ᾱ (z_t·σ + v·α); w(t) and the frozen part are the prior's."""
+    prior, base = two_models, two_models.lora_prior
+    base.alphas_cumprod = torch.linspace(0.9999, 0.05, 1000)  # a schedule of its own, to tell the two apart
+    sd = ScoreDistillation(vsd_guidance(), prior)
+    B, s = 2, 7.5
+    gen = torch.Generator().manual_seed(3)
+    eps_y, eps_u, v = (torch.randn(B, 4, 4, 4, generator=gen) for _ in range(3))
+    plain = sd.prompts.plain
+    prior.predict_noise = lambda z_t, t, emb, **kw: torch.cat(
+        [eps_y if torch.equal(emb[i], plain) else eps_u for i in range(0, emb.shape[0], B)], 0)
+    seen = {}
+
+    def lora(z_t, t, cam):
+        seen.update(z_t=z_t.clone(), t=t.clone())
+        return v
+
+    sd.vsd._lora_unet = lora
+    sd.vsd.train_step = lambda z, c2w, generator=None: torch.zeros(())
+    t, noise = torch.tensor([150, 850]), torch.randn(B, 4, 4, 4, generator=gen)
+    out = sd(torch.rand(B, 16, 16, 3), torch.zeros(B), torch.zeros(B), 0, t=t, noise=noise, c2w=cameras(B))
+    z_t = prior.add_noise(out.z.detach(), noise, t)  # the prior's schedule
+    torch.testing.assert_close(seen["z_t"], z_t)
+    assert torch.equal(seen["t"], t)
+    a = base.alphas_cumprod[t].view(-1, 1, 1, 1)
+    e_lora = z_t * (1 - a).sqrt() + v * a.sqrt()
+    w = (1 - prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out.grad, w * (eps_u + s * (eps_y - eps_u) - e_lora), rtol=1e-5, atol=1e-5)
+
+
+def test_the_lora_base_model_trains_on_its_own_schedule_and_v_target(two_models):
+    """threestudio's train_lora with scheduler_lora: noisy latents from the base model's own ᾱ, target v =
+    sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·z0 (get_velocity), t uniform over all timesteps; the prior's UNet is not touched."""
+    prior, base = two_models, two_models.lora_prior
+    base.alphas_cumprod = torch.linspace(0.9999, 0.05, 1000)
+    frozen = {k: v.clone() for k, v in prior.unet.state_dict().items()}
+    vsd = ScoreDistillation(vsd_guidance(camera_condition_drop=0.0), prior).vsd
+    z0, c2w = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(4)), cameras(2)
+    loss = vsd.train_step(z0, c2w, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws in the same order: t, then the noise
+    t = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    a = base.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t, target = a.sqrt() * z0 + (1 - a).sqrt() * noise, a.sqrt() * noise - (1 - a).sqrt() * z0
+    with torch.no_grad(), vsd._lora_active():
+        pred = vsd._lora_unet(z_t, t, vsd.camera_condition(c2w))
+    assert float(loss) == pytest.approx(float(((pred - target) ** 2).mean()), rel=1e-5)
+    vsd.step()
+    for k, v in prior.unet.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+
+
+def test_a_run_with_a_lora_base_model_resumes_only_with_one(two_models, tiny_sd, tmp_path):
+    from csd_backend.errors import CheckpointError
+    from csd_backend.io import load_checkpoint
+
+    cfg = vsd_config(steps=2, optim={"checkpoint_every": 1}).replace(prior={"lora_base_model": "tiny-v"})
+    Optimization(cfg, two_models, out_dir=tmp_path).run()
+    assert load_checkpoint(tmp_path)["guidance"]["vsd"]["separate_model"] is True
+    plain = load_stable_diffusion(tiny_sd["folder"], device="cpu", resolution=32)
+    with pytest.raises(CheckpointError, match="with its LoRA base model"):
+        Optimization.resume(tmp_path, plain, steps=3)
+    resumed = Optimization.resume(tmp_path, two_models, steps=3)
+    resumed.run()
+    assert resumed.step == 3
+
+
+def test_lora_base_model_errors_name_the_field(tiny_sd, tiny_sd_v, tmp_path):
+    from csd_backend.config import PriorConfig
+    from csd_backend.errors import ModelNotFoundError
+    from csd_backend.priors import load_prior
+
+    sd_folder = str(tiny_sd["folder"])
+    with pytest.raises(ModelNotFoundError, match="prior.lora_base_model.*does not exist"):
+        load_prior(PriorConfig(model=sd_folder, lora_base_model=str(tmp_path / "missing"), device="cpu"))
+    with pytest.raises(ConfigError) as info:  # a base model without a diffusers UNet
+        no_unet = load_prior(PriorConfig(model=sd_folder, lora_base_model="analytic:16", device="cpu", resolution=32))
+        ScoreDistillation(vsd_guidance(), no_unet)
+    assert info.value.field == "prior.lora_base_model" and "no LoRA base model" in str(info.value)
+    analytic = AnalyticPrior(resolution=16)  # a prior whose input is not the base model's VAE latents
+    analytic.lora_prior = load_stable_diffusion(tiny_sd_v["folder"], device="cpu")
+    with pytest.raises(ConfigError) as info:
+        ScoreDistillation(vsd_guidance(), analytic)
+    assert info.value.field == "prior.lora_base_model" and "latents" in str(info.value)
+    with pytest.raises(ConfigError, match="prior.lora_base_model.*only VSD"):  # another mode has no LoRA
+        small_config(prior={"lora_base_model": sd_folder}).validate(require_model=False)
+
+
+def test_lora_base_model_flag():
+    from csd_backend.cli import build_parser
+    from csd_backend.runs.flags import build_config
+
+    args = build_parser().parse_args(["generate", "--prompt", "a red cube", "--model", "toy", "--preset",
+                                      "vsd-prolificdreamer", "--lora-base-model", "stabilityai/stable-diffusion-2-1",
+                                      "--out", "unused"])
+    cfg = build_config(args, args.preset, None)
+    assert cfg.prior.lora_base_model == "stabilityai/stable-diffusion-2-1"
+    assert cfg.validate(require_model=True) is cfg

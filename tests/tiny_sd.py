@@ -14,6 +14,10 @@ know, so a silent partial conversion cannot happen.
 
 Shapes: the UNet works on 4×8×8 latents (two levels, one downsampling), the VAE has four levels (factor 8, as in
 SD), so a 64×64 render becomes 4×8×8 latents. Text embeddings are ``[N, 77, 32]``.
+
+``build_tiny_sd(root, name="tiny-sd-v", seed=1, prediction_type="v_prediction", resolution=96)`` makes the
+counterpart of SD 2.1 (768, v-prediction) to SD 2.1-base: the same shapes and schedule, other weights, v-prediction
+and a larger native size.
 """
 from __future__ import annotations
 
@@ -58,15 +62,17 @@ def _build_tokenizer(tmp: Path):
 
 
 # ------------------------------------------------------------------------------------------------ models
-def build_tiny_components(tmp: Path) -> dict:
-    """The five SD components with seeded random weights (not saved)."""
+def build_tiny_components(tmp: Path, seed: int = 0, prediction_type: str = "epsilon",
+                          resolution: int = TINY_RESOLUTION) -> dict:
+    """The five SD components with random weights from ``seed`` (not saved), predicting ``prediction_type``
+    (epsilon or v_prediction), native size ``resolution``."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer, n_tokens = _build_tokenizer(tmp)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 8,
+        sample_size=resolution // 8,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
@@ -86,7 +92,7 @@ def build_tiny_components(tmp: Path) -> dict:
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=32,
-        sample_size=TINY_RESOLUTION,
+        sample_size=resolution,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -111,7 +117,7 @@ def build_tiny_components(tmp: Path) -> dict:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
     )
     for m in (unet, vae, text_encoder):
         m.eval()
@@ -273,20 +279,22 @@ def to_ldm_checkpoint(unet, vae, text_encoder) -> Dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------- build
-def build_tiny_sd(root: Path) -> dict:
-    """Build the tiny model under ``root``: ``{"folder": diffusers folder, "single_file": LDM .safetensors}``."""
+def build_tiny_sd(root: Path, name: str = "tiny-sd", seed: int = 0, prediction_type: str = "epsilon",
+                  resolution: int = TINY_RESOLUTION) -> dict:
+    """Build the tiny model under ``root``: ``{"folder": diffusers folder, "single_file": LDM .safetensors}`` named
+    ``name`` (the other arguments: ``build_tiny_components``)."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    parts = build_tiny_components(root / "_tokenizer_src")
-    folder = root / "tiny-sd"
+    parts = build_tiny_components(root / "_tokenizer_src", seed, prediction_type, resolution)
+    folder = root / name
     pipe = StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(folder)
-    single = root / "tiny-sd.safetensors"
+    single = root / f"{name}.safetensors"
     save_file(to_ldm_checkpoint(parts["unet"], parts["vae"], parts["text_encoder"]), str(single))
     return dict(folder=folder, single_file=single)
 

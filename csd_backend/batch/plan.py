@@ -140,9 +140,10 @@ def absolute_model_paths(specs: List[RunSpec]) -> None:
 
     for spec in specs:
         prior = spec.config["prior"]
-        for key in ("model", "model_config", "controlnet"):
+        for key in ("model", "model_config", "controlnet", "lora_base_model"):
             value = prior.get(key)
-            if key == "model" and (value == TOY_MODEL or str(value).split(":")[0] == ANALYTIC_PREFIX):
+            if key in ("model", "lora_base_model") and (value == TOY_MODEL or
+                                                        str(value).split(":")[0] == ANALYTIC_PREFIX):
                 continue  # names of the priors shipped with the pack, not paths
             if isinstance(value, str) and value and Path(value).exists():
                 prior[key] = str(Path(value).resolve())

@@ -3,7 +3,9 @@
 
 The density level of the surface is a number, "auto" (the export's mean density) or "silhouette" (the level
 whose mesh has the volume's silhouettes, found by rendering both); the grid fills that surface's tight box, its
-SDF is ``clamp(τ − σ, −1, 1)``, and the texture field and the background come from the volume.
+SDF is ``clamp(τ − σ, −1, 1)``, and the texture field comes from the volume. The background starts afresh from the
+run's seed, as in threestudio's refine configs (which convert the geometry and its texture field only), unless
+``scene.keep_background`` keeps the volume's.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..render.rasterizer import rasterize
 from ..render.views import render_cameras_with_opacity
 from ..scene.mesh_scene import MeshScene
 from ..scene.tetrahedra import marching_tetrahedra, tet_grid
+from ..scene.volume import make_background
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +94,25 @@ def silhouette_level(scene, density_fn, chunk: int = 1 << 18,
     return best
 
 
+def fresh_background(cfg: SceneConfig, seed: int) -> torch.nn.Module:
+    """A newly initialised background of ``cfg`` whose weights follow ``seed`` alone (torch's global RNG is left as
+    it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return make_background(cfg)
+
+
 @torch.no_grad()
 def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, str, None] = None,
-                    fix_geometry: bool = False, chunk: int = 1 << 18,
+                    fix_geometry: bool = False, chunk: int = 1 << 18, keep_background: bool = False, seed: int = 0,
                     progress: Optional[Callable[[float], None]] = None):
     """A ``dmtet`` MeshScene converted from a stage-1 ``Scene`` (spec §5.3): the grid fills the tight box of the
     surface ``σ = τ`` (``threshold``: a number, "auto", "silhouette" (``silhouette_level``) or None for the scene's
-    ``isosurface_threshold``),
-    ``sdf = clamp(τ − σ, −1, 1)`` at the grid vertices, no deformation, and the hash grid, albedo MLP and
-    background copied from the volume. ``progress(f)``: the fraction done (the level search is most of it)."""
+    ``isosurface_threshold``; "auto" as threestudio's coarse-to-fine extraction: the box from the mean density
+    where there is any over the whole box, then τ = that mean over the grid's vertices in the box),
+    ``sdf = clamp(τ − σ, −1, 1)`` at the grid vertices, no deformation, the hash grid and albedo MLP copied from the
+    volume, and the background a fresh one from ``seed`` (``keep_background``: the volume's, copied).
+    ``progress(f)``: the fraction done (the level search is most of it)."""
     tick = progress if progress is not None else (lambda f: None)
     field = SceneField(scene, chunk)
     level = scene.cfg.isosurface_threshold if threshold is None else threshold
@@ -110,11 +123,15 @@ def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, st
     box, tau = object_box(field.density, scene.radius, level, chunk)
     cfg = dataclasses.replace(scene.cfg, kind="dmtet", tet_resolution=int(tet_resolution),
                               bbox=[[float(x) for x in box[0]], [float(x) for x in box[1]]],
-                              isosurface_threshold=tau, fix_geometry=bool(fix_geometry))
+                              isosurface_threshold=tau, fix_geometry=bool(fix_geometry),
+                              keep_background=bool(keep_background))
     device = next(scene.parameters()).device
     out = MeshScene(cfg, device).to(device)
     points = out.geometry.grid_world_vertices().cpu().numpy()
     sigma = torch.from_numpy(field.density(points)).to(device)
+    if level == "auto":  # threestudio takes the automatic level again in its fine pass: over the grid in the box
+        tau = resolve_threshold("auto", sigma.cpu().numpy())
+        cfg.isosurface_threshold = tau
     out.geometry.sdf.copy_((tau - sigma).clamp(-1.0, 1.0))
     inside = int((sigma > tau).sum())
     if inside == 0:
@@ -124,14 +141,16 @@ def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, st
                           "the tet grid's resolution (scene.tet_resolution) or lower the level")
     texture = {k: v for k, v in scene.volume.state_dict().items() if k.startswith(("encoding.", "feature_mlp."))}
     out.texture.load_state_dict(texture)
-    out.background.load_state_dict(scene.background.state_dict())
+    background = scene.background if keep_background else fresh_background(cfg, seed)
+    out.background.load_state_dict(background.state_dict())
     tick(1.0)
     log.info("converted the volume to a %d tet grid in the box %s: %d of %d vertices inside", tet_resolution,
              box.round(3).tolist(), inside, points.shape[0])
     return out
 
 
-def convert(scene, cfg: SceneConfig, progress: Optional[Callable[[float], None]] = None):
-    """The ``dmtet`` scene a stage-2 run with scene settings ``cfg`` starts from (the scene-kind table's entry)."""
+def convert(scene, cfg: SceneConfig, seed: int = 0, progress: Optional[Callable[[float], None]] = None):
+    """The ``dmtet`` scene a stage-2 run with scene settings ``cfg`` and seed ``seed`` starts from (the scene-kind
+    table's entry)."""
     return volume_to_dmtet(scene, cfg.tet_resolution, cfg.isosurface_threshold, cfg.fix_geometry,
-                           progress=progress)
+                           keep_background=cfg.keep_background, seed=seed, progress=progress)

@@ -1,4 +1,5 @@
-"""Diffusion priors. ``load_prior`` turns a ``PriorConfig`` into a prior (imports diffusers only when needed)."""
+"""Diffusion priors. ``load_prior`` turns a ``PriorConfig`` into a prior (imports diffusers only when needed), with
+its ControlNet and VSD's LoRA base model attached when the config names them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,14 +26,30 @@ def toy_model_path() -> Path:
 
 
 def load_prior(cfg: PriorConfig) -> DiffusionPrior:
-    """The prior of ``cfg``, with its ControlNet attached when ``cfg.controlnet`` names one."""
+    """The prior of ``cfg``, with its ControlNet attached when ``cfg.controlnet`` names one and VSD's LoRA base
+    model as ``prior.lora_prior`` when ``cfg.lora_base_model`` names one."""
     prior = _load_model(cfg)
     if cfg.controlnet:
         if not hasattr(prior, "attach_controlnet"):
             raise ConfigError("prior.controlnet", f"a ControlNet conditions a Stable Diffusion model, not the "
                                                   f"'{cfg.model}' prior; remove the ControlNet or use an SD model")
         prior.attach_controlnet(cfg.controlnet, cfg.controlnet_scale)
+    if cfg.lora_base_model:
+        prior.lora_prior = load_lora_base_model(cfg)
     return prior
+
+
+def load_lora_base_model(cfg: PriorConfig) -> DiffusionPrior:
+    """VSD's LoRA base model ``cfg.lora_base_model`` (threestudio's ``pretrained_model_name_or_path_lora``), loaded
+    as a prior by the same loaders, on the prior's device and dtype; errors name ``prior.lora_base_model``."""
+    where = "prior.lora_base_model"
+    try:
+        return _load_model(PriorConfig(model=cfg.lora_base_model, device=cfg.device, dtype=cfg.dtype))
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"{where} (the model VSD's LoRA adapts): {e}") from e
+    except ConfigError as e:
+        text = str(e).removeprefix(f"{e.field}: ")
+        raise ConfigError(where, f"{cfg.lora_base_model!r}: {text}") from e
 
 
 def _load_model(cfg: PriorConfig) -> DiffusionPrior:

@@ -70,6 +70,8 @@ class DiffusionPrior(ABC):
     # ----------------------------------------------------------------- noise
     #: an optional ControlNet that ``predict_noise`` conditions on ``control`` images (Stable Diffusion only)
     controlnet = None
+    #: VSD: an optional second prior whose UNet carries the LoRA (``prior.lora_base_model``); None: this prior's own
+    lora_prior: Optional["DiffusionPrior"] = None
 
     @abstractmethod
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,

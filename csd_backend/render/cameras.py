@@ -172,11 +172,37 @@ def sample_cameras(cfg: CameraConfig, step: int, generator: torch.Generator) -> 
         center = torch.randn(B, 3, generator=g) * p
     if (p := _jitter(cfg.up_perturb, step)) is not None:
         up = torch.tensor([0.0, 0.0, 1.0]) + torch.randn(B, 3, generator=g) * p
-    # dreamfusion light strategy: direction = normalised camera position + N(0, perturb), distance U[...]
-    light_perturb = schedule_value(cfg.light_position_perturb, step)
-    light_dir = F.normalize(pos + torch.randn(B, 3, generator=g) * light_perturb, dim=-1)
-    light = light_dir * _uniform(*cfg.light_distance_range, B, g).unsqueeze(-1)
+    light = sample_lights(cfg, pos, step, g)
     return Cameras(look_at(pos, center, up), fovy, elevation, azimuth, distance, light, height, width)
+
+
+def sample_lights(cfg: CameraConfig, positions: torch.Tensor, step: int, g: torch.Generator) -> torch.Tensor:
+    """Point-light positions ``[B, 3]`` for cameras at ``positions`` ``[B, 3]`` by ``cfg.light_sampling``
+    (threestudio's ``light_sample_strategy``), at a distance ``U[light_distance_range]``: dreamfusion: direction =
+    normalise(camera position + N(0, light_position_perturb²)); magic3d: ``magic3d_light`` at a light azimuth
+    ``U[−π, π]`` and elevation ``U[π/6, π/2]`` around the camera's direction."""
+    B = positions.shape[0]
+    if cfg.light_sampling == "magic3d":
+        distance = _uniform(*cfg.light_distance_range, B, g)
+        light_azimuth = torch.rand(B, generator=g) * 2 * math.pi - math.pi
+        light_elevation = torch.rand(B, generator=g) * math.pi / 3 + math.pi / 6
+        return magic3d_light(positions, distance, light_azimuth, light_elevation)
+    light_perturb = schedule_value(cfg.light_position_perturb, step)
+    light_dir = F.normalize(positions + torch.randn(B, 3, generator=g) * light_perturb, dim=-1)
+    return light_dir * _uniform(*cfg.light_distance_range, B, g).unsqueeze(-1)
+
+
+def magic3d_light(positions: torch.Tensor, distance: torch.Tensor, azimuth: torch.Tensor,
+                  elevation: torch.Tensor) -> torch.Tensor:
+    """Magic3D's light ``[B, 3]``: ``distance·(cos e·cos a, cos e·sin a, sin e)`` (radians, ``[B]`` each) in the
+    camera's frame ``z = normalise(position)``, ``x = normalise(z_y, −z_x, 0)``, ``y = normalise(z × x)``
+    (threestudio ``light_sample_strategy: magic3d``; elevation ≥ π/6 keeps the light within 60° of the camera)."""
+    z = F.normalize(positions, dim=-1)
+    x = F.normalize(torch.stack([z[:, 1], -z[:, 0], torch.zeros_like(z[:, 0])], -1), dim=-1)
+    y = F.normalize(torch.cross(z, x, dim=-1), dim=-1)
+    local = distance.unsqueeze(-1) * torch.stack([torch.cos(elevation) * torch.cos(azimuth),
+                                                  torch.cos(elevation) * torch.sin(azimuth), torch.sin(elevation)], -1)
+    return (torch.stack([x, y, z], -1) @ local.unsqueeze(-1)).squeeze(-1)
 
 
 def get_rays(cams: Cameras):

@@ -42,7 +42,10 @@ class MeshRenderer(nn.Module):
         return False
 
     def render(self, scene, cams: Cameras, shading: str = "albedo", bg_colors: Optional[torch.Tensor] = None,
-               need_normals: bool = False, generator: Optional[torch.Generator] = None) -> RenderOutput:
+               need_normals: bool = False, generator: Optional[torch.Generator] = None,
+               ambient_ratio: Optional[float] = None) -> RenderOutput:
+        """Images of ``scene`` from ``cams``; ``bg_colors`` ``[B, 3]`` replace the background; ``ambient_ratio``:
+        the light's ambient share for lit shadings (``shading.shade``; None: the configured one)."""
         from ..scene.tetrahedra import vertex_normals
 
         check_shading(shading)
@@ -68,7 +71,7 @@ class MeshRenderer(nn.Module):
         sel_n, sel_p = normals[mask], points[mask]
         lights = cams.light_positions.to(device)[:, None, None, :].expand(B, H, W, 3)[mask]
         albedo = scene.albedo(sel_p) if needs_albedo(shading) else None
-        color = shade(self.cfg, shading, albedo, sel_n, sel_p, lights)
+        color = shade(self.cfg, shading, albedo, sel_n, sel_p, lights, ambient_ratio)
         m = mask.unsqueeze(-1).to(bg.dtype)
         fg = torch.zeros_like(bg).masked_scatter(mask.unsqueeze(-1).expand(B, H, W, 3), color)
         rgb = antialias(fg * m + bg * (1 - m), frags, faces)

@@ -253,12 +253,14 @@ class VolumeRenderer(nn.Module):
         return self.update_grid(step, scene.volume, generator)
 
     def render(self, scene, cams: Cameras, shading: str = "albedo", bg_colors: Optional[torch.Tensor] = None,
-               need_normals: bool = False, generator: Optional[torch.Generator] = None) -> "RenderOutput":
+               need_normals: bool = False, generator: Optional[torch.Generator] = None,
+               ambient_ratio: Optional[float] = None) -> "RenderOutput":
         """Images of ``scene`` from ``cams`` (on the scene's device); ``bg_colors`` ``[B, 3]`` replace the
-        background."""
+        background; ``ambient_ratio``: the light's ambient share for lit shadings (``shading.shade``; None: the
+        configured one)."""
         rays_o, rays_d = get_rays(cams)
         return self(scene.volume, scene.background, rays_o, rays_d, shading, cams.light_positions, bg_colors,
-                    need_normals, generator)
+                    need_normals, generator, ambient_ratio)
 
     def update_grid(self, step: int, volume: ImplicitVolume, generator: torch.Generator) -> bool:
         """Update the occupancy grid every ``grid_update_every`` steps; returns whether it ran."""
@@ -327,8 +329,8 @@ class VolumeRenderer(nn.Module):
 
     # -------------------------------------------------------------- rendering
     def _shade(self, geo: Dict[str, torch.Tensor], pos: torch.Tensor, lights: Optional[torch.Tensor],
-               shading: str) -> torch.Tensor:
-        return shade(self.cfg, shading, geo["albedo"], geo.get("normal"), pos, lights)
+               shading: str, ambient_ratio: Optional[float] = None) -> torch.Tensor:
+        return shade(self.cfg, shading, geo["albedo"], geo.get("normal"), pos, lights, ambient_ratio)
 
     def _finish(self, acc: torch.Tensor, rays_d: torch.Tensor, background: nn.Module,
                 bg_colors: Optional[torch.Tensor], with_normals: bool) -> Dict[str, torch.Tensor]:
@@ -346,7 +348,8 @@ class VolumeRenderer(nn.Module):
     def render_rays(self, volume: ImplicitVolume, background: nn.Module, rays_o: torch.Tensor,
                     rays_d: torch.Tensor, shading: str = "albedo", light_positions: Optional[torch.Tensor] = None,
                     bg_colors: Optional[torch.Tensor] = None, need_normals: bool = False,
-                    generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                    generator: Optional[torch.Generator] = None,
+                    ambient_ratio: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """Render flat rays ``[R, 3]`` differentiably. ``light_positions`` / ``bg_colors`` are per ray ``[R, 3]``."""
         check_shading(shading)
         R = rays_o.shape[0]
@@ -355,7 +358,7 @@ class VolumeRenderer(nn.Module):
         normals_needed = need_normals or shading != "albedo"
         geo = volume(s["pos"], with_normal=normals_needed)
         lights = light_positions[ray_idx] if light_positions is not None else rays_o[ray_idx]
-        color = self._shade(geo, s["pos"], lights, shading)
+        color = self._shade(geo, s["pos"], lights, shading, ambient_ratio)
         mids = ((s["t_start"] + s["t_end"]) / 2).unsqueeze(-1)
         values = (color, mids) + ((geo["normal"],) if normals_needed else ())  # [N, 3], [N, 1] (, [N, 3])
         weights, acc = self.compositor.composite(geo["density"], s["t_end"] - s["t_start"], ray_idx, values, R)
@@ -367,7 +370,8 @@ class VolumeRenderer(nn.Module):
     @torch.no_grad()
     def render_rays_eval(self, volume: ImplicitVolume, background: nn.Module, rays_o: torch.Tensor,
                          rays_d: torch.Tensor, shading: str = "albedo", light_positions: Optional[torch.Tensor] = None,
-                         bg_colors: Optional[torch.Tensor] = None, slab: int = 32) -> Dict[str, torch.Tensor]:
+                         bg_colors: Optional[torch.Tensor] = None, slab: int = 32,
+                         ambient_ratio: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """The same image as ``render_rays`` without autograd, in one pass with early termination.
 
         Rays are marched ``slab`` steps at a time; each occupied sample is evaluated once (density, albedo and
@@ -403,7 +407,7 @@ class VolumeRenderer(nn.Module):
                 trans = torch.exp(-(exclusive_sum_packed(sd_kept, ray_idx) + depth_kept[ray_idx]))
                 w = (trans * torch.where(keep, alpha, torch.zeros_like(alpha))).unsqueeze(-1)
                 lights = light_positions[ray_idx] if light_positions is not None else rays_o[ray_idx]
-                color = self._shade(geo, p, lights, shading)
+                color = self._shade(geo, p, lights, shading, ambient_ratio)
                 parts = [w, w * color, w * ((ts + te) / 2).unsqueeze(-1)] + ([w * geo["normal"]] if normals_needed
                                                                              else [])
                 acc += accumulate(torch.cat(parts, -1), ray_idx, R)
@@ -419,7 +423,7 @@ class VolumeRenderer(nn.Module):
     def forward(self, volume: ImplicitVolume, background: nn.Module, rays_o: torch.Tensor, rays_d: torch.Tensor,
                 shading: str = "albedo", light_positions: Optional[torch.Tensor] = None,
                 bg_colors: Optional[torch.Tensor] = None, need_normals: bool = False,
-                generator: Optional[torch.Generator] = None) -> RenderOutput:
+                generator: Optional[torch.Generator] = None, ambient_ratio: Optional[float] = None) -> RenderOutput:
         """Render images. ``rays_o``/``rays_d`` ``[B, H, W, 3]``; ``light_positions``/``bg_colors`` ``[B, 3]``.
 
         Without autograd the rays are rendered in chunks, so large previews fit in memory.
@@ -437,8 +441,8 @@ class VolumeRenderer(nn.Module):
             sl = slice(i, i + chunk)
             args = (volume, background, o[sl], d[sl], shading, light[sl] if light is not None else None,
                     bgc[sl] if bgc is not None else None)
-            parts.append(self.render_rays(*args, need_normals, generator) if differentiable
-                         else self.render_rays_eval(*args))
+            parts.append(self.render_rays(*args, need_normals, generator, ambient_ratio) if differentiable
+                         else self.render_rays_eval(*args, ambient_ratio=ambient_ratio))
         if len(parts) == 1:
             out = parts[0]
         else:

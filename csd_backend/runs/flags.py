@@ -18,7 +18,7 @@ FLAG_FIELDS = {"prompt": "guidance.prompt", "negative_prompt": "guidance.negativ
                "preview_every": "optim.preview_every", "checkpoint_every": "optim.checkpoint_every",
                "resolution": "prior.resolution", "model": "prior.model", "model_config": "prior.model_config",
                "device": "prior.device", "dtype": "prior.dtype", "controlnet": "prior.controlnet",
-               "controlnet_scale": "prior.controlnet_scale"}
+               "controlnet_scale": "prior.controlnet_scale", "lora_base_model": "prior.lora_base_model"}
 
 
 #: the sections of the configuration (``--set SECTION.FIELD=VALUE``)
@@ -88,7 +88,8 @@ def build_config(args, preset: str, steps: Optional[int], init_scene_cfg=None):
         if getattr(args, key) is not None:
             guid[key] = getattr(args, key)
     pri = over.setdefault("prior", {})
-    for key in ("model", "model_config", "device", "dtype", "resolution", "controlnet", "controlnet_scale"):
+    for key in ("model", "model_config", "device", "dtype", "resolution", "controlnet", "controlnet_scale",
+                "lora_base_model"):
         if getattr(args, key) is not None:
             pri[key] = getattr(args, key)
     opt_over = over.setdefault("optim", {})

@@ -152,7 +152,7 @@ def open_new_run(args):
             scene = load_scene(args.init_scene)[0]
             progress = conversion_bar(scene, config.scene, args.quiet)
             try:
-                scene = starting_scene(scene, config.scene, progress=progress)
+                scene = starting_scene(scene, config.scene, config.optim.seed, progress=progress)
             finally:
                 if progress is not None:
                     progress.close()
