@@ -210,7 +210,10 @@ def _add_export_flags(p: argparse.ArgumentParser) -> None:
                    help="texture side in pixels; 0: vertex colours only (default %(default)s)")
     p.add_argument("--face-budget", type=int, default=d.face_budget,
                    help="simplify to at most this many faces; 0: keep all (default %(default)s)")
-    p.add_argument("--keep-floaters", action="store_true", help="keep small disconnected parts")
+    p.add_argument("--floater-area", type=float, default=d.floater_area,
+                   help="drop the parts with less than this share of the largest part's area, and bubbles inside "
+                        "the object (default %(default)s: a fifth; lower it to keep a small separate part)")
+    p.add_argument("--keep-floaters", action="store_true", help="keep every part")
     p.add_argument("--no-vertex-colors", action="store_true", help="no per-vertex colours")
     p.add_argument("--no-coarse-to-fine", action="store_true", help="extract over the whole box, not the object's")
     p.add_argument("--dense", action="store_true", help="query every grid point (no narrow band; slower)")
@@ -228,6 +231,7 @@ def _export_config(args):
             raise ConfigError("--threshold", f"must be 'auto' or a number, got {threshold!r}") from None
     return ExportConfig(resolution=args.resolution, threshold=threshold, texture_size=args.texture_size,
                         face_budget=args.face_budget, remove_floaters=not args.keep_floaters,
+                        floater_area=args.floater_area,
                         vertex_colors=not args.no_vertex_colors, coarse_to_fine=not args.no_coarse_to_fine,
                         narrow_band=not args.dense, y_up=not args.z_up).validate()
 

@@ -52,8 +52,9 @@ def _progress_callback():
 
 
 class CSDExtractMesh:
-    DESCRIPTION = ("Turn a CSD scene into a mesh: marching cubes on the density (coarse-to-fine, small floating "
-                   "parts removed), simplified to the face budget, UV-unwrapped (xatlas) with the albedo baked into "
+    DESCRIPTION = ("Turn a CSD scene into a mesh: marching cubes on the density (coarse-to-fine; floaters removed: "
+                   "parts under a fifth of the largest part's area and bubbles inside the object), simplified to the "
+                   "face budget, UV-unwrapped (xatlas) with the albedo baked into "
                    "a texture. Outputs ComfyUI's MESH (for the core Save GLB node) and the textured mesh for "
                    "CSD Save Mesh. The scene is not changed.")
     CATEGORY = pack.CATEGORY
