@@ -79,7 +79,8 @@ class CSDExtractMesh:
                                      "tooltip": "Side of the square base-colour texture in pixels."}),
             "face_budget": ("INT", {"default": 100000, "min": 0, "max": 2000000, "step": 1000,
                                     "tooltip": "Simplify to at most this many triangles (0 = keep all). Large "
-                                               "meshes take longer to unwrap."}),
+                                               "meshes take longer to unwrap. A textured mesh of your own keeps "
+                                               "all its faces."}),
         }}
 
     @classmethod

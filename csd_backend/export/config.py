@@ -29,7 +29,8 @@ class ExportConfig:
     threshold: Union[str, float] = AUTO
     #: side of the square base-colour texture in texels; 0 = no UVs and no texture (vertex colours only)
     texture_size: int = 1024
-    #: simplify to at most this many faces (quadric decimation); 0 = keep every face
+    #: simplify a generated surface (marching cubes, a refined DMTet mesh) to at most this many faces (quadric
+    #: decimation); 0 = keep every face. A fixed mesh (``texture``: the user's own) keeps all its faces.
     face_budget: int = 100000
     #: drop the floaters of a generated surface, so that the object is one piece unless it has several sizeable
     #: parts. A part is a set of faces joined by shared edges; a floater is a part whose surface area is below

@@ -80,7 +80,9 @@ class SceneField:
 
 def mesh_scene_surface(scene, floater_area: Optional[float], face_budget: int) -> Isosurface:
     """The surface of a mesh scene is its own mesh (stage 2: the DMTet mesh, no marching cubes), cleaned as an
-    isosurface is; a fixed user mesh keeps its winding and every part."""
+    isosurface is; a fixed user mesh keeps its winding, every part and every face (``face_budget`` is not applied:
+    a mesh over ``convert.mesh_file.MAX_FACES`` was decimated once, for texturing, when its scene was made, and the
+    export writes that mesh)."""
     import torch
 
     t0 = time.perf_counter()
@@ -92,7 +94,7 @@ def mesh_scene_surface(scene, floater_area: Optional[float], face_budget: int) -
                         "diverged or the stage-1 scene was empty: refine from an earlier checkpoint")
     fixed = scene.kind == "mesh"
     info: dict = {"faces_scene": int(len(faces))}
-    vertices, faces = clean_mesh(vertices, faces, None if fixed else floater_area, face_budget,
+    vertices, faces = clean_mesh(vertices, faces, None if fixed else floater_area, 0 if fixed else face_budget,
                                  orient=not fixed, info=info)
     info["timings"] = {"cleanup": time.perf_counter() - t0}
     box = np.stack([vertices.min(0), vertices.max(0)]).astype(np.float32)
