@@ -515,18 +515,61 @@ def test_cli_export_writes_and_never_overwrites(trained_run, tmp_path, capsys):
     assert "floater_area: must be a number in [0, 1]" in capsys.readouterr().err
 
 
+#: a preview-cpu run of 2 steps on tiny renders (add --out)
+TINY_GENERATE = ["generate", "--prompt", "red", "--model", "analytic:16", "--preset", "preview-cpu", "--steps", "2",
+                 "--resolution", "16", "--views", "1", "--view-size", "16", "--quiet",
+                 "--set", "camera.height=16", "--set", "camera.width=16", "--set", "render.num_samples_per_ray=16",
+                 "--set", "scene.n_levels=4", "--set", "scene.log2_hashmap_size=12", "--set", "scene.max_resolution=64"]
+
+
 def test_cli_generate_writes_the_mesh(tmp_path):
     from csd_backend.cli import main
 
     out = tmp_path / "gen"
-    code = main(["generate", "--prompt", "red", "--model", "analytic:16", "--preset", "preview-cpu", "--steps", "2",
-                 "--resolution", "16", "--out", str(out), "--views", "1", "--view-size", "16", "--quiet",
-                 "--set", "camera.height=16", "--set", "camera.width=16", "--set", "render.num_samples_per_ray=16",
-                 "--set", "scene.n_levels=4", "--set", "scene.log2_hashmap_size=12", "--set", "scene.max_resolution=64",
-                 "--mesh-format", "obj", "--mesh-resolution", "32", "--mesh-texture-size", "64"])
+    code = main(TINY_GENERATE + ["--out", str(out), "--mesh-format", "obj", "--mesh-resolution", "32",
+                                 "--mesh-texture-size", "64"])
     assert code == 0
     assert (out / "mesh.obj").is_file() and (out / "mesh.mtl").is_file() and (out / "mesh.png").is_file()
     assert len(textured_geometry(out / "mesh.obj").faces) > 0
+
+
+def test_cpu_presets_export_small_meshes_and_flags_override(tmp_path, monkeypatch):
+    """generate's mesh and ``export RUN`` take the settings of the run's preset: 128³ and at most 20000 faces for
+    the *-cpu presets (a 64²-trained preview), the export's defaults (256³, 100000) for the GPU presets."""
+    import dataclasses
+
+    from csd_backend import cli
+    from csd_backend.presets import EXPORT_SETTINGS, PRESETS
+    from csd_backend.runs import outputs
+    from csd_backend.runs.outputs import run_export_config
+
+    assert set(EXPORT_SETTINGS) == {name for name in PRESETS if name.endswith("-cpu")}
+    defaults = ExportConfig().to_dict()
+    for name in PRESETS:
+        cfg = run_export_config(name).to_dict()
+        small = name.endswith("-cpu")
+        assert (cfg["resolution"], cfg["face_budget"]) == ((128, 20000) if small else (256, 100000)), name
+        assert {**cfg, "resolution": 256, "face_budget": 100000} == defaults, name
+    given = run_export_config("preview-cpu", resolution=96, face_budget=None)
+    assert (given.resolution, given.face_budget) == (96, 20000)
+
+    seen = []
+
+    def spy(scene, config, quiet):  # the settings asked for; the mesh itself small and fast
+        seen.append((config.resolution, config.face_budget))
+        return real(scene, dataclasses.replace(config, resolution=24, texture_size=0), quiet)
+
+    real = outputs.export_mesh
+    monkeypatch.setattr(outputs, "export_mesh", spy)
+    monkeypatch.setattr(cli, "export_mesh", spy)
+    run = tmp_path / "run"
+    assert cli.main(TINY_GENERATE + ["--out", str(run)]) == 0
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "a.glb"), "--quiet"]) == 0
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "b.glb"), "--resolution", "96", "--face-budget", "0",
+                     "--quiet"]) == 0
+    assert cli.main(TINY_GENERATE + ["--out", str(tmp_path / "run2"), "--mesh-resolution", "40",
+                                     "--mesh-face-budget", "500"]) == 0
+    assert seen == [(128, 20000), (128, 20000), (96, 0), (40, 500)]
 
 
 def test_progress_names_every_stage_in_order():

@@ -24,8 +24,10 @@ class RunOutputs:
     view_size: int = 256
     mesh: bool = True
     mesh_format: str = "glb"
+    #: the mesh's export settings where given (None: the run's, ``run_export_config``)
     mesh_resolution: Optional[int] = None
     mesh_texture_size: Optional[int] = None
+    mesh_face_budget: Optional[int] = None
     quiet: bool = False
 
     @classmethod
@@ -36,6 +38,7 @@ class RunOutputs:
                    mesh=not getattr(args, "no_mesh", False), mesh_format=given("mesh_format", d.mesh_format),
                    mesh_resolution=getattr(args, "mesh_resolution", None),
                    mesh_texture_size=getattr(args, "mesh_texture_size", None),
+                   mesh_face_budget=getattr(args, "mesh_face_budget", None),
                    quiet=bool(getattr(args, "quiet", False)))
 
     def expected_files(self, out: Path) -> List[Path]:
@@ -94,16 +97,25 @@ def export_mesh(scene, config, quiet: bool):
         bars.close()
 
 
-def write_run_mesh(outputs: RunOutputs, scene, out: Path, say=echo) -> Optional[Path]:
-    """Export the mesh of a finished run as ``out/mesh.<format>`` (a new name when it exists); None when the scene
-    has no surface to export (a warning through ``say`` says how to export later)."""
-    from ..errors import OutputExistsError
-    from ..export import ExportConfig, save_mesh, save_mesh_unique
+def run_export_config(preset: str, **given):
+    """The ``ExportConfig`` of a run made with ``preset``: the preset's export settings (``presets.export_settings``;
+    the CPU presets export smaller meshes) with the ``given`` settings that are not None on top."""
+    from ..export import ExportConfig
+    from ..presets import export_settings
 
-    mesh_over = {k: v for k, v in (("resolution", outputs.mesh_resolution),
-                                   ("texture_size", outputs.mesh_texture_size)) if v is not None}
+    return ExportConfig(**{**export_settings(preset), **{k: v for k, v in given.items() if v is not None}}).validate()
+
+
+def write_run_mesh(outputs: RunOutputs, scene, out: Path, preset: str, say=echo) -> Optional[Path]:
+    """Export the mesh of a finished run (made with ``preset``) as ``out/mesh.<format>`` (a new name when it
+    exists); None when the scene has no surface to export (a warning through ``say`` says how to export later)."""
+    from ..errors import OutputExistsError
+    from ..export import save_mesh, save_mesh_unique
+
     try:
-        mesh = export_mesh(scene, ExportConfig(**mesh_over), outputs.quiet)
+        config = run_export_config(preset, resolution=outputs.mesh_resolution, texture_size=outputs.mesh_texture_size,
+                                   face_budget=outputs.mesh_face_budget)
+        mesh = export_mesh(scene, config, outputs.quiet)
         try:
             path = save_mesh(mesh, out / f"mesh.{outputs.mesh_format}", outputs.mesh_format)
         except OutputExistsError:  # a resumed run: keep the earlier mesh
@@ -139,5 +151,5 @@ def finish_run(scene, opt, out: Path, outputs: RunOutputs, say=echo, phase=None)
     if outputs.mesh:
         if phase is not None:
             phase("while exporting the mesh")
-        written["mesh"] = write_run_mesh(outputs, scene, out, say)
+        written["mesh"] = write_run_mesh(outputs, scene, out, opt.config.preset, say)
     return written
