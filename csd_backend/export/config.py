@@ -94,7 +94,7 @@ class ExportConfig:
         if isinstance(self.floater_area, bool) or not isinstance(self.floater_area, (int, float)) \
                 or not 0 <= self.floater_area <= 1:
             raise ConfigError("floater_area", f"must be a number in [0, 1] (the share of the largest part's area "
-                                              f"a part needs to stay; 0 keeps every outside part), got "
+                                              f"a part needs to stay; 0 drops only bubbles inside the object), got "
                                               f"{self.floater_area!r}")
         _int("uv_padding", self.uv_padding, 0, 64)
         _int("chunk_size", self.chunk_size, 1024, 1 << 26)
