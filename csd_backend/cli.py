@@ -33,7 +33,8 @@ from .errors import CSDError, ConfigError, DiskFullError, ModelNotFoundError
 from .runs.flags import flag_hint
 from .runs.folders import check_out_dir, quoted, remove_empty
 from .runs.life import open_new_run, open_resumed_run, train_run
-from .runs.outputs import RunOutputs, export_mesh, finish_run, render_views, save_png, view_name
+from .runs.outputs import (RunOutputs, export_mesh, finish_run, render_views, run_export_config, save_png,
+                           view_name)
 from .runs.progress import echo, engine_warnings, quiet_third_party
 from .runs.stopping import raise_pending, signals_interrupt, stopped
 
@@ -195,33 +196,52 @@ def _add_run_flags(p: argparse.ArgumentParser, default_preset: str, batch: bool 
     p.add_argument("--mesh-format", default=out_default("glb"), choices=["glb", "obj", "ply"],
                    help="format of the mesh written into --out at the end (default glb)")
     p.add_argument("--no-mesh", action="store_true", help="do not export a mesh at the end of the run")
-    p.add_argument("--mesh-resolution", type=int, default=None, help="marching-cubes grid of that mesh (default 256)")
+    p.add_argument("--mesh-resolution", type=int, default=None,
+                   help=f"marching-cubes grid of that mesh (default: the preset's, {_export_default('resolution')})")
     p.add_argument("--mesh-texture-size", type=int, default=None,
                    help="its texture size (default 1024; 0: vertex colours only)")
+    p.add_argument("--mesh-face-budget", type=int, default=None,
+                   help=f"simplify it to at most this many faces; 0: keep all (default: the preset's, "
+                        f"{_export_default('face_budget')})")
+
+
+def _export_default(name: str) -> str:
+    """The default of an export setting in words: the export's, and the CPU presets' where they differ."""
+    from .export.config import ExportConfig
+    from .presets import CPU_EXPORT
+
+    return f"{getattr(ExportConfig(), name)}; {CPU_EXPORT[name]} for the *-cpu presets"
 
 
 def _add_export_flags(p: argparse.ArgumentParser) -> None:
-    """The ``ExportConfig`` settings as flags (defaults taken from the dataclass)."""
+    """The ``ExportConfig`` settings as flags (defaults taken from the dataclass; resolution, texture size and face
+    budget default to the run's, ``runs.outputs.run_export_config``)."""
     from .export.config import ExportConfig
 
     d = ExportConfig()
-    p.add_argument("--resolution", type=int, default=d.resolution,
-                   help="grid samples along the longest side of the object's box (default %(default)s)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help=f"grid samples along the longest side of the object's box (default: the run's preset's, "
+                        f"{_export_default('resolution')})")
     p.add_argument("--threshold", default=str(d.threshold),
                    help="surface density: 'auto' (mean density where there is any) or a number (threestudio 25, "
                         "CSD 10); default %(default)s")
-    p.add_argument("--texture-size", type=int, default=d.texture_size,
-                   help="texture side in pixels; 0: vertex colours only (default %(default)s)")
-    p.add_argument("--face-budget", type=int, default=d.face_budget,
-                   help="simplify to at most this many faces; 0: keep all (default %(default)s)")
-    p.add_argument("--keep-floaters", action="store_true", help="keep small disconnected parts")
+    p.add_argument("--texture-size", type=int, default=None,
+                   help=f"texture side in pixels; 0: vertex colours only (default {d.texture_size})")
+    p.add_argument("--face-budget", type=int, default=None,
+                   help=f"simplify to at most this many faces; 0: keep all (default: the run's preset's, "
+                        f"{_export_default('face_budget')})")
+    p.add_argument("--floater-area", type=float, default=d.floater_area,
+                   help="drop the parts with less than this share of the largest part's area, and bubbles inside "
+                        "the object (default %(default)s: a fifth; lower it to keep a small separate part)")
+    p.add_argument("--keep-floaters", action="store_true", help="keep every part")
     p.add_argument("--no-vertex-colors", action="store_true", help="no per-vertex colours")
     p.add_argument("--no-coarse-to-fine", action="store_true", help="extract over the whole box, not the object's")
     p.add_argument("--dense", action="store_true", help="query every grid point (no narrow band; slower)")
     p.add_argument("--z-up", action="store_true", help="keep the scene's Z-up frame instead of glTF's Y-up")
 
 
-def _export_config(args):
+def _export_settings(args) -> dict:
+    """The export settings the flags give (``ExportConfig`` fields), checked; the run's fill in the rest."""
     from .export.config import ExportConfig
 
     threshold = args.threshold
@@ -230,10 +250,13 @@ def _export_config(args):
             threshold = float(threshold)
         except ValueError:
             raise ConfigError("--threshold", f"must be 'auto' or a number, got {threshold!r}") from None
-    return ExportConfig(resolution=args.resolution, threshold=threshold, texture_size=args.texture_size,
-                        face_budget=args.face_budget, remove_floaters=not args.keep_floaters,
-                        vertex_colors=not args.no_vertex_colors, coarse_to_fine=not args.no_coarse_to_fine,
-                        narrow_band=not args.dense, y_up=not args.z_up).validate()
+    given = dict(threshold=threshold, remove_floaters=not args.keep_floaters, floater_area=args.floater_area,
+                 vertex_colors=not args.no_vertex_colors, coarse_to_fine=not args.no_coarse_to_fine,
+                 narrow_band=not args.dense, y_up=not args.z_up,
+                 **{k: v for k, v in (("resolution", args.resolution), ("texture_size", args.texture_size),
+                                      ("face_budget", args.face_budget)) if v is not None})
+    ExportConfig(**given).validate()  # a bad value fails before the run is loaded
+    return given
 
 
 def cmd_generate(args) -> int:
@@ -363,7 +386,7 @@ def cmd_export(args) -> int:
     from .export import save_mesh, save_mesh_unique
     from .optimize import load_scene
 
-    cfg = _export_config(args)
+    given = _export_settings(args)
     out = Path(args.out)
     suffix = out.suffix.lower().lstrip(".")
     is_file = suffix in ("glb", "obj", "ply") and not out.is_dir()
@@ -378,14 +401,14 @@ def cmd_export(args) -> int:
         check_portable_name(out.name, "--out")
     created = check_out_dir(out.parent if is_file else out)
     try:
-        scene, _config = load_scene(args.checkpoint)
+        scene, config = load_scene(args.checkpoint)
         raise_pending()
     except BaseException:
         remove_empty(created)
         raise
     t0 = time.time()
     try:
-        mesh = export_mesh(scene, cfg, args.quiet)
+        mesh = export_mesh(scene, run_export_config(config.preset, **given), args.quiet)
         path = save_mesh(mesh, out, fmt) if is_file else save_mesh_unique(mesh, out, "mesh", fmt)
     except KeyboardInterrupt:
         return stopped("before the mesh was written; nothing was written.")

@@ -52,8 +52,9 @@ def _progress_callback():
 
 
 class CSDExtractMesh:
-    DESCRIPTION = ("Turn a CSD scene into a mesh: marching cubes on the density (coarse-to-fine, small floating "
-                   "parts removed), simplified to the face budget, UV-unwrapped (xatlas) with the albedo baked into "
+    DESCRIPTION = ("Turn a CSD scene into a mesh: marching cubes on the density (coarse-to-fine; floaters removed: "
+                   "parts under a fifth of the largest part's area and bubbles inside the object), simplified to the "
+                   "face budget, UV-unwrapped (xatlas) with the albedo baked into "
                    "a texture. Outputs ComfyUI's MESH (for the core Save GLB node) and the textured mesh for "
                    "CSD Save Mesh. The scene is not changed.")
     CATEGORY = pack.CATEGORY
@@ -80,7 +81,8 @@ class CSDExtractMesh:
                                      "tooltip": "Side of the square base-colour texture in pixels."}),
             "face_budget": ("INT", {"default": 100000, "min": 0, "max": 2000000, "step": 1000,
                                     "tooltip": "Simplify to at most this many triangles (0 = keep all). Large "
-                                               "meshes take longer to unwrap."}),
+                                               "meshes take longer to unwrap. A textured mesh of your own keeps "
+                                               "all its faces."}),
         }}
 
     @classmethod

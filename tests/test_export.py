@@ -3,6 +3,7 @@ trimesh; never-overwrite; clear errors when there is no surface."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +15,24 @@ from PIL import Image, ImageDraw
 from csd_backend.errors import ConfigError, OutputExistsError
 from csd_backend.export import (ExportConfig, MeshError, extract_textured_mesh, mesh_tensors, resolve_output_prefix,
                                 save_mesh, save_mesh_unique)
-from csd_backend.export.isosurface import COARSE_RESOLUTION, is_watertight
+from csd_backend.export.isosurface import COARSE_RESOLUTION, component_labels, is_watertight
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
 SLOPE = 50.0  # σ = SLOPE · (offset − distance): the surface σ = τ lies at distance offset − τ/SLOPE
 
 
 class AnalyticVolume(torch.nn.Module):
-    """A density with a known surface and albedo (x + 1)/2 per channel, in world units inside [−1, 1]³."""
+    """A density with a known surface and albedo (x + 1)/2 per channel, in world units inside [−1, 1]³. ``sdf``: the
+    surface σ = 10 is that signed distance's zero level (the toy prior's objects: ``benchmarks/toy_prior``);
+    ``floaters``: ``(centre, radius)`` balls beside it."""
 
-    def __init__(self, kind="sphere", r=0.4, half=(0.35, 0.25, 0.3), floater=None, scale=1.0):
+    def __init__(self, kind="sphere", r=0.4, half=(0.35, 0.25, 0.3), floaters=(), scale=1.0, sdf=None):
         super().__init__()
-        self.kind, self.r, self.half, self.floater, self.scale = kind, r, torch.tensor(half), floater, scale
+        self.kind, self.r, self.half, self.floaters, self.scale = kind, r, torch.tensor(half), floaters, scale
+        self.sdf = sdf
         self.radius = 1.0
         self.calls = 0
 
@@ -34,11 +42,12 @@ class AnalyticVolume(torch.nn.Module):
             sigma = SLOPE * (self.r + 0.2 - x.norm(dim=-1))
         elif self.kind == "box":  # surface at |x_i| = half_i
             sigma = SLOPE * (self.half.to(x) + 0.2 - x.abs()).amin(-1)
+        elif self.kind == "sdf":
+            sigma = SLOPE * (0.2 - self.sdf(x))
         else:
             sigma = torch.zeros_like(x[:, 0])
-        if self.floater is not None:
-            centre, rf = self.floater
-            sigma = torch.maximum(sigma, SLOPE * (rf + 0.2 - (x - centre.to(x)).norm(dim=-1)))
+        for centre, rf in self.floaters:
+            sigma = torch.maximum(sigma, SLOPE * (rf + 0.2 - (x - torch.as_tensor(centre).to(x)).norm(dim=-1)))
         return self.scale * sigma.clamp_min(0.0)
 
     def albedo(self, x):
@@ -183,19 +192,85 @@ def test_coarse_to_fine_box_and_narrow_band_equal_dense_extraction():
     assert np.all(full.bbox[0] <= -0.99) and np.all(full.bbox[1] >= 0.99)
 
 
+def parts(mesh):
+    """The mesh's parts (faces joined by edges) as trimesh meshes, largest first."""
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    labels = component_labels(mesh.faces)
+    return sorted((tm.submesh([np.flatnonzero(labels == i)], append=True) for i in range(labels.max() + 1)),
+                  key=lambda p: -p.area)
+
+
 def test_small_floaters_are_removed_unless_disabled():
     g = lambda i: -1 + 2 * i / (COARSE_RESOLUTION - 1)  # noqa: E731 - a coarse grid point, so the pass sees it
-    floater = (torch.tensor([g(52), g(32), g(32)]), 0.035)  # (0.035 / 0.4)² ≈ 0.8 % of the sphere's faces
-    scene = AnalyticScene(kind="sphere", floater=floater)
+    floater = ((g(52), g(32), g(32)), 0.035)  # (0.035 / 0.4)² ≈ 0.8 % of the sphere's area
+    scene = AnalyticScene(kind="sphere", floaters=[floater])
     cfg = dict(resolution=96, threshold=10.0, texture_size=0, face_budget=0)
     kept = extract_textured_mesh(scene, ExportConfig(remove_floaters=False, **cfg))
-    parts = trimesh.Trimesh(kept.vertices, kept.faces, process=False).split(only_watertight=False)
-    assert len(parts) == 2 and min(len(p.faces) for p in parts) < 0.01 * max(len(p.faces) for p in parts)
+    both = parts(kept)
+    assert len(both) == 2 and both[1].area < 0.01 * both[0].area
     clean = extract_textured_mesh(scene, ExportConfig(**cfg))
     tm = trimesh.Trimesh(clean.vertices, clean.faces, process=False)
-    assert len(tm.split(only_watertight=False)) == 1 and tm.is_watertight
+    assert len(parts(clean)) == 1 and tm.is_watertight
     assert np.linalg.norm(clean.vertices, axis=1).max() < 0.45
     assert clean.info["components_removed"] == 1
+
+
+def test_floaters_are_parts_below_a_share_of_the_largest_parts_area():
+    # beside a ball of radius 0.4: balls with 1.5 %, 4 % and 9 % of its area (the old rule, 1 % of the largest
+    # part's faces, kept all of them: a noisy scene stayed dozens of pieces) and one with 25 %, a sizeable part
+    balls = [((0.0, -0.62, 0.0), 0.049), ((0.0, 0.0, 0.64), 0.08), ((0.0, 0.68, 0.0), 0.12), ((0.72, 0.0, 0.0), 0.2)]
+    scene = AnalyticScene(kind="sphere", floaters=balls)
+    cfg = dict(resolution=128, threshold=10.0, texture_size=0, face_budget=0, coarse_to_fine=False)
+    every = parts(extract_textured_mesh(scene, ExportConfig(remove_floaters=False, **cfg)))
+    shares = [p.area / every[0].area for p in every]
+    assert shares == pytest.approx([1.0, 0.25, 0.09, 0.04, 0.015], abs=0.004)
+    assert ExportConfig().floater_area == 0.2
+    default = parts(extract_textured_mesh(scene, ExportConfig(**cfg)))
+    assert [len(p.faces) for p in default] == [len(p.faces) for p in every[:2]]  # the ball and the sizeable part
+    assert all(p.is_watertight and p.volume > 0 for p in default)
+    lower = parts(extract_textured_mesh(scene, ExportConfig(floater_area=0.03, **cfg)))
+    assert [len(p.faces) for p in lower] == [len(p.faces) for p in every[:4]]
+    assert len(parts(extract_textured_mesh(scene, ExportConfig(floater_area=0.0, **cfg)))) == 5
+
+
+def test_bubbles_inside_the_object_are_floaters():
+    # a hollow ball: the outer sphere (r 0.4) and, wound inwards, the wall of the bubble inside (r 0.25, 39 % of
+    # the area: sizeable, but never visible)
+    scene = AnalyticScene(kind="sdf", sdf=lambda x: torch.maximum(x.norm(dim=-1) - 0.4, 0.25 - x.norm(dim=-1)))
+    cfg = dict(resolution=96, threshold=10.0, texture_size=0, face_budget=0)
+    hollow = parts(extract_textured_mesh(scene, ExportConfig(remove_floaters=False, **cfg)))
+    assert len(hollow) == 2 and hollow[1].volume < 0 < hollow[0].volume
+    solid = extract_textured_mesh(scene, ExportConfig(**cfg))
+    assert solid.info["components_removed"] == 1 and [len(p.faces) for p in parts(solid)] == [len(hollow[0].faces)]
+    assert abs(parts(solid)[0].volume / (4 / 3 * math.pi * 0.4 ** 3) - 1) < 0.02
+
+
+@pytest.mark.parametrize("name", ["mug", "ring"])
+def test_floater_removal_keeps_the_mugs_handle_and_the_rings_hole(name):
+    from toy_prior.objects import get_object
+
+    obj = get_object(name)
+    scene = AnalyticScene(kind="sdf", sdf=obj.sdf)
+    cfg = dict(resolution=112, threshold=10.0, texture_size=0, y_up=False)
+    mesh = extract_textured_mesh(scene, ExportConfig(face_budget=0, **cfg))
+    every = extract_textured_mesh(scene, ExportConfig(face_budget=0, remove_floaters=False, **cfg))
+    assert mesh.info["components_removed"] == 0 and np.array_equal(mesh.faces, every.faces)
+    decimated = extract_textured_mesh(scene, ExportConfig(face_budget=8000, **cfg))
+    for m in (mesh, decimated):
+        tm = trimesh.Trimesh(m.vertices, m.faces, process=False)
+        assert len(parts(m)) == 1 and tm.is_watertight
+        assert tm.euler_number == 0  # genus 1: the handle closes a loop with the cup; the ring has its hole
+    if name == "mug":  # the handle reaches x = −0.49 at the back
+        assert mesh.vertices[:, 0].min() < -0.47
+    else:  # nothing inside the hole (radius 0.2 around the x axis)
+        assert np.linalg.norm(mesh.vertices[:, 1:], axis=1).min() > 0.19
+
+
+def test_parts_are_joined_by_edges_not_by_single_vertices():
+    # two tetrahedra touching at one vertex (as decimation can leave a sliver) are two parts, as mesh tools count
+    tet = np.array([[0, 2, 1], [0, 1, 3], [1, 2, 3], [0, 3, 2]])
+    assert component_labels(np.concatenate([tet, tet + 3])).tolist() == [0] * 4 + [1] * 4
+    assert component_labels(np.concatenate([tet, tet + 2])).tolist() == [0] * 8  # an edge in common
 
 
 def test_simplification_meets_face_budget_and_stays_closed():
@@ -323,7 +398,8 @@ def test_broken_density_is_reported():
 
 @pytest.mark.parametrize("field,value", [("resolution", 4), ("threshold", 0.0), ("threshold", -3.0),
                                          ("threshold", "median"), ("texture_size", 8), ("face_budget", -1),
-                                         ("floater_fraction", 2.0), ("vertex_colors", "yes")])
+                                         ("floater_area", 2.0), ("floater_area", -0.1),
+                                         ("vertex_colors", "yes")])
 def test_invalid_settings_name_the_field(field, value):
     with pytest.raises(ConfigError, match=f"^{field}:"):
         ExportConfig(**{field: value}).validate()
@@ -435,20 +511,65 @@ def test_cli_export_writes_and_never_overwrites(trained_run, tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "x.glb"), "--threshold", "1e6",
                  "--resolution", "32"]) == 2
     assert "no surface at threshold" in capsys.readouterr().err and not (tmp_path / "x.glb").exists()
+    assert main(["export", str(run), "--out", str(tmp_path / "y.glb"), "--floater-area", "1.5"]) == 2
+    assert "floater_area: must be a number in [0, 1]" in capsys.readouterr().err
+
+
+#: a preview-cpu run of 2 steps on tiny renders (add --out)
+TINY_GENERATE = ["generate", "--prompt", "red", "--model", "analytic:16", "--preset", "preview-cpu", "--steps", "2",
+                 "--resolution", "16", "--views", "1", "--view-size", "16", "--quiet",
+                 "--set", "camera.height=16", "--set", "camera.width=16", "--set", "render.num_samples_per_ray=16",
+                 "--set", "scene.n_levels=4", "--set", "scene.log2_hashmap_size=12", "--set", "scene.max_resolution=64"]
 
 
 def test_cli_generate_writes_the_mesh(tmp_path):
     from csd_backend.cli import main
 
     out = tmp_path / "gen"
-    code = main(["generate", "--prompt", "red", "--model", "analytic:16", "--preset", "preview-cpu", "--steps", "2",
-                 "--resolution", "16", "--out", str(out), "--views", "1", "--view-size", "16", "--quiet",
-                 "--set", "camera.height=16", "--set", "camera.width=16", "--set", "render.num_samples_per_ray=16",
-                 "--set", "scene.n_levels=4", "--set", "scene.log2_hashmap_size=12", "--set", "scene.max_resolution=64",
-                 "--mesh-format", "obj", "--mesh-resolution", "32", "--mesh-texture-size", "64"])
+    code = main(TINY_GENERATE + ["--out", str(out), "--mesh-format", "obj", "--mesh-resolution", "32",
+                                 "--mesh-texture-size", "64"])
     assert code == 0
     assert (out / "mesh.obj").is_file() and (out / "mesh.mtl").is_file() and (out / "mesh.png").is_file()
     assert len(textured_geometry(out / "mesh.obj").faces) > 0
+
+
+def test_cpu_presets_export_small_meshes_and_flags_override(tmp_path, monkeypatch):
+    """generate's mesh and ``export RUN`` take the settings of the run's preset: 128³ and at most 20000 faces for
+    the *-cpu presets (a 64²-trained preview), the export's defaults (256³, 100000) for the GPU presets."""
+    import dataclasses
+
+    from csd_backend import cli
+    from csd_backend.presets import EXPORT_SETTINGS, PRESETS
+    from csd_backend.runs import outputs
+    from csd_backend.runs.outputs import run_export_config
+
+    assert set(EXPORT_SETTINGS) == {name for name in PRESETS if name.endswith("-cpu")}
+    defaults = ExportConfig().to_dict()
+    for name in PRESETS:
+        cfg = run_export_config(name).to_dict()
+        small = name.endswith("-cpu")
+        assert (cfg["resolution"], cfg["face_budget"]) == ((128, 20000) if small else (256, 100000)), name
+        assert {**cfg, "resolution": 256, "face_budget": 100000} == defaults, name
+    given = run_export_config("preview-cpu", resolution=96, face_budget=None)
+    assert (given.resolution, given.face_budget) == (96, 20000)
+
+    seen = []
+
+    def spy(scene, config, quiet):  # the settings asked for; the mesh itself small and fast
+        seen.append((config.resolution, config.face_budget))
+        return real(scene, dataclasses.replace(config, resolution=24, texture_size=0), quiet)
+
+    real = outputs.export_mesh
+    monkeypatch.setattr(outputs, "export_mesh", spy)
+    monkeypatch.setattr(cli, "export_mesh", spy)
+    run = tmp_path / "run"
+    assert cli.main(TINY_GENERATE + ["--out", str(run)]) == 0
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "a.glb"), "--quiet"]) == 0
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "b.glb"), "--resolution", "96", "--face-budget", "0",
+                     "--quiet"]) == 0
+    assert cli.main(TINY_GENERATE + ["--out", str(tmp_path / "run2"), "--mesh-resolution", "40",
+                                     "--mesh-face-budget", "500"]) == 0
+    assert seen == [(128, 20000), (128, 20000), (96, 0), (40, 500)]
 
 
 def test_progress_names_every_stage_in_order():

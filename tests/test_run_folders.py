@@ -175,7 +175,8 @@ def test_a_full_disk_while_writing_the_mesh_says_training_is_complete(tmp_path, 
 
 # --------------------------------------------------------------------------------------------- output flags
 @pytest.mark.parametrize("flag,value", [("--views", "-1"), ("--view-size", "0"), ("--view-size", "-16"),
-                                        ("--mesh-resolution", "1"), ("--mesh-texture-size", "5")])
+                                        ("--mesh-resolution", "1"), ("--mesh-texture-size", "5"),
+                                        ("--mesh-face-budget", "2")])
 def test_output_flags_are_checked_before_the_first_step(tmp_path, capsys, flag, value):
     out = tmp_path / "run"
     args = gen_args(out, "--quiet")

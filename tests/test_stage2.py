@@ -459,7 +459,24 @@ def test_huge_meshes_are_decimated_and_said_so(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         scene = mesh_scene(v, f, stage2_config(kind="mesh").scene, name="big.obj")
     assert scene.geometry.faces.shape[0] <= 60 and scene.info["decimated_to"] <= 60
-    assert "big.obj has 320 faces; decimating it to 60" in caplog.text
+    assert "big.obj has 320 faces; decimating it to 60 for texturing (the export writes that decimated mesh, " \
+           "with all its faces)" in caplog.text
+
+
+def test_a_decimated_users_mesh_is_exported_with_the_faces_the_warning_names(monkeypatch):
+    # the export's face budget (100000 by default) never decimates a fixed mesh again: the warning said "200000"
+    # and the exported mesh had 100000 faces
+    import csd_backend.convert.mesh_file as fm
+
+    v, f = icosphere()
+    monkeypatch.setattr(fm, "MAX_FACES", 100)
+    monkeypatch.setattr(fm, "DECIMATE_TO", 60)
+    scene = mesh_scene(v, f, stage2_config(kind="mesh").scene, name="big.obj")
+    mesh = extract_textured_mesh(scene, ExportConfig(texture_size=0, face_budget=30))
+    assert mesh.num_faces == scene.info["decimated_to"] == scene.geometry.faces.shape[0]
+    monkeypatch.setattr(fm, "MAX_FACES", 500)  # under MAX_FACES: every face of the file, whatever the budget
+    small = mesh_scene(v, f, stage2_config(kind="mesh").scene)
+    assert extract_textured_mesh(small, ExportConfig(texture_size=0, face_budget=30)).num_faces == len(f) == 320
 
 
 def test_a_non_manifold_open_mesh_textures_fine():

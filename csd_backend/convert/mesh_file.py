@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 #: the normalised mesh fits in a ball of this radius (world units) around the origin: the closest, narrowest
 #: training camera (distance 1.5, fovy 40°) still sees all of it
 MESH_RADIUS = 0.5
-#: meshes with more faces are decimated to ``DECIMATE_TO`` before texturing (said in a warning)
+#: meshes with more faces are decimated to ``DECIMATE_TO`` before texturing (said in a warning); the export keeps
+#: the decimated mesh's faces (no face budget applies to a fixed mesh)
 MAX_FACES = 500_000
 DECIMATE_TO = 200_000
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
@@ -76,8 +77,8 @@ def prepare_mesh(vertices, faces, y_up: bool = True, name: str = "the mesh") -> 
         raise MeshError(f"{name} has only degenerate faces")
     info = {"faces_input": int(len(f))}
     if len(f) > MAX_FACES:
-        log.warning("%s has %d faces; decimating it to %d for texturing (the exported mesh is the decimated one)",
-                    name, len(f), DECIMATE_TO)
+        log.warning("%s has %d faces; decimating it to %d for texturing (the export writes that decimated mesh, "
+                    "with all its faces)", name, len(f), DECIMATE_TO)
         v, f = simplify(v, f, DECIMATE_TO)
         info["decimated_to"] = int(len(f))
     extent = float(np.abs(v - (v.max(0) + v.min(0)) / 2).max())

@@ -12,10 +12,12 @@
    only details smaller than a coarse cell and two cells away from any other surface can be missed.
 3. **Marching cubes** (scikit-image, Lewiner) on the grid padded with empty space (σ = 0), so a surface that
    touches the box is closed there and the mesh is watertight.
-4. **Clean-up**: outward winding (positive signed volume), small floating components removed (fewer than
-   ``floater_fraction`` of the largest component's faces, as threestudio), optional quadric simplification to
-   the face budget (fast-simplification), unreferenced vertices dropped, vertex normals = normalised sum of
-   the unnormalised face normals (degenerate ones → +z), as spec §5.3.
+4. **Clean-up**: outward winding (positive signed volume), floaters removed (``remove_floaters``: the parts
+   — faces joined by shared edges — whose surface area is below ``floater_area`` × the largest part's, and the
+   closed parts wound inwards, the invisible walls of bubbles inside the object; threestudio drops parts by face
+   count instead), optional quadric simplification to the face budget (fast-simplification; floaters removed
+   again, as decimation can pinch off slivers), unreferenced vertices dropped, vertex normals = normalised sum
+   of the unnormalised face normals (degenerate ones → +z), as spec §5.3.
 
 Everything here is numpy/scipy on arrays; the density comes through ``density_fn(points [N, 3]) -> σ [N]``.
 """
@@ -28,6 +30,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from .config import FLOATER_AREA
 from .mesh import MeshError
 
 DensityFn = Callable[[np.ndarray], np.ndarray]  # [N, 3] float32 → [N] float32
@@ -278,25 +281,50 @@ def compact(vertices: np.ndarray, faces: np.ndarray) -> Tuple[np.ndarray, np.nda
     return np.ascontiguousarray(vertices[used]), remap[faces].astype(np.int64)
 
 
-def component_labels(n_vertices: int, faces: np.ndarray) -> np.ndarray:
-    """Connected component of every face (vertices joined by edges)."""
+def edge_ids(faces: np.ndarray) -> Tuple[np.ndarray, int]:
+    """``(ids [3F], count)``: the id of every face's undirected edges (edges 0-1 of all faces, then 1-2, then 2-0)
+    and the number of distinct edges."""
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    n = int(faces.max()) + 1 if len(faces) else 1
+    keys, ids = np.unique(edges[:, 0] * n + edges[:, 1], return_inverse=True)
+    return ids.ravel(), len(keys)
+
+
+def component_labels(faces: np.ndarray) -> np.ndarray:
+    """Connected part of every face, numbered from 0: faces that share an edge are joined. Parts that touch only
+    at a vertex (decimation can leave a sliver hanging on one) stay apart, as mesh tools count loose parts."""
     scipy = _require_scipy()
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
-    graph = scipy.sparse.coo_matrix((np.ones(len(e), np.int8), (e[:, 0], e[:, 1])), shape=(n_vertices,) * 2)
+    ids, n_edges = edge_ids(faces)
+    nodes = len(faces) + n_edges  # a face is joined to its three edges
+    graph = scipy.sparse.coo_matrix((np.ones(len(ids), np.int8), (np.tile(np.arange(len(faces)), 3),
+                                                                   len(faces) + ids)), shape=(nodes, nodes))
     _n, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
-    return labels[faces[:, 0]]
+    return np.unique(labels[:len(faces)], return_inverse=True)[1].ravel()
 
 
-def remove_floaters(vertices: np.ndarray, faces: np.ndarray, fraction: float
+def floater_parts(vertices: np.ndarray, faces: np.ndarray, floater_area: float) -> Tuple[np.ndarray, np.ndarray]:
+    """``(labels [F], floater [parts])``: the part of every face (``component_labels``) and which parts are
+    floaters: a surface area below ``floater_area`` × the largest part's, or a closed part wound inwards (negative
+    volume: the wall of a bubble inside the object, never visible). The largest part never is one."""
+    labels = component_labels(faces)
+    v = vertices.astype(np.float64)[faces]
+    area = np.bincount(labels, weights=0.5 * np.linalg.norm(np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), axis=1))
+    volume = np.bincount(labels, weights=np.einsum("ij,ij->i", v[:, 0], np.cross(v[:, 1], v[:, 2])) / 6.0)
+    ids, n_edges = edge_ids(faces)
+    open_edge = np.bincount(ids, minlength=n_edges)[ids] != 2  # a border (or non-manifold) edge of its face
+    closed = np.bincount(np.tile(labels, 3), weights=open_edge, minlength=len(area)) == 0
+    floater = (area < floater_area * area.max()) | ((volume < 0) & closed)
+    floater[int(np.argmax(area))] = False
+    return labels, floater
+
+
+def remove_floaters(vertices: np.ndarray, faces: np.ndarray, floater_area: float
                     ) -> Tuple[np.ndarray, np.ndarray, int]:
-    """Keep the components with at least ``fraction`` × the largest component's faces; returns the number dropped."""
-    labels = component_labels(len(vertices), faces)
-    counts = np.bincount(labels)
-    present = counts > 0
-    keep_label = counts >= fraction * counts.max()
-    dropped = int((present & ~keep_label).sum())
+    """Drop the floaters (``floater_parts``); returns the mesh and the number of parts dropped."""
+    labels, floater = floater_parts(vertices, faces, floater_area)
+    dropped = int(floater.sum())
     if dropped:
-        vertices, faces = compact(vertices, faces[keep_label[labels]])
+        vertices, faces = compact(vertices, faces[~floater[labels]])
     return vertices, faces, dropped
 
 
@@ -352,25 +380,26 @@ class Isosurface:
     info: Dict[str, object] = field(default_factory=dict)
 
 
-def clean_mesh(vertices: np.ndarray, faces: np.ndarray, remove_floaters_fraction: Optional[float] = 0.01,
+def clean_mesh(vertices: np.ndarray, faces: np.ndarray, floater_area: Optional[float] = FLOATER_AREA,
                face_budget: int = 0, orient: bool = True, info: Optional[Dict[str, object]] = None
                ) -> Tuple[np.ndarray, np.ndarray]:
     """Step 4 of the module docstring on a given mesh: degenerate faces and unused vertices dropped, outward
-    winding (``orient``), small floating parts removed, decimation to ``face_budget`` (0: none)."""
+    winding (``orient``), floaters removed (``floater_area``; None keeps every part), decimation to
+    ``face_budget`` (0: none)."""
     info = {} if info is None else info
     vertices, faces = compact(vertices, faces)
     if orient:
         vertices, faces = orient_outward(vertices, faces)
     dropped = 0
-    if remove_floaters_fraction and len(faces):
-        vertices, faces, dropped = remove_floaters(vertices, faces, float(remove_floaters_fraction))
+    if floater_area is not None and len(faces):
+        vertices, faces, dropped = remove_floaters(vertices, faces, float(floater_area))
     info["components_removed"] = dropped
     if face_budget and len(faces) > face_budget:
         vertices, faces = simplify(vertices, faces, face_budget)
         if len(faces) == 0:  # pragma: no cover - the decimator never empties a mesh with budget ≥ 4
             raise MeshError("simplification removed every face; raise the face budget")
-        if remove_floaters_fraction:  # decimating a noisy surface can cut off slivers
-            vertices, faces, more = remove_floaters(vertices, faces, float(remove_floaters_fraction))
+        if floater_area is not None:  # decimating a noisy surface can pinch off slivers
+            vertices, faces, more = remove_floaters(vertices, faces, float(floater_area))
             info["components_removed"] = dropped + more
     info["watertight"] = is_watertight(faces) if len(faces) else False
     return vertices, faces
@@ -378,7 +407,7 @@ def clean_mesh(vertices: np.ndarray, faces: np.ndarray, remove_floaters_fraction
 
 def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 256,
                        threshold: Union[str, float] = "auto", coarse_to_fine: bool = True, narrow_band: bool = True,
-                       remove_floaters_fraction: Optional[float] = 0.01, face_budget: int = 0,
+                       floater_area: Optional[float] = FLOATER_AREA, face_budget: int = 0,
                        chunk_size: int = 262144, progress: Optional[ProgressFn] = None,
                        stage: Optional[Callable[[str], None]] = None) -> Isosurface:
     """The surface ``σ = τ`` of ``density_fn`` inside ``[−radius, radius]³`` (see the module docstring).
@@ -431,7 +460,7 @@ def extract_isosurface(density_fn: DensityFn, radius: float, resolution: int = 2
     if stage is not None:
         stage("simplification")
     t3 = time.perf_counter()
-    vertices, faces = clean_mesh(vertices, faces, remove_floaters_fraction, face_budget, orient=False, info=info)
+    vertices, faces = clean_mesh(vertices, faces, floater_area, face_budget, orient=False, info=info)
     timings["cleanup"] = time.perf_counter() - t3
     normals = vertex_normals(vertices, faces)
     timings["total"] = time.perf_counter() - t0

@@ -78,9 +78,11 @@ class SceneField:
         return self._query(fn, points, 3)
 
 
-def mesh_scene_surface(scene, floater_fraction: Optional[float], face_budget: int) -> Isosurface:
+def mesh_scene_surface(scene, floater_area: Optional[float], face_budget: int) -> Isosurface:
     """The surface of a mesh scene is its own mesh (stage 2: the DMTet mesh, no marching cubes), cleaned as an
-    isosurface is; a fixed user mesh keeps its winding and every part."""
+    isosurface is; a fixed user mesh keeps its winding, every part and every face (``face_budget`` is not applied:
+    a mesh over ``convert.mesh_file.MAX_FACES`` was decimated once, for texturing, when its scene was made, and the
+    export writes that mesh)."""
     import torch
 
     t0 = time.perf_counter()
@@ -92,7 +94,7 @@ def mesh_scene_surface(scene, floater_fraction: Optional[float], face_budget: in
                         "diverged or the stage-1 scene was empty: refine from an earlier checkpoint")
     fixed = scene.kind == "mesh"
     info: dict = {"faces_scene": int(len(faces))}
-    vertices, faces = clean_mesh(vertices, faces, None if fixed else floater_fraction, face_budget,
+    vertices, faces = clean_mesh(vertices, faces, None if fixed else floater_area, 0 if fixed else face_budget,
                                  orient=not fixed, info=info)
     info["timings"] = {"cleanup": time.perf_counter() - t0}
     box = np.stack([vertices.min(0), vertices.max(0)]).astype(np.float32)
@@ -141,11 +143,11 @@ def extract_textured_mesh(scene, config: Optional[ExportConfig] = None,
             progress(last["value"], last["stage"])
 
     field = SceneField(scene, cfg.chunk_size, tick=tick)
-    floaters = cfg.floater_fraction if cfg.remove_floaters else None
+    floaters = cfg.floater_area if cfg.remove_floaters else None
     if getattr(scene, "kind", "volume") == "volume":
         iso = extract_isosurface(field.density, field.radius, resolution=cfg.resolution,
                                  threshold=cfg.threshold_value(), coarse_to_fine=cfg.coarse_to_fine,
-                                 narrow_band=cfg.narrow_band, remove_floaters_fraction=floaters,
+                                 narrow_band=cfg.narrow_band, floater_area=floaters,
                                  face_budget=cfg.face_budget, chunk_size=cfg.chunk_size,
                                  progress=surface_progress, stage=lambda name: report("simplification", 0.0))
     else:

@@ -17,7 +17,8 @@ MIN_PNG_SIDE = 256
 VIEW_SIZES = (8, 4096)
 #: the flags that set each output field (``generate``; ``render`` names its own)
 OUTPUT_FLAGS = {"views": "--views", "view_size": "--view-size", "mesh_format": "--mesh-format",
-                "mesh_resolution": "--mesh-resolution", "mesh_texture_size": "--mesh-texture-size"}
+                "mesh_resolution": "--mesh-resolution", "mesh_texture_size": "--mesh-texture-size",
+                "mesh_face_budget": "--mesh-face-budget"}
 
 
 def view_name(index: int) -> str:
@@ -34,8 +35,10 @@ class RunOutputs:
     view_size: int = 256
     mesh: bool = True
     mesh_format: str = "glb"
+    #: the mesh's export settings where given (None: the run's, ``run_export_config``)
     mesh_resolution: Optional[int] = None
     mesh_texture_size: Optional[int] = None
+    mesh_face_budget: Optional[int] = None
     quiet: bool = False
 
     @classmethod
@@ -46,6 +49,7 @@ class RunOutputs:
                    mesh=not getattr(args, "no_mesh", False), mesh_format=given("mesh_format", d.mesh_format),
                    mesh_resolution=getattr(args, "mesh_resolution", None),
                    mesh_texture_size=getattr(args, "mesh_texture_size", None),
+                   mesh_face_budget=getattr(args, "mesh_face_budget", None),
                    quiet=bool(getattr(args, "quiet", False)))
 
     def validate(self, flags: Optional[dict] = None, at_least_one_view: bool = False) -> "RunOutputs":
@@ -64,7 +68,8 @@ class RunOutputs:
             raise ConfigError(flags["view_size"], f"must be a size in pixels in [{lo}, {hi}], got {self.view_size!r}")
         if self.mesh_format not in FORMATS:
             raise ConfigError(flags["mesh_format"], f"must be one of {', '.join(FORMATS)}, got {self.mesh_format!r}")
-        for name, field in (("mesh_resolution", "resolution"), ("mesh_texture_size", "texture_size")):
+        for name, field in (("mesh_resolution", "resolution"), ("mesh_texture_size", "texture_size"),
+                            ("mesh_face_budget", "face_budget")):
             value = getattr(self, name)
             if value is not None:
                 try:
@@ -164,16 +169,25 @@ def export_mesh(scene, config, quiet: bool):
         bars.close()
 
 
-def write_run_mesh(outputs: RunOutputs, scene, out: Path, say=echo) -> Optional[Path]:
-    """Export the mesh of a finished run as ``out/mesh.<format>`` (a new name when it exists); None when the scene
-    has no surface to export (a warning through ``say`` says how to export later)."""
-    from ..errors import OutputExistsError
-    from ..export import ExportConfig, save_mesh, save_mesh_unique
+def run_export_config(preset: str, **given):
+    """The ``ExportConfig`` of a run made with ``preset``: the preset's export settings (``presets.export_settings``;
+    the CPU presets export smaller meshes) with the ``given`` settings that are not None on top."""
+    from ..export import ExportConfig
+    from ..presets import export_settings
 
-    mesh_over = {k: v for k, v in (("resolution", outputs.mesh_resolution),
-                                   ("texture_size", outputs.mesh_texture_size)) if v is not None}
+    return ExportConfig(**{**export_settings(preset), **{k: v for k, v in given.items() if v is not None}}).validate()
+
+
+def write_run_mesh(outputs: RunOutputs, scene, out: Path, preset: str, say=echo) -> Optional[Path]:
+    """Export the mesh of a finished run (made with ``preset``) as ``out/mesh.<format>`` (a new name when it
+    exists); None when the scene has no surface to export (a warning through ``say`` says how to export later)."""
+    from ..errors import OutputExistsError
+    from ..export import save_mesh, save_mesh_unique
+
     try:
-        mesh = export_mesh(scene, ExportConfig(**mesh_over), outputs.quiet)
+        config = run_export_config(preset, resolution=outputs.mesh_resolution, texture_size=outputs.mesh_texture_size,
+                                   face_budget=outputs.mesh_face_budget)
+        mesh = export_mesh(scene, config, outputs.quiet)
         try:
             path = save_mesh(mesh, out / f"mesh.{outputs.mesh_format}", outputs.mesh_format)
         except OutputExistsError:  # a resumed run: keep the earlier mesh
@@ -216,5 +230,5 @@ def finish_run(scene, opt, out: Path, outputs: RunOutputs, say=echo, phase=None,
     if outputs.mesh and not (only_missing and mesh_file.is_file()):
         if phase is not None:
             phase("while exporting the mesh")
-        written["mesh"] = write_run_mesh(outputs, scene, out, say)
+        written["mesh"] = write_run_mesh(outputs, scene, out, opt.config.preset, say)
     return written
