@@ -313,8 +313,8 @@ def test_ctrl_c_is_told_at_once_and_a_second_one_never_skips_the_checkpoint(tmp_
     # slow steps (a big render of the analytic prior): the first Ctrl-C lands inside a step
     args = ["generate", "--prompt", "a red ball", "--model", "analytic:64", "--preset", "preview-cpu",
             "--steps", "1000", "--out", str(out), "--quiet", "--no-mesh", "--checkpoint-every", "0",
-            "--preview-every", "1", "--set", "camera.height=96", "--set", "camera.width=96",
-            "--set", "camera.batch_size=4", "--set", "render.num_samples_per_ray=256"]
+            "--preview-every", "1", "--set", "camera.height=64", "--set", "camera.width=64",
+            "--set", "camera.batch_size=2", "--set", "render.num_samples_per_ray=192"]  # about 2 s a step
     proc = start_cli(args, out)
     lines: list = []  # (seconds since the first Ctrl-C, line) as they arrive
     reader = threading.Thread(target=lambda: [lines.append((time.time(), line)) for line in proc.stderr])
