@@ -133,3 +133,16 @@ def test_shape_quality_combines_seeds_into_means_and_an_iou_range():
     assert r["iou_range"] == [0.4, 0.8] and list(r["per_seed"]) == ["0", "1"]
     assert _iou_cell(r, "cone") == "0.600 (0.40–0.80)"
     assert combine_seeds({0: a}, "cone") == a and _iou_cell(a, "cone") == "0.800"
+
+
+def test_part_shares_count_parts_by_area():
+    """The floater score of shape_quality: area shares of the parts (faces joined by edges), largest first."""
+    import numpy as np
+    from shape_quality import part_shares
+
+    big = np.array([[0, 0, 0], [2, 0, 0], [0, 3, 0]], np.float32)  # area 3
+    small = big / np.sqrt(3) + 10  # area 1
+    v = np.concatenate([big, small])
+    f = np.array([[0, 1, 2], [3, 4, 5]])
+    assert np.allclose(part_shares(v, f), [0.75, 0.25])
+    assert part_shares(big, f[:1]) == [1.0]
