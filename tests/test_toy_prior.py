@@ -146,3 +146,14 @@ def test_part_shares_count_parts_by_area():
     f = np.array([[0, 1, 2], [3, 4, 5]])
     assert np.allclose(part_shares(v, f), [0.75, 0.25])
     assert part_shares(big, f[:1]) == [1.0]
+
+
+def test_texture_quality_scores_the_mean_albedo_against_the_colour_word():
+    import numpy as np
+    from texture_quality import colour_word, scores
+    from toy_prior.objects import get_object
+
+    assert colour_word(get_object("cube")) == "red"
+    albedo = np.array([[0.9, 0.1, 0.1], [0.7, 0.1, 0.1]])
+    r = scores(albedo, (0.86, 0.12, 0.10))
+    assert r["rgb"] == [0.8, 0.1, 0.1] and abs(r["error"] - 0.06) < 1e-6 and abs(r["spread"] - 0.1 / 3) < 1e-6
