@@ -60,7 +60,7 @@ def scores(albedo: np.ndarray, target) -> dict:
             "spread": float(np.abs(albedo - mean).mean())}
 
 
-def texture_run(obj, seed: int, steps: int, preset: str, mesh: Path, prior):
+def texture_run(obj, seed: int, steps: int, preset: str, mesh: Path, prior, overrides=None):
     """The textured scene of the texture demo for ``obj``'s prompt (as ``csd_backend texture``) and its seconds."""
     from csd_backend.convert.mesh_file import mesh_scene, read_mesh_file
     from csd_backend.optimize import Optimization
@@ -70,6 +70,8 @@ def texture_run(obj, seed: int, steps: int, preset: str, mesh: Path, prior):
                                      optim={"seed": seed, "checkpoint_every": 0, "preview_every": 0})
     if steps:
         cfg = cfg.with_steps(steps)
+    if overrides:
+        cfg = cfg.replace(**overrides)
     vertices, faces = read_mesh_file(mesh)
     scene = mesh_scene(vertices, faces, cfg.scene, name=mesh.name, seed=seed)
     t0 = time.perf_counter()
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="training steps (default 0: the preset's)")
     ap.add_argument("--preset", default="texture-cpu")
     ap.add_argument("--mesh", type=Path, default=VASE)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override a configuration field of every run (after --steps), as the command line's --set")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/texture_quality"))
     args = ap.parse_args(argv)
@@ -101,17 +105,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from csd_backend.config import PriorConfig
     from csd_backend.priors import load_prior
+    from csd_backend.runs.flags import parse_overrides
+
+    overrides = parse_overrides(args.set)
 
     prior = load_prior(PriorConfig(model="toy", device="cpu"))
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    lines = [f"Texture demo colours: preset {args.preset}, mesh {args.mesh.name}, seeds {seeds}, "
+    lines = [f"Texture demo colours: preset {args.preset}{' ' + ' '.join(args.set) if args.set else ''}, "
+             f"mesh {args.mesh.name}, seeds {seeds}, "
              f"{args.threads} torch thread(s); error = max per-channel |mean albedo − colour| (goal ≤ {GOAL})", "",
              "| prompt | seed | mean albedo (true) | error ↓ | spread ↓ | time |", "|---|---|---|---|---|---|"]
     for obj in objects:
         rows = []
         for seed in seeds:
-            scene, secs = texture_run(obj, seed, args.steps, args.preset, args.mesh, prior)
+            scene, secs = texture_run(obj, seed, args.steps, args.preset, args.mesh, prior, overrides)
             r = {**scores(surface_albedo(scene, seed=seed), obj.color), "seconds": round(secs, 1)}
             rows.append(r)
             true = ", ".join(f"{c:.2f}" for c in obj.color)
