@@ -31,7 +31,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("loop", ["csd_backend.optimize"]),
     ("run folders", ["csd_backend.runs"]),
     ("batch", ["csd_backend.batch"]),
-    ("command line", ["csd_backend.cli", "csd_backend.__main__"]),
+    ("command line", ["csd_backend.cli", "csd_backend.cli_parser", "csd_backend.__main__"]),
     ("node helpers", ["nodes.pack", "nodes.widgets", "nodes.input_errors", "nodes.specs", "nodes.previews",
                       "nodes.execution", "nodes.model_folders", "nodes.run_folders", "nodes.comfy_sampling"]),
     ("nodes", ["nodes.cameras", "nodes.comfy_prior", "nodes.controlnet", "nodes.guidance", "nodes.load_mesh",
