@@ -107,7 +107,6 @@ def test_cpu_template_is_the_small_preset_end_to_end():
     by_class = {v["class_type"]: v["inputs"] for v in api.values()}
     assert by_class["CSDScene"]["preset"] == by_class["CSDOptimize"]["preset"] == "preview-cpu"
     assert by_class["CSDOptimize"]["steps"] <= 400 and by_class["CSDCameras"]["width"] <= 64
-    assert 0 < by_class["CSDLoadDiffusionModel"]["resolution"] <= 256
     assert by_class["CSDExtractMesh"]["resolution"] <= 128 and by_class["CSDExtractMesh"]["texture_size"] <= 512
     assert by_class["CSDSaveMesh"]["format"] == "glb"
     assert "CSDRenderViews" not in by_class
@@ -115,6 +114,48 @@ def test_cpu_template_is_the_small_preset_end_to_end():
     assert "bench_cpu_template.py" in note
     readme = (cs.ROOT / "README.md").read_text(encoding="utf-8")
     assert "csd_text_to_3d_cpu" in readme and "bench_cpu_template.py" in readme
+
+
+def test_cpu_template_uses_the_shipped_toy_prior_and_says_how_to_switch():
+    """The CPU template runs on a fresh install: the toy prior ships with the pack (a 5 GB download was HTTP 400
+    for everyone who had not made it), with a prompt the toy knows at its native 64² (resolution 0); its Note says
+    so and how to switch to a real model."""
+    from csd_backend.priors import TOY_MODEL, TOY_PROMPTS
+
+    api = cs.load_api("csd_text_to_3d_cpu")
+    by_class = {v["class_type"]: v["inputs"] for v in api.values()}
+    assert by_class["CSDLoadDiffusionModel"]["model"] == TOY_MODEL == "toy"
+    assert by_class["CSDLoadDiffusionModel"]["resolution"] == 0
+    assert by_class["CSDGuidance"]["prompt"] in TOY_PROMPTS
+    note = _notes(cs.load_ui("csd_text_to_3d_cpu"))[0]["widgets_values"][0]
+    assert "toy" in note and all(p in note for p in TOY_PROMPTS)
+    assert "stable-diffusion-2-1-base" in note and "resolution" in note  # how to switch to a real model
+
+
+@pytest.fixture
+def fresh_install(tmp_path, monkeypatch):
+    """A ComfyUI with no model in its folders (a fresh install)."""
+    env = cs.install(monkeypatch, tmp_path)
+    return env, cs.node_classes(cs.load_pack())
+
+
+def test_cpu_template_as_shipped_is_accepted_by_a_fresh_install(fresh_install):
+    """Queued unchanged on a ComfyUI without any model, the CPU template passes validation (no HTTP 400)."""
+    _env, classes = fresh_install
+    good, errors = cs.validate_prompt(cs.load_api("csd_text_to_3d_cpu"), classes)
+    assert errors == {} and good
+
+
+def test_cpu_template_runs_with_its_own_toy_prior(fresh_install):
+    """The CPU template end to end with the toy prior it ships with (only sizes and steps cut for CI)."""
+    env, classes = fresh_install
+    overrides = {k: v for k, v in cs.TEST_OVERRIDES.items() if k != "CSDLoadDiffusionModel"}
+    prompt = cs.for_tests(cs.load_api("csd_text_to_3d_cpu"), classes, overrides)
+    run = cs.execute_prompt(prompt, classes, env)
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "CSDLoadDiffusionModel")
+    assert run.results[loader][0].name == "toy"
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "Preview3D")
+    assert (env.output_dir / run.outputs[preview]["result"][0]).is_file()
 
 
 @pytest.mark.parametrize("name", ["csd_text_to_3d", "csd_text_to_3d_cpu"])

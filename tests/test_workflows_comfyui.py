@@ -316,6 +316,26 @@ def test_api_workflow_runs_on_the_server(server, name):
     assert previews[0][4:8] == struct.pack(">I", 1) and previews[0][8:10] == b"\xff\xd8", "JPEG previews"
 
 
+def test_cpu_template_runs_as_shipped_on_the_server(server):
+    """The CPU template needs no download: queued exactly as shipped (its API twin; only the run name made unique,
+    as ComfyUI would otherwise reuse nothing anyway) on a server without Stable Diffusion it is accepted (no HTTP
+    400) and runs end to end with the toy prior that ships with the pack, mesh and Preview 3D included."""
+    name = "csd_text_to_3d_cpu"
+    prompt = cs.load_api(name)
+    opt = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize")
+    prompt[opt]["inputs"]["run_name"] = f"{prompt[opt]['inputs']['run_name']}_as_shipped"
+    t0 = time.time()
+    entry = server.wait(server.queue(prompt, ui=cs.load_ui(name)), timeout=1800)
+    seconds = time.time() - t0
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "Preview3D")
+    model_file = entry["outputs"][preview]["result"][0]
+    assert (server.output / model_file).is_file() and model_file.endswith(".glb")
+    ckpt = server.output / "csd3d" / "runs" / f"{prompt[opt]['inputs']['run_name']}_00001" / "config.json"
+    assert json.loads(ckpt.read_text())["prior"]["model"] == "toy"
+    print(f"{name} as shipped: {seconds:.0f} s from queueing to the end on this server")
+
+
 def test_server_offers_the_comfy_model_prior_and_the_test_checkpoint(server):
     status, info = server.request("GET", "/object_info/CSDPriorFromComfyModel")
     assert status == 200 and info["CSDPriorFromComfyModel"]["display_name"] == "CSD Prior from ComfyUI Model"
