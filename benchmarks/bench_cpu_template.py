@@ -1,7 +1,7 @@
-"""Time the CPU template end to end: ``example_workflows/api/csd_text_to_3d_cpu.json`` run through the same graph
-runner as the tests (``tests/comfy_stubs.py``: ComfyUI's folder_paths / progress bar / interrupt stubbed, every
-node run as ComfyUI runs it, inside ``torch.inference_mode``), as shipped: the toy prior that ships with the pack
-(model ``toy``), so nothing is downloaded or built.
+"""Time the CPU template end to end: ``example_workflows/api/01-CPU-demo-text-to-3D-with-the-toy-prior.json`` run
+through the same graph runner as the tests (``tests/comfy_stubs.py``: ComfyUI's folder_paths / progress bar /
+interrupt stubbed, every node run as ComfyUI runs it, inside ``torch.inference_mode``), as shipped: the toy prior
+that ships with the pack (model ``toy``), so nothing is downloaded or built.
 
     python benchmarks/bench_cpu_template.py                    # the whole template, as shipped (toy prior)
     python benchmarks/bench_cpu_template.py --steps 20         # train 20 steps, extrapolate to the template's
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
     sys.path.insert(0, str(p))
 
-TEMPLATE = "csd_text_to_3d_cpu"
+TEMPLATE = "01-CPU-demo-text-to-3D-with-the-toy-prior"
 MODEL_NAME = "stable-diffusion-2-1-base"  # the folder name of the random SD model (--sd21-random)
 #: the prior resolution of the --sd21-random runs: renders reach the VAE at 128² (the native 512² is far too slow)
 SD21_RANDOM_RESOLUTION = 128
@@ -63,7 +63,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="train this many steps and extrapolate (default: the "
                                                             "template's step count, no extrapolation)")
     ap.add_argument("--template", default=TEMPLATE, help="another API workflow of example_workflows/api (e.g. "
-                                                         "csd_text_to_3d with --steps 3: the paper settings on a CPU)")
+                                                         "02-text-to-3D-CSD-paper-settings-GPU with --steps 3 "
+                                                         "--sd21-random: the paper settings on a CPU)")
     ap.add_argument("--sd21-random", action="store_true",
                     help="replace the template's model by a full-size SD-2.1-base-shaped model of random weights at "
                          f"prior resolution {SD21_RANDOM_RESOLUTION} (what a real SD model costs in this graph)")

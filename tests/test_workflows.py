@@ -45,7 +45,7 @@ def _checkpoint(env, run_folder):
 # ------------------------------------------------------------------------------------------------ the files
 def test_every_ui_workflow_has_an_api_twin():
     ui = sorted(p.stem for p in cs.UI_DIR.glob("*.json"))
-    assert ui == cs.workflow_names() and "csd_text_to_3d" in ui and len(ui) >= 3
+    assert ui == cs.workflow_names() and cs.TEMPLATES["text_to_3d"] in ui and len(ui) >= 3
     for name in ui:
         wf = cs.load_ui(name)
         ids = [n["id"] for n in wf["nodes"]]
@@ -84,15 +84,15 @@ def test_every_template_has_a_note_on_hardware_and_time_in_the_ui_file_only(name
     text = note["widgets_values"][0]
     assert isinstance(text, str) and len(text) > 200
     assert "GPU" in text and "CPU" in text and "minutes" in text and "measured" in text.lower(), text
-    if "cpu" not in name:  # numbers that were not measured are said to be estimates
+    if name != cs.TEMPLATES["cpu"]:  # numbers that were not measured are said to be estimates
         assert "estimate, not measured" in text and "not measured yet" in text, text
     assert not any(v["class_type"] in cs.FRONTEND_ONLY_NODES for v in api.values())
     assert len(api) == len(ui["nodes"]) - 1
     assert note["id"] <= ui["last_node_id"] and note["id"] not in {link[1] for link in ui["links"]}
 
 
-@pytest.mark.parametrize("name,batch", [("csd_text_to_3d", 4), ("csd_edit_scene", 4), ("sds_baseline", 1),
-                                        ("csd_text_to_3d_cpu", 1)])
+@pytest.mark.parametrize("name,batch", [(cs.TEMPLATES["text_to_3d"], 4), (cs.TEMPLATES["edit"], 4),
+                                        (cs.TEMPLATES["sds"], 1), (cs.TEMPLATES["cpu"], 1)])
 def test_template_camera_batch_sizes(name, batch):
     """The official CSD object config trains with batch 4 (csd-edit follows); threestudio's dreamfusion-sd uses 1;
     the CPU template 1 to fit in its time."""
@@ -101,19 +101,19 @@ def test_template_camera_batch_sizes(name, batch):
 
 
 def test_cpu_template_is_the_small_preset_end_to_end():
-    names = [n for n in cs.workflow_names() if "cpu" in n]
-    assert names == ["csd_text_to_3d_cpu"]
-    api = cs.load_api("csd_text_to_3d_cpu")
+    names = [n for n in cs.workflow_names() if "cpu" in n.lower()]
+    assert names == [cs.TEMPLATES["cpu"]]
+    api = cs.load_api(cs.TEMPLATES["cpu"])
     by_class = {v["class_type"]: v["inputs"] for v in api.values()}
     assert by_class["CSDScene"]["preset"] == by_class["CSDOptimize"]["preset"] == "preview-cpu"
     assert by_class["CSDOptimize"]["steps"] <= 400 and by_class["CSDCameras"]["width"] <= 64
     assert by_class["CSDExtractMesh"]["resolution"] <= 128 and by_class["CSDExtractMesh"]["texture_size"] <= 512
     assert by_class["CSDSaveMesh"]["format"] == "glb"
     assert "CSDRenderViews" not in by_class
-    note = _notes(cs.load_ui("csd_text_to_3d_cpu"))[0]["widgets_values"][0]
+    note = _notes(cs.load_ui(cs.TEMPLATES["cpu"]))[0]["widgets_values"][0]
     assert "bench_cpu_template.py" in note
     readme = (cs.ROOT / "README.md").read_text(encoding="utf-8")
-    assert "csd_text_to_3d_cpu" in readme and "bench_cpu_template.py" in readme
+    assert cs.TEMPLATES["cpu"] in readme and "bench_cpu_template.py" in readme
 
 
 def test_cpu_template_uses_the_shipped_toy_prior_and_says_how_to_switch():
@@ -122,12 +122,12 @@ def test_cpu_template_uses_the_shipped_toy_prior_and_says_how_to_switch():
     so and how to switch to a real model."""
     from csd_backend.priors import TOY_MODEL, TOY_PROMPTS
 
-    api = cs.load_api("csd_text_to_3d_cpu")
+    api = cs.load_api(cs.TEMPLATES["cpu"])
     by_class = {v["class_type"]: v["inputs"] for v in api.values()}
     assert by_class["CSDLoadDiffusionModel"]["model"] == TOY_MODEL == "toy"
     assert by_class["CSDLoadDiffusionModel"]["resolution"] == 0
     assert by_class["CSDGuidance"]["prompt"] in TOY_PROMPTS
-    note = _notes(cs.load_ui("csd_text_to_3d_cpu"))[0]["widgets_values"][0]
+    note = _notes(cs.load_ui(cs.TEMPLATES["cpu"]))[0]["widgets_values"][0]
     assert "toy" in note and all(p in note for p in TOY_PROMPTS)
     assert "stable-diffusion-2-1-base" in note and "resolution" in note  # how to switch to a real model
 
@@ -142,7 +142,7 @@ def fresh_install(tmp_path, monkeypatch):
 def test_cpu_template_as_shipped_is_accepted_by_a_fresh_install(fresh_install):
     """Queued unchanged on a ComfyUI without any model, the CPU template passes validation (no HTTP 400)."""
     _env, classes = fresh_install
-    good, errors = cs.validate_prompt(cs.load_api("csd_text_to_3d_cpu"), classes)
+    good, errors = cs.validate_prompt(cs.load_api(cs.TEMPLATES["cpu"]), classes)
     assert errors == {} and good
 
 
@@ -150,7 +150,7 @@ def test_cpu_template_runs_with_its_own_toy_prior(fresh_install):
     """The CPU template end to end with the toy prior it ships with (only sizes and steps cut for CI)."""
     env, classes = fresh_install
     overrides = {k: v for k, v in cs.TEST_OVERRIDES.items() if k != "CSDLoadDiffusionModel"}
-    prompt = cs.for_tests(cs.load_api("csd_text_to_3d_cpu"), classes, overrides)
+    prompt = cs.for_tests(cs.load_api(cs.TEMPLATES["cpu"]), classes, overrides)
     run = cs.execute_prompt(prompt, classes, env)
     loader = next(k for k, v in prompt.items() if v["class_type"] == "CSDLoadDiffusionModel")
     assert run.results[loader][0].name == "toy"
@@ -158,7 +158,7 @@ def test_cpu_template_runs_with_its_own_toy_prior(fresh_install):
     assert (env.output_dir / run.outputs[preview]["result"][0]).is_file()
 
 
-@pytest.mark.parametrize("name", ["csd_text_to_3d", "csd_text_to_3d_cpu"])
+@pytest.mark.parametrize("name", [cs.TEMPLATES["text_to_3d"], cs.TEMPLATES["cpu"]])
 def test_text_to_3d_ends_with_mesh_export_and_preview_3d(name):
     api = cs.load_api(name)
     by_class = {v["class_type"]: (k, v) for k, v in api.items()}
@@ -210,9 +210,9 @@ def test_api_workflow_runs_end_to_end(name, env, classes):
             model_file = run.outputs[nid]["result"][0]
             assert not model_file.startswith("/") and (env.output_dir / model_file).is_file()
             assert model_file.endswith(".glb")
-    if name == "csd_edit_scene":
+    if name == cs.TEMPLATES["edit"]:
         _check_edit(env, prompt, run)
-    if name in ("csd_two_stage", "csd_texture_mesh"):
+    if name in (cs.TEMPLATES["two_stage"], cs.TEMPLATES["texture"]):
         _check_stage2(env, prompt, run, name)
 
 
@@ -221,7 +221,7 @@ def _check_stage2(env, prompt, run, name):
     mesh without moving it; both runs checkpoint and export their own mesh."""
     import trimesh
 
-    kind, node = ("dmtet", "CSDRefineMesh") if name == "csd_two_stage" else ("mesh", "CSDTextureMesh")
+    kind, node = ("dmtet", "CSDRefineMesh") if name == cs.TEMPLATES["two_stage"] else ("mesh", "CSDTextureMesh")
     nid = next(k for k, v in prompt.items() if v["class_type"] == node)
     scene = run.results[nid][0]
     assert scene.kind == kind and run.results[nid][1].shape[0] == 1
@@ -263,7 +263,7 @@ def _check_edit(env, prompt, run):
 
 def _optimize_only(classes, steps):
     """The text-to-3D workflow up to Optimize (+ its preview), for the Cancel tests."""
-    api = cs.for_tests(cs.without_missing_nodes(cs.load_api("csd_text_to_3d"), classes), classes)
+    api = cs.for_tests(cs.without_missing_nodes(cs.load_api(cs.TEMPLATES["text_to_3d"]), classes), classes)
     keep = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize", "PreviewImage"}
     prompt = {k: v for k, v in api.items() if v["class_type"] in keep}
     opt = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize")
