@@ -3,6 +3,7 @@ ComfyUI), with progress previews, Cancel and resume."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -169,6 +170,95 @@ def test_text_to_3d_ends_with_mesh_export_and_preview_3d(name):
     assert preview["inputs"]["model_file"] == [save_id, 0]
     assert save["inputs"]["textured_mesh"] == [extract_id, 1]
     assert api[extract_id]["inputs"]["scene"] == [optimize_id, 0]
+
+
+# ------------------------------------------------------------------------------------- the default view
+@dataclass(frozen=True)
+class Screen:
+    """ComfyUI's frontend 1.27.10 at a window size, first run, default settings (measured in headless Chromium by
+    loading every template through the Templates dialog): where the graph canvas is in the window and which parts
+    of it the interface covers. Window pixels."""
+    canvas: tuple  # x, y, width, height of the canvas element (right of the side bar, below the top menu)
+    covered_top: float  # the workflow tab bar covers the canvas down to this y (at 1280x720 it floats over it)
+    corner: tuple  # x, y of the bottom-right corner that the minimap and the zoom controls cover
+
+
+SCREENS = {
+    "1280x720": Screen(canvas=(40, 40, 1240, 680), covered_top=78, corner=(956, 454)),
+    "1920x1080": Screen(canvas=(64, 78, 1856, 1002), covered_top=78, corner=(1596, 814)),
+}
+#: LiteGraph.NODE_TITLE_HEIGHT: a node's title bar sits above its "pos"
+TITLE_HEIGHT = 30
+#: the sizes frontend 1.27.10 gives nodes whose stored size is smaller (it grows a node to fit its widgets)
+FRONTEND_MIN_SIZE = {"CSDCameras": (420, 370)}
+#: the least space between two nodes' boxes (title bars included), graph units
+NODE_GAP = 20
+
+
+def _box(node):
+    """A node's box in graph units, title bar included: x0, y0, x1, y1."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def _on_screen(box, ds, screen: Screen):
+    """``box`` in window pixels at the view ``ds`` (extra.ds: screen = canvas origin + (graph + offset) · scale)."""
+    (ox, oy), s = ds["offset"], ds["scale"]
+    cx, cy = screen.canvas[:2]
+    return cx + (box[0] + ox) * s, cy + (box[1] + oy) * s, cx + (box[2] + ox) * s, cy + (box[3] + oy) * s
+
+
+def _unobstructed(rect, screen: Screen) -> bool:
+    cx, cy, cw, ch = screen.canvas
+    x0, y0, x1, y1 = rect
+    inside = x0 >= cx and x1 <= cx + cw and y0 >= max(cy, screen.covered_top) and y1 <= cy + ch
+    in_corner = x1 > screen.corner[0] and y1 > screen.corner[1]
+    return inside and not in_corner
+
+
+@pytest.mark.parametrize("screen", sorted(SCREENS))
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_note_and_first_node_are_in_view_at_the_default_zoom(name, screen):
+    """Loaded from the Templates dialog, a template opens at its saved view (extra.ds): the Note ("Hardware and
+    time") and the first node (id 1, where the graph starts) must be fully on the canvas at 1280x720 and
+    1920x1080, below the tab bar and clear of the minimap, at a readable zoom."""
+    ui = cs.load_ui(name)
+    ds = ui["extra"]["ds"]
+    assert 0.6 <= ds["scale"] <= 1.0, "a zoom at which the widgets stay readable"
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    first = nodes[1]
+    assert all(inp.get("link") is None for inp in first.get("inputs", [])), "node 1 starts the graph"
+    for node in _notes(ui) + [first]:
+        rect = _on_screen(_box(node), ds, SCREENS[screen])
+        assert _unobstructed(rect, SCREENS[screen]), (node["type"], [round(v) for v in rect])
+
+
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_nodes_do_not_overlap_and_keep_the_size_the_frontend_gives_them(name):
+    ui = cs.load_ui(name)
+    for node in ui["nodes"]:
+        least = FRONTEND_MIN_SIZE.get(node["type"], (0, 0))
+        assert node["size"][0] >= least[0] and node["size"][1] >= least[1], (node["type"], node["size"], least)
+    boxes = [(n["type"], n["id"], _box(n)) for n in ui["nodes"]]
+    for i, (ta, ia, a) in enumerate(boxes):
+        for tb, ib, b in boxes[i + 1:]:
+            apart = (a[2] + NODE_GAP <= b[0] or b[2] + NODE_GAP <= a[0] or a[3] + NODE_GAP <= b[1]
+                     or b[3] + NODE_GAP <= a[1])
+            assert apart, f"{ta}#{ia} {a} and {tb}#{ib} {b} overlap or touch"
+
+
+def test_the_screen_model_catches_what_it_looks_for():
+    """The shipped layout before this check: the Note at x = -620 was off-screen, a node at y = 0 under the tab
+    bar at 1280x720 (its title at y = 47 < 78), a node in the minimap's corner hidden."""
+    ds = {"offset": [40, 40], "scale": 0.75}
+    small = SCREENS["1280x720"]
+    note = {"pos": [-620, 0], "size": [560, 360]}
+    assert not _unobstructed(_on_screen(_box(note), ds, small), small)
+    loader = {"pos": [0, 0], "size": [420, 180]}
+    assert not _unobstructed(_on_screen(_box(loader), ds, small), small)
+    assert _unobstructed(_on_screen(_box(loader), ds, SCREENS["1920x1080"]), SCREENS["1920x1080"])
+    assert not _unobstructed(_on_screen(_box({"pos": [1300, 500], "size": [200, 100]}), ds, small), small)
+    assert _unobstructed(_on_screen(_box({"pos": [0, 100], "size": [420, 180]}), ds, small), small)
 
 
 # ------------------------------------------------------------------------------------------ end to end
