@@ -3,6 +3,7 @@ ComfyUI), with progress previews, Cancel and resume."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -92,6 +93,23 @@ def test_every_template_has_a_note_on_hardware_and_time_in_the_ui_file_only(name
     assert note["id"] <= ui["last_node_id"] and note["id"] not in {link[1] for link in ui["links"]}
 
 
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_notes_name_only_templates_and_presets_that_exist(name):
+    """A Note that sends users to another template or a preset names one that exists (templates were renamed;
+    the old names must not linger)."""
+    import re
+
+    from csd_backend.presets import preset_names
+
+    text = _notes(cs.load_ui(name))[0]["widgets_values"][0]
+    for ref in re.findall(r"\b\d\d-[A-Za-z0-9-]*[A-Za-z0-9]", text):
+        assert ref in cs.workflow_names(), ref
+    old = [w for w in re.findall(r"\b(?:csd|sds|vsd)_[a-z0-9_]+", text) if w != "csd_vase"]
+    assert not old, old
+    named = re.findall(r"\b[a-z0-9]+(?:-[a-z0-9]+)*-cpu\b", text) + re.findall(r"preset ([a-z0-9]+(?:-[a-z0-9]+)+)", text)
+    assert named and set(named) <= set(preset_names()), named
+
+
 @pytest.mark.parametrize("name,batch", [(cs.TEMPLATES["text_to_3d"], 4), (cs.TEMPLATES["edit"], 4),
                                         (cs.TEMPLATES["sds"], 1), (cs.TEMPLATES["cpu"], 1)])
 def test_template_camera_batch_sizes(name, batch):
@@ -170,6 +188,67 @@ def test_text_to_3d_ends_with_mesh_export_and_preview_3d(name):
     assert preview["inputs"]["model_file"] == [save_id, 0]
     assert save["inputs"]["textured_mesh"] == [extract_id, 1]
     assert api[extract_id]["inputs"]["scene"] == [optimize_id, 0]
+
+
+# ---------------------------------------------------------------------------------------- the Templates dialog
+def test_template_names_read_as_descriptions_in_order():
+    """Frontend 1.27.10 shows a custom-node template's file name as the card title and the name with - and _ as
+    spaces as its description: names are numbered (the CPU demo first), spelled with hyphens (a break point for
+    the two-line title) and only use characters every file system and URL takes."""
+    import re
+
+    names = cs.workflow_names()
+    assert names[0] == cs.TEMPLATES["cpu"] and sorted(cs.TEMPLATES.values()) == names
+    for i, name in enumerate(names, 1):
+        assert re.fullmatch(r"\d\d(-[A-Za-z0-9]+)+", name) and name.startswith(f"{i:02d}-"), name
+        assert len(name) <= 48, "two lines of a card title"
+        assert name.endswith("-GPU") == (name != cs.TEMPLATES["cpu"]), "the GPU tag says which need a GPU"
+
+
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_every_template_has_a_thumbnail_that_is_a_render(name):
+    """<name>.jpg beside the UI file is the card's image (/api/workflow_templates/<pack>/<name>.jpg): a small square
+    JPEG of renders, made by benchmarks/template_thumbnails.py, and the Note says what it shows."""
+    from PIL import Image, ImageStat
+
+    path = cs.UI_DIR / f"{name}.jpg"
+    assert path.is_file(), f"no thumbnail {path.name}: run python benchmarks/template_thumbnails.py"
+    assert 5_000 <= path.stat().st_size <= 100_000, path.stat().st_size
+    with Image.open(path) as img:
+        assert img.format == "JPEG" and img.mode == "RGB"
+        assert img.size[0] == img.size[1] and 256 <= img.size[0] <= 512, img.size
+        assert max(ImageStat.Stat(img).stddev) > 20, "not a blank image"
+    note = _notes(cs.load_ui(name))[0]["widgets_values"][0]
+    assert "thumbnail" in note.lower() and "toy" in note and "template_thumbnails.py" in note, name
+
+
+def _thumbnail_script():
+    bench = str(cs.ROOT / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import template_thumbnails
+
+    return template_thumbnails
+
+
+def test_no_stray_thumbnails_and_the_script_knows_every_template():
+    tt = _thumbnail_script()
+
+    assert sorted(p.stem for p in cs.UI_DIR.glob("*.jpg")) == cs.workflow_names()
+    assert sorted(tt.RECIPES) == cs.workflow_names() and tt.CPU_DEMO == cs.TEMPLATES["cpu"]
+
+
+def test_thumbnail_script_runs_a_template_with_the_toy_prior(tmp_path):
+    """The checkpoint template's recipe (the toy weights as ComfyUI's MODEL/CLIP/VAE, CPU presets) for one step:
+    the graph runs and a 384x384 JPEG comes out."""
+    from PIL import Image
+
+    tt = _thumbnail_script()
+    (tmp_path / "out").mkdir()
+    r = tt.make_thumbnail(cs.TEMPLATES["checkpoint"], tmp_path / "out", tmp_path / "work", steps=1)
+    with Image.open(r["jpg"]) as img:
+        assert img.size == (tt.SIZE, tt.SIZE) and img.format == "JPEG"
+    assert r["presets"] == {"6": "preview-cpu"} and r["steps"] == {"6": 1}
 
 
 # ------------------------------------------------------------------------------------- the default view

@@ -267,6 +267,9 @@ def test_server_lists_the_nodes_models_and_templates(server):
     assert status == 200 and sorted(templates[PACK_DIR_NAME]) == cs.workflow_names(), templates
     status, ui = server.request("GET", f"/api/workflow_templates/{PACK_DIR_NAME}/{cs.TEMPLATES['text_to_3d']}.json")
     assert status == 200 and ui["nodes"], "the template files are served to the frontend"
+    for name in cs.workflow_names():  # the card images of the Templates dialog
+        status, data = server.request("GET", f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")
+        assert status == 200 and data[:3] == b"\xff\xd8\xff", (name, status)
 
 
 @pytest.mark.parametrize("name", cs.workflow_names())
