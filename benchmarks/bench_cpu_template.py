@@ -1,18 +1,24 @@
-"""Time the CPU template end to end: ``example_workflows/api/csd_text_to_3d_cpu.json`` run through the same graph
-runner as the tests (``tests/comfy_stubs.py``: ComfyUI's folder_paths / progress bar / interrupt stubbed, every
-node run as ComfyUI runs it, inside ``torch.inference_mode``), with a full-size SD-2.1-base-shaped model of
-random weights saved as a diffusers folder and loaded by CSD Load Diffusion Model like the real one.
+"""Time the CPU template end to end: ``example_workflows/api/01-CPU-demo-text-to-3D-with-the-toy-prior.json`` run
+through the same graph runner as the tests (``tests/comfy_stubs.py``: ComfyUI's folder_paths / progress bar /
+interrupt stubbed, every node run as ComfyUI runs it, inside ``torch.inference_mode``), as shipped: the toy prior
+that ships with the pack (model ``toy``), so nothing is downloaded or built.
 
-    python benchmarks/bench_cpu_template.py                    # the whole template, as shipped
+    python benchmarks/bench_cpu_template.py                    # the whole template, as shipped (toy prior)
     python benchmarks/bench_cpu_template.py --steps 20         # train 20 steps, extrapolate to the template's
-    python benchmarks/bench_cpu_template.py --threads 2 --model-dir /data/sd21-random
+    python benchmarks/bench_cpu_template.py --sd21-random      # the same graph with a full-size SD model (below)
+    python benchmarks/bench_cpu_template.py --sd21-random --threads 2 --model-dir /data/sd21-random
 
 Prints the time of every node, the Optimize phases (start-up, per-step time, the final preview render) and the
 total; with ``--steps`` the training time is extrapolated from the measured steps to the template's step count
 (the schedules are stretched to the run length, so a short run has the same mix of 2- and 3-branch steps) and
-the total is marked as an estimate. Random weights cost exactly what the real weights cost, but the scene they
-train is not the object a real prompt gives, so the mesh (faces to unwrap and bake) may differ in size.
-Building the random model (about 1 min, 5.2 GB on disk, reused from ``--model-dir``) is not counted.
+the total is marked as an estimate.
+
+``--sd21-random`` measures what a real Stable Diffusion model costs in this graph: CSD Load Diffusion Model gets a
+full-size SD-2.1-base-shaped model of random weights saved as a diffusers folder
+(``models/diffusers/stable-diffusion-2-1-base``, loaded like the real one) at prior resolution 128 (renders reach
+the VAE at 128² instead of 512²). Random weights cost exactly what the real weights cost, but the scene they train
+is not the object a real prompt gives, so the mesh (faces to unwrap and bake) may differ in size. Building the
+random model (about 1 min, 5.2 GB on disk, reused from ``--model-dir``) is not counted.
 """
 from __future__ import annotations
 
@@ -29,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests", ROOT / "benchmarks"):
     sys.path.insert(0, str(p))
 
-TEMPLATE = "csd_text_to_3d_cpu"
-MODEL_NAME = "stable-diffusion-2-1-base"  # what the template's loader names
+TEMPLATE = "01-CPU-demo-text-to-3D-with-the-toy-prior"
+MODEL_NAME = "stable-diffusion-2-1-base"  # the folder name of the random SD model (--sd21-random)
+#: the prior resolution of the --sd21-random runs: renders reach the VAE at 128² (the native 512² is far too slow)
+SD21_RANDOM_RESOLUTION = 128
 
 
 def _timed_classes(classes, marks):
@@ -55,10 +63,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="train this many steps and extrapolate (default: the "
                                                             "template's step count, no extrapolation)")
     ap.add_argument("--template", default=TEMPLATE, help="another API workflow of example_workflows/api (e.g. "
-                                                         "csd_text_to_3d with --steps 3: the paper settings on a CPU)")
+                                                         "02-text-to-3D-CSD-paper-settings-GPU with --steps 3 "
+                                                         "--sd21-random: the paper settings on a CPU)")
+    ap.add_argument("--sd21-random", action="store_true",
+                    help="replace the template's model by a full-size SD-2.1-base-shaped model of random weights at "
+                         f"prior resolution {SD21_RANDOM_RESOLUTION} (what a real SD model costs in this graph)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "csd3d-bench-sd21-base-random"),
-                    help="where the random SD-2.1-base-shaped diffusers folder is built and reused")
+                    help="--sd21-random: where the random SD-2.1-base-shaped diffusers folder is built and reused")
     ap.add_argument("--workdir", default=None, help="ComfyUI-like folders (models, output); default: a temp dir")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args()
@@ -72,14 +84,14 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = save_sd21_base_folder(Path(args.model_dir))
+    model = save_sd21_base_folder(Path(args.model_dir)) if args.sd21_random else None
     build_s = time.perf_counter() - t0
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="csd3d-bench-"))
     mp = pytest.MonkeyPatch()
     env = cs.install(mp, work)
     link = env.models_dir / "diffusers" / MODEL_NAME
-    if not link.exists():
+    if model is not None and not link.exists():
         link.symlink_to(model.resolve(), target_is_directory=True)
     marks = []
     steps_log = []  # (step, wall, cpu) at every progress update of Optimize
@@ -97,10 +109,15 @@ def main() -> int:
     steps = int(args.steps or template_steps)
     prompt[opt_id]["inputs"]["steps"] = steps
     prompt[opt_id]["inputs"]["run_name"] = f"bench_{os.getpid()}"
+    loader = next(v for v in prompt.values() if v["class_type"] == "CSDLoadDiffusionModel")
+    if args.sd21_random:
+        loader["inputs"].update({"model": f"diffusers/{MODEL_NAME}", "resolution": SD21_RANDOM_RESOLUTION})
     load0 = os.getloadavg()
     print(f"template {args.template}: {template_steps} steps as shipped, running {steps}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
-          f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; random weights built/reused in {build_s:.0f} s",
+          f"{load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; model {loader['inputs']['model']} at prior resolution "
+          f"{loader['inputs']['resolution'] or 'native'}"
+          + (f"; random weights built/reused in {build_s:.0f} s" if model is not None else ""),
           flush=True)
     t_run = time.perf_counter()
     run = cs.execute_prompt(prompt, classes, env)
@@ -156,7 +173,8 @@ def main() -> int:
           f"peak memory {peak_gb:.1f} GB; load average after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "template_steps": template_steps, "steps_run": steps, "threads": torch.get_num_threads(),
+            "template": args.template, "model": loader["inputs"]["model"], "template_steps": template_steps,
+            "steps_run": steps, "threads": torch.get_num_threads(),
             "load_before": load0, "load_after": load1,
             "nodes": [{"id": n, "class": c, "wall_s": w, "cpu_s": p} for n, c, w, p in rows],
             "first_step_s": first, "step_s": per_step, "cpu_step_s": cpu_step, "preview_render_s": tail, "training_s": train_est,

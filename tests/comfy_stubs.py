@@ -635,6 +635,20 @@ def ui_to_api(ui: Dict[str, Any], classes: Dict[str, type]) -> Dict[str, Any]:
 UI_DIR = ROOT / "example_workflows"
 API_DIR = UI_DIR / "api"
 TINY_MODEL = "diffusers/tiny-sd"
+#: the example workflows by what they do. The file name is what ComfyUI's Templates dialog shows (frontend 1.27.10:
+#: the card's title is the name, its description the name with "-" and "_" as spaces), so it describes the
+#: template, numbered in the order to try them (the CPU demo first) and tagged GPU where Stable Diffusion on a GPU
+#: is needed; <name>.jpg beside it is the card's thumbnail (benchmarks/template_thumbnails.py)
+TEMPLATES = {
+    "cpu": "01-CPU-demo-text-to-3D-with-the-toy-prior",
+    "text_to_3d": "02-text-to-3D-CSD-paper-settings-GPU",
+    "two_stage": "03-two-stage-CSD-then-mesh-refinement-GPU",
+    "edit": "04-edit-a-generated-scene-GPU",
+    "texture": "05-texture-your-own-mesh-GPU",
+    "checkpoint": "06-your-checkpoint-and-LoRAs-as-prior-GPU",
+    "sds": "07-SDS-baseline-DreamFusion-GPU",
+    "vsd": "08-VSD-ProlificDreamer-GPU",
+}
 
 #: per node type, the widget values a test run changes (model, sizes, steps); everything else runs as shipped
 TEST_OVERRIDES: Dict[str, Dict[str, object]] = {

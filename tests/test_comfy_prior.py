@@ -315,7 +315,7 @@ def test_optimize_resumes_with_the_prior_of_the_same_node(env, pack):
     """The run records prior "comfyui:SD15:eps"; resume with the same node continues it; a CSD Load Diffusion
     Model prior is refused (a different model)."""
     classes = cs.node_classes(pack)
-    api = cs.for_tests(cs.load_api("csd_comfy_checkpoint"), classes)
+    api = cs.for_tests(cs.load_api(cs.TEMPLATES["checkpoint"]), classes)
     keep = {"CheckpointLoaderSimple", "CSDPriorFromComfyModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize"}
     prompt = {k: v for k, v in api.items() if v["class_type"] in keep}
     opt = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize")

@@ -281,7 +281,7 @@ def test_a_reserved_prefix_rejects_the_whole_workflow_before_it_runs(tmp_path, m
 
     env = cs.install(monkeypatch, tmp_path)
     classes = cs.node_classes(cs.load_pack())
-    api = cs.load_api("csd_text_to_3d")
+    api = cs.load_api(cs.TEMPLATES["text_to_3d"])
     save = next(k for k, v in api.items() if v["class_type"] == "CSDSaveMesh")
     api[save]["inputs"]["filename_prefix"] = "csd3d/con"
     good, errors = cs.validate_prompt(api, classes)

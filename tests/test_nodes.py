@@ -274,7 +274,7 @@ def test_guidance_defaults_reproduce_the_presets(pack, part, preset, steps):
 
 @pytest.mark.parametrize("steps", [25000, 2500])
 def test_cameras_later_size_reproduces_the_prolificdreamer_milestone(pack, part, steps):
-    """CSD Cameras' later_width/later_height/later_from as the vsd_prolificdreamer template sets them give the
+    """CSD Cameras' later_width/later_height/later_from as the VSD template sets them give the
     preset's 64² → 512² switch at step 5000 of 25000, stretched with the run like the preset's own."""
     from csd_backend.presets import get_preset
 
@@ -287,7 +287,7 @@ def test_cameras_later_size_reproduces_the_prolificdreamer_milestone(pack, part,
         want.height, want.width, want.resolution_milestones)
     (plain,) = node.build(**defaults(type(node)))  # later sizes 0: one phase, whatever the preset had
     assert plain.resolution_milestones == [] and plain.sizes() == [(4, 64, 64)]
-    api = cs.load_api("vsd_prolificdreamer")
+    api = cs.load_api(cs.TEMPLATES["vsd"])
     cam_inputs = next(v["inputs"] for v in api.values() if v["class_type"] == "CSDCameras")
     assert (cam_inputs["later_width"], cam_inputs["later_height"], cam_inputs["later_from"]) == (512, 512, 0.2)
 
@@ -336,7 +336,7 @@ def test_live_preview_is_enlarged_by_nearest_neighbour(env, part):
 
 # ------------------------------------------------------------------------------------------------ validation
 def _text_to_3d(pack):
-    api = cs.load_api("csd_text_to_3d")
+    api = cs.load_api(cs.TEMPLATES["text_to_3d"])
     classes = cs.node_classes(pack)
     # without nodes/mesh.py (another module) the mesh branch is left out; validation of the rest is the same
     return cs.without_missing_nodes(api, classes), classes

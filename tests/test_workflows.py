@@ -3,6 +3,8 @@ ComfyUI), with progress previews, Cancel and resume."""
 from __future__ import annotations
 
 import json
+import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -45,7 +47,7 @@ def _checkpoint(env, run_folder):
 # ------------------------------------------------------------------------------------------------ the files
 def test_every_ui_workflow_has_an_api_twin():
     ui = sorted(p.stem for p in cs.UI_DIR.glob("*.json"))
-    assert ui == cs.workflow_names() and "csd_text_to_3d" in ui and len(ui) >= 3
+    assert ui == cs.workflow_names() and cs.TEMPLATES["text_to_3d"] in ui and len(ui) >= 3
     for name in ui:
         wf = cs.load_ui(name)
         ids = [n["id"] for n in wf["nodes"]]
@@ -84,15 +86,32 @@ def test_every_template_has_a_note_on_hardware_and_time_in_the_ui_file_only(name
     text = note["widgets_values"][0]
     assert isinstance(text, str) and len(text) > 200
     assert "GPU" in text and "CPU" in text and "minutes" in text and "measured" in text.lower(), text
-    if "cpu" not in name:  # numbers that were not measured are said to be estimates
+    if name != cs.TEMPLATES["cpu"]:  # numbers that were not measured are said to be estimates
         assert "estimate, not measured" in text and "not measured yet" in text, text
     assert not any(v["class_type"] in cs.FRONTEND_ONLY_NODES for v in api.values())
     assert len(api) == len(ui["nodes"]) - 1
     assert note["id"] <= ui["last_node_id"] and note["id"] not in {link[1] for link in ui["links"]}
 
 
-@pytest.mark.parametrize("name,batch", [("csd_text_to_3d", 4), ("csd_edit_scene", 4), ("sds_baseline", 1),
-                                        ("csd_text_to_3d_cpu", 1)])
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_notes_name_only_templates_and_presets_that_exist(name):
+    """A Note that sends users to another template or a preset names one that exists (templates were renamed;
+    the old names must not linger)."""
+    import re
+
+    from csd_backend.presets import preset_names
+
+    text = _notes(cs.load_ui(name))[0]["widgets_values"][0]
+    for ref in re.findall(r"\b\d\d-[A-Za-z0-9-]*[A-Za-z0-9]", text):
+        assert ref in cs.workflow_names(), ref
+    old = [w for w in re.findall(r"\b(?:csd|sds|vsd)_[a-z0-9_]+", text) if w != "csd_vase"]
+    assert not old, old
+    named = re.findall(r"\b[a-z0-9]+(?:-[a-z0-9]+)*-cpu\b", text) + re.findall(r"preset ([a-z0-9]+(?:-[a-z0-9]+)+)", text)
+    assert named and set(named) <= set(preset_names()), named
+
+
+@pytest.mark.parametrize("name,batch", [(cs.TEMPLATES["text_to_3d"], 4), (cs.TEMPLATES["edit"], 4),
+                                        (cs.TEMPLATES["sds"], 1), (cs.TEMPLATES["cpu"], 1)])
 def test_template_camera_batch_sizes(name, batch):
     """The official CSD object config trains with batch 4 (csd-edit follows); threestudio's dreamfusion-sd uses 1;
     the CPU template 1 to fit in its time."""
@@ -101,23 +120,64 @@ def test_template_camera_batch_sizes(name, batch):
 
 
 def test_cpu_template_is_the_small_preset_end_to_end():
-    names = [n for n in cs.workflow_names() if "cpu" in n]
-    assert names == ["csd_text_to_3d_cpu"]
-    api = cs.load_api("csd_text_to_3d_cpu")
+    names = [n for n in cs.workflow_names() if "cpu" in n.lower()]
+    assert names == [cs.TEMPLATES["cpu"]]
+    api = cs.load_api(cs.TEMPLATES["cpu"])
     by_class = {v["class_type"]: v["inputs"] for v in api.values()}
     assert by_class["CSDScene"]["preset"] == by_class["CSDOptimize"]["preset"] == "preview-cpu"
     assert by_class["CSDOptimize"]["steps"] <= 400 and by_class["CSDCameras"]["width"] <= 64
-    assert 0 < by_class["CSDLoadDiffusionModel"]["resolution"] <= 256
     assert by_class["CSDExtractMesh"]["resolution"] <= 128 and by_class["CSDExtractMesh"]["texture_size"] <= 512
     assert by_class["CSDSaveMesh"]["format"] == "glb"
     assert "CSDRenderViews" not in by_class
-    note = _notes(cs.load_ui("csd_text_to_3d_cpu"))[0]["widgets_values"][0]
+    note = _notes(cs.load_ui(cs.TEMPLATES["cpu"]))[0]["widgets_values"][0]
     assert "bench_cpu_template.py" in note
     readme = (cs.ROOT / "README.md").read_text(encoding="utf-8")
-    assert "csd_text_to_3d_cpu" in readme and "bench_cpu_template.py" in readme
+    assert cs.TEMPLATES["cpu"] in readme and "bench_cpu_template.py" in readme
 
 
-@pytest.mark.parametrize("name", ["csd_text_to_3d", "csd_text_to_3d_cpu"])
+def test_cpu_template_uses_the_shipped_toy_prior_and_says_how_to_switch():
+    """The CPU template runs on a fresh install: the toy prior ships with the pack (a 5 GB download was HTTP 400
+    for everyone who had not made it), with a prompt the toy knows at its native 64² (resolution 0); its Note says
+    so and how to switch to a real model."""
+    from csd_backend.priors import TOY_MODEL, TOY_PROMPTS
+
+    api = cs.load_api(cs.TEMPLATES["cpu"])
+    by_class = {v["class_type"]: v["inputs"] for v in api.values()}
+    assert by_class["CSDLoadDiffusionModel"]["model"] == TOY_MODEL == "toy"
+    assert by_class["CSDLoadDiffusionModel"]["resolution"] == 0
+    assert by_class["CSDGuidance"]["prompt"] in TOY_PROMPTS
+    note = _notes(cs.load_ui(cs.TEMPLATES["cpu"]))[0]["widgets_values"][0]
+    assert "toy" in note and all(p in note for p in TOY_PROMPTS)
+    assert "stable-diffusion-2-1-base" in note and "resolution" in note  # how to switch to a real model
+
+
+@pytest.fixture
+def fresh_install(tmp_path, monkeypatch):
+    """A ComfyUI with no model in its folders (a fresh install)."""
+    env = cs.install(monkeypatch, tmp_path)
+    return env, cs.node_classes(cs.load_pack())
+
+
+def test_cpu_template_as_shipped_is_accepted_by_a_fresh_install(fresh_install):
+    """Queued unchanged on a ComfyUI without any model, the CPU template passes validation (no HTTP 400)."""
+    _env, classes = fresh_install
+    good, errors = cs.validate_prompt(cs.load_api(cs.TEMPLATES["cpu"]), classes)
+    assert errors == {} and good
+
+
+def test_cpu_template_runs_with_its_own_toy_prior(fresh_install):
+    """The CPU template end to end with the toy prior it ships with (only sizes and steps cut for CI)."""
+    env, classes = fresh_install
+    overrides = {k: v for k, v in cs.TEST_OVERRIDES.items() if k != "CSDLoadDiffusionModel"}
+    prompt = cs.for_tests(cs.load_api(cs.TEMPLATES["cpu"]), classes, overrides)
+    run = cs.execute_prompt(prompt, classes, env)
+    loader = next(k for k, v in prompt.items() if v["class_type"] == "CSDLoadDiffusionModel")
+    assert run.results[loader][0].name == "toy"
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "Preview3D")
+    assert (env.output_dir / run.outputs[preview]["result"][0]).is_file()
+
+
+@pytest.mark.parametrize("name", [cs.TEMPLATES["text_to_3d"], cs.TEMPLATES["cpu"]])
 def test_text_to_3d_ends_with_mesh_export_and_preview_3d(name):
     api = cs.load_api(name)
     by_class = {v["class_type"]: (k, v) for k, v in api.items()}
@@ -128,6 +188,156 @@ def test_text_to_3d_ends_with_mesh_export_and_preview_3d(name):
     assert preview["inputs"]["model_file"] == [save_id, 0]
     assert save["inputs"]["textured_mesh"] == [extract_id, 1]
     assert api[extract_id]["inputs"]["scene"] == [optimize_id, 0]
+
+
+# ---------------------------------------------------------------------------------------- the Templates dialog
+def test_template_names_read_as_descriptions_in_order():
+    """Frontend 1.27.10 shows a custom-node template's file name as the card title and the name with - and _ as
+    spaces as its description: names are numbered (the CPU demo first), spelled with hyphens (a break point for
+    the two-line title) and only use characters every file system and URL takes."""
+    import re
+
+    names = cs.workflow_names()
+    assert names[0] == cs.TEMPLATES["cpu"] and sorted(cs.TEMPLATES.values()) == names
+    for i, name in enumerate(names, 1):
+        assert re.fullmatch(r"\d\d(-[A-Za-z0-9]+)+", name) and name.startswith(f"{i:02d}-"), name
+        assert len(name) <= 48, "two lines of a card title"
+        assert name.endswith("-GPU") == (name != cs.TEMPLATES["cpu"]), "the GPU tag says which need a GPU"
+
+
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_every_template_has_a_thumbnail_that_is_a_render(name):
+    """<name>.jpg beside the UI file is the card's image (/api/workflow_templates/<pack>/<name>.jpg): a small square
+    JPEG of renders, made by benchmarks/template_thumbnails.py, and the Note says what it shows."""
+    from PIL import Image, ImageStat
+
+    path = cs.UI_DIR / f"{name}.jpg"
+    assert path.is_file(), f"no thumbnail {path.name}: run python benchmarks/template_thumbnails.py"
+    assert 5_000 <= path.stat().st_size <= 100_000, path.stat().st_size
+    with Image.open(path) as img:
+        assert img.format == "JPEG" and img.mode == "RGB"
+        assert img.size[0] == img.size[1] and 256 <= img.size[0] <= 512, img.size
+        assert max(ImageStat.Stat(img).stddev) > 20, "not a blank image"
+    note = _notes(cs.load_ui(name))[0]["widgets_values"][0]
+    assert "thumbnail" in note.lower() and "toy" in note and "template_thumbnails.py" in note, name
+
+
+def _thumbnail_script():
+    bench = str(cs.ROOT / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import template_thumbnails
+
+    return template_thumbnails
+
+
+def test_no_stray_thumbnails_and_the_script_knows_every_template():
+    tt = _thumbnail_script()
+
+    assert sorted(p.stem for p in cs.UI_DIR.glob("*.jpg")) == cs.workflow_names()
+    assert sorted(tt.RECIPES) == cs.workflow_names() and tt.CPU_DEMO == cs.TEMPLATES["cpu"]
+
+
+def test_thumbnail_script_runs_a_template_with_the_toy_prior(tmp_path):
+    """The checkpoint template's recipe (the toy weights as ComfyUI's MODEL/CLIP/VAE, CPU presets) for one step:
+    the graph runs and a 384x384 JPEG comes out."""
+    from PIL import Image
+
+    tt = _thumbnail_script()
+    (tmp_path / "out").mkdir()
+    r = tt.make_thumbnail(cs.TEMPLATES["checkpoint"], tmp_path / "out", tmp_path / "work", steps=1)
+    with Image.open(r["jpg"]) as img:
+        assert img.size == (tt.SIZE, tt.SIZE) and img.format == "JPEG"
+    assert r["presets"] == {"6": "preview-cpu"} and r["steps"] == {"6": 1}
+
+
+# ------------------------------------------------------------------------------------- the default view
+@dataclass(frozen=True)
+class Screen:
+    """ComfyUI's frontend 1.27.10 at a window size, first run, default settings (measured in headless Chromium by
+    loading every template through the Templates dialog): where the graph canvas is in the window and which parts
+    of it the interface covers. Window pixels."""
+    canvas: tuple  # x, y, width, height of the canvas element (right of the side bar, below the top menu)
+    covered_top: float  # the workflow tab bar covers the canvas down to this y (at 1280x720 it floats over it)
+    corner: tuple  # x, y of the bottom-right corner that the minimap and the zoom controls cover
+
+
+SCREENS = {
+    "1280x720": Screen(canvas=(40, 40, 1240, 680), covered_top=78, corner=(956, 454)),
+    "1920x1080": Screen(canvas=(64, 78, 1856, 1002), covered_top=78, corner=(1596, 814)),
+}
+#: LiteGraph.NODE_TITLE_HEIGHT: a node's title bar sits above its "pos"
+TITLE_HEIGHT = 30
+#: the sizes frontend 1.27.10 gives nodes whose stored size is smaller (it grows a node to fit its widgets)
+FRONTEND_MIN_SIZE = {"CSDCameras": (420, 370)}
+#: the least space between two nodes' boxes (title bars included), graph units
+NODE_GAP = 20
+
+
+def _box(node):
+    """A node's box in graph units, title bar included: x0, y0, x1, y1."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h
+
+
+def _on_screen(box, ds, screen: Screen):
+    """``box`` in window pixels at the view ``ds`` (extra.ds: screen = canvas origin + (graph + offset) · scale)."""
+    (ox, oy), s = ds["offset"], ds["scale"]
+    cx, cy = screen.canvas[:2]
+    return cx + (box[0] + ox) * s, cy + (box[1] + oy) * s, cx + (box[2] + ox) * s, cy + (box[3] + oy) * s
+
+
+def _unobstructed(rect, screen: Screen) -> bool:
+    cx, cy, cw, ch = screen.canvas
+    x0, y0, x1, y1 = rect
+    inside = x0 >= cx and x1 <= cx + cw and y0 >= max(cy, screen.covered_top) and y1 <= cy + ch
+    in_corner = x1 > screen.corner[0] and y1 > screen.corner[1]
+    return inside and not in_corner
+
+
+@pytest.mark.parametrize("screen", sorted(SCREENS))
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_note_and_first_node_are_in_view_at_the_default_zoom(name, screen):
+    """Loaded from the Templates dialog, a template opens at its saved view (extra.ds): the Note ("Hardware and
+    time") and the first node (id 1, where the graph starts) must be fully on the canvas at 1280x720 and
+    1920x1080, below the tab bar and clear of the minimap, at a readable zoom."""
+    ui = cs.load_ui(name)
+    ds = ui["extra"]["ds"]
+    assert 0.6 <= ds["scale"] <= 1.0, "a zoom at which the widgets stay readable"
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    first = nodes[1]
+    assert all(inp.get("link") is None for inp in first.get("inputs", [])), "node 1 starts the graph"
+    for node in _notes(ui) + [first]:
+        rect = _on_screen(_box(node), ds, SCREENS[screen])
+        assert _unobstructed(rect, SCREENS[screen]), (node["type"], [round(v) for v in rect])
+
+
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_nodes_do_not_overlap_and_keep_the_size_the_frontend_gives_them(name):
+    ui = cs.load_ui(name)
+    for node in ui["nodes"]:
+        least = FRONTEND_MIN_SIZE.get(node["type"], (0, 0))
+        assert node["size"][0] >= least[0] and node["size"][1] >= least[1], (node["type"], node["size"], least)
+    boxes = [(n["type"], n["id"], _box(n)) for n in ui["nodes"]]
+    for i, (ta, ia, a) in enumerate(boxes):
+        for tb, ib, b in boxes[i + 1:]:
+            apart = (a[2] + NODE_GAP <= b[0] or b[2] + NODE_GAP <= a[0] or a[3] + NODE_GAP <= b[1]
+                     or b[3] + NODE_GAP <= a[1])
+            assert apart, f"{ta}#{ia} {a} and {tb}#{ib} {b} overlap or touch"
+
+
+def test_the_screen_model_catches_what_it_looks_for():
+    """The shipped layout before this check: the Note at x = -620 was off-screen, a node at y = 0 under the tab
+    bar at 1280x720 (its title at y = 47 < 78), a node in the minimap's corner hidden."""
+    ds = {"offset": [40, 40], "scale": 0.75}
+    small = SCREENS["1280x720"]
+    note = {"pos": [-620, 0], "size": [560, 360]}
+    assert not _unobstructed(_on_screen(_box(note), ds, small), small)
+    loader = {"pos": [0, 0], "size": [420, 180]}
+    assert not _unobstructed(_on_screen(_box(loader), ds, small), small)
+    assert _unobstructed(_on_screen(_box(loader), ds, SCREENS["1920x1080"]), SCREENS["1920x1080"])
+    assert not _unobstructed(_on_screen(_box({"pos": [1300, 500], "size": [200, 100]}), ds, small), small)
+    assert _unobstructed(_on_screen(_box({"pos": [0, 100], "size": [420, 180]}), ds, small), small)
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -169,9 +379,9 @@ def test_api_workflow_runs_end_to_end(name, env, classes):
             model_file = run.outputs[nid]["result"][0]
             assert not model_file.startswith("/") and (env.output_dir / model_file).is_file()
             assert model_file.endswith(".glb")
-    if name == "csd_edit_scene":
+    if name == cs.TEMPLATES["edit"]:
         _check_edit(env, prompt, run)
-    if name in ("csd_two_stage", "csd_texture_mesh"):
+    if name in (cs.TEMPLATES["two_stage"], cs.TEMPLATES["texture"]):
         _check_stage2(env, prompt, run, name)
 
 
@@ -180,7 +390,7 @@ def _check_stage2(env, prompt, run, name):
     mesh without moving it; both runs checkpoint and export their own mesh."""
     import trimesh
 
-    kind, node = ("dmtet", "CSDRefineMesh") if name == "csd_two_stage" else ("mesh", "CSDTextureMesh")
+    kind, node = ("dmtet", "CSDRefineMesh") if name == cs.TEMPLATES["two_stage"] else ("mesh", "CSDTextureMesh")
     nid = next(k for k, v in prompt.items() if v["class_type"] == node)
     scene = run.results[nid][0]
     assert scene.kind == kind and run.results[nid][1].shape[0] == 1
@@ -222,7 +432,7 @@ def _check_edit(env, prompt, run):
 
 def _optimize_only(classes, steps):
     """The text-to-3D workflow up to Optimize (+ its preview), for the Cancel tests."""
-    api = cs.for_tests(cs.without_missing_nodes(cs.load_api("csd_text_to_3d"), classes), classes)
+    api = cs.for_tests(cs.without_missing_nodes(cs.load_api(cs.TEMPLATES["text_to_3d"]), classes), classes)
     keep = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize", "PreviewImage"}
     prompt = {k: v for k, v in api.items() if v["class_type"] in keep}
     opt = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize")

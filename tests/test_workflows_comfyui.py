@@ -265,8 +265,11 @@ def test_server_lists_the_nodes_models_and_templates(server):
     assert "two copies of this node pack" not in log
     status, templates = server.request("GET", "/workflow_templates")
     assert status == 200 and sorted(templates[PACK_DIR_NAME]) == cs.workflow_names(), templates
-    status, ui = server.request("GET", f"/api/workflow_templates/{PACK_DIR_NAME}/csd_text_to_3d.json")
+    status, ui = server.request("GET", f"/api/workflow_templates/{PACK_DIR_NAME}/{cs.TEMPLATES['text_to_3d']}.json")
     assert status == 200 and ui["nodes"], "the template files are served to the frontend"
+    for name in cs.workflow_names():  # the card images of the Templates dialog
+        status, data = server.request("GET", f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg")
+        assert status == 200 and data[:3] == b"\xff\xd8\xff", (name, status)
 
 
 @pytest.mark.parametrize("name", cs.workflow_names())
@@ -316,6 +319,26 @@ def test_api_workflow_runs_on_the_server(server, name):
     assert previews[0][4:8] == struct.pack(">I", 1) and previews[0][8:10] == b"\xff\xd8", "JPEG previews"
 
 
+def test_cpu_template_runs_as_shipped_on_the_server(server):
+    """The CPU template needs no download: queued exactly as shipped (its API twin; only the run name made unique,
+    as ComfyUI would otherwise reuse nothing anyway) on a server without Stable Diffusion it is accepted (no HTTP
+    400) and runs end to end with the toy prior that ships with the pack, mesh and Preview 3D included."""
+    name = cs.TEMPLATES["cpu"]
+    prompt = cs.load_api(name)
+    opt = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize")
+    prompt[opt]["inputs"]["run_name"] = f"{prompt[opt]['inputs']['run_name']}_as_shipped"
+    t0 = time.time()
+    entry = server.wait(server.queue(prompt, ui=cs.load_ui(name)), timeout=1800)
+    seconds = time.time() - t0
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:4000]
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "Preview3D")
+    model_file = entry["outputs"][preview]["result"][0]
+    assert (server.output / model_file).is_file() and model_file.endswith(".glb")
+    ckpt = server.output / "csd3d" / "runs" / f"{prompt[opt]['inputs']['run_name']}_00001" / "config.json"
+    assert json.loads(ckpt.read_text())["prior"]["model"] == "toy"
+    print(f"{name} as shipped: {seconds:.0f} s from queueing to the end on this server")
+
+
 def test_server_offers_the_comfy_model_prior_and_the_test_checkpoint(server):
     status, info = server.request("GET", "/object_info/CSDPriorFromComfyModel")
     assert status == 200 and info["CSDPriorFromComfyModel"]["display_name"] == "CSD Prior from ComfyUI Model"
@@ -325,7 +348,7 @@ def test_server_offers_the_comfy_model_prior_and_the_test_checkpoint(server):
 
 def test_bad_values_are_rejected_with_the_input_named(server):
     classes = _classes(server)
-    prompt = cs.for_tests(cs.without_missing_nodes(cs.load_api("csd_text_to_3d"), classes), classes)
+    prompt = cs.for_tests(cs.without_missing_nodes(cs.load_api(cs.TEMPLATES["text_to_3d"]), classes), classes)
     cams = next(k for k, v in prompt.items() if v["class_type"] == "CSDCameras")
     opt = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize")
     prompt[cams]["inputs"].update({"elevation_min": 60.0, "elevation_max": 30.0})
@@ -338,7 +361,7 @@ def test_bad_values_are_rejected_with_the_input_named(server):
 
 def test_cancel_then_resume_on_the_server(server):
     classes = _classes(server)
-    api = cs.for_tests(cs.load_api("csd_text_to_3d"), classes)
+    api = cs.for_tests(cs.load_api(cs.TEMPLATES["text_to_3d"]), classes)
     keep = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize", "PreviewImage"}
     prompt = {k: v for k, v in api.items() if v["class_type"] in keep}
     opt = next(k for k, v in prompt.items() if v["class_type"] == "CSDOptimize")
