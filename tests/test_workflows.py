@@ -104,7 +104,9 @@ def test_notes_name_only_templates_and_presets_that_exist(name):
     text = _notes(cs.load_ui(name))[0]["widgets_values"][0]
     for ref in re.findall(r"\b\d\d-[A-Za-z0-9-]*[A-Za-z0-9]", text):
         assert ref in cs.workflow_names(), ref
-    old = [w for w in re.findall(r"\b(?:csd|sds|vsd)_[a-z0-9_]+", text) if w != "csd_vase"]
+    old_names = {"csd_text_to_3d_cpu", "csd_text_to_3d", "csd_two_stage", "csd_edit_scene", "csd_texture_mesh",
+                 "csd_comfy_checkpoint", "sds_baseline", "vsd_prolificdreamer"}
+    old = [w for w in re.findall(r"\b(?:csd|sds|vsd)_[a-z0-9_]+", text) if w in old_names]
     assert not old, old
     named = re.findall(r"\b[a-z0-9]+(?:-[a-z0-9]+)*-cpu\b", text) + re.findall(r"preset ([a-z0-9]+(?:-[a-z0-9]+)+)", text)
     assert named and set(named) <= set(preset_names()), named
