@@ -489,7 +489,8 @@ def load_stable_diffusion(
                 f"{hint} Expected model_index.json plus {', '.join(REQUIRED_SUBFOLDERS)} (as saved by diffusers), "
                 f"or a single .safetensors/.ckpt checkpoint."
             )
-        parts = load_diffusers_parts(str(path), local_files_only=True, cache_dir=cache_dir, torch_dtype=torch_dtype, where=str(path))
+        parts = load_diffusers_parts(str(path), local_files_only=True, cache_dir=cache_dir, torch_dtype=torch_dtype,
+                                     where=str(path))
     elif hub.HUB_ID.match(raw) and not raw.startswith((".", "~")):
         where = hub.hf_cache_dir(cache_dir)
         from huggingface_hub import try_to_load_from_cache
