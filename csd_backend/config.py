@@ -22,6 +22,8 @@ DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy
 GUIDANCE_MODES = ("csd", "sds", "edit", "vsd")
 OPTIMIZERS = ("adam", "adamw")
 WEIGHTINGS = ("uniform", "sds", "fantasia3d")
+#: grad_normalize: over the whole batch tensor (spec §1.1) or per render and channel (CSD-MVDream)
+GRAD_NORMALIZATIONS = ("l2", "std")
 NORMAL_TYPES = ("analytic", "finite_difference")
 BACKGROUNDS = ("neural_env", "solid")
 ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
@@ -93,6 +95,19 @@ class GuidanceConfig:
     cfg_scale: float = 100.0
     weighting: str = "uniform"  # uniform | sds | fantasia3d
     grad_normalize: bool = True
+    #: how grad_normalize normalises: l2 (g / ‖g‖ over the whole batch tensor, spec §1.1) | std (per render and
+    #: channel g / std over H, W, unbiased, + 1e-8: the CSD-MVDream guidance)
+    grad_normalize_by: str = "l2"
+    #: the normalised direction's share: g ← s·ĝ + (1 − s)·g (CSD-MVDream grad_normalize_scale: 0.9)
+    grad_normalize_scale: float = 1.0
+    #: one timestep for the whole batch (the MVDream guidances) instead of one per render (spec §1.1)
+    shared_timestep: bool = False
+    #: MVDream's x0-reconstruction form (threestudio-mvdream recon_loss): the direction is z − x̂0 with
+    #: x̂0 = (z_t − sqrt(1 − ᾱ)·ε̂)/sqrt(ᾱ) of the guided ε̂ = c·ε_y + u·ε_neg + n·ε_∅ (the k·ε term is not used)
+    recon_loss: bool = False
+    #: with recon_loss: x̂0 ← r·x̂0·std(x̂0_y)/std(x̂0) + (1 − r)·x̂0, the stds over each object's views (unbiased,
+    #: + 1e-8), x̂0_y from ε_y alone (threestudio-mvdream recon_std_rescale: 0.5)
+    recon_std_rescale: float = 0.0
     #: optional clamp of the gradient to ±clip (a schedule); None: no clamp
     grad_clip: Optional[ScheduleSpec] = schedule(None)
     min_step_percent: ScheduleSpec = schedule(0.02)
@@ -151,6 +166,8 @@ class SceneConfig:
     background_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     #: replace the background by a random solid colour per batch item with this probability (random_aug)
     random_background_prob: float = 0.5
+    #: the random colour is one for the whole batch (threestudio share_aug_bg) instead of one per render
+    random_background_shared: bool = False
     #: auto (on CUDA: tcnn when usable, else compiled when a trial torch.compile works, else torch; on the CPU:
     #: torch) | torch | compiled (torch.compile of the torch math, fused backward) | tcnn
     encoding_backend: str = "auto"
@@ -200,6 +217,13 @@ class CameraConfig:
     stratified_azimuth: bool = True
     #: before this step, azimuth is only front (0±30°) or back (180±30°)
     front_back_only_steps: int = step_count(0)
+    #: views of one object a step (MVDream: 4): the batch is batch_size / n_views objects, each seen by n_views
+    #: consecutive cameras at equally spaced azimuths with one draw of elevation, distance, fovy, jitter and light
+    #: (threestudio-mvdream's random-multiview sampler); 1: every camera drawn on its own
+    n_views: int = 1
+    #: distance_range is relative to the field of view: the distance is d / tan(fovy / 2), so the object fills the
+    #: same part of every view (threestudio-mvdream relative_radius)
+    relative_distance: bool = False
     #: csd-r1: half uniform in degrees, half the official asin(2u − 1) quirk; threestudio: half uniform in degrees,
     #: half uniform on the sphere (asin(U[sin e0, sin e1])); uniform-sphere; uniform (in degrees)
     elevation_sampling: str = "csd-r1"
@@ -362,12 +386,16 @@ class RunConfig:
                                                        f"a model folder, file or hub id with mode vsd, or none")
         choice("guidance.mode", g.mode, GUIDANCE_MODES)
         choice("guidance.weighting", g.weighting, WEIGHTINGS)
+        choice("guidance.grad_normalize_by", g.grad_normalize_by, GRAD_NORMALIZATIONS)
+        in_range("guidance.grad_normalize_scale", g.grad_normalize_scale, 0.0, 1.0)
+        in_range("guidance.recon_std_rescale", g.recon_std_rescale, 0.0, 1.0)
         for name in ("prompt", "negative_prompt", "source_prompt"):
             if not isinstance(getattr(g, name), str):
                 raise ConfigError(name, f"must be text, got {type(getattr(g, name)).__name__}")
-        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")),
+        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg", "shared_timestep", "recon_loss")),
                                (r, ("stratified", "textureless_normal", "soft_shading")),
-                               (c, ("stratified_azimuth", "first_step_fixed_view"))):
+                               (c, ("stratified_azimuth", "first_step_fixed_view", "relative_distance")),
+                               (s, ("random_background_shared",))):
             for name in names:
                 if not isinstance(getattr(section, name), bool):
                     raise ConfigError(name, f"must be true or false, got {getattr(section, name)!r}")
@@ -501,7 +529,8 @@ class RunConfig:
 
 
 def _camera_phases(c: "CameraConfig") -> None:
-    """Milestones: increasing positive steps; height/width/batch_size: a number or one per phase."""
+    """Milestones: increasing positive steps; height/width/batch_size: a number or one per phase; every batch whole
+    objects of ``n_views`` views."""
     m = c.resolution_milestones
     if (not isinstance(m, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m)
             or any(a >= b for a, b in zip(m, m[1:]))):
@@ -518,6 +547,15 @@ def _camera_phases(c: "CameraConfig") -> None:
                 int_range(f"camera.{name}", v, lo, hi)
         else:
             int_range(f"camera.{name}", value, lo, hi)
+    int_range("camera.n_views", c.n_views, 1, 64)
+    for batch in (c.batch_size if isinstance(c.batch_size, list) else [c.batch_size]):
+        if batch % c.n_views:
+            raise ConfigError("camera.n_views", f"a batch of {batch} renders is not whole objects of {c.n_views} "
+                                                f"views: make camera.batch_size a multiple of n_views (MVDream: "
+                                                f"batch 8 then 4, 4 views)")
+    if c.n_views > 1 and c.front_back_only_steps:
+        raise ConfigError("camera.front_back_only_steps", "the front/back-only warm-up draws single views; with "
+                                                          f"n_views {c.n_views} set it to 0")
 
 
 def _schedule_knots(*specs, total: int = 0):

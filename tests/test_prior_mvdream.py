@@ -93,8 +93,8 @@ def test_diffusers_style_folder_is_the_same_model(prior, tiny_mvdream):
 
 
 def test_load_prior_picks_the_mvdream_loader(tiny_mvdream, tiny_sd):
-    p = load_prior(PriorConfig(model=str(tiny_mvdream["checkpoint"]), model_config=str(tiny_mvdream["tokenizer_folder"]),
-                               device="cpu"))
+    p = load_prior(PriorConfig(model=str(tiny_mvdream["checkpoint"]),
+                               model_config=str(tiny_mvdream["tokenizer_folder"]), device="cpu"))
     assert isinstance(p, MVDreamPrior) and p.multiview and p.name == "mvdream"
     assert isinstance(load_prior(PriorConfig(model=str(tiny_mvdream["folder"]), device="cpu")), MVDreamPrior)
     sd = load_prior(PriorConfig(model=str(tiny_sd["folder"]), device="cpu"))

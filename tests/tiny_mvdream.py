@@ -141,7 +141,8 @@ def unet_ldm_keys(unet) -> dict:
 def to_original_checkpoint(parts: dict) -> dict:
     """The state dict of MVDream's LatentDiffusionInterface for the reference components."""
     sd = {f"model.diffusion_model.{k}": v for k, v in unet_ldm_keys(parts["unet"]).items()}
-    sd.update({f"first_stage_model.{k}": v for k, v in vae_to_ldm(parts["vae"].state_dict(), parts["vae"].config).items()})
+    vae = vae_to_ldm(parts["vae"].state_dict(), parts["vae"].config)
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.items()})
     sd.update({f"cond_stage_model.model.{k}": v for k, v in open_clip_keys(parts["text_encoder"]).items()})
     sd.update(schedule_buffers(TINY_YAML["model"]["params"]))
     return {k: v.detach().contiguous().clone() for k, v in sd.items()}
