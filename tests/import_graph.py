@@ -36,7 +36,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("node helpers", ["nodes.pack", "nodes.widgets", "nodes.input_errors", "nodes.specs", "nodes.previews",
                       "nodes.execution", "nodes.model_folders", "nodes.run_folders", "nodes.comfy_sampling"]),
     ("nodes", ["nodes.cameras", "nodes.comfy_prior", "nodes.controlnet", "nodes.guidance", "nodes.load_mesh",
-               "nodes.mesh", "nodes.model", "nodes.optimize", "nodes.render", "nodes.scene"]),
+               "nodes.mesh", "nodes.model", "nodes.mvdream", "nodes.optimize", "nodes.render", "nodes.scene"]),
     ("node registration", ["nodes"]),
 ]
 
