@@ -59,7 +59,8 @@ class PriorConfig:
     """Which diffusion model to use. ``model`` is a diffusers folder, a single-file checkpoint or a hub id."""
 
     model: str = ""
-    #: for single-file checkpoints: a diffusers folder or hub id to take the architecture's configs from
+    #: for single-file checkpoints: a diffusers folder or hub id to take the architecture's configs from (MVDream:
+    #: its yaml, or a folder with the tokenizer)
     model_config: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float16 | float32 | bfloat16
