@@ -63,12 +63,16 @@ CPU_STAGES = {
     "csd-refine": ("refine-cpu", None, 150),
     "csd-texture": ("texture-cpu", None, 150),
     "csd-edit": ("preview-cpu", 0.002, 150),
+    # a random MVDream makes no shape in any number of steps: a short run shows the graph runs
+    "csd-mvdream": ("mvdream-cpu", None, 40),
 }
 #: the scene preset of a new scene on the CPU (its radius and hash-grid size go into CSD 3D Scene's widgets)
 CPU_SCENES = {"csd-coarse": "preview-cpu", "sds-dreamfusion": "preview-cpu", "vsd-prolificdreamer": "vsd-preview-cpu"}
 #: what only saves or shows results: not needed for the renders
 LEFT_OUT = {"CSDRenderViews", "CSDExtractMesh", "CSDSaveMesh", "SaveImage", "PreviewImage", "Preview3D"}
-TRAINERS = ("CSDOptimize", "CSDRefineMesh", "CSDTextureMesh")
+TRAINERS = ("CSDOptimize", "CSDRefineMesh", "CSDTextureMesh", "CSDMVDream")
+#: the model a multi-view node gets: no MVDream weights ship with the pack, so the tests' tiny random MVDream
+TINY_MVDREAM = "diffusers/tiny-mvdream"
 
 
 @dataclass
@@ -101,6 +105,10 @@ RECIPES: Dict[str, Recipe] = {
     "07-SDS-baseline-DreamFusion-GPU": Recipe("a green cone", "toy prior, SDS, 'a green cone', preview-cpu"),
     "08-VSD-ProlificDreamer-GPU": Recipe("a yellow mug", "toy prior, VSD, 'a yellow mug', 150 steps: still a blob",
                                          distance=1.6, fovy=50.0),
+    # MVDream is multi-view: the single-view toy prior cannot stand in. A tiny random MVDream runs the graph.
+    "09-text-to-3D-CSD-MVDream-multi-view-GPU": Recipe(
+        "an astronaut riding a horse", "tiny RANDOM MVDream (no weights here): the run, not a shape",
+        distance=1.6, fovy=50.0),
 }
 
 
@@ -110,10 +118,14 @@ def cpu_sized(api: dict, recipe: Recipe) -> dict:
     from csd_backend.presets import get_preset
 
     out = copy.deepcopy(api)
-    for node in out.values():
+    for key, node in out.items():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CSDLoadDiffusionModel":
-            inputs.update({"model": "toy", "resolution": 0})
+            multiview = any(n["class_type"] == "CSDMVDream" and n["inputs"].get("prior") == [key, 0]
+                            for n in api.values())
+            inputs.update({"model": TINY_MVDREAM if multiview else "toy", "resolution": 0})
+        elif kind == "CSDMVDream":
+            inputs["prompt"] = recipe.prompt
         elif kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = TOY_CHECKPOINT
         elif kind == "CSDPriorFromComfyModel":
@@ -130,10 +142,11 @@ def cpu_sized(api: dict, recipe: Recipe) -> dict:
                            "log2_hashmap_size": s.log2_hashmap_size, "max_resolution": s.max_resolution})
         elif kind == "CSDCameras":
             inputs.update({"width": 64, "height": 64, "batch_size": 1, "later_width": 0, "later_height": 0})
-        elif kind in TRAINERS:
+        if kind in TRAINERS:
             preset, lr, steps = CPU_STAGES[inputs["preset"]]
-            lr = lr if lr is not None else get_preset(preset).optim.lr
-            inputs.update({"preset": preset, "steps": steps, "lr": lr})
+            inputs.update({"preset": preset, "steps": steps})
+            if "lr" in inputs:  # CSD MVDream takes its learning rate from the preset
+                inputs["lr"] = lr if lr is not None else get_preset(preset).optim.lr
     return out
 
 
@@ -258,6 +271,11 @@ def make_thumbnail(name: str, out_dir: Path, work: Path, steps: Optional[int] = 
     mp = pytest.MonkeyPatch()
     try:
         env = cs.install(mp, work / name)
+        if any(n["class_type"] == "CSDMVDream" for n in cs.load_api(name).values()):
+            from tiny_mvdream import build_tiny_mvdream
+
+            tiny = build_tiny_mvdream(work / "tiny-mvdream")
+            (env.models_dir / "diffusers" / "tiny-mvdream").symlink_to(tiny["folder"], target_is_directory=True)
         classes = cs.node_classes(cs.load_pack())
         classes["CheckpointLoaderSimple"] = _toy_checkpoint_loader()
         for kind in TRAINERS:

@@ -254,6 +254,22 @@ def test_thumbnail_script_runs_a_template_with_the_toy_prior(tmp_path):
     assert r["presets"] == {"6": "preview-cpu"} and r["steps"] == {"6": 1}
 
 
+@pytest.mark.parametrize("name", cs.workflow_names())
+def test_thumbnail_recipes_run_every_trainer_cpu_sized(name):
+    """Every node that trains (CSD Optimize, Refine, Texture, MVDream) runs a CPU preset for at most 150 steps in
+    the thumbnail's graph (a GPU preset left in place ran csd-mvdream's 8 x 4 views of 512 samples and took 20 GB)."""
+    tt = _thumbnail_script()
+    recipe = tt.RECIPES[name]
+    if recipe.prompt is None:  # the CPU demo runs as shipped
+        api = cs.load_api(name)
+    else:
+        api = tt.cpu_sized(cs.load_api(name), recipe)
+    trainers = [n["inputs"] for n in api.values() if n["class_type"] in tt.TRAINERS]
+    assert trainers, "a template trains something"
+    for inputs in trainers:
+        assert inputs["preset"].endswith("-cpu") and inputs["steps"] <= 150, inputs
+
+
 # ------------------------------------------------------------------------------------- the default view
 @dataclass(frozen=True)
 class Screen:
