@@ -19,13 +19,13 @@ if str(BENCH) not in sys.path:
 from csd_backend.config import PriorConfig  # noqa: E402
 from csd_backend.priors import TOY_MODEL, TOY_PROMPTS, load_prior, toy_model_path  # noqa: E402
 
-#: the CI run: object, steps (preview-cpu's schedules stretched to them) and the margins by which its silhouette IoU
-#: must beat the other objects and the starting blob. Measured (1 thread): cone 0.778 after 100 steps, best other
-#: object (mug) 0.617, blob 0.507; the curve over longer runs is in the README ("Shape quality").
+#: the CI run: object, steps and the margins by which its silhouette IoU must beat the other objects and the starting
+#: blob. Measured (1 thread, the second toy prior): cone 0.806 after preview-cpu's 150 steps, best other object (mug)
+#: 0.559, blob 0.510; the curve over longer runs is in the README ("Shape quality").
 CI_OBJECT = "cone"
-CI_STEPS = 100
-CI_MARGIN_OBJECTS = 0.1
-CI_MARGIN_BLOB = 0.15
+CI_STEPS = 150  # the preset's own length (the demo's)
+CI_MARGIN_OBJECTS = 0.15
+CI_MARGIN_BLOB = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_toy_model_is_package_data_and_small():
     missing = [str(p.relative_to(base)) for p in files
                if not any(fnmatch.fnmatch(str(p.relative_to(base).as_posix()), pat) for pat in patterns)]
     assert not missing, f"files of the toy prior that pip install would leave out: {missing}"
-    assert sum(p.stat().st_size for p in files) < 10e6
+    assert sum(p.stat().st_size for p in files) < 20e6  # the budget for package data
 
 
 def test_toy_model_is_selectable_in_the_cli():
