@@ -14,7 +14,8 @@
   centre / up jitter, dreamfusion light jitter, threestudio's elevation sampling, view thresholds 45°.
 - ``csd-edit``: edit an existing scene: the source description in the negative slot, ω1 = ω2 = 1, stage-2-like
   t-range and weighting, short.
-- ``preview-cpu``: a small grid, few samples and 150 steps that converge on a laptop CPU.
+- ``preview-cpu``: a small grid, few samples and 150 steps that converge on a laptop CPU; the opacity pushed to 0 or
+  1 (``loss.opaque`` 0 → 100 over the run) so that so short a run ends as a surface, not a cloud.
 
 VSD (ProlificDreamer, ``guidance.mode`` vsd, ``vsd.py``: a camera-conditioned LoRA of the prior's own UNet learns
 the renders and is subtracted from the frozen CFG prediction):
@@ -174,9 +175,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "camera": {"height": 64, "width": 64, "batch_size": 1},
         "render": {"num_samples_per_ray": 96, "ambient_only_steps": 56, "grid_warmup_steps": 32,
                    "grid_update_every": 8},
-        "loss": {"orient": [75, 1.0, 20.0, 76], "sparsity": 1.0},
-        # 150 steps: with the toy prior the prompted shape peaks at 100–150 steps of this schedule and erodes in
-        # longer ones (README, "Shape quality"); the CPU template runs the same 150
+        # the opacity's binary entropy, 0 → 100 over the run: a short run at 64² otherwise ends as a soft, half-
+        # transparent cloud (the mesh and the silhouette then depend on the threshold). Measured with the toy prior,
+        # 3 seeds × 5 objects: CSD's mean silhouette IoU 0.649 → 0.759, Chamfer 0.135 → 0.049 (README, "Shape
+        # quality")
+        "loss": {"orient": [75, 1.0, 20.0, 76], "sparsity": 1.0, "opaque": [0, 0.0, 100.0, 150]},
+        # 150 steps: the CPU template runs the same 150 (a longer run: README, "Shape quality")
         "optim": {"steps": 150, "lr": 1e-2, "checkpoint_every": 50, "preview_every": 25},
         "prior": {"resolution": None, "max_resolution": 256},
     }),
