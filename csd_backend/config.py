@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .errors import ConfigError
+from .gaussian_config import GaussianConfig
 from .schedules import ScheduleSpec, schedule_value, validate_schedule
 
 DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"
@@ -26,8 +27,8 @@ BACKGROUNDS = ("neural_env", "solid")
 ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
 LIGHT_SAMPLING = ("dreamfusion", "magic3d")
 #: what a run optimises: the stage-1 volume (NeRF), the stage-2 deformable tetrahedral SDF grid (DMTet, a mesh),
-#: or a fixed mesh (a user's) whose texture is painted
-SCENE_KINDS = ("volume", "dmtet", "mesh")
+#: a fixed mesh (a user's) whose texture is painted, or 3D Gaussian splats (``gaussian_config.py``)
+SCENE_KINDS = ("volume", "dmtet", "mesh", "gaussians")
 RASTERIZERS = ("auto", "torch", "nvdiffrast")
 #: hash-grid encoding backends (``scene/backends.py``): compiled = the torch reference's math through torch.compile
 ENCODING_BACKENDS = ("auto", "torch", "compiled", "tcnn")
@@ -169,6 +170,8 @@ class SceneConfig:
     #: stage 1 → dmtet: keep the volume's trained background; False: a fresh one from the run's seed, as the official
     #: refine configs (threestudio converts the geometry and texture field only)
     keep_background: bool = False
+    #: gaussians: the splats, their renderer, learning rates and density control
+    gaussians: GaussianConfig = field(default_factory=GaussianConfig)
 
     def level_scale(self) -> float:
         if self.per_level_scale is not None:
@@ -333,7 +336,7 @@ class RunConfig:
         new = copy.deepcopy(self)
         if rescale_schedules and steps != self.optim.steps:
             f = steps / self.optim.steps
-            for section in (new.guidance, new.scene, new.camera, new.render, new.loss, new.optim):
+            for section in (new.guidance, new.scene, new.scene.gaussians, new.camera, new.render, new.loss, new.optim):
                 for fld in dataclasses.fields(section):
                     v = getattr(section, fld.name)
                     if fld.metadata.get("schedule") and isinstance(v, list) and len(v) in (3, 4):
@@ -422,6 +425,7 @@ class RunConfig:
         _in_range("scene.random_background_prob", s.random_background_prob, 0.0, 1.0)
         _vec("scene.background_color", s.background_color, 3, 0.0, 1.0)
         _choice("scene.kind", s.kind, SCENE_KINDS)
+        s.gaussians.validate()
         if not isinstance(s.tet_resolution, int) or isinstance(s.tet_resolution, bool) or s.tet_resolution % 2 \
                 or not 8 <= s.tet_resolution <= 512:
             raise ConfigError("scene.tet_resolution", f"must be an even integer in [8, 512] (threestudio's 32, 64, "

@@ -60,8 +60,11 @@ def parse_overrides(items: List[str]) -> dict:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError("--set", f"'{item}' is not SECTION.FIELD=VALUE, e.g. optim.lr=0.01")
         key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = parse_value(value, key)
+        *path, name = key.split(".")  # nested sections too: scene.gaussians.max_gaussians
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[name] = parse_value(value, key)
     return out
 
 
