@@ -30,7 +30,8 @@ class SceneKind:
 KINDS: Dict[str, SceneKind] = {
     "volume": SceneKind("csd_backend.scene.volume:Scene", "csd_backend.render.volume_renderer:VolumeRenderer"),
     "dmtet": SceneKind("csd_backend.scene.mesh_scene:MeshScene", "csd_backend.render.mesh_renderer:MeshRenderer",
-                       starts_from={"volume": "csd_backend.convert.volume_to_dmtet:convert"}),
+                       starts_from={"volume": "csd_backend.convert.volume_to_dmtet:convert",
+                                    "gaussians": "csd_backend.convert.volume_to_dmtet:convert"}),
     "mesh": SceneKind("csd_backend.scene.mesh_scene:MeshScene", "csd_backend.render.mesh_renderer:MeshRenderer"),
     "gaussians": SceneKind("csd_backend.scene.gaussians:GaussianScene",
                            "csd_backend.render.gaussian_renderer:GaussianRenderer",

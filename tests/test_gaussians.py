@@ -28,7 +28,7 @@ def gaussian_cfg(**over) -> SceneConfig:
 
 def random_scene(n=60, seed=0, **over) -> GaussianScene:
     torch.manual_seed(seed)
-    scene = GaussianScene(gaussian_cfg(gaussians={"num_points": n}, **over))
+    scene = GaussianScene(gaussian_cfg(gaussians={"num_points": n, **over.pop("gaussians", {})}, **over))
     with torch.no_grad():
         scene.log_scales.data = torch.log(torch.rand(n, 3) * 0.08 + 0.02)
         scene.quaternions.data = torch.randn(n, 4)
@@ -202,3 +202,39 @@ def test_state_dict_takes_the_saved_count():
 def test_neighbour_scales_in_chunks_equal_one_pass():
     pts = torch.rand(300, 3)
     assert torch.allclose(neighbour_scales(pts, chunk=7), neighbour_scales(pts, chunk=1000))
+
+
+def test_ply_round_trip_renders_the_same_image(tmp_path):
+    from csd_backend.export.splats import attribute_names, load_splats, write_splats
+
+    scene = random_scene(50, gaussians={"sh_degree": 2})
+    with torch.no_grad():
+        scene.sh_rest.data = torch.randn_like(scene.sh_rest) * 0.2
+    path = write_splats(scene, tmp_path / "gaussians.ply")
+    header = path.read_bytes().split(b"end_header")[0].decode()
+    names = [line.split()[-1] for line in header.splitlines() if line.startswith("property")]
+    assert names == attribute_names(2) and len(names) == 9 + 24 + 8 and "binary_little_endian" in header
+    back = load_splats(path, scene.cfg)
+    for name, p in scene.gaussian_parameters().items():
+        assert torch.equal(p, getattr(back, name)), name
+    cams = orbit_cameras(2, 25.0, 1.6, 50.0, 24, 24)
+    with torch.no_grad():
+        a = GaussianRenderer(RenderConfig(), 1.0, settings=scene.cfg.gaussians).render(scene, cams)
+        b = GaussianRenderer(RenderConfig(), 1.0, settings=back.cfg.gaussians).render(back, cams)
+    assert torch.equal(a.rgb, b.rgb)
+    with pytest.raises(Exception, match="exists"):
+        write_splats(scene, path)
+
+
+def test_a_ply_that_is_not_a_splat_file_is_refused_with_what_it_has(tmp_path):
+    from csd_backend.export.splats import SplatFileError, load_splats
+
+    mesh = tmp_path / "mesh.ply"
+    mesh.write_text("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\nproperty float z\n"
+                    "element face 1\nproperty list uchar int vertex_indices\nend_header\n0 0 0\n1 0 0\n0 1 0\n"
+                    "3 0 1 2\n")
+    with pytest.raises(SplatFileError, match="not a Gaussian-splat .ply: it lacks f_dc_0.*it has x, y, z.*INRIA"):
+        load_splats(mesh)
+    (tmp_path / "x.ply").write_bytes(b"\x00garbage")
+    with pytest.raises(SplatFileError, match="not a PLY file"):
+        load_splats(tmp_path / "x.ply")

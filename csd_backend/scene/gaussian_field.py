@@ -34,11 +34,12 @@ class GaussianField:
         self.opacity = o[keep]  # [G]
         self.color = (0.28209479177387814 * scene.sh_dc.detach()[keep] + 0.5).clamp(0.0, 1.0)  # [G, 3]
         self.radius = float(scene.radius)
-        reach = CUTOFF * torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0))  # [G, 3]
+        self.reach = reach = CUTOFF * torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1).clamp_min(0))  # [G, 3]
         if self.means.shape[0] == 0:
             self.lo, self.cell, self.dims = torch.zeros(3, device=self.device), 1.0, torch.ones(3, dtype=torch.long)
             self.start = self.count = torch.zeros(1, dtype=torch.long, device=self.device)
             self.ids = torch.zeros(0, dtype=torch.long, device=self.device)
+            self.reach = torch.zeros(0, 3, device=self.device)
             return
         lo, hi = (self.means - reach).amin(0), (self.means + reach).amax(0)
         extent = float((hi - lo).max())
@@ -103,6 +104,7 @@ class GaussianField:
         d = points[pid] - self.means[gid]  # [P, 3]
         power = -0.5 * torch.einsum("pi,pij,pj->p", d, self.precision[gid], d)
         w = self.opacity[gid] * torch.exp(power.clamp_max(0.0))  # [P]
+        w = torch.where((d.abs() <= self.reach[gid]).all(-1), w, 0.0)  # each Gaussian ends at its box
         dens.index_add_(0, pid, w)
         if col is not None:
             col.index_add_(0, pid, w.unsqueeze(-1) * self.color[gid])

@@ -1,0 +1,92 @@
+"""What Gaussian runs turn into: the splats' density field, a textured mesh through the export, a DMTet grid for
+stage 2, and Gaussians started from a volume or a mesh."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from csd_backend.config import SceneConfig
+from csd_backend.convert.to_gaussians import from_mesh, from_volume
+from csd_backend.convert.volume_to_dmtet import volume_to_dmtet
+from csd_backend.export import ExportConfig, extract_textured_mesh
+from csd_backend.gaussian_config import GaussianConfig
+from csd_backend.render.cameras import orbit_cameras
+from csd_backend.render.views import render_cameras_with_opacity
+from csd_backend.scene.gaussians import GaussianScene
+from test_stage2 import blob_scene
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RED = (0.9, 0.1, 0.1)
+
+
+def sphere_splats(n=3000, radius=0.3, seed=0) -> GaussianScene:
+    """Opaque red splats on a sphere of ``radius``."""
+    torch.manual_seed(seed)
+    cfg = SceneConfig(kind="gaussians", radius=1.0, background="solid", n_levels=4, log2_hashmap_size=12,
+                      base_resolution=8, max_resolution=64, mlp_width=16,
+                      gaussians=GaussianConfig(num_points=n))
+    scene = GaussianScene(cfg)
+    points = torch.nn.functional.normalize(torch.randn(n, 3), dim=-1) * radius
+    scene.set_gaussians(points, torch.tensor(RED).expand(n, 3), opacity=0.9)
+    return scene.eval()
+
+
+def test_the_density_field_sums_the_splats_exactly():
+    scene = sphere_splats(400)
+    field = scene.volume
+    pts = torch.rand(500, 3) * 0.8 - 0.4
+    cov = scene.covariances()
+    d = pts[:, None, :] - scene.means[None]  # [M, N, 3]
+    exact = (scene.opacities() * torch.exp(-0.5 * torch.einsum("mni,nij,mnj->mn", d, torch.linalg.inv(cov), d)))
+    # each splat is cut at 3 standard deviations per axis
+    reach = 3 * torch.sqrt(torch.diagonal(cov, dim1=-2, dim2=-1))
+    inside = (d.abs() <= reach[None]).all(-1)
+    expected = torch.where(inside, exact, 0.0).sum(-1)
+    got = field.density(pts)
+    assert torch.allclose(got, expected, atol=1e-5) and float(got.max()) > 0.5
+    assert torch.allclose(field.albedo(scene.means[:50]), torch.tensor(RED).expand(50, 3), atol=1e-5)
+    assert scene.volume is field  # one index per state of the splats
+
+
+def test_textured_mesh_of_splats_is_the_sphere(tmp_path):
+    scene = sphere_splats()
+    mesh = extract_textured_mesh(scene, ExportConfig(resolution=64, texture_size=128, face_budget=5000))
+    r = np.linalg.norm(mesh.vertices @ np.diag([1, 1, 1]), axis=-1)
+    assert mesh.num_faces > 200 and 0.27 < float(np.median(r)) < 0.36
+    assert np.allclose(mesh.vertex_colors.mean(0), RED, atol=0.05)
+
+
+def test_splats_refine_into_a_dmtet_grid_with_a_fitted_texture():
+    scene = sphere_splats()
+    out = volume_to_dmtet(scene, tet_resolution=32, threshold="auto", seed=0)
+    verts, faces = out.mesh()
+    r = verts.norm(dim=-1)
+    assert faces.shape[0] > 100 and 0.25 < float(r.median()) < 0.38
+    with torch.no_grad():
+        colour = out.texture.albedo(verts).mean(0)
+    assert torch.allclose(colour, torch.tensor(RED), atol=0.1), colour
+
+
+def test_gaussians_from_a_volume_and_from_a_mesh_keep_shape_and_colour():
+    volume = blob_scene()  # density crosses 10 on a sphere of radius about 0.25
+    cfg = SceneConfig(kind="gaussians", background="solid", gaussians=GaussianConfig(num_points=800,
+                                                                                      init_density_threshold=10.0))
+    splats = from_volume(volume, cfg, seed=3)
+    assert splats.kind == "gaussians" and splats.num_gaussians == 800
+    assert float(splats.means.norm(dim=-1).max()) < 0.3 and splats.radius == volume.radius
+    with torch.no_grad():
+        colour = volume.albedo(splats.means[:20])
+    assert torch.allclose(splats.colors(torch.zeros(1, 3))[0, :20], colour, atol=1e-4)
+    again = from_volume(volume, cfg, seed=3)
+    assert torch.equal(again.means, splats.means)  # the run's seed decides every draw
+    dmtet = volume_to_dmtet(volume, tet_resolution=32, threshold=10.0)
+    on_mesh = from_mesh(dmtet, cfg, seed=0)
+    r = on_mesh.means.norm(dim=-1)
+    assert on_mesh.num_gaussians == 800 and float((r - r.mean()).abs().max()) < 0.05
+    cams = orbit_cameras(2, 15.0, 1.5, 45.0, 32, 32)
+    _, op = render_cameras_with_opacity(on_mesh, cams)
+    assert float(op.max()) > 0.5 and math.isfinite(float(op.sum()))
