@@ -2,8 +2,9 @@
 # The GPU check (issue 12): CUDA tests, the step benchmark with full-size SD-2.1-base-shaped random weights in fp16
 # (csd-coarse at batch 4 and the preview preset: step split, UNet floor, ratio, peak memory, projected 10k-step
 # time), each with the compiled path of item 2 off (torch) and on (compiled: hash grid and compositing through
-# torch.compile), the encoding / compositing micro-benchmark (torch vs compiled) and the stage-2 step split, in one
-# call that fits a short GPU loan (about 8 minutes).
+# torch.compile), the encoding / compositing micro-benchmark (torch vs compiled), the stage-2 step split and the
+# CSD-MVDream run (issue 24: full-size random MVDream in fp16, both phases of csd-mvdream, projected 10k-step time),
+# in one call that fits a short GPU loan (about 9 minutes).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh             # from the repository root, on a CUDA machine
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh --dry-run  # the whole script on a CPU, tiny sizes (< 3 min)
@@ -71,12 +72,15 @@ if [[ $DRY == 1 ]]; then
   DEVICE=cpu; STEP_ARGS=(--presets preview-cpu --steps 1 --warmup 1 --threads 1 --backends torch,compiled "${TINY[@]}")
   COMPILED_ARGS=(--device cpu --presets preview-cpu --points 4096 --rays 1024 --repeats 1 --threads 1 "${TINY[@]}")
   STAGE2_ARGS=(--device cpu --preset refine-cpu --tet 16 --sizes 64 --steps 1 --threads 1)
+  MVDREAM_ARGS=(--tiny --steps 1 --warmup 0 --threads 1 --set "camera.height=[16,32]" --set "camera.width=[16,32]"
+                --set render.num_samples_per_ray=32 "${TINY[@]}")
   TESTS=(tests/test_cuda_parity.py tests/test_rasterizer.py -k "cuda or nvdiffrast")
 else
   DEVICE=cuda; STEP_ARGS=(--device cuda --full-size --dtype float16 --presets csd-coarse,preview-cpu --steps 5 --warmup 3
                           --backends torch,compiled)
   COMPILED_ARGS=(--device cuda --presets csd-coarse --points 262144 1048576 --repeats 5)
   STAGE2_ARGS=(--device cuda --tet 128 256 --sizes 512 --steps 3)
+  MVDREAM_ARGS=(--device cuda --dtype float16 --steps 3 --warmup 2)
   TESTS=(tests/test_cuda_parity.py tests/test_rasterizer.py)
 fi
 
@@ -89,4 +93,7 @@ run_part bench_step 300 $PY benchmarks/bench_step.py "${STEP_ARGS[@]}"
 run_part bench_compiled 120 $PY benchmarks/bench_compiled.py "${COMPILED_ARGS[@]}"
 # 5. stage 2 (DMTet): marching tets, rasterize, shade, prior, backward
 run_part bench_stage2 240 $PY benchmarks/bench_stage2.py "${STAGE2_ARGS[@]}"
+# 6. CSD-MVDream (csd-mvdream): 8 renders (2 objects x 4 views) at 64², then 4 at 256²; step, UNet floor, peak
+#    memory and the projected time of the 10k-step run
+run_part bench_mvdream 240 $PY benchmarks/bench_mvdream.py "${MVDREAM_ARGS[@]}"
 status "done on $DEVICE in $(( $(date +%s) - START )) s; results in $OUT"

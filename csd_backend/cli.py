@@ -221,14 +221,21 @@ def try_without_weights() -> str:
             "prior that only knows colours)")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def entry() -> None:
+    """The process's entry (``python -m csd_backend``, ``csd3d``): ``main``, then exit with its code."""
+    sys.exit(main(exiting=True))
+
+
+def main(argv: Optional[List[str]] = None, exiting: bool = False) -> int:
+    """Run one command; returns its exit code. ``exiting``: the process ends with it (``entry``), so a Ctrl-C that
+    arrives once the command is over is ignored."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = {"generate": cmd_generate, "refine": cmd_refine, "texture": cmd_texture, "render": cmd_render,
                "export": cmd_export, "batch": cmd_batch, "presets": cmd_presets}[args.command]
     if getattr(args, "quiet", False):
         quiet_third_party()
-    with engine_warnings(), signals_interrupt():
+    with engine_warnings(), signals_interrupt(exiting=exiting):
         if os.environ.get("CSD_DEBUG"):
             return command(args)
         try:

@@ -130,7 +130,8 @@ def add_run_flags(p: argparse.ArgumentParser, default_preset: str, batch: bool =
                                    "cache), or 'analytic[:RES]' for the exact test prior")
     p.add_argument("--model-config", default=None,
                    help="for single-file checkpoints offline: a diffusers folder (or cached hub id) of the same "
-                        "architecture to take the component configs from")
+                        "architecture to take the component configs from; for an MVDream checkpoint its yaml "
+                        "(sd-v2-base.yaml), or a Stable Diffusion 2.x folder to take the tokenizer from")
     p.add_argument("--preset", default=None, choices=preset_names(),
                    help=f"named configuration (default {default_preset})")
     p.add_argument("--steps", type=int, default=None, help="number of steps (default: the preset's)")

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .config_checks import box, choice, in_range, int_range, is_number, positive, range_pair, vec
 from .errors import ConfigError
 from .gaussian_config import GaussianConfig
 from .schedules import ScheduleSpec, schedule_value, validate_schedule
@@ -22,6 +23,8 @@ DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy
 GUIDANCE_MODES = ("csd", "sds", "edit", "vsd")
 OPTIMIZERS = ("adam", "adamw")
 WEIGHTINGS = ("uniform", "sds", "fantasia3d")
+#: grad_normalize: over the whole batch tensor (spec §1.1) or per render and channel (CSD-MVDream)
+GRAD_NORMALIZATIONS = ("l2", "std")
 NORMAL_TYPES = ("analytic", "finite_difference")
 BACKGROUNDS = ("neural_env", "solid")
 ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
@@ -57,7 +60,8 @@ class PriorConfig:
     """Which diffusion model to use. ``model`` is a diffusers folder, a single-file checkpoint or a hub id."""
 
     model: str = ""
-    #: for single-file checkpoints: a diffusers folder or hub id to take the architecture's configs from
+    #: for single-file checkpoints: a diffusers folder or hub id to take the architecture's configs from (MVDream:
+    #: its yaml, or a folder with the tokenizer)
     model_config: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float16 | float32 | bfloat16
@@ -93,6 +97,19 @@ class GuidanceConfig:
     cfg_scale: float = 100.0
     weighting: str = "uniform"  # uniform | sds | fantasia3d
     grad_normalize: bool = True
+    #: how grad_normalize normalises: l2 (g / ‖g‖ over the whole batch tensor, spec §1.1) | std (per render and
+    #: channel g / std over H, W, unbiased, + 1e-8: the CSD-MVDream guidance)
+    grad_normalize_by: str = "l2"
+    #: the normalised direction's share: g ← s·ĝ + (1 − s)·g (CSD-MVDream grad_normalize_scale: 0.9)
+    grad_normalize_scale: float = 1.0
+    #: one timestep for the whole batch (the MVDream guidances) instead of one per render (spec §1.1)
+    shared_timestep: bool = False
+    #: MVDream's x0-reconstruction form (threestudio-mvdream recon_loss): the direction is z − x̂0 with
+    #: x̂0 = (z_t − sqrt(1 − ᾱ)·ε̂)/sqrt(ᾱ) of the guided ε̂ = c·ε_y + u·ε_neg + n·ε_∅ (the k·ε term is not used)
+    recon_loss: bool = False
+    #: with recon_loss: x̂0 ← r·x̂0·std(x̂0_y)/std(x̂0) + (1 − r)·x̂0, the stds over each object's views (unbiased,
+    #: + 1e-8), x̂0_y from ε_y alone (threestudio-mvdream recon_std_rescale: 0.5)
+    recon_std_rescale: float = 0.0
     #: optional clamp of the gradient to ±clip (a schedule); None: no clamp
     grad_clip: Optional[ScheduleSpec] = schedule(None)
     min_step_percent: ScheduleSpec = schedule(0.02)
@@ -151,6 +168,8 @@ class SceneConfig:
     background_color: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     #: replace the background by a random solid colour per batch item with this probability (random_aug)
     random_background_prob: float = 0.5
+    #: the random colour is one for the whole batch (threestudio share_aug_bg) instead of one per render
+    random_background_shared: bool = False
     #: auto (on CUDA: tcnn when usable, else compiled when a trial torch.compile works, else torch; on the CPU:
     #: torch) | torch | compiled (torch.compile of the torch math, fused backward) | tcnn
     encoding_backend: str = "auto"
@@ -202,6 +221,13 @@ class CameraConfig:
     stratified_azimuth: bool = True
     #: before this step, azimuth is only front (0±30°) or back (180±30°)
     front_back_only_steps: int = step_count(0)
+    #: views of one object a step (MVDream: 4): the batch is batch_size / n_views objects, each seen by n_views
+    #: consecutive cameras at equally spaced azimuths with one draw of elevation, distance, fovy, jitter and light
+    #: (threestudio-mvdream's random-multiview sampler); 1: every camera drawn on its own
+    n_views: int = 1
+    #: distance_range is relative to the field of view: the distance is d / tan(fovy / 2), so the object fills the
+    #: same part of every view (threestudio-mvdream relative_radius)
+    relative_distance: bool = False
     #: csd-r1: half uniform in degrees, half the official asin(2u − 1) quirk; threestudio: half uniform in degrees,
     #: half uniform on the sphere (asin(U[sin e0, sin e1])); uniform-sphere; uniform (in degrees)
     elevation_sampling: str = "csd-r1"
@@ -354,22 +380,26 @@ class RunConfig:
             raise ConfigError("model", "no diffusion model given; pass a diffusers folder, a .safetensors file or a hub id")
         for name in ("resolution", "max_resolution"):
             if getattr(self.prior, name) is not None:
-                _int_range(f"prior.{name}", getattr(self.prior, name), 8, 8192)
+                int_range(f"prior.{name}", getattr(self.prior, name), 8, 8192)
         if self.prior.controlnet is not None and not isinstance(self.prior.controlnet, str):
             raise ConfigError("prior.controlnet", f"must be a folder path or null, got {self.prior.controlnet!r}")
-        _in_range("prior.controlnet_scale", self.prior.controlnet_scale, 0.0, 10.0)
+        in_range("prior.controlnet_scale", self.prior.controlnet_scale, 0.0, 10.0)
         base = self.prior.lora_base_model
         if base is not None and (not isinstance(base, str) or not base.strip() or g.mode != "vsd"):
             raise ConfigError("prior.lora_base_model", f"{base!r}: only VSD (guidance.mode vsd) trains a LoRA; give "
                                                        f"a model folder, file or hub id with mode vsd, or none")
-        _choice("guidance.mode", g.mode, GUIDANCE_MODES)
-        _choice("guidance.weighting", g.weighting, WEIGHTINGS)
+        choice("guidance.mode", g.mode, GUIDANCE_MODES)
+        choice("guidance.weighting", g.weighting, WEIGHTINGS)
+        choice("guidance.grad_normalize_by", g.grad_normalize_by, GRAD_NORMALIZATIONS)
+        in_range("guidance.grad_normalize_scale", g.grad_normalize_scale, 0.0, 1.0)
+        in_range("guidance.recon_std_rescale", g.recon_std_rescale, 0.0, 1.0)
         for name in ("prompt", "negative_prompt", "source_prompt"):
             if not isinstance(getattr(g, name), str):
                 raise ConfigError(name, f"must be text, got {type(getattr(g, name)).__name__}")
-        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg")),
+        for section, names in ((g, ("grad_normalize", "view_dependent", "perp_neg", "shared_timestep", "recon_loss")),
                                (r, ("stratified", "textureless_normal", "soft_shading")),
-                               (c, ("stratified_azimuth", "first_step_fixed_view"))):
+                               (c, ("stratified_azimuth", "first_step_fixed_view", "relative_distance")),
+                               (s, ("random_background_shared",))):
             for name in names:
                 if not isinstance(getattr(section, name), bool):
                     raise ConfigError(name, f"must be true or false, got {getattr(section, name)!r}")
@@ -388,107 +418,102 @@ class RunConfig:
                                   f"need 0 <= min <= max <= 1 at every step; at step {step} min is {lo} and max is {hi}")
         if g.grad_clip is not None:
             validate_schedule(g.grad_clip, "guidance.grad_clip", positive=True)
-        _positive("guidance.cfg_scale", g.cfg_scale, allow_zero=True)
-        _positive("guidance.perp_neg_scale", g.perp_neg_scale, allow_zero=True)
-        _positive("guidance.lora_lr", g.lora_lr)
-        _int_range("guidance.lora_rank", g.lora_rank, 1, 1024)
-        _in_range("guidance.camera_condition_drop", g.camera_condition_drop, 0.0, 1.0)
-        _positive("guidance.lora_cfg_scale", g.lora_cfg_scale, allow_zero=True)
-        _int_range("guidance.lora_timestep_samples", g.lora_timestep_samples, 1, 64)
+        positive("guidance.cfg_scale", g.cfg_scale, allow_zero=True)
+        positive("guidance.perp_neg_scale", g.perp_neg_scale, allow_zero=True)
+        positive("guidance.lora_lr", g.lora_lr)
+        int_range("guidance.lora_rank", g.lora_rank, 1, 1024)
+        in_range("guidance.camera_condition_drop", g.camera_condition_drop, 0.0, 1.0)
+        positive("guidance.lora_cfg_scale", g.lora_cfg_scale, allow_zero=True)
+        int_range("guidance.lora_timestep_samples", g.lora_timestep_samples, 1, 64)
         for name in ("perp_neg_f_fs", "perp_neg_f_sb", "perp_neg_f_fsb"):
-            _vec(f"guidance.{name}", getattr(g, name), 3, -1e3, 1e3)
+            vec(f"guidance.{name}", getattr(g, name), 3, -1e3, 1e3)
         if g.perp_neg and not g.view_dependent:
             raise ConfigError("guidance.perp_neg", "Perp-Neg interpolates the view-dependent prompts: turn "
                                                    "view_dependent on, or perp_neg off")
         for name in ("front_threshold", "back_threshold"):
-            _in_range(f"guidance.{name}", getattr(g, name), 0.0, 180.0)
-        _in_range("guidance.overhead_threshold", g.overhead_threshold, -90.0, 90.0)
+            in_range(f"guidance.{name}", getattr(g, name), 0.0, 180.0)
+        in_range("guidance.overhead_threshold", g.overhead_threshold, -90.0, 90.0)
 
-        _positive("scene.radius", s.radius)
+        positive("scene.radius", s.radius)
         for name in ("n_levels", "n_features_per_level", "base_resolution", "mlp_width"):
-            _int_range(f"scene.{name}", getattr(s, name), 1, 1 << 16)
-        _int_range("scene.log2_hashmap_size", s.log2_hashmap_size, 4, 26)
-        _int_range("scene.mlp_hidden_layers", s.mlp_hidden_layers, 0, 16)
+            int_range(f"scene.{name}", getattr(s, name), 1, 1 << 16)
+        int_range("scene.log2_hashmap_size", s.log2_hashmap_size, 4, 26)
+        int_range("scene.mlp_hidden_layers", s.mlp_hidden_layers, 0, 16)
         if s.per_level_scale is None and s.max_resolution < s.base_resolution:
             raise ConfigError("scene.max_resolution", f"{s.max_resolution} is below base_resolution {s.base_resolution}")
         if s.per_level_scale is not None:
-            _positive("scene.per_level_scale", s.per_level_scale)
+            positive("scene.per_level_scale", s.per_level_scale)
         if s.active_levels is not None:  # values above n_levels mean every level (threestudio clamps too)
             validate_schedule(s.active_levels, "scene.active_levels", minimum=1.0)
-        _choice("scene.density_bias", s.density_bias, ("blob_magic3d", "blob_dreamfusion", "none"))
-        _choice("scene.normal_type", s.normal_type, NORMAL_TYPES)
-        _choice("scene.background", s.background, BACKGROUNDS)
-        _choice("scene.encoding_backend", s.encoding_backend, ENCODING_BACKENDS)
-        _positive("scene.density_blob_std", s.density_blob_std)
-        _positive("scene.density_blob_scale", s.density_blob_scale, allow_zero=True)
-        _positive("scene.finite_difference_eps", s.finite_difference_eps)
-        _in_range("scene.random_background_prob", s.random_background_prob, 0.0, 1.0)
-        _vec("scene.background_color", s.background_color, 3, 0.0, 1.0)
-        _choice("scene.kind", s.kind, SCENE_KINDS)
+        choice("scene.density_bias", s.density_bias, ("blob_magic3d", "blob_dreamfusion", "none"))
+        choice("scene.normal_type", s.normal_type, NORMAL_TYPES)
+        choice("scene.background", s.background, BACKGROUNDS)
+        choice("scene.encoding_backend", s.encoding_backend, ENCODING_BACKENDS)
+        positive("scene.density_blob_std", s.density_blob_std)
+        positive("scene.density_blob_scale", s.density_blob_scale, allow_zero=True)
+        positive("scene.finite_difference_eps", s.finite_difference_eps)
+        in_range("scene.random_background_prob", s.random_background_prob, 0.0, 1.0)
+        vec("scene.background_color", s.background_color, 3, 0.0, 1.0)
+        choice("scene.kind", s.kind, SCENE_KINDS)
         s.gaussians.validate()
         if not isinstance(s.tet_resolution, int) or isinstance(s.tet_resolution, bool) or s.tet_resolution % 2 \
                 or not 8 <= s.tet_resolution <= 512:
             raise ConfigError("scene.tet_resolution", f"must be an even integer in [8, 512] (threestudio's 32, 64, "
                                                       f"128 or 256), got {s.tet_resolution!r}")
         if s.bbox is not None:
-            if (not isinstance(s.bbox, (list, tuple)) or len(s.bbox) != 2
-                    or not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(_is_number(x) for x in c)
-                               for c in s.bbox)
-                    or not all(a < b for a, b in zip(*s.bbox))):
-                raise ConfigError("scene.bbox", f"must be [[x0, y0, z0], [x1, y1, z1]] with x0 < x1, y0 < y1, "
-                                                f"z0 < z1 (or null for ±radius), got {s.bbox!r}")
+            box("scene.bbox", s.bbox)
         if s.isosurface_threshold not in ("auto", "silhouette"):
             if isinstance(s.isosurface_threshold, str):
                 raise ConfigError("scene.isosurface_threshold", f"{s.isosurface_threshold!r}: give a density "
                                                                 f"(spec: 10), 'auto' or 'silhouette'")
-            _positive("scene.isosurface_threshold", s.isosurface_threshold)
+            positive("scene.isosurface_threshold", s.isosurface_threshold)
         for name in ("fix_geometry", "keep_background"):
             if not isinstance(getattr(s, name), bool):
                 raise ConfigError(f"scene.{name}", f"must be true or false, got {getattr(s, name)!r}")
 
         _camera_phases(c)
-        _range_pair("camera.elevation_range", c.elevation_range, -90.0, 90.0)
-        _range_pair("camera.azimuth_range", c.azimuth_range, -360.0, 360.0)
-        _range_pair("camera.distance_range", c.distance_range, 1e-3, 1e4)
-        _range_pair("camera.fovy_range", c.fovy_range, 1.0, 179.0)
-        _range_pair("camera.light_distance_range", c.light_distance_range, 1e-3, 1e4)
-        _choice("camera.elevation_sampling", c.elevation_sampling, ELEVATION_SAMPLING)
-        _choice("camera.light_sampling", c.light_sampling, LIGHT_SAMPLING)
-        _int_range("camera.front_back_only_steps", c.front_back_only_steps, 0, 1 << 30)
+        range_pair("camera.elevation_range", c.elevation_range, -90.0, 90.0)
+        range_pair("camera.azimuth_range", c.azimuth_range, -360.0, 360.0)
+        range_pair("camera.distance_range", c.distance_range, 1e-3, 1e4)
+        range_pair("camera.fovy_range", c.fovy_range, 1.0, 179.0)
+        range_pair("camera.light_distance_range", c.light_distance_range, 1e-3, 1e4)
+        choice("camera.elevation_sampling", c.elevation_sampling, ELEVATION_SAMPLING)
+        choice("camera.light_sampling", c.light_sampling, LIGHT_SAMPLING)
+        int_range("camera.front_back_only_steps", c.front_back_only_steps, 0, 1 << 30)
         if min(c.distance_range) <= 0:
             raise ConfigError("camera.distance_range", "distances must be positive")
 
-        _int_range("render.num_samples_per_ray", r.num_samples_per_ray, 4, 8192)
-        _int_range("render.grid_resolution", r.grid_resolution, 4, 512)
-        _int_range("render.grid_update_every", r.grid_update_every, 1, 1 << 20)
-        _in_range("render.grid_ema_decay", r.grid_ema_decay, 0.0, 1.0)
-        _in_range("render.albedo_prob", r.albedo_prob, 0.0, 1.0)
-        _in_range("render.textureless_prob", r.textureless_prob, 0.0, 1.0)
-        _in_range("render.alpha_threshold", r.alpha_threshold, 0.0, 1.0)
-        _int_range("render.chunk_size", r.chunk_size, 1024, 1 << 30)
-        _choice("render.rasterizer", r.rasterizer, RASTERIZERS)
-        _choice("render.backend", r.backend, RENDER_BACKENDS)
-        _int_range("render.ambient_only_steps", r.ambient_only_steps, 0, 1 << 40)
-        _int_range("render.grid_warmup_steps", r.grid_warmup_steps, 0, 1 << 40)
-        _in_range("render.grid_threshold", r.grid_threshold, 0.0, 1e6)
-        _in_range("render.early_stop_eps", r.early_stop_eps, 0.0, 1.0)
-        _in_range("render.ambient_light", r.ambient_light, 0.0, 1.0)
-        _in_range("render.diffuse_light", r.diffuse_light, 0.0, 1.0)
-        _positive("camera.eval_distance", c.eval_distance)
-        _in_range("camera.eval_fovy", c.eval_fovy, 1.0, 179.0)
-        _in_range("camera.eval_elevation", c.eval_elevation, -90.0, 90.0)
+        int_range("render.num_samples_per_ray", r.num_samples_per_ray, 4, 8192)
+        int_range("render.grid_resolution", r.grid_resolution, 4, 512)
+        int_range("render.grid_update_every", r.grid_update_every, 1, 1 << 20)
+        in_range("render.grid_ema_decay", r.grid_ema_decay, 0.0, 1.0)
+        in_range("render.albedo_prob", r.albedo_prob, 0.0, 1.0)
+        in_range("render.textureless_prob", r.textureless_prob, 0.0, 1.0)
+        in_range("render.alpha_threshold", r.alpha_threshold, 0.0, 1.0)
+        int_range("render.chunk_size", r.chunk_size, 1024, 1 << 30)
+        choice("render.rasterizer", r.rasterizer, RASTERIZERS)
+        choice("render.backend", r.backend, RENDER_BACKENDS)
+        int_range("render.ambient_only_steps", r.ambient_only_steps, 0, 1 << 40)
+        int_range("render.grid_warmup_steps", r.grid_warmup_steps, 0, 1 << 40)
+        in_range("render.grid_threshold", r.grid_threshold, 0.0, 1e6)
+        in_range("render.early_stop_eps", r.early_stop_eps, 0.0, 1.0)
+        in_range("render.ambient_light", r.ambient_light, 0.0, 1.0)
+        in_range("render.diffuse_light", r.diffuse_light, 0.0, 1.0)
+        positive("camera.eval_distance", c.eval_distance)
+        in_range("camera.eval_fovy", c.eval_fovy, 1.0, 179.0)
+        in_range("camera.eval_elevation", c.eval_elevation, -90.0, 90.0)
         for name in ("camera_perturb", "center_perturb", "up_perturb", "light_position_perturb"):
             validate_schedule(getattr(c, name), f"camera.{name}", minimum=0.0)
 
         for name in ("guidance", "orient", "sparsity", "opaque", "normal_consistency", "laplacian"):
             validate_schedule(getattr(self.loss, name), f"loss.{name}", minimum=0.0)
 
-        _int_range("steps", o.steps, 1, 10_000_000)
-        _positive("optim.lr", o.lr)
-        _vec("optim.betas", o.betas, 2, 0.0, 0.999999)
-        _choice("optim.optimizer", o.optimizer, OPTIMIZERS)
-        _in_range("optim.weight_decay", o.weight_decay, 0.0, 1.0)
-        _positive("optim.eps", o.eps)
+        int_range("steps", o.steps, 1, 10_000_000)
+        positive("optim.lr", o.lr)
+        vec("optim.betas", o.betas, 2, 0.0, 0.999999)
+        choice("optim.optimizer", o.optimizer, OPTIMIZERS)
+        in_range("optim.weight_decay", o.weight_decay, 0.0, 1.0)
+        positive("optim.eps", o.eps)
         if not isinstance(o.group_lr, dict):
             raise ConfigError("optim.group_lr", f"must be a mapping of parameter-name prefix to learning rate, e.g. "
                                                 f'{{"background": 0.001}}, got {o.group_lr!r}')
@@ -496,15 +521,16 @@ class RunConfig:
             if not isinstance(prefix, str) or not prefix:
                 raise ConfigError("optim.group_lr", f"keys must be parameter-name prefixes such as 'background', "
                                                     f"got {prefix!r}")
-            _positive(f"optim.group_lr.{prefix}", lr)
-        _int_range("optim.checkpoint_every", o.checkpoint_every, 0, 1 << 30)
-        _int_range("optim.preview_every", o.preview_every, 0, 1 << 30)
-        _int_range("seed", o.seed, 0, 2**63 - 1)
+            positive(f"optim.group_lr.{prefix}", lr)
+        int_range("optim.checkpoint_every", o.checkpoint_every, 0, 1 << 30)
+        int_range("optim.preview_every", o.preview_every, 0, 1 << 30)
+        int_range("seed", o.seed, 0, 2**63 - 1)
         return self
 
 
 def _camera_phases(c: "CameraConfig") -> None:
-    """Milestones: increasing positive steps; height/width/batch_size: a number or one per phase."""
+    """Milestones: increasing positive steps; height/width/batch_size: a number or one per phase; every batch whole
+    objects of ``n_views`` views."""
     m = c.resolution_milestones
     if (not isinstance(m, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in m)
             or any(a >= b for a, b in zip(m, m[1:]))):
@@ -518,9 +544,18 @@ def _camera_phases(c: "CameraConfig") -> None:
                 raise ConfigError(f"camera.{name}", f"has {len(value)} values for {n} phases (resolution_milestones "
                                                     f"{m}): give one number, or {n} numbers")
             for v in value:
-                _int_range(f"camera.{name}", v, lo, hi)
+                int_range(f"camera.{name}", v, lo, hi)
         else:
-            _int_range(f"camera.{name}", value, lo, hi)
+            int_range(f"camera.{name}", value, lo, hi)
+    int_range("camera.n_views", c.n_views, 1, 64)
+    for batch in (c.batch_size if isinstance(c.batch_size, list) else [c.batch_size]):
+        if batch % c.n_views:
+            raise ConfigError("camera.n_views", f"a batch of {batch} renders is not whole objects of {c.n_views} "
+                                                f"views: make camera.batch_size a multiple of n_views (MVDream: "
+                                                f"batch 8 then 4, 4 views)")
+    if c.n_views > 1 and c.front_back_only_steps:
+        raise ConfigError("camera.front_back_only_steps", "the front/back-only warm-up draws single views; with "
+                                                          f"n_views {c.n_views} set it to 0")
 
 
 def _schedule_knots(*specs, total: int = 0):
@@ -557,44 +592,6 @@ def merge_config(base, overrides: Dict[str, Any], prefix: str = ""):
         else:
             setattr(new, key, copy.deepcopy(value))
     return new
-
-
-def _choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ConfigError(name, f"{value!r} is not one of {', '.join(map(repr, choices))}")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    if not _is_number(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(name, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-
-
-def _in_range(name: str, value: Any, lo: float, hi: float) -> None:
-    if not _is_number(value) or not lo <= value <= hi:
-        raise ConfigError(name, f"must be a number in [{lo}, {hi}], got {value!r}")
-
-
-def _int_range(name: str, value: Any, lo: int, hi: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(name, f"must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def _range_pair(name: str, value: Any, lo: float, hi: float) -> None:
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(_is_number(v) for v in value):
-        raise ConfigError(name, f"must be a pair [min, max] of numbers, got {value!r}")
-    if value[0] > value[1]:
-        raise ConfigError(name, f"min {value[0]} is greater than max {value[1]}; swap them")
-    if value[0] < lo or value[1] > hi:
-        raise ConfigError(name, f"must lie within [{lo}, {hi}], got {list(value)}")
-
-
-def _vec(name: str, value: Any, n: int, lo: float, hi: float) -> None:
-    if not isinstance(value, (list, tuple)) or len(value) != n or not all(_is_number(v) and lo <= v <= hi for v in value):
-        raise ConfigError(name, f"must be {n} numbers in [{lo}, {hi}], got {value!r}")
 
 
 ConfigLike = Union[RunConfig, Dict[str, Any]]

@@ -18,6 +18,13 @@ with per-mode coefficients (``coefficients``):
 Branches that share an embedding are merged and zero coefficients are dropped before the single batched
 UNet call, so e.g. stage-1 CSD at step 0 (ω2 = 0) costs two branches, not three.
 
+Multi-view priors (MVDream, ``prior.multiview``) get the cameras and the views per object with every prediction.
+The CSD-MVDream guidance (R2) is CSD with ω1 = ω2 = 1 and no null branch (ε_y − ε_neg), one timestep for the batch
+(``shared_timestep``) and the per-render, per-channel std normalisation ``0.9·g/std + 0.1·g``
+(``grad_normalize_by`` std, ``grad_normalize_scale``); threestudio-mvdream's SDS uses its x0-reconstruction
+form (``recon_loss``: the direction z − x̂0 of the guided ε̂, ``recon_std_rescale`` per object,
+:func:`reconstruction_direction`).
+
 Perp-Neg (``perp_neg``, spec §1.3: the official character config) interpolates the positive view embedding and
 adds ``p · Δ_perp``, ``Δ_perp = Σ_i w_i · perp(ε_view_i − ε_neg, ε_pos − ε_neg)``: the part of the two neighbouring
 views' scores perpendicular to the positive direction, with negative weights (5B UNet inputs; 4B for SDS, which has
@@ -122,25 +129,34 @@ class ScoreDistillation:
             self.vsd = VSD(cfg, prior, prompts, optim)
 
     def sample_timesteps(self, batch: int, step: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``[batch]`` integer timesteps in the range of ``step``: one per render, or one for all
+        (``shared_timestep``, the MVDream guidances)."""
         t_min, t_max = timestep_range(self.cfg, step, self.prior.num_train_timesteps)
+        if self.cfg.shared_timestep:
+            return torch.randint(t_min, t_max + 1, (1,), generator=generator, dtype=torch.long).repeat(batch)
         return torch.randint(t_min, t_max + 1, (batch,), generator=generator, dtype=torch.long)
 
     def __call__(self, images: torch.Tensor, elevation: torch.Tensor, azimuth: torch.Tensor, step: int,
                  t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                  generator: Optional[torch.Generator] = None, control: Optional[torch.Tensor] = None,
-                 c2w: Optional[torch.Tensor] = None) -> GuidanceOutput:
+                 c2w: Optional[torch.Tensor] = None, n_views: int = 1) -> GuidanceOutput:
         """Guidance for renders ``images`` ``[B, H, W, 3]`` seen from (elevation, azimuth) ``[B]`` degrees;
         ``control`` ``[B, H, W, 3]``: the condition images of the prior's ControlNet (e.g. the renders' depth).
 
         ``t`` ``[B]`` and ``noise`` (shaped like the prior's input) may be given for reproducibility; else they
         are drawn from ``generator`` (on the CPU, then moved, so results do not depend on the device).
-        ``c2w`` ``[B, 4, 4]``: the cameras (VSD conditions its LoRA on them; the other modes ignore them).
+        ``c2w`` ``[B, 4, 4]``: the cameras (VSD conditions its LoRA on them, a multi-view prior its predictions;
+        the other modes ignore them). ``n_views``: consecutive renders per object (the multi-view prior's joint
+        attention and ``recon_std_rescale`` work per object).
         """
-        if self.vsd is not None and c2w is None:
-            raise ValueError("vsd guidance needs the cameras' c2w matrices (c2w=[B, 4, 4])")
+        if (self.vsd is not None or self.prior.multiview) and c2w is None:
+            raise ValueError(f"{'vsd guidance' if self.vsd is not None else 'a multi-view prior'} needs the cameras' "
+                             "c2w matrices (c2w=[B, 4, 4])")
         prior = self.prior
         z = prior.encode_images(images)  # [B, C, h, w]
         B = z.shape[0]
+        if B % int(n_views):
+            raise ValueError(f"a batch of {B} renders is not whole objects of {n_views} views")
         if t is None:
             t = self.sample_timesteps(B, step, generator)
         t = to_device_async(t.long(), prior.device)
@@ -153,11 +169,15 @@ class ScoreDistillation:
             branches, perp_weights = self._branches(coef, elevation, azimuth, B)
             n = len(branches)
             embs = torch.cat([e for _, e, _ in branches], 0)
-            # the condition only when there is one: priors without a ControlNet keep the 3-argument call
+            # the condition only when there is one: priors without a ControlNet keep the 3-argument call; the
+            # cameras only for a multi-view prior (each branch is whole objects: B is a multiple of n_views)
             cond = {} if control is None else {"control": control.repeat(n, 1, 1, 1)}
+            if prior.multiview:
+                cond.update(cameras=c2w.reshape(B, 4, 4).repeat(n, 1, 1), num_views=int(n_views))
             eps = prior.predict_noise(z_t.repeat(n, 1, 1, 1), t.repeat(n), embs, **cond)
             eps = {key: eps[i * B:(i + 1) * B] for i, (key, _, _) in enumerate(branches)}
-            direction = coef.k * noise
+            # the guided ε̂ alone for the x0 form (its k·ε is not used), else ε̂ + k·ε
+            direction = torch.zeros_like(noise) if self.cfg.recon_loss else coef.k * noise
             for key, _, weight in branches:
                 if weight != 0.0:
                     direction = direction + weight * eps[key]
@@ -167,6 +187,12 @@ class ScoreDistillation:
                     to_device_async(perp_weights, eps["positive"].device))
             if self.vsd is not None:
                 direction = direction - self.vsd.predict(z_t, t, c2w)
+            if self.cfg.recon_loss:
+                if self.cfg.recon_std_rescale > 0 and "positive" not in eps:
+                    raise ConfigError("guidance.recon_std_rescale", "needs the positive prompt's branch (its weight "
+                                                                    "c is 0); set it to 0 or give c a weight")
+                direction = reconstruction_direction(z.detach(), z_t, direction, eps.get("positive"),
+                                                     prior.alphas_cumprod[t], self.cfg.recon_std_rescale, n_views)
             w = timestep_weight(self.cfg.weighting, prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
             g = torch.nan_to_num(w * direction)  # as the official code: NaN → 0, ±Inf → ± the largest float
             if self.cfg.grad_clip is not None:
@@ -174,7 +200,7 @@ class ScoreDistillation:
                 g = g.clamp(-clip, clip)
             grad_norm = g.norm()  # a tensor: no host-device sync inside the step
             if self.cfg.grad_normalize:
-                g = g / (grad_norm + 1e-8)
+                g = normalize_direction(g, grad_norm, self.cfg.grad_normalize_by, self.cfg.grad_normalize_scale)
 
         target = (z - g).detach()
         loss = 0.5 * ((z - target) ** 2).sum() / B
@@ -251,3 +277,33 @@ def perp_neg_term(eps_pos: torch.Tensor, eps_unc: torch.Tensor, eps_views, weigh
     shape = (-1,) + (1,) * (eps_pos.dim() - 1)
     return sum(weights[:, i].view(shape) * perpendicular_component(e - eps_unc, e_pos)
                for i, e in enumerate(eps_views))
+
+
+def normalize_direction(g: torch.Tensor, norm: torch.Tensor, by: str, scale: float) -> torch.Tensor:
+    """``scale·ĝ + (1 − scale)·g`` for ``g`` ``[B, C, h, w]``, ĝ by ``by``: ``l2``: ``g / (‖g‖ + 1e-8)`` with the norm
+    ``norm`` of the whole batch tensor (spec §1.1 step 4); ``std``: ``g / (std + 1e-8)`` with the unbiased std over
+    H, W per render and channel (the CSD-MVDream guidance, R2)."""
+    if by == "std":
+        unit = g / (g.std(dim=(-2, -1), keepdim=True) + 1e-8)
+    else:
+        unit = g / (norm + 1e-8)
+    return unit if scale == 1.0 else scale * unit + (1.0 - scale) * g
+
+
+def reconstruction_direction(z: torch.Tensor, z_t: torch.Tensor, eps_hat: torch.Tensor, eps_y: Optional[torch.Tensor],
+                             alphas_t: torch.Tensor, rescale: float, n_views: int) -> torch.Tensor:
+    """MVDream's x0-reconstruction direction ``z − x̂0`` ``[B, C, h, w]`` (threestudio-mvdream ``recon_loss``; its loss
+    ``0.5·‖z − sg(x̂0)‖²/B`` has the gradient ``(z − x̂0)/B``, the engine's loss with ``g = z − x̂0``).
+
+    ``x̂0 = (z_t − sqrt(1 − ᾱ)·ε̂)/sqrt(ᾱ)`` from the guided ``eps_hat``; with ``rescale`` r > 0,
+    ``x̂0 ← r·f·x̂0 + (1 − r)·x̂0`` where ``f = (std(x̂0_y) + 1e-8)/(std(x̂0) + 1e-8)`` per object (the unbiased std
+    over its ``n_views`` renders' C, h, w) and ``x̂0_y`` is the reconstruction from ``eps_y`` (the positive prompt
+    alone). ``alphas_t``: ᾱ ``[B]``."""
+    a = alphas_t.view(-1, *([1] * (z.dim() - 1)))
+    x0 = (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+    if rescale > 0:
+        x0_y = (z_t - (1 - a).sqrt() * eps_y) / a.sqrt()
+        per_object = x0.shape[0] // int(n_views)
+        f = (x0_y.reshape(per_object, -1).std(dim=1) + 1e-8) / (x0.reshape(per_object, -1).std(dim=1) + 1e-8)
+        x0 = rescale * x0 * f.repeat_interleave(int(n_views)).view_as(a) + (1 - rescale) * x0
+    return z - x0

@@ -120,6 +120,9 @@ class Optimization:
         torch.manual_seed(o.seed)  # before building the scene: its initial weights follow the seed
         for _, height, width in config.camera.sizes():  # fail early on a size it cannot take, in any phase
             prior.input_size(height, width)
+        if getattr(prior, "multiview", False) and config.camera.n_views == 1:
+            log.warning("the %s prior is a multi-view model but camera.n_views is 1: each render is seen alone, not "
+                        "as MVDream was trained (4 views an object; the *-mvdream presets set it)", prior.name)
         self.scene = (copy.deepcopy(scene) if scene is not None else make_scene(config.scene, self.device)
                       ).to(self.device)
         self.renderer = make_renderer(config.render, config.scene, self.device)
@@ -271,7 +274,9 @@ class Optimization:
         B = len(cams)
         bg_colors = None
         if cfg.scene.random_background_prob > 0 and torch.rand(1, generator=gen).item() < cfg.scene.random_background_prob:
-            bg_colors = to_device_async(torch.rand(B, 3, generator=gen), self.device)
+            shared = cfg.scene.random_background_shared  # one colour for the batch (threestudio share_aug_bg)
+            bg_colors = to_device_async(torch.rand(1 if shared else B, 3, generator=gen).repeat(B if shared else 1, 1),
+                                        self.device)
         weights = {name: schedule_value(getattr(cfg.loss, name), s) for name in ("guidance", *REGULARIZERS)}
         need_normals = weights["orient"] > 0 or shading != "albedo"
         angles = cams.elevation, cams.azimuth  # on the CPU: the view-dependent prompt lookup needs no GPU sync
@@ -280,7 +285,8 @@ class Optimization:
         t0 = self._tick("render", t0)
 
         control = depth_condition(out.depth, out.opacity) if self.prior.controlnet is not None else None
-        g = self.guidance(out.rgb, *angles, s, generator=gen, control=control, c2w=cams.c2w)
+        g = self.guidance(out.rgb, *angles, s, generator=gen, control=control, c2w=cams.c2w,
+                          n_views=cfg.camera.n_views)
         t0 = self._tick("prior", t0)
         losses = {"guidance": g.loss}
         total = weights["guidance"] * g.loss

@@ -43,6 +43,17 @@ the renders and is subtracted from the frozen CFG prediction):
   and MLP lr 0.001 erase the object within 150 steps: measured with the toy prior, "a red cube"), and the LoRA at lr
   1e-3 so that it follows the scene in so few steps.
 
+MVDream (``priors/mvdream.py``: multi-view SD 2.1 conditioned on each object's 4 cameras; ``camera.n_views`` 4):
+
+- ``csd-mvdream``: the official CSD-MVDream run (spec §1.2 R2, `csd.yaml` of the CSD-MVDream branch) value for value:
+  ε_y − ε_neg with MVDream's long negative prompt, std normalisation 0.9·g/std + 0.1·g, one t per step falling from
+  0.98 to [0.02, 0.5] over 8000 steps, batch [8, 4] of 4-view objects at 64² then 256² from step 5000, elevation
+  0–30°, fovy 15–60°, distance 0.8–1.0 relative to the field of view, radius 1, hash grid up to 4096, AdamW (lr 0.01
+  on the encoding, 0.001 on the MLPs and background), orientation 10 → 1000, 10k steps.
+- ``sds-mvdream``: threestudio-mvdream's `mvdream-sd21.yaml`: SDS in MVDream's x0-reconstruction form with CFG 50
+  (``cfg_scale`` 49 in the engine's form) and the std rescale 0.5, albedo renders only.
+- ``mvdream-cpu``: csd-mvdream with one 4-view object at 64², preview-cpu's grid and 150 steps, for a CPU.
+
 Stage 2 (``scene.kind`` dmtet: a stage-1 run converted to a deformable tetrahedral SDF grid and refined through
 the rasterizer; the scene's hash grid, radius and background kind come from the stage-1 run, the background's
 weights start afresh from the run's seed as in the official refine configs unless ``scene.keep_background``):
@@ -330,6 +341,73 @@ PRESETS.update({
 })
 
 
+# MVDream (spec §1.2 R2 column, §8 item 9): the official CSD-MVDream run, CVMI-Lab/Classifier-Score-Distillation branch
+# CSD-MVDream @ 481536c csd.yaml, with the defaults of the classes it names (random-multiview-camera-datamodule,
+# diffuse-with-point-light-material, neural-environment-map-background, nerf-volume-renderer,
+# csd-multiview-diffusion-guidance); tests/test_mvdream_presets.py compares every value
+MVDREAM_NEGATIVE_PROMPT = ("ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, "
+                           "and unclear, cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, poorly "
+                           "drawn face, deformed, dehydrated, bad proportions")
+_CSD_MVDREAM: Dict[str, Any] = _merge(_STAGE1_OBJECT, {
+    # ε_y − ε_neg (the negative prompt in the "uncond" slot, no null branch), w = 1, one t per step, both ends of the
+    # t range falling from 0.98 over 8000 steps; guidance_scale 50 is used only with recon_loss (off): in the
+    # engine's form ε_y + s(ε_y − ε_u) that is s = 49 (= ε_u + 50(ε_y − ε_u))
+    "guidance": {"mode": "csd", "guidance_weight": 1.0, "negative_weight": 1.0, "weighting": "uniform",
+                 "grad_normalize": True, "grad_normalize_by": "std", "grad_normalize_scale": 0.9, "grad_clip": None,
+                 "min_step_percent": [0, 0.98, 0.02, 8000], "max_step_percent": [0, 0.98, 0.5, 8000],
+                 "shared_timestep": True, "view_dependent": False, "perp_neg": False, "front_threshold": 30.0,
+                 "back_threshold": 30.0, "overhead_threshold": 60.0, "negative_prompt": MVDREAM_NEGATIVE_PROMPT,
+                 "cfg_scale": 49.0, "recon_loss": False, "recon_std_rescale": 0.5},
+    "scene": {"radius": 1.0, "n_levels": 16, "n_features_per_level": 2, "log2_hashmap_size": 19,
+              "base_resolution": 16, "per_level_scale": 1.447269237440378, "max_resolution": 4096,
+              "active_levels": None, "mlp_width": 64, "mlp_hidden_layers": 1, "density_bias": "blob_magic3d",
+              "density_blob_scale": 10.0, "density_blob_std": 0.5, "normal_type": "analytic",
+              "background": "neural_env", "random_background_prob": 0.5, "random_background_shared": True},
+    # batch [8, 4] of 4-view objects, 64² renders, 256² from step 5000; distance relative to the field of view
+    "camera": {"height": [64, 256], "width": [64, 256], "batch_size": [8, 4], "resolution_milestones": [5000],
+               "n_views": 4, "relative_distance": True, "distance_range": [0.8, 1.0], "fovy_range": [15.0, 60.0],
+               "elevation_range": [0.0, 30.0], "azimuth_range": [-180.0, 180.0], "elevation_sampling": "csd-r1",
+               "stratified_azimuth": True, "front_back_only_steps": 0, "first_step_fixed_view": False,
+               "camera_perturb": 0.0, "center_perturb": 0.0, "up_perturb": 0.0, "light_sampling": "dreamfusion",
+               "light_position_perturb": 1.0, "light_distance_range": [0.8, 1.5], "eval_distance": 3.0,
+               "eval_fovy": 40.0, "eval_elevation": 15.0},
+    # albedo until step 5000, then 25 % albedo / 37.5 % grey-Lambertian / 37.5 % shaded, soft shading (diffuse
+    # d ~ U[0, 1], ambient 1 − d); ambient 1 and diffuse 0 otherwise (evaluation)
+    "render": {"num_samples_per_ray": 512, "ambient_only_steps": 5000, "albedo_prob": 0.25, "textureless_prob": 0.5,
+               "textureless_normal": False, "soft_shading": True, "ambient_light": 1.0, "diffuse_light": 0.0},
+    "loss": {"guidance": 1.0, "orient": [0, 10.0, 1000.0, 5000], "sparsity": 0.0, "opaque": 0.0},
+    "optim": {"steps": 10000, "lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15, "optimizer": "adamw",
+              "weight_decay": 0.01, "seed": 0, "checkpoint_every": 500, "preview_every": 200,
+              "group_lr": {"volume.encoding": 0.01, "volume.density_mlp": 0.001, "volume.feature_mlp": 0.001,
+                           "background": 0.001}},
+    "prior": {"resolution": None, "max_resolution": 256},
+})
+PRESETS.update({
+    "csd-mvdream": _CSD_MVDREAM,
+    # threestudio-mvdream configs/mvdream-sd21.yaml (bytedance/MVDream-threestudio): SDS in MVDream's x0 form with
+    # ε̂ = ε_u + 50(ε_y − ε_u) (s = 49 in the engine's form), x̂0 rescaled to the unguided std per object by 0.5;
+    # no-material (albedo only, no normals), no orientation loss
+    "sds-mvdream": _merge(_CSD_MVDREAM, {
+        "guidance": {"mode": "sds", "cfg_scale": 49.0, "grad_normalize": False, "recon_loss": True,
+                     "recon_std_rescale": 0.5},
+        "render": {"ambient_only_steps": 10001, "albedo_prob": 1.0, "soft_shading": False},
+        "loss": {"orient": 0.0},
+    }),
+    # csd-mvdream on a CPU (and the tiny test MVDream): one 4-view object a step at 64², preview-cpu's small grid and
+    # samples, 150 steps (the schedules compressed), lr 0.01 on every part with Adam (no weight decay)
+    "mvdream-cpu": _merge(_CSD_MVDREAM, {
+        "scene": {"n_levels": 8, "log2_hashmap_size": 16, "per_level_scale": None, "max_resolution": 256},
+        "camera": {"height": 64, "width": 64, "batch_size": 4, "resolution_milestones": []},
+        "render": {"num_samples_per_ray": 96, "ambient_only_steps": 75, "grid_warmup_steps": 32,
+                   "grid_update_every": 8},
+        "guidance": {"min_step_percent": [0, 0.98, 0.02, 120], "max_step_percent": [0, 0.98, 0.5, 120]},
+        "loss": {"orient": [0, 10.0, 1000.0, 75]},
+        "optim": {"steps": 150, "lr": 0.01, "group_lr": {}, "optimizer": "adam", "weight_decay": 0.0,
+                  "checkpoint_every": 50, "preview_every": 25},
+    }),
+})
+
+
 #: the mesh export of the runs a preset makes (``ExportConfig`` fields; a preset not listed takes the export's
 #: defaults, 256³ and 100k faces, as the GPU presets do). The CPU presets train on 64² renders (a pixel is 0.02–0.04
 #: units on the object) with a hash grid of at most 256 cells over the 4-unit box (0.016 units a cell): a 128³ grid
@@ -339,7 +417,7 @@ PRESETS.update({
 #: ``--mesh-face-budget`` and the flags of ``export`` override them.
 CPU_EXPORT: Dict[str, Any] = {"resolution": 128, "face_budget": 20000}
 EXPORT_SETTINGS: Dict[str, Dict[str, Any]] = {
-    name: CPU_EXPORT for name in ("preview-cpu", "vsd-preview-cpu", "refine-cpu", "texture-cpu",
+    name: CPU_EXPORT for name in ("preview-cpu", "vsd-preview-cpu", "refine-cpu", "texture-cpu", "mvdream-cpu",
                                   "gaussian-preview-cpu")}
 
 

@@ -22,7 +22,10 @@ class CSDLoadDiffusionModel:
                    "(found by model_index.json under models/diffusers) or a single-file checkpoint "
                    "(models/checkpoints). The CSD paper uses stabilityai/stable-diffusion-2-1-base; its stage 1 uses "
                    "DeepFloyd IF stage I (a diffusers folder of DeepFloyd/IF-I-XL-v1.0 under models/diffusers, 64² "
-                   "pixel space, for the csd-coarse-if presets).")
+                   "pixel space, for the csd-coarse-if presets). MVDream, for CSD MVDream: sd-v2.1-base-4view.pt in "
+                   "models/checkpoints with its sd-v2-base.yaml beside it (the tokenizer comes from the Hugging Face "
+                   "cache of stabilityai/stable-diffusion-2-1-base, or from the SD 2.x folder chosen in "
+                   "config_from), or a diffusers-style MVDream folder in models/diffusers.")
     CATEGORY = pack.CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = (pack.PRIOR,)
@@ -35,7 +38,8 @@ class CSDLoadDiffusionModel:
         configs = [AUTO_CONFIG] + [f"diffusers/{m}" for m in diffusers_models()]
         return {"required": {
             "model": combo_input(models, None, "diffusers/<folder> from models/diffusers, or checkpoints/<file> "
-                                               "(an SD 1.x/2.x .safetensors) from models/checkpoints, or toy: the small "
+                                               "(an SD 1.x/2.x .safetensors, or MVDream's sd-v2.1-base-4view.pt) from "
+                                               "models/checkpoints, or toy: the small "
                                                "built-in prior of five toy objects (a red cube, a blue ball, a "
                                                "green cone, a yellow mug, a purple ring) for offline tests"),
             "device": combo_input(_DEVICES, default_of_prior("device"),
@@ -47,7 +51,8 @@ class CSDLoadDiffusionModel:
             "config_from": combo_input(configs, AUTO_CONFIG,
                                        "single-file checkpoints only: a diffusers folder of the same architecture "
                                        "to take the component configs from ((auto): inferred, needs the configs "
-                                       "in the Hugging Face cache or internet access)"),
+                                       "in the Hugging Face cache or internet access); for an MVDream checkpoint "
+                                       "an SD 2.x folder to take the tokenizer from"),
         }, "optional": {
             "vsd_lora_base_model": combo_input([NO_LORA_BASE] + models, NO_LORA_BASE,
                                                "vsd only: a second model whose UNet carries VSD's LoRA, loaded "

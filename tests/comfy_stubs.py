@@ -648,6 +648,7 @@ TEMPLATES = {
     "checkpoint": "06-your-checkpoint-and-LoRAs-as-prior-GPU",
     "sds": "07-SDS-baseline-DreamFusion-GPU",
     "vsd": "08-VSD-ProlificDreamer-GPU",
+    "mvdream": "09-text-to-3D-CSD-MVDream-multi-view-GPU",
 }
 
 #: per node type, the widget values a test run changes (model, sizes, steps); everything else runs as shipped
@@ -661,7 +662,11 @@ TEST_OVERRIDES: Dict[str, Dict[str, object]] = {
     "CSDTextureMesh": {"steps": 2, "checkpoint_every": 1, "preview_every": 1, "preset": "texture-cpu"},
     "CSDRenderViews": {"n_views": 2, "size": 24, "samples_per_ray": 32},
     "CSDExtractMesh": {"resolution": 32, "texture_size": 64, "face_budget": 5000},
+    "CSDMVDream": {"steps": 2, "checkpoint_every": 1, "preview_every": 1, "preset": "mvdream-cpu"},
 }
+#: the test model of the loader that feeds a node of these types (a multi-view node needs a multi-view model)
+TINY_MULTIVIEW_MODEL = "diffusers/tiny-mvdream"
+PRIOR_MODEL_FOR = {"CSDMVDream": TINY_MULTIVIEW_MODEL}
 
 
 def workflow_names():
@@ -689,6 +694,10 @@ def for_tests(api: dict, classes=None, overrides=TEST_OVERRIDES) -> dict:
                     lo, hi = spec[1].get("min", value), spec[1].get("max", value)
                     value = type(value)(min(max(value, lo), hi))
             node["inputs"][name] = value
+    for node in list(out.values()):  # the loader feeding a multi-view node loads the tiny multi-view model
+        source = node["inputs"].get("prior") if node["class_type"] in PRIOR_MODEL_FOR else None
+        if isinstance(source, list) and out.get(str(source[0]), {}).get("class_type") == "CSDLoadDiffusionModel":
+            out[str(source[0])]["inputs"]["model"] = PRIOR_MODEL_FOR[node["class_type"]]
     return out
 
 

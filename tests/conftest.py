@@ -61,3 +61,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_mvdream(tmp_path_factory):
+    """A tiny random-weight MVDream: the original checkpoint layout (``checkpoint`` .pt + its ``yaml``), a
+    ``tokenizer_folder`` for it, the diffusers-style ``folder``, and the reference ``parts`` (``tests/tiny_mvdream.py``)."""
+    from tiny_mvdream import build_tiny_mvdream
+
+    return build_tiny_mvdream(tmp_path_factory.mktemp("tiny_mvdream"))

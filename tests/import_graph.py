@@ -21,7 +21,8 @@ PACKAGES = ("csd_backend", "nodes")
 LAYERS: List[Tuple[str, List[str]]] = [
     ("foundation", ["csd_backend", "csd_backend.errors", "csd_backend.io", "csd_backend.transfer",
                     "csd_backend.compiling"]),
-    ("settings", ["csd_backend.schedules", "csd_backend.gaussian_config", "csd_backend.config", "csd_backend.presets",
+    ("settings", ["csd_backend.schedules", "csd_backend.config_checks", "csd_backend.gaussian_config",
+                  "csd_backend.config", "csd_backend.presets",
                   "csd_backend.scene_kinds"]),
     ("priors", ["csd_backend.priors"]),
     ("representations", ["csd_backend.scene"]),
@@ -36,7 +37,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("node helpers", ["nodes.pack", "nodes.widgets", "nodes.input_errors", "nodes.specs", "nodes.previews",
                       "nodes.execution", "nodes.model_folders", "nodes.run_folders", "nodes.comfy_sampling"]),
     ("nodes", ["nodes.cameras", "nodes.comfy_prior", "nodes.controlnet", "nodes.guidance", "nodes.load_mesh",
-               "nodes.mesh", "nodes.model", "nodes.optimize", "nodes.render", "nodes.scene"]),
+               "nodes.mesh", "nodes.model", "nodes.mvdream", "nodes.optimize", "nodes.render", "nodes.scene"]),
     ("node registration", ["nodes"]),
 ]
 

@@ -16,9 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch, tiny_sd):
+def env(tmp_path, monkeypatch, tiny_sd, tiny_mvdream):
     env = cs.install(monkeypatch, tmp_path)
     (env.models_dir / "diffusers" / "tiny-sd").symlink_to(tiny_sd["folder"], target_is_directory=True)
+    (env.models_dir / "diffusers" / "tiny-mvdream").symlink_to(tiny_mvdream["folder"], target_is_directory=True)
     return env
 
 

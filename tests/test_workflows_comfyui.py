@@ -215,10 +215,11 @@ def _stop_server(srv: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_sd):
+def server(tmp_path_factory, tiny_sd, tiny_mvdream):
     base = tmp_path_factory.mktemp("comfyui")
     (base / "models" / "diffusers").mkdir(parents=True)
     (base / "models" / "diffusers" / "tiny-sd").symlink_to(tiny_sd["folder"], target_is_directory=True)
+    (base / "models" / "diffusers" / "tiny-mvdream").symlink_to(tiny_mvdream["folder"], target_is_directory=True)
     # Load Checkpoint needs a single file ComfyUI recognises (the tiny SD is too small for its model detection): a
     # random SD 1.5-layout checkpoint with a narrow two-level UNet, full CLIP-L and VAE (0.57 GB, about 20 s)
     from test_comfy_prior_real import write_sd15_checkpoint

@@ -79,6 +79,11 @@ def _load_model(cfg: PriorConfig) -> DiffusionPrior:
         prior.name = TOY_MODEL  # checkpoints record it; --resume then needs --model toy again
         prior.source = TOY_MODEL  # what load_prior takes back (the nodes store it as the run's model)
         return prior
+    from .mvdream_loader import is_mvdream, load_mvdream
+
+    if is_mvdream(model):  # a checkpoint with MVDream's camera embedding, an MVDream folder or hub id
+        return load_mvdream(model, device=cfg.device, dtype=cfg.dtype, config=cfg.model_config,
+                            resolution=cfg.resolution, max_resolution=cfg.max_resolution)
     from .deepfloyd_if import is_deepfloyd_if, load_deepfloyd_if
 
     if is_deepfloyd_if(model):  # model_index.json names an IF pipeline (or an uncached DeepFloyd hub id)

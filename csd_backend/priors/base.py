@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 #: how much of a prompt's ignored tail a truncation warning quotes
@@ -72,6 +73,9 @@ class DiffusionPrior(ABC):
     controlnet = None
     #: VSD: an optional second prior whose UNet carries the LoRA (``prior.lora_base_model``); None: this prior's own
     lora_prior: Optional["DiffusionPrior"] = None
+    #: a multi-view prior (MVDream): ``predict_noise`` also takes ``cameras`` (the engine's c2w ``[N, 4, 4]``) and
+    #: ``num_views`` (consecutive images per object); the guidance passes them only to such priors
+    multiview: bool = False
 
     @abstractmethod
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor,
@@ -178,3 +182,56 @@ def warn_if_truncated(tokenizer, prompts: Sequence[str], max_length: int, start_
         log.warning('the prompt is %d tokens long but %s reads %d (%d of text): it is cut after "...%s"; ignored: '
                     '%s. Shorten the prompt.', len(ids), encoder, max_length, max_length - 1 - start_tokens,
                     kept[-40:], ignored)
+
+
+# ------------------------------------------------------------------------------------- single checkpoint files
+def _torch_state(path: Path, mmap: bool) -> dict:
+    """The state dict in a pickle checkpoint, read with ``weights_only=True`` (``state_dict`` wrappers unpacked)."""
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError:  # not a zip-format file: mmap is impossible
+        if not mmap:
+            raise
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    while isinstance(sd, dict) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError("the file does not hold a state dict")
+    return sd
+
+
+def read_checkpoint_keys(path: Path, shapes_of: Sequence[str] = ()) -> dict:
+    """``{key: shape}`` of a single checkpoint file, read cheaply (the safetensors header, where only the keys
+    ``shapes_of`` get their shape, others None; a mmap'd weights-only load of a pickle)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in shapes_of if k in keys}
+        return {k: shapes.get(k) for k in keys}
+    sd = _torch_state(path, mmap=True)
+    return {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in sd.items()}
+
+
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """Every tensor of a single checkpoint file (``.safetensors``, or a pickle read with ``weights_only=True``)."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return {k: v for k, v in _torch_state(path, mmap=True).items() if torch.is_tensor(v)}
+
+
+def unreadable_checkpoint(path: Path, e: Exception) -> ModelNotFoundError:
+    """A model checkpoint torch refused to read with weights_only=True (never quoting torch's advice to turn it
+    off), or could not read at all."""
+    from ..io import describe_unsafe_pickle
+
+    text = describe_unsafe_pickle(path, e, what="model checkpoint")
+    if text is None:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = f"could not read the checkpoint {path}: {type(e).__name__}: {first[:300]}"
+    return ModelNotFoundError(f"{text} Convert it to .safetensors or use a diffusers folder.")

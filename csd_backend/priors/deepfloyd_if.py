@@ -421,16 +421,9 @@ def load_deepfloyd_if(
         if index is None:
             fix = (f"To fix: run `huggingface-cli download {raw}` on a machine with internet access (and copy the "
                    f"cache), or point at a local diffusers folder. {_GATED_HINT}")
-            if offline:
-                raise ModelNotFoundError(
-                    f"'{raw}' is neither a local path (no such folder: {path.resolve()}) nor a model in the Hugging "
-                    f"Face cache ({where}), and HF_HUB_OFFLINE is set so it cannot be downloaded. {fix}; or unset "
-                    "HF_HUB_OFFLINE.")
-            if not hub.hub_reachable():
-                raise ModelNotFoundError(
-                    f"'{raw}' is not in the Hugging Face cache ({where}) and there is no network: the hub "
-                    f"({hub.hub_host()}) did not answer within 3 s, so it cannot be downloaded. It is not a local path "
-                    f"either (no such folder: {path.resolve()}). {fix}.")
+            refusal = hub.download_refusal(raw, path, cache_dir, fix, what="folder")
+            if refusal:
+                raise ModelNotFoundError(refusal)
             local = None
         else:
             _check_index(index, f"the hub model '{raw}' (Hugging Face cache {where})")

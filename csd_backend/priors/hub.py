@@ -9,6 +9,7 @@ import os
 import re
 import socket
 import threading
+from pathlib import Path
 from typing import Optional
 
 #: ``owner/name``: what a hub id looks like (a local path that does not exist is reported as one or the other)
@@ -62,3 +63,19 @@ def hub_host() -> str:
         return str(constants.ENDPOINT)
     except Exception:  # pragma: no cover
         return "https://huggingface.co"
+
+
+def download_refusal(raw: str, local: Path, cache_dir, fix: str, what: str = "file or folder") -> Optional[str]:
+    """Why the hub id ``raw``, which is not in the cache, cannot be downloaded now (an error text saying where it was
+    looked for and ``fix``), or None when it can be: HF_HUB_OFFLINE is set, or the hub does not answer. ``local``:
+    the path ``raw`` also names (it does not exist); ``what``: what such a path would be."""
+    where = hf_cache_dir(cache_dir)
+    if hf_offline():
+        return (f"'{raw}' is neither a local path (no such {what}: {Path(local).resolve()}) nor a model in the "
+                f"Hugging Face cache ({where}), and HF_HUB_OFFLINE is set so it cannot be downloaded. {fix}; or unset "
+                "HF_HUB_OFFLINE.")
+    if not hub_reachable():
+        return (f"'{raw}' is not in the Hugging Face cache ({where}) and there is no network: the hub ({hub_host()}) "
+                f"did not answer within 3 s, so it cannot be downloaded. It is not a local path either (no such "
+                f"{what}: {Path(local).resolve()}). {fix}.")
+    return None

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, ModelNotFoundError
 from . import hub
-from .base import (DiffusionPrior, check_prediction_type, freeze, place_modules, positive_int,
-                   resize_renders, scaled_input_size, unet_inputs, warn_if_truncated)
+from .base import (DiffusionPrior, check_prediction_type, freeze, place_modules, positive_int, read_checkpoint_keys,
+                   resize_renders, scaled_input_size, unet_inputs, unreadable_checkpoint, warn_if_truncated)
 from .resolution import choose_resolution
 
 log = logging.getLogger("csd_backend")
@@ -280,8 +280,9 @@ class StableDiffusionPrior(DiffusionPrior):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def _load_from_location(location: str, *, local_files_only: bool, cache_dir, torch_dtype, where: str):
-    """Load the five components from a diffusers folder or hub id (one component per sub-folder)."""
+def load_diffusers_parts(location: str, *, local_files_only: bool, cache_dir, torch_dtype, where: str,
+                         names=REQUIRED_SUBFOLDERS) -> dict:
+    """The components ``names`` (of the five SD ones) from a diffusers folder or hub id (one per sub-folder)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -294,7 +295,8 @@ def _load_from_location(location: str, *, local_files_only: bool, cache_dir, tor
         "unet": lambda: UNet2DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=torch_dtype, **kw),
     }
     parts = {}
-    for name, load in loaders.items():
+    for name in names:
+        load = loaders[name]
         try:
             parts[name] = load()
         except Exception as e:
@@ -304,26 +306,6 @@ def _load_from_location(location: str, *, local_files_only: bool, cache_dir, tor
                 "its config and weights (re-download the model if files are missing or truncated)."
             ) from e
     return parts
-
-
-def _checkpoint_keys(path: Path) -> dict:
-    """``{key: shape}`` of a single checkpoint file, read cheaply (safetensors header / mmap'd weights-only load)."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in (_KEY_UNET_IN, _KEY_V2) if k in keys}
-        return {k: shapes.get(k) for k in keys}
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip-format file: mmap is impossible
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    while isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError("the file does not hold a state dict")
-    return {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in sd.items()}
 
 
 def _reference_repo(path: Path, keys: dict) -> str:
@@ -360,18 +342,6 @@ def _check_config_folder(folder: Path, what: str) -> None:
         )
 
 
-def _unreadable(path: Path, e: Exception) -> ModelNotFoundError:
-    """A model checkpoint torch refused to read with weights_only=True (never quoting torch's advice to turn it
-    off), or could not read at all."""
-    from ..io import describe_unsafe_pickle
-
-    text = describe_unsafe_pickle(path, e, what="model checkpoint")
-    if text is None:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        text = f"could not read the checkpoint {path}: {type(e).__name__}: {first[:300]}"
-    return ModelNotFoundError(f"{text} Convert it to .safetensors or use a diffusers folder.")
-
-
 def _resolve_config(config: Optional[str], path: Path, *, offline: bool, cache_dir) -> str:
     """A local diffusers folder (or, online, a hub id) holding the configs for the single file ``path``."""
     if config is not None:
@@ -388,11 +358,11 @@ def _resolve_config(config: Optional[str], path: Path, *, offline: bool, cache_d
         repo, how = str(config), f"the configs of {config} (from {_CONFIG_FLAG})"
     else:
         try:
-            keys = _checkpoint_keys(path)
+            keys = read_checkpoint_keys(path, shapes_of=(_KEY_UNET_IN, _KEY_V2))
         except ModelNotFoundError:
             raise
         except Exception as e:
-            raise _unreadable(path, e) from e
+            raise unreadable_checkpoint(path, e) from e
         repo = _reference_repo(path, keys)
         how = f"the diffusers configs of {repo} (the reference model inferred from the checkpoint's layout)"
     why = "HF_HUB_OFFLINE is set"
@@ -418,9 +388,9 @@ def _load_single_file(path: Path, config: Optional[str], *, offline: bool, cache
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         # refuse anything that is not plain tensors before diffusers opens it (weights_only semantics)
         try:
-            _checkpoint_keys(path)
+            read_checkpoint_keys(path)
         except Exception as e:
-            raise _unreadable(path, e) from e
+            raise unreadable_checkpoint(path, e) from e
     cfg = _resolve_config(config, path, offline=offline, cache_dir=cache_dir)
     from diffusers import StableDiffusionPipeline
 
@@ -519,7 +489,8 @@ def load_stable_diffusion(
                 f"{hint} Expected model_index.json plus {', '.join(REQUIRED_SUBFOLDERS)} (as saved by diffusers), "
                 f"or a single .safetensors/.ckpt checkpoint."
             )
-        parts = _load_from_location(str(path), local_files_only=True, cache_dir=cache_dir, torch_dtype=torch_dtype, where=str(path))
+        parts = load_diffusers_parts(str(path), local_files_only=True, cache_dir=cache_dir, torch_dtype=torch_dtype,
+                                     where=str(path))
     elif hub.HUB_ID.match(raw) and not raw.startswith((".", "~")):
         where = hub.hf_cache_dir(cache_dir)
         from huggingface_hub import try_to_load_from_cache
@@ -531,17 +502,10 @@ def load_stable_diffusion(
         if not cached:
             fix = (f"To fix: run `huggingface-cli download {raw}` on a machine with internet access (and copy the "
                    f"cache), or point at a local diffusers folder or checkpoint file")
-            if offline:
-                raise ModelNotFoundError(
-                    f"'{raw}' is neither a local path (no such file or folder: {path.resolve()}) nor a model in the "
-                    f"Hugging Face cache ({where}), and HF_HUB_OFFLINE is set so it cannot be downloaded. {fix}, or "
-                    f"unset HF_HUB_OFFLINE.")
-            if not hub.hub_reachable():
-                raise ModelNotFoundError(
-                    f"'{raw}' is not in the Hugging Face cache ({where}) and there is no network: the hub "
-                    f"({hub.hub_host()}) did not answer within 3 s, so it cannot be downloaded. It is not a local path "
-                    f"either (no such file or folder: {path.resolve()}). {fix}.")
-        parts = _load_from_location(
+            refusal = hub.download_refusal(raw, path, cache_dir, fix)
+            if refusal:
+                raise ModelNotFoundError(refusal)
+        parts = load_diffusers_parts(
             raw, local_files_only=offline, cache_dir=cache_dir, torch_dtype=torch_dtype,
             where=f"the hub model '{raw}' (Hugging Face cache {where})",
         )

@@ -151,27 +151,49 @@ def _jitter(spec, step: int) -> float:
     return schedule_value(spec, step)
 
 
+def multiview_azimuth(cfg: CameraConfig, groups: int, g: torch.Generator) -> torch.Tensor:
+    """Azimuths ``[groups·n_views]`` in degrees: per object one random start in ``[a0, a0 + (a1 − a0)/n_views)`` and
+    ``n_views`` views ``(a1 − a0)/n_views`` apart (threestudio-mvdream's random-multiview sampler:
+    ``(rand + i)/n_view·(a1 − a0) + a0``); the views of one object are consecutive."""
+    a0, a1 = cfg.azimuth_range
+    views = cfg.n_views
+    return ((torch.rand(groups, 1, generator=g) + torch.arange(views)).reshape(-1) / views * (a1 - a0) + a0)
+
+
 def sample_cameras(cfg: CameraConfig, step: int, generator: torch.Generator) -> Cameras:
     """Random training cameras for ``step`` (spec §3.1 camera sampler, including its quirks, and threestudio's
     camera, look-at and up perturbations). ``elevation``/``azimuth`` are the unperturbed angles (they pick the
-    view-dependent prompt); the pose and the light use the perturbed position."""
+    view-dependent prompt); the pose and the light use the perturbed position.
+
+    With ``cfg.n_views`` > 1 (MVDream) the batch is ``batch_size / n_views`` objects: for each, one draw of
+    elevation, distance, field of view, jitter and light, and ``n_views`` consecutive cameras at equally spaced
+    azimuths (:func:`multiview_azimuth`). ``cfg.relative_distance`` scales the distance by ``1/tan(fovy/2)``."""
     (B, height, width), g = cfg.size_at(step), generator
+    views = cfg.n_views
+    groups = B // views  # validate() makes the batch whole objects
+
+    def per_view(x: torch.Tensor) -> torch.Tensor:  # [groups, ...] -> [B, ...]
+        return x.repeat_interleave(views, dim=0)
+
     if cfg.first_step_fixed_view and step == 0:
         elevation = torch.full((B,), 15.0)
-        azimuth = torch.zeros(B)
+        azimuth = (torch.arange(views) * (cfg.azimuth_range[1] - cfg.azimuth_range[0]) / views).repeat(groups)
+        azimuth = torch.remainder(azimuth + 180.0, 360.0) - 180.0
     else:
-        elevation = sample_elevation(cfg, B, g)
-        azimuth = sample_azimuth(cfg, step, B, g)
-    distance = _uniform(*cfg.distance_range, B, g)
-    fovy = _uniform(*cfg.fovy_range, B, g)
+        elevation = per_view(sample_elevation(cfg, groups, g))
+        azimuth = sample_azimuth(cfg, step, B, g) if views == 1 else multiview_azimuth(cfg, groups, g)
+    distance = per_view(_uniform(*cfg.distance_range, groups, g))
+    fovy = per_view(_uniform(*cfg.fovy_range, groups, g))
+    if cfg.relative_distance:  # threestudio-mvdream relative_radius: the object fills the same part of the view
+        distance = distance / torch.tan(torch.deg2rad(fovy) / 2)
     pos = camera_positions(elevation, azimuth, distance)
     center = up = None
     if (p := _jitter(cfg.camera_perturb, step)) is not None:
-        pos = pos + (torch.rand(B, 3, generator=g) * 2 - 1) * p
+        pos = pos + per_view((torch.rand(groups, 3, generator=g) * 2 - 1) * p)
     if (p := _jitter(cfg.center_perturb, step)) is not None:
-        center = torch.randn(B, 3, generator=g) * p
+        center = per_view(torch.randn(groups, 3, generator=g) * p)
     if (p := _jitter(cfg.up_perturb, step)) is not None:
-        up = torch.tensor([0.0, 0.0, 1.0]) + torch.randn(B, 3, generator=g) * p
+        up = torch.tensor([0.0, 0.0, 1.0]) + per_view(torch.randn(groups, 3, generator=g) * p)
     light = sample_lights(cfg, pos, step, g)
     return Cameras(look_at(pos, center, up), fovy, elevation, azimuth, distance, light, height, width)
 
@@ -180,16 +202,22 @@ def sample_lights(cfg: CameraConfig, positions: torch.Tensor, step: int, g: torc
     """Point-light positions ``[B, 3]`` for cameras at ``positions`` ``[B, 3]`` by ``cfg.light_sampling``
     (threestudio's ``light_sample_strategy``), at a distance ``U[light_distance_range]``: dreamfusion: direction =
     normalise(camera position + N(0, light_position_perturb²)); magic3d: ``magic3d_light`` at a light azimuth
-    ``U[−π, π]`` and elevation ``U[π/6, π/2]`` around the camera's direction."""
-    B = positions.shape[0]
+    ``U[−π, π]`` and elevation ``U[π/6, π/2]`` around the camera's direction. The random draws are made once per
+    object of ``cfg.n_views`` views (threestudio-mvdream)."""
+    views = cfg.n_views
+    groups = positions.shape[0] // views
+
+    def per_view(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(views, dim=0)
+
     if cfg.light_sampling == "magic3d":
-        distance = _uniform(*cfg.light_distance_range, B, g)
-        light_azimuth = torch.rand(B, generator=g) * 2 * math.pi - math.pi
-        light_elevation = torch.rand(B, generator=g) * math.pi / 3 + math.pi / 6
+        distance = per_view(_uniform(*cfg.light_distance_range, groups, g))
+        light_azimuth = per_view(torch.rand(groups, generator=g) * 2 * math.pi - math.pi)
+        light_elevation = per_view(torch.rand(groups, generator=g) * math.pi / 3 + math.pi / 6)
         return magic3d_light(positions, distance, light_azimuth, light_elevation)
     light_perturb = schedule_value(cfg.light_position_perturb, step)
-    light_dir = F.normalize(positions + torch.randn(B, 3, generator=g) * light_perturb, dim=-1)
-    return light_dir * _uniform(*cfg.light_distance_range, B, g).unsqueeze(-1)
+    light_dir = F.normalize(positions + per_view(torch.randn(groups, 3, generator=g)) * light_perturb, dim=-1)
+    return light_dir * per_view(_uniform(*cfg.light_distance_range, groups, g)).unsqueeze(-1)
 
 
 def magic3d_light(positions: torch.Tensor, distance: torch.Tensor, azimuth: torch.Tensor,

@@ -40,12 +40,14 @@ STOP = StopState()
 
 
 @contextlib.contextmanager
-def signals_interrupt(notice: bool = True):
+def signals_interrupt(notice: bool = True, exiting: bool = False):
     """While the command runs, SIGTERM raises KeyboardInterrupt like Ctrl-C, so a run saves its checkpoint and
     exits with the one-line message; neither signal cuts a parameter update in half. Only the first signal
     interrupts: later ones are recorded (a second Ctrl-C never skips the checkpoint). The user is told at once,
     even while a long computation holds the interpreter (``_announce_at_once``); ``notice=False``: not told (a
-    batch worker, whose driver speaks for it). The previous handlers come back afterwards."""
+    batch worker, whose driver speaks for it). The previous handlers come back afterwards; ``exiting``: the process
+    ends with the command, so a signal that comes after it (while Python shuts down) is ignored instead, never a
+    traceback."""
     STOP.signal, STOP.pending, STOP.defer, STOP.watched = None, False, None, False
     STOP.told = 0 if notice else 2
     if threading.current_thread() is not threading.main_thread():
@@ -75,7 +77,7 @@ def signals_interrupt(notice: bool = True):
             yield
     finally:
         for sig, previous in installed:
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_IGN if exiting else previous)
         STOP.pending, STOP.defer = False, None
 
 
