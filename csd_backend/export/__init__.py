@@ -26,8 +26,9 @@ _EXPORTS = {
     "UVAtlas": "texture", "bake_texture": "texture", "sample_texture": "texture", "unwrap": "texture",
     "FORMATS": "writers", "check_portable_name": "writers", "portable_name_error": "writers",
     "relative_model_path": "writers", "resolve_output_prefix": "writers",
-    "save_mesh": "writers", "save_mesh_unique": "writers", "to_trimesh": "writers",
-    "load_splats": "splats", "read_splats": "splats", "write_splats": "splats", "SplatFileError": "splats",
+    "save_mesh": "writers", "save_mesh_unique": "writers", "save_unique": "writers", "to_trimesh": "writers",
+    "load_splats": "splats", "read_splats": "splats", "write_splats": "splats", "save_splats_unique": "splats",
+    "SplatFileError": "splats",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -47,6 +47,11 @@ def write_splats(scene, path, overwrite: bool = False) -> Path:
     from ..io import atomic_write
 
     a = splat_arrays(scene)
+    finite = np.logical_and.reduce([np.isfinite(v.reshape(v.shape[0], -1)).all(1) for v in a.values()])
+    if not finite.all():
+        raise SplatFileError(f"{path}: not written, {int((~finite).sum())} of {finite.size} splats hold NaN or "
+                             "infinite values (a run that diverged); resume from an earlier checkpoint with lower "
+                             "scene.gaussians learning rates")
     n, rest = a["means"].shape[0], a["sh_rest"].shape[1]
     degree = int(round((rest + 1) ** 0.5)) - 1
     names = attribute_names(degree)
@@ -62,6 +67,13 @@ def write_splats(scene, path, overwrite: bool = False) -> Path:
             f.write(np.ascontiguousarray(data).tobytes())
 
     return atomic_write(path, write, overwrite=overwrite)
+
+
+def save_splats_unique(scene, folder, stem: str) -> Path:
+    """Write the splats as ``folder/<stem>_<NNNNN>_.ply`` with the next free counter (never overwriting)."""
+    from .writers import save_unique
+
+    return save_unique(folder, stem, "ply", lambda path: write_splats(scene, path))
 
 
 def _parse_header(raw: bytes, path) -> Tuple[str, List[Tuple[str, int, List[Tuple[str, str]]]], int]:
