@@ -367,9 +367,10 @@ class RunConfig:
                     v = getattr(section, fld.name)
                     if fld.metadata.get("schedule") and isinstance(v, list) and len(v) in (3, 4):
                         setattr(section, fld.name, _rescale_schedule(v, f))
-                    elif fld.metadata.get("steps"):
-                        setattr(section, fld.name, [int(round(x * f)) for x in v] if isinstance(v, list)
-                                else int(round(v * f)))
+                    elif fld.metadata.get("steps"):  # a count held at its field's least value (a length: 1)
+                        least = fld.metadata.get("least", 0)
+                        setattr(section, fld.name, [max(least, int(round(x * f))) for x in v] if isinstance(v, list)
+                                else max(least, int(round(v * f))))
         new.optim.steps = steps
         return new
 

@@ -34,8 +34,9 @@ def _schedule(default: Any) -> Any:
     return field(default=default, metadata={"schedule": True})
 
 
-def _steps(default: int) -> Any:
-    return field(default=default, metadata={"steps": True})
+def _steps(default: int, least: int = 0) -> Any:
+    """A step count that stretches with the run's length (``RunConfig.with_steps``), never below ``least``."""
+    return field(default=default, metadata={"steps": True, "least": least})
 
 
 @dataclass
@@ -61,7 +62,7 @@ class GaussianConfig:
     position_lr_init: float = 1e-3
     position_lr_final: float = 2e-5
     #: the position lr falls log-linearly from init to final over these steps, then stays at final
-    position_lr_steps: int = _steps(300)
+    position_lr_steps: int = _steps(300, least=1)
     #: both position lrs are multiplied by this (3DGS's spatial_lr_scale; DreamGaussian: 10 for a random start)
     position_lr_scale: float = 10.0
     feature_lr: float = 0.01

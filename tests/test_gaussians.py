@@ -238,3 +238,15 @@ def test_a_ply_that_is_not_a_splat_file_is_refused_with_what_it_has(tmp_path):
     (tmp_path / "x.ply").write_bytes(b"\x00garbage")
     with pytest.raises(SplatFileError, match="not a PLY file"):
         load_splats(tmp_path / "x.ply")
+
+
+def test_a_short_run_keeps_a_positive_position_decay_length():
+    """with_steps stretches position_lr_steps with the run; a run of a few steps (of any preset: every scene config
+    holds the Gaussian settings) keeps it at 1 instead of rounding it to an invalid 0."""
+    from csd_backend.presets import get_preset
+
+    for name in ("csd-edit", "csd-coarse", "gaussian-preview-cpu"):
+        cfg = get_preset(name).with_steps(2).replace(guidance={"prompt": "a cat", "source_prompt": "a dog"})
+        assert cfg.scene.gaussians.position_lr_steps >= 1, name
+        cfg.validate(require_model=False)
+    assert get_preset("gaussian-preview-cpu").with_steps(240).scene.gaussians.position_lr_steps == 144
