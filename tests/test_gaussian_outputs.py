@@ -2,6 +2,7 @@
 stage 2, and Gaussians started from a volume or a mesh."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -122,3 +123,32 @@ def test_generate_render_export_and_refine_a_gaussian_run(tmp_path, capsys):
     assert main(["refine", str(tmp_path / "refined"), "--preset", "refine-cpu", "--out", str(tmp_path / "x"),
                  "--quiet"]) == 2
     assert "not a stage-1 volume or Gaussian splats" in capsys.readouterr().err
+
+
+def test_init_scene_takes_a_splat_file_and_refuses_a_ply_that_is_not_one(tmp_path, capsys):
+    """``generate --init-scene FILE.ply``: the splats of a 3DGS file train with the Gaussian preset's settings; a
+    mesh .ply is refused naming what it lacks, and the output folder is left as it was (not created)."""
+    import trimesh
+
+    from csd_backend.cli import main
+    from csd_backend.export.splats import write_splats
+    from csd_backend.optimize import load_scene
+
+    cfg = SceneConfig(kind="gaussians", background="solid")
+    torch.manual_seed(0)
+    splats = GaussianScene(dataclasses.replace(cfg, gaussians=dataclasses.replace(cfg.gaussians, num_points=64)))
+    write_splats(splats, tmp_path / "in.ply")
+    tiny = ["--set", "camera.height=16", "--set", "camera.width=16", "--quiet", "--views", "0", "--no-mesh"]
+    base = ["generate", "--prompt", "a red ball", "--model", "analytic:16", "--preset", "gaussian-preview-cpu",
+            "--steps", "1"]
+    assert main([*base, "--init-scene", str(tmp_path / "in.ply"), "--out", str(tmp_path / "run"), *tiny]) == 0, \
+        capsys.readouterr().err
+    scene, config = load_scene(tmp_path / "run")
+    assert scene.kind == "gaussians" and config.scene.gaussians.tile_size == 8  # the preset's splat settings
+    assert config.scene.gaussians.num_points == 64 and scene.num_gaussians >= 64
+    trimesh.creation.box().export(tmp_path / "mesh.ply")
+    capsys.readouterr()
+    assert main([*base, "--init-scene", str(tmp_path / "mesh.ply"), "--out", str(tmp_path / "nope"), *tiny]) == 2
+    err = capsys.readouterr().err
+    assert "is not a Gaussian-splat .ply: it lacks" in err and "f_dc_0" in err, err
+    assert not (tmp_path / "nope").exists()

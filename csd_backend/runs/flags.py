@@ -128,8 +128,8 @@ def check_resume_flags(args, run_dir: Path, saved) -> None:
     The flags are turned into a configuration exactly as for a new run; schedules are stretched to the run's
     planned length (its config.json), which is what the original --steps did. Flags left out keep the saved
     values; --steps sets where the resumed run ends; the model, device and dtype may change."""
-    from ..optimize import load_scene
     from ..presets import PRESETS
+    from .folders import load_init_scene
 
     if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
         raise ConfigError("--out", f"{args.out} is not the folder of the run being resumed ({run_dir}); a resumed "
@@ -139,7 +139,7 @@ def check_resume_flags(args, run_dir: Path, saved) -> None:
     if not given:
         return
     preset = args.preset or (saved.preset if saved.preset in PRESETS else "csd-coarse")
-    init_cfg = load_scene(args.init_scene)[0].cfg if args.init_scene else None
+    init_cfg = load_init_scene(args.init_scene).cfg if args.init_scene else None
     # --steps of the original command stretched the schedules to the run's planned length: do the same
     new = flatten(build_config(args, preset, saved.optim.steps, init_cfg).to_dict())
     old = flatten(saved.to_dict())
