@@ -135,8 +135,9 @@ class CSDOptimize:
     @staticmethod
     def start_scene(scene, preset: str, seed: int = 0):
         """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset (what it
-        initialises afresh, the background, follows ``seed``); a mesh from Load Mesh gets the texture field and
-        background of the preset, drawn from ``seed``."""
+        initialises afresh, the background, follows ``seed``) and Gaussian splats for a Gaussian preset; a mesh from
+        Load Mesh gets the texture field and background of the preset, drawn from ``seed``; a new scene must be of
+        the preset's kind (CSD 3D Scene makes the kind of its own preset)."""
         from csd_backend.convert.mesh_file import with_scene_settings
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
