@@ -3,8 +3,10 @@
 # (csd-coarse at batch 4 and the preview preset: step split, UNet floor, ratio, peak memory, projected 10k-step
 # time), each with the compiled path of item 2 off (torch) and on (compiled: hash grid and compositing through
 # torch.compile), the encoding / compositing micro-benchmark (torch vs compiled), the stage-2 step split and the
-# CSD-MVDream run (issue 24: full-size random MVDream in fp16, both phases of csd-mvdream, projected 10k-step time),
-# in one call that fits a short GPU loan (about 9 minutes).
+# CSD-MVDream run (issue 24: full-size random MVDream in fp16, both phases of csd-mvdream, projected 10k-step time)
+# and the Gaussian splats against the volume (issue 25: csd-gaussian with the torch splatter and with auto, i.e.
+# gsplat when installed and working, beside csd-coarse at 128² and batch 1; step split, Gaussians over the run, the
+# minutes of a 500-step run), in one call that fits a short GPU loan (about 10 minutes).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh             # from the repository root, on a CUDA machine
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh --dry-run  # the whole script on a CPU, tiny sizes (< 3 min)
@@ -75,6 +77,8 @@ if [[ $DRY == 1 ]]; then
   MVDREAM_ARGS=(--tiny --steps 1 --warmup 0 --threads 1 --set "camera.height=[16,32]" --set "camera.width=[16,32]"
                 --set render.num_samples_per_ray=32 "${TINY[@]}")
   TESTS=(tests/test_cuda_parity.py tests/test_rasterizer.py -k "cuda or nvdiffrast")
+  GAUSSIAN_ARGS=(--tiny --presets gaussian-preview-cpu,preview-cpu --size 16 --steps 2 --threads 1 --backends torch,auto
+                 "${TINY[@]}")
 else
   DEVICE=cuda; STEP_ARGS=(--device cuda --full-size --dtype float16 --presets csd-coarse,preview-cpu --steps 5 --warmup 3
                           --backends torch,compiled)
@@ -82,6 +86,8 @@ else
   STAGE2_ARGS=(--device cuda --tet 128 256 --sizes 512 --steps 3)
   MVDREAM_ARGS=(--device cuda --dtype float16 --steps 3 --warmup 2)
   TESTS=(tests/test_cuda_parity.py tests/test_rasterizer.py)
+  GAUSSIAN_ARGS=(--device cuda --full-size --dtype float16 --presets csd-gaussian,csd-coarse --size 128 --steps 60
+                 --backends torch,auto)
 fi
 
 # 2. the CUDA tests (skipped on a CPU: the dry run only checks that they collect and run)
@@ -96,4 +102,7 @@ run_part bench_stage2 240 $PY benchmarks/bench_stage2.py "${STAGE2_ARGS[@]}"
 # 6. CSD-MVDream (csd-mvdream): 8 renders (2 objects x 4 views) at 64², then 4 at 256²; step, UNet floor, peak
 #    memory and the projected time of the 10k-step run
 run_part bench_mvdream 240 $PY benchmarks/bench_mvdream.py "${MVDREAM_ARGS[@]}"
+# 7. Gaussian splats (csd-gaussian: torch splatter, then auto = gsplat when it works) beside the volume (csd-coarse)
+#    at the same render size and batch: step split with densify, Gaussians over the run, peak memory, minutes a run
+run_part bench_gaussians 240 $PY benchmarks/bench_gaussians.py "${GAUSSIAN_ARGS[@]}"
 status "done on $DEVICE in $(( $(date +%s) - START )) s; results in $OUT"

@@ -9,10 +9,11 @@ run as ComfyUI runs it) and renders the scenes it trains from a few views with t
 * the CPU demo runs **as shipped** (it already uses the toy prior);
 * every other template needs Stable Diffusion on a GPU, which cannot run here, so it runs **CPU-sized with the toy
   prior** shipped with the pack: the same graph, model ``toy``, a prompt the toy knows, the CPU presets
-  (``preview-cpu`` / ``vsd-preview-cpu`` / ``refine-cpu`` / ``texture-cpu``, ``csd-edit`` with fewer steps) with
-  their scene sizes, 64² renders at batch 1 (``cpu_sized``). Load Checkpoint (the checkpoint template) loads the toy
-  weights wrapped as ComfyUI's MODEL / CLIP / VAE by the tests' stand-ins, so CSD Prior from ComfyUI Model is what
-  runs. Each thumbnail says so in its caption, and each template's Note says what its thumbnail shows.
+  (``preview-cpu`` / ``vsd-preview-cpu`` / ``refine-cpu`` / ``texture-cpu`` / ``gaussian-preview-cpu``, ``csd-edit``
+  with fewer steps) with their scene sizes, 64² renders at batch 1 (``cpu_sized``; the Gaussian template also gets
+  the view ranges the toy was trained on). Load Checkpoint (the checkpoint template) loads the toy weights wrapped
+  as ComfyUI's MODEL / CLIP / VAE by the tests' stand-ins, so CSD Prior from ComfyUI Model is what runs. Each
+  thumbnail says so in its caption, and each template's Note says what its thumbnail shows.
 
 Nodes that only save or show results (Render Views, Extract/Save Mesh, Save/Preview Image, Preview 3D) are left
 out; the scene outputs are rendered at 192² (2 × 2 views from elevation 20°, white background; a mesh also as its
@@ -65,11 +66,15 @@ CPU_STAGES = {
     "csd-edit": ("preview-cpu", 0.002, 150),
     # a random MVDream makes no shape in any number of steps: a short run shows the graph runs
     "csd-mvdream": ("mvdream-cpu", None, 40),
+    "csd-gaussian": ("gaussian-preview-cpu", None, 120),
+    "sds-gaussian": ("gaussian-preview-cpu", None, 120),
 }
 #: the scene preset of a new scene on the CPU (its radius and hash-grid size go into CSD 3D Scene's widgets)
-CPU_SCENES = {"csd-coarse": "preview-cpu", "sds-dreamfusion": "preview-cpu", "vsd-prolificdreamer": "vsd-preview-cpu"}
+CPU_SCENES = {"csd-coarse": "preview-cpu", "sds-dreamfusion": "preview-cpu", "vsd-prolificdreamer": "vsd-preview-cpu",
+              "csd-gaussian": "gaussian-preview-cpu", "sds-gaussian": "gaussian-preview-cpu"}
 #: what only saves or shows results: not needed for the renders
-LEFT_OUT = {"CSDRenderViews", "CSDExtractMesh", "CSDSaveMesh", "SaveImage", "PreviewImage", "Preview3D"}
+LEFT_OUT = {"CSDRenderViews", "CSDExtractMesh", "CSDSaveMesh", "CSDSaveGaussians", "SaveImage", "PreviewImage",
+            "Preview3D"}
 TRAINERS = ("CSDOptimize", "CSDRefineMesh", "CSDTextureMesh", "CSDMVDream")
 #: the model a multi-view node gets: no MVDream weights ship with the pack, so the tests' tiny random MVDream
 TINY_MVDREAM = "diffusers/tiny-mvdream"
@@ -79,13 +84,16 @@ TINY_MVDREAM = "diffusers/tiny-mvdream"
 class Recipe:
     """How a template's thumbnail is made. ``prompt``: the toy prompt of its (non-edit) guidance nodes (None: as
     shipped); ``edit_to``: the edit's target prompt (its source is ``prompt``); ``rows``: one label per row of the
-    thumbnail, the scenes of the trainer nodes in graph order (one row: the last scene in all four cells)."""
+    thumbnail, the scenes of the trainer nodes in graph order (one row: the last scene in all four cells);
+    ``cameras``: CSD Cameras widgets set on the CPU (the view ranges the toy prior was trained on, where the
+    template's differ)."""
     prompt: Optional[str]
     caption: str
     edit_to: Optional[str] = None
     rows: Tuple[str, ...] = ()
     distance: float = 2.0
     fovy: float = 40.0
+    cameras: Optional[Dict[str, float]] = None
 
 
 CPU_DEMO = "01-CPU-demo-text-to-3D-with-the-toy-prior"
@@ -109,6 +117,11 @@ RECIPES: Dict[str, Recipe] = {
     "09-text-to-3D-CSD-MVDream-multi-view-GPU": Recipe(
         "an astronaut riding a horse", "tiny RANDOM MVDream (no weights here): the run, not a shape",
         distance=1.6, fovy=50.0),
+    # DreamGaussian's cameras (distance 2.5, fovy 49.1, elevation ±30°) are not what the toy saw: preview-cpu's
+    "10-text-to-3D-Gaussian-splats-GPU": Recipe(
+        "a green cone", "toy prior, 'a green cone', gaussian-preview-cpu, 120 steps",
+        cameras={"elevation_min": -10.0, "elevation_max": 90.0, "distance_min": 1.5, "distance_max": 2.0,
+                 "fovy_min": 40.0, "fovy_max": 70.0}),
 }
 
 
@@ -142,6 +155,7 @@ def cpu_sized(api: dict, recipe: Recipe) -> dict:
                            "log2_hashmap_size": s.log2_hashmap_size, "max_resolution": s.max_resolution})
         elif kind == "CSDCameras":
             inputs.update({"width": 64, "height": 64, "batch_size": 1, "later_width": 0, "later_height": 0})
+            inputs.update(recipe.cameras or {})
         if kind in TRAINERS:
             preset, lr, steps = CPU_STAGES[inputs["preset"]]
             inputs.update({"preset": preset, "steps": steps})

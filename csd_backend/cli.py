@@ -93,9 +93,10 @@ def cmd_refine(args) -> int:
     if not args.out:
         raise ConfigError("--out", "give an output folder for the refined run")
     scene, stage1 = load_scene(args.run)
-    if scene.kind != "volume":
-        raise ConfigError("run", f"{args.run} holds a {scene.kind} scene, not a stage-1 volume; refine a run made "
-                                 f"by `generate` (continue a refine run with: generate --resume {quoted(args.run)})")
+    if scene.kind not in ("volume", "gaussians"):
+        raise ConfigError("run", f"{args.run} holds a {scene.kind} scene, not a stage-1 volume or Gaussian splats; "
+                                 f"refine a run made by `generate` (continue a refine run with: generate --resume "
+                                 f"{quoted(args.run)})")
     del scene
     g = stage1.guidance
     for flag, value in (("prompt", g.prompt), ("negative_prompt", g.negative_prompt),

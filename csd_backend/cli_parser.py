@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeated if their values equal the saved run's; --steps sets where it ends (more extends "
                         "it; fewer than planned ends it early, with a warning); --model/--device/--dtype may change. "
                         "A run stopped before its first checkpoint restarts from step 0 with its config.json")
-    g.add_argument("--init-scene", default=None, help="start from the scene of a run folder or checkpoint (editing)")
+    g.add_argument("--init-scene", default=None,
+                   help="start from the scene of a run folder or checkpoint (editing), or from 3D Gaussian splats in "
+                        "a 3DGS .ply (a Gaussian preset trains them; another converts them)")
 
     r = sub.add_parser("refine", help="stage 2: refine a stage-1 run as a mesh (DMTet + rasterizer)",
                        epilog=REFINE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,8 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from .config_checks import choice, in_range, int_range, is_number, positive, range_pair, vec
+from .config_checks import box, choice, in_range, int_range, is_number, positive, range_pair, vec
 from .errors import ConfigError
+from .gaussian_config import GaussianConfig
 from .schedules import ScheduleSpec, schedule_value, validate_schedule
 
 DEFAULT_NEGATIVE_PROMPT = "oversaturated color, ugly, tiling, low quality, noisy"
@@ -29,8 +30,8 @@ BACKGROUNDS = ("neural_env", "solid")
 ELEVATION_SAMPLING = ("csd-r1", "threestudio", "uniform-sphere", "uniform")
 LIGHT_SAMPLING = ("dreamfusion", "magic3d")
 #: what a run optimises: the stage-1 volume (NeRF), the stage-2 deformable tetrahedral SDF grid (DMTet, a mesh),
-#: or a fixed mesh (a user's) whose texture is painted
-SCENE_KINDS = ("volume", "dmtet", "mesh")
+#: a fixed mesh (a user's) whose texture is painted, or 3D Gaussian splats (``gaussian_config.py``)
+SCENE_KINDS = ("volume", "dmtet", "mesh", "gaussians")
 RASTERIZERS = ("auto", "torch", "nvdiffrast")
 #: hash-grid encoding backends (``scene/backends.py``): compiled = the torch reference's math through torch.compile
 ENCODING_BACKENDS = ("auto", "torch", "compiled", "tcnn")
@@ -188,6 +189,8 @@ class SceneConfig:
     #: stage 1 → dmtet: keep the volume's trained background; False: a fresh one from the run's seed, as the official
     #: refine configs (threestudio converts the geometry and texture field only)
     keep_background: bool = False
+    #: gaussians: the splats, their renderer, learning rates and density control
+    gaussians: GaussianConfig = field(default_factory=GaussianConfig)
 
     def level_scale(self) -> float:
         if self.per_level_scale is not None:
@@ -359,14 +362,15 @@ class RunConfig:
         new = copy.deepcopy(self)
         if rescale_schedules and steps != self.optim.steps:
             f = steps / self.optim.steps
-            for section in (new.guidance, new.scene, new.camera, new.render, new.loss, new.optim):
+            for section in (new.guidance, new.scene, new.scene.gaussians, new.camera, new.render, new.loss, new.optim):
                 for fld in dataclasses.fields(section):
                     v = getattr(section, fld.name)
                     if fld.metadata.get("schedule") and isinstance(v, list) and len(v) in (3, 4):
                         setattr(section, fld.name, _rescale_schedule(v, f))
-                    elif fld.metadata.get("steps"):
-                        setattr(section, fld.name, [int(round(x * f)) for x in v] if isinstance(v, list)
-                                else int(round(v * f)))
+                    elif fld.metadata.get("steps"):  # a count held at its field's least value (a length: 1)
+                        least = fld.metadata.get("least", 0)
+                        setattr(section, fld.name, [max(least, int(round(x * f))) for x in v] if isinstance(v, list)
+                                else max(least, int(round(v * f))))
         new.optim.steps = steps
         return new
 
@@ -452,17 +456,13 @@ class RunConfig:
         in_range("scene.random_background_prob", s.random_background_prob, 0.0, 1.0)
         vec("scene.background_color", s.background_color, 3, 0.0, 1.0)
         choice("scene.kind", s.kind, SCENE_KINDS)
+        s.gaussians.validate()
         if not isinstance(s.tet_resolution, int) or isinstance(s.tet_resolution, bool) or s.tet_resolution % 2 \
                 or not 8 <= s.tet_resolution <= 512:
             raise ConfigError("scene.tet_resolution", f"must be an even integer in [8, 512] (threestudio's 32, 64, "
                                                       f"128 or 256), got {s.tet_resolution!r}")
         if s.bbox is not None:
-            if (not isinstance(s.bbox, (list, tuple)) or len(s.bbox) != 2
-                    or not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(is_number(x) for x in c)
-                               for c in s.bbox)
-                    or not all(a < b for a, b in zip(*s.bbox))):
-                raise ConfigError("scene.bbox", f"must be [[x0, y0, z0], [x1, y1, z1]] with x0 < x1, y0 < y1, "
-                                                f"z0 < z1 (or null for ±radius), got {s.bbox!r}")
+            box("scene.bbox", s.bbox)
         if s.isosurface_threshold not in ("auto", "silhouette"):
             if isinstance(s.isosurface_threshold, str):
                 raise ConfigError("scene.isosurface_threshold", f"{s.isosurface_threshold!r}: give a density "

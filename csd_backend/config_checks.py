@@ -44,3 +44,12 @@ def vec(name: str, value: Any, n: int, lo: float, hi: float) -> None:
     if (not isinstance(value, (list, tuple)) or len(value) != n
             or not all(is_number(v) and lo <= v <= hi for v in value)):
         raise ConfigError(name, f"must be {n} numbers in [{lo}, {hi}], got {value!r}")
+
+
+def box(name: str, value: Any) -> None:
+    """An axis-aligned box ``[[x0, y0, z0], [x1, y1, z1]]`` with x0 < x1, y0 < y1, z0 < z1."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(is_number(x) for x in c) for c in value)
+            or not all(a < b for a, b in zip(*value))):
+        raise ConfigError(name, f"must be [[x0, y0, z0], [x1, y1, z1]] with x0 < x1, y0 < y1, z0 < z1 (or null for "
+                                f"±radius), got {value!r}")

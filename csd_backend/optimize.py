@@ -301,8 +301,11 @@ class Optimization:
         self._updating = True
         self.optimizer.step()
         self.guidance.update()  # VSD: the LoRA's step, with the scene's (its gradients come from the guidance call)
-        self._updating = False
         t0 = self._tick("optimizer", t0)
+        # part of the update: Gaussian scenes densify, prune and set the next step's position lr here
+        self.renderer.after_update(s + 1, self.scene, self.optimizer, out, gen)
+        self._updating = False
+        t0 = self._tick("densify", t0)
         self.step += 1
         if self.sync_free:
             if self.step % self.finite_check_every == 0:
@@ -440,7 +443,9 @@ def scene_optimizer(scene: torch.nn.Module, o: OptimConfig) -> torch.optim.Optim
     ``optimizer.name``) over ``parameter_groups``, with the run's betas, eps and ``weight_decay`` in every group."""
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[o.optimizer]
     extra = {"weight_decay": float(o.weight_decay)} if o.optimizer == "adamw" or o.weight_decay else {}
-    return cls(parameter_groups(scene, o.lr, o.group_lr), lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
+    own = getattr(scene, "parameter_groups", None)  # a scene with its own per-parameter rates (Gaussian splats)
+    groups = own(o) if own is not None else parameter_groups(scene, o.lr, o.group_lr)
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
 
 
 def parameter_groups(scene: torch.nn.Module, lr: float, group_lr: Dict[str, float]) -> list:

@@ -292,6 +292,59 @@ PRESETS.update({
 })
 
 
+# Gaussian splats (scene.kind gaussians): DreamGaussian (Tang et al. 2024, configs/text.yaml and the code it runs,
+# gs_renderer.py / main.py / guidance/sd_utils.py) for the scene, its optimiser, density control and cameras; every
+# GaussianConfig default is DreamGaussian's (gaussian_config.py says where each comes from)
+_DREAMGAUSSIAN: Dict[str, Any] = _merge(_STAGE1_OBJECT, {
+    # SH degree 0, 5000 random points in a ball of radius 0.5, opacity 0.1; position lr 1e-3 → 2e-5 over 300 steps
+    # (× spatial_lr_scale 10), feature 0.01, opacity 0.05, scaling and rotation 0.005; densify every 50 steps at
+    # gradient 0.01, opacity reset every 700 (after the run); radius 2: the export's box (the splats stay within ±1)
+    "scene": {"kind": "gaussians", "radius": 2.0, "background": "solid", "background_color": [1.0, 1.0, 1.0],
+              "random_background_prob": 0.5, "gaussians": {"num_points": 5000, "sh_degree": 0}},
+    # batch 1 (iters 500 of batch_size 1), camera radius 2.5, fovy 49.1, elevation U[-30, 30], azimuth U[-180, 180]
+    # (DreamGaussian draws whole degrees), renders 128² → 256² → 512² at 30 % and 60 % of the run
+    "camera": {"batch_size": 1, "height": [128, 256, 512], "width": [128, 256, 512],
+               "resolution_milestones": [150, 300], "distance_range": [2.5, 2.5], "fovy_range": [49.1, 49.1],
+               "elevation_range": [-30.0, 30.0], "azimuth_range": [-180.0, 180.0], "elevation_sampling": "uniform",
+               "stratified_azimuth": False, "first_step_fixed_view": False, "eval_distance": 2.5,
+               "eval_fovy": 49.1, "eval_elevation": 15.0},
+    # colour only (no shading, no normals); no regularisers
+    "render": {"ambient_only_steps": 501, "albedo_prob": 1.0},
+    "loss": {"orient": 0.0, "sparsity": 0.0, "opaque": 0.0},
+    # Adam eps 1e-15 (the splats' own rates come from scene.gaussians; optim.lr is the background's)
+    "optim": {"steps": 500, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-15, "checkpoint_every": 100,
+              "preview_every": 50},
+    "prior": {"resolution": None, "max_resolution": 512},
+})
+PRESETS.update({
+    # CSD's stage-1 object coefficients (csd-coarse) compressed to the 500 steps: ω2 0 → 1 over the first half,
+    # t ∈ [0.02, 0.98] then [0.02, 0.5] from step 250, uniform w(t), gradient normalisation, view thresholds 30°
+    "csd-gaussian": _merge(_DREAMGAUSSIAN, {
+        "guidance": {"negative_weight": [0, 0.0, 1.0, 250], "max_step_percent": [250, 0.98, 0.5, 251]},
+    }),
+    # DreamGaussian's text-to-3D as it is: SDS with CFG 100, w = 1 − ᾱ, no view-dependent prompts, empty negative
+    # prompt, t annealed linearly 0.98 → 0.02 (t = 1 − step/500, clipped: min = max, so one timestep a step)
+    "sds-gaussian": _merge(_DREAMGAUSSIAN, {
+        "guidance": {"mode": "sds", "cfg_scale": 100.0, "weighting": "sds", "grad_normalize": False,
+                     "negative_prompt": "", "view_dependent": False, "negative_weight": 0.0,
+                     "min_step_percent": [9, 0.98, 0.02, 489], "max_step_percent": [9, 0.98, 0.02, 489]},
+    }),
+    # the toy prior on a 2-core CPU: its 64² input and preview-cpu's cameras (what the toy was trained on), 2000
+    # splats binned in 8-pixel tiles, 120 steps with csd-gaussian's schedules compressed to them
+    "gaussian-preview-cpu": _merge(_DREAMGAUSSIAN, {
+        "guidance": {"negative_weight": [0, 0.0, 1.0, 60], "max_step_percent": [60, 0.98, 0.5, 61]},
+        "scene": {"gaussians": {"num_points": 2000, "tile_size": 8, "densify_every": 25, "position_lr_steps": 72,
+                                "max_gaussians": 20000}},
+        "camera": {"height": 64, "width": 64, "resolution_milestones": [], "distance_range": [1.5, 2.0],
+                   "fovy_range": [40.0, 70.0], "elevation_range": [-10.0, 90.0], "elevation_sampling": "csd-r1",
+                   "eval_distance": 2.0, "eval_fovy": 70.0},
+        "render": {"ambient_only_steps": 121},
+        "optim": {"steps": 120, "checkpoint_every": 40, "preview_every": 20},
+        "prior": {"resolution": None, "max_resolution": 256},
+    }),
+})
+
+
 # MVDream (spec §1.2 R2 column, §8 item 9): the official CSD-MVDream run, CVMI-Lab/Classifier-Score-Distillation branch
 # CSD-MVDream @ 481536c csd.yaml, with the defaults of the classes it names (random-multiview-camera-datamodule,
 # diffuse-with-point-light-material, neural-environment-map-background, nerf-volume-renderer,
@@ -368,7 +421,8 @@ PRESETS.update({
 #: ``--mesh-face-budget`` and the flags of ``export`` override them.
 CPU_EXPORT: Dict[str, Any] = {"resolution": 128, "face_budget": 20000}
 EXPORT_SETTINGS: Dict[str, Dict[str, Any]] = {
-    name: CPU_EXPORT for name in ("preview-cpu", "vsd-preview-cpu", "refine-cpu", "texture-cpu", "mvdream-cpu")}
+    name: CPU_EXPORT for name in ("preview-cpu", "vsd-preview-cpu", "refine-cpu", "texture-cpu", "mvdream-cpu",
+                                  "gaussian-preview-cpu")}
 
 
 def export_settings(preset: str) -> Dict[str, Any]:

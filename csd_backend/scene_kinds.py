@@ -23,13 +23,22 @@ class SceneKind:
     #: ``fn(scene, cfg, seed, progress=None)`` (``seed``: the run's, for whatever the conversion initialises afresh;
     #: ``progress(fraction)`` for a conversion that takes a while)
     starts_from: Dict[str, str] = field(default_factory=dict)
+    #: a ``SceneConfig`` field whose value the renderer also gets, as ``settings=`` (None: none)
+    renderer_settings: Optional[str] = None
 
 
 KINDS: Dict[str, SceneKind] = {
     "volume": SceneKind("csd_backend.scene.volume:Scene", "csd_backend.render.volume_renderer:VolumeRenderer"),
     "dmtet": SceneKind("csd_backend.scene.mesh_scene:MeshScene", "csd_backend.render.mesh_renderer:MeshRenderer",
-                       starts_from={"volume": "csd_backend.convert.volume_to_dmtet:convert"}),
+                       starts_from={"volume": "csd_backend.convert.volume_to_dmtet:convert",
+                                    "gaussians": "csd_backend.convert.volume_to_dmtet:convert"}),
     "mesh": SceneKind("csd_backend.scene.mesh_scene:MeshScene", "csd_backend.render.mesh_renderer:MeshRenderer"),
+    "gaussians": SceneKind("csd_backend.scene.gaussians:GaussianScene",
+                           "csd_backend.render.gaussian_renderer:GaussianRenderer",
+                           starts_from={"volume": "csd_backend.convert.to_gaussians:from_volume",
+                                        "dmtet": "csd_backend.convert.to_gaussians:from_mesh",
+                                        "mesh": "csd_backend.convert.to_gaussians:from_mesh"},
+                           renderer_settings="gaussians"),
 }
 
 
@@ -46,7 +55,9 @@ def make_scene(cfg: SceneConfig, device=None):
 
 def make_renderer(render_cfg: RenderConfig, scene_cfg: SceneConfig, device=None):
     """The renderer of ``scene_cfg.kind`` on ``device``."""
-    renderer = resolve(KINDS[scene_cfg.kind].renderer)(render_cfg, scene_cfg.radius, device=device)
+    row = KINDS[scene_cfg.kind]
+    extra = {"settings": getattr(scene_cfg, row.renderer_settings)} if row.renderer_settings else {}
+    renderer = resolve(row.renderer)(render_cfg, scene_cfg.radius, device=device, **extra)
     return renderer.to(device) if device is not None else renderer
 
 

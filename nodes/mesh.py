@@ -52,7 +52,8 @@ def _progress_callback():
 
 
 class CSDExtractMesh:
-    DESCRIPTION = ("Turn a CSD scene into a mesh: marching cubes on the density (coarse-to-fine; floaters removed: "
+    DESCRIPTION = ("Turn a CSD scene into a mesh: marching cubes on the density (a volume's, or the summed density "
+                   "of Gaussian splats; coarse-to-fine; floaters removed: "
                    "parts under a fifth of the largest part's area and bubbles inside the object), simplified to the "
                    "face budget, UV-unwrapped (xatlas) with the albedo baked into "
                    "a texture. Outputs ComfyUI's MESH (for the core Save GLB node) and the textured mesh for "
@@ -67,16 +68,19 @@ class CSDExtractMesh:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "scene": (pack.SCENE, {"tooltip": "The scene to export (from CSD Optimize or CSD Load Scene)."}),
+            "scene": (pack.SCENE, {"tooltip": "The scene to export (from CSD Optimize or CSD 3D Scene; any kind: "
+                                              "volume, Gaussian splats, refined or textured mesh)."}),
             "resolution": ("INT", {"default": 256, "min": 32, "max": 512, "step": 32,
                                    "tooltip": "Grid samples along the longest side of the object's box. 256 takes "
-                                              "tens of seconds on a CPU; 128 is a quick preview. Volumes only: a "
-                                              "refined or textured mesh scene exports its own mesh (unused)."}),
+                                              "tens of seconds on a CPU; 128 is a quick preview. Volumes and "
+                                              "Gaussian splats only: a refined or textured mesh scene exports its "
+                                              "own mesh (unused)."}),
             "threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.5,
                                     "tooltip": "Density of the surface. 0 = automatic (the mean density where "
                                                "there is any); threestudio uses 25, CSD's stage 2 uses 10. "
                                                "Lower it if parts are missing, raise it if the mesh is blobby. "
-                                               "Volumes only: unused for a refined or textured mesh scene."}),
+                                               "Volumes and Gaussian splats only: unused for a refined or "
+                                               "textured mesh scene."}),
             "texture_size": ("INT", {"default": 1024, "min": 128, "max": 4096, "step": 128,
                                      "tooltip": "Side of the square base-colour texture in pixels."}),
             "face_budget": ("INT", {"default": 100000, "min": 0, "max": 2000000, "step": 1000,

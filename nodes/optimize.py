@@ -19,18 +19,25 @@ from .widgets import bool_input, combo_input, float_input, int_input, string_inp
 _SEED_MAX = 2**63 - 1
 
 
-def presets_of(kind: str) -> list:
-    """The presets whose scene is of ``kind`` (volume: stage 1 and editing; dmtet: stage 2; mesh: texturing)."""
-    return sorted(name for name, p in PRESETS.items() if p.get("scene", {}).get("kind", "volume") == kind)
+def presets_of(*kinds: str) -> list:
+    """The presets whose scene is of one of ``kinds`` (volume: stage 1 and editing; gaussians: Gaussian splats;
+    dmtet: stage 2; mesh: texturing)."""
+    return sorted(name for name, p in PRESETS.items() if p.get("scene", {}).get("kind", "volume") in kinds)
+
+
+#: the kinds of new scene that CSD 3D Scene makes and a run initialises afresh from its seed
+NEW_KINDS = ("volume", "gaussians")
 
 
 class CSDOptimize:
     DISPLAY = "CSD Optimize"  # the node's name as users see it (errors and the log name it)
-    KIND = "volume"  # the presets listed: those of this scene kind (see presets_of)
+    KINDS = NEW_KINDS  # the presets listed: those of these scene kinds (see presets_of)
     DEFAULT_PRESET = "csd-coarse"
     DEFAULT_RUN_NAME = "csd_run"
     PRESET_TOOLTIP = ("csd-coarse: the paper's stage 1; sds-dreamfusion: the baseline; csd-edit: editing (also of "
-                      "refined and textured meshes); preview-cpu: a small fast run")
+                      "refined and textured meshes); preview-cpu: a small fast run; csd-gaussian / sds-gaussian / "
+                      "gaussian-preview-cpu: 3D Gaussian splats (a new scene from CSD 3D Scene with the same "
+                      "preset, or a trained volume converted to splats)")
     DESCRIPTION = ("Optimises the scene against the diffusion prior with the guidance (one stage). The preset gives "
                    "every setting without a widget (renderer, loss weights, warm-ups); its step-valued schedules are "
                    "stretched to `steps`. The input scene is never modified: a trained copy is returned. While it "
@@ -53,7 +60,7 @@ class CSDOptimize:
                 "guidance": (pack.GUIDANCE, {"tooltip": "from CSD Guidance"}),
                 "scene": (pack.SCENE, {"tooltip": "a new scene, or a trained one to continue or edit (not modified)"}),
                 "cameras": (pack.CAMERAS, {"tooltip": "from CSD Cameras"}),
-                "preset": combo_input(presets_of(cls.KIND), cls.DEFAULT_PRESET, cls.PRESET_TOOLTIP),
+                "preset": combo_input(presets_of(*cls.KINDS), cls.DEFAULT_PRESET, cls.PRESET_TOOLTIP),
                 "steps": int_input(d.steps, 1, 10_000_000, "optimisation steps (spec: 10000); the preset's "
                                                            "schedules are stretched to this length"),
                 "lr": float_input(d.lr, 1e-6, 10.0, 0.0001, "Adam learning rate (CSD: 0.001, SDS: 0.01)",
@@ -128,20 +135,30 @@ class CSDOptimize:
     @staticmethod
     def start_scene(scene, preset: str, seed: int = 0):
         """The scene the run starts from: a trained volume becomes a DMTet grid for a stage-2 preset (what it
-        initialises afresh, the background, follows ``seed``); a mesh from Load Mesh gets the texture field and
-        background of the preset, drawn from ``seed``."""
+        initialises afresh, the background, follows ``seed``) and Gaussian splats for a Gaussian preset; a mesh from
+        Load Mesh gets the texture field and background of the preset, drawn from ``seed``; a new scene must be of
+        the preset's kind (CSD 3D Scene makes the kind of its own preset)."""
         from csd_backend.convert.mesh_file import with_scene_settings
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
         from csd_backend.scene_kinds import starting_scene
 
         target = get_preset(preset).scene
-        if scene.kind == "mesh" and getattr(scene, UNTRAINED_ATTR, False) and target.kind == "mesh":
+        untrained = bool(getattr(scene, UNTRAINED_ATTR, False))
+        if scene.kind == "mesh" and untrained and target.kind == "mesh":
             return with_scene_settings(scene, target, seed)
-        if target.kind != "volume" and scene.kind == "volume" and getattr(scene, UNTRAINED_ATTR, False):
+        if target.kind not in NEW_KINDS and scene.kind in NEW_KINDS and untrained:
             raise ConfigError("scene", f"preset {preset} refines or textures a surface, but this scene is new "
                                        "(untrained): train it with CSD Optimize first, or load a mesh with CSD "
                                        "Load Mesh")
+        if target.kind in NEW_KINDS and scene.kind in NEW_KINDS and untrained and scene.kind != target.kind:
+            made = "Gaussian splats" if scene.kind == "gaussians" else "a volume"
+            wanted = ("Gaussian splats (keep a Gaussian preset here and choose the same one in CSD 3D Scene)"
+                      if target.kind == "gaussians" else "a volume (choose a volume preset such as csd-coarse or "
+                      "preview-cpu in CSD 3D Scene, or a Gaussian preset here: " + ", ".join(presets_of("gaussians"))
+                      + ")")
+            raise ConfigError("scene", f"this new scene is {made} (the preset of CSD 3D Scene), but preset "
+                                       f"{preset} trains {wanted}")
         if target.kind == "mesh" and scene.kind != "mesh":
             raise ConfigError("scene", f"preset {preset} textures a fixed mesh: connect CSD Load Mesh (to paint a "
                                        f"{scene.kind} scene use CSD Optimize with csd-edit)")
@@ -171,7 +188,7 @@ class CSDOptimize:
         scene = self.start_scene(scene, preset, int(seed))
         cfg = self.run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every,
                               preview_every, where=self.DISPLAY)
-        untrained = bool(getattr(scene, UNTRAINED_ATTR, False)) and scene.kind == "volume"
+        untrained = bool(getattr(scene, UNTRAINED_ATTR, False)) and scene.kind in NEW_KINDS
         out_dir = new_run_folder(run_name)
         lock = RunLock(out_dir, f"ComfyUI {self.DISPLAY} ({run_name})").acquire()
         # an untrained scene is re-initialised from the seed (like the command line); a trained one is copied
@@ -244,7 +261,7 @@ class CSDOptimize:
 
 class CSDRefineMesh(CSDOptimize):
     DISPLAY = "CSD Refine Mesh"
-    KIND = "dmtet"
+    KINDS = ("dmtet",)
     DEFAULT_PRESET = "csd-refine-object"
     DEFAULT_RUN_NAME = "csd_refine"
     PRESET_TOOLTIP = ("csd-refine-object / csd-refine: the paper's stage 2 (512², tet grid 256, normal consistency "
@@ -270,7 +287,7 @@ class CSDRefineMesh(CSDOptimize):
 
 class CSDTextureMesh(CSDRefineMesh):
     DISPLAY = "CSD Texture Mesh"
-    KIND = "mesh"
+    KINDS = ("mesh",)
     DEFAULT_PRESET = "csd-texture"
     DEFAULT_RUN_NAME = "csd_texture"
     PRESET_TOOLTIP = ("csd-texture: 512², stage-2 CSD, 5000 steps (a GPU); texture-cpu: 64², 150 steps for a CPU "

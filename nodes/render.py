@@ -33,7 +33,8 @@ class CSDRenderViews:
     def INPUT_TYPES(cls):
         d = _ring_defaults()
         return {"required": {
-            "scene": (pack.SCENE, {"tooltip": "a scene from CSD Optimize or CSD 3D Scene"}),
+            "scene": (pack.SCENE, {"tooltip": "a scene from CSD Optimize or CSD 3D Scene (any kind: volume, "
+                                              "Gaussian splats, mesh)"}),
             "n_views": int_input(d["n_views"], 1, 720, "number of views around the scene"),
             "size": int_input(d["size"], 8, 4096, "image width and height in pixels", step=8),
             "elevation": float_input(d["elevation"], -90.0, 90.0, 1.0, "camera elevation in degrees"),
@@ -44,7 +45,7 @@ class CSDRenderViews:
             "background": combo_input(list(_BACKGROUNDS), "scene", "scene: the learned background; or a solid "
                                                                    "colour"),
             "samples_per_ray": int_input(RenderConfig().num_samples_per_ray, 4, 8192,
-                                         "samples per ray (quality vs. speed)"),
+                                         "samples per ray (quality vs. speed; volumes only)"),
         }}
 
     @autograd_allowed

@@ -1,4 +1,5 @@
-"""CSD 3D Scene: a new implicit volume (hash grid + MLPs + background), or the scene of a saved run."""
+"""CSD 3D Scene: a new scene of the preset's kind (an implicit volume: hash grid + MLPs + background; or 3D Gaussian
+splats for the Gaussian presets), or the scene of a saved run."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,11 +14,14 @@ from .run_folders import NEW_SCENE, UNTRAINED_ATTR, file_signature, runs_directo
 from .widgets import check_widgets, combo_input, float_input, int_input
 
 _DEFAULT_PRESET = "csd-coarse"
+GAUSSIANS = "gaussians"  # the scene kind a Gaussian preset makes (csd_backend/scene_kinds.py)
 
 
 class CSDScene:
     DESCRIPTION = ("The 3D representation to optimise: a new implicit volume (the preset's scene settings, with "
-                   "radius and hash-grid size from the widgets), or the trained scene of a run saved under "
+                   "radius and hash-grid size from the widgets), new 3D Gaussian splats when the preset is a Gaussian "
+                   "one (csd-gaussian, sds-gaussian, gaussian-preview-cpu: its splat settings, radius and background "
+                   "from the widgets, the hash-grid widgets unused), or the trained scene of a run saved under "
                    "output/csd3d/runs (then the widgets are ignored). Feed a trained scene and an edit-mode guidance "
                    "into CSD Optimize to edit it.")
     CATEGORY = pack.CATEGORY
@@ -33,7 +37,9 @@ class CSDScene:
             "source": combo_input([NEW_SCENE] + saved_runs(), NEW_SCENE,
                                   "(new scene), or a run folder under output/csd3d/runs to load its last checkpoint"),
             "preset": combo_input(preset_names(), _DEFAULT_PRESET,
-                                  "settings of the new scene that have no widget (MLP size, density blob, ...)"),
+                                  "settings of the new scene that have no widget (MLP size, density blob, ...); a "
+                                  "Gaussian preset (csd-gaussian, sds-gaussian, gaussian-preview-cpu) makes 3D "
+                                  "Gaussian splats instead of a volume"),
             "radius": float_input(d.radius, 0.05, 100.0, 0.05, "half-size of the bounding box (spec: 2)"),
             "n_levels": int_input(d.n_levels, 1, 32, "hash-grid levels (spec: 16)"),
             "log2_hashmap_size": int_input(d.log2_hashmap_size, 4, 26, "log2 of the hash table size per level "
@@ -93,10 +99,11 @@ class CSDScene:
         cfg = self.scene_config(preset, radius=radius, n_levels=n_levels, log2_hashmap_size=log2_hashmap_size,
                                 max_resolution=max_resolution, background=background)
         from csd_backend.scene.volume import Scene
+        from csd_backend.scene_kinds import make_scene
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # a deterministic initial scene; Optimize re-initialises it from its own seed
-            scene = Scene(cfg)
+            scene = make_scene(cfg) if cfg.kind == GAUSSIANS else Scene(cfg)
         setattr(scene, UNTRAINED_ATTR, True)
         return (scene.eval(),)
 

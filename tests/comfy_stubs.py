@@ -486,10 +486,10 @@ def _is_image(v) -> bool:
 
 
 def _is_scene(v) -> bool:
-    from csd_backend.scene.mesh_scene import MeshScene
-    from csd_backend.scene.volume import Scene
+    """A scene of a kind in the engine's table (volume, DMTet / fixed mesh, Gaussian splats)."""
+    from csd_backend.scene_kinds import KINDS, resolve
 
-    return isinstance(v, (Scene, MeshScene))
+    return isinstance(v, tuple({resolve(row.scene) for row in KINDS.values()}))
 
 
 def _is_prior(v) -> bool:
@@ -649,6 +649,7 @@ TEMPLATES = {
     "sds": "07-SDS-baseline-DreamFusion-GPU",
     "vsd": "08-VSD-ProlificDreamer-GPU",
     "mvdream": "09-text-to-3D-CSD-MVDream-multi-view-GPU",
+    "gaussians": "10-text-to-3D-Gaussian-splats-GPU",
 }
 
 #: per node type, the widget values a test run changes (model, sizes, steps); everything else runs as shipped

@@ -21,7 +21,8 @@ PACKAGES = ("csd_backend", "nodes")
 LAYERS: List[Tuple[str, List[str]]] = [
     ("foundation", ["csd_backend", "csd_backend.errors", "csd_backend.io", "csd_backend.transfer",
                     "csd_backend.compiling"]),
-    ("settings", ["csd_backend.schedules", "csd_backend.config_checks", "csd_backend.config", "csd_backend.presets",
+    ("settings", ["csd_backend.schedules", "csd_backend.config_checks", "csd_backend.gaussian_config",
+                  "csd_backend.config", "csd_backend.presets",
                   "csd_backend.scene_kinds"]),
     ("priors", ["csd_backend.priors"]),
     ("representations", ["csd_backend.scene"]),

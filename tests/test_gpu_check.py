@@ -17,7 +17,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "(dry run on CPU)" in summary and "done on cpu" in summary, summary
-    for part in ("cuda_tests", "bench_step", "bench_compiled", "bench_stage2", "bench_mvdream"):
+    for part in ("cuda_tests", "bench_step", "bench_compiled", "bench_stage2", "bench_mvdream", "bench_gaussians"):
         assert f"{part}: exit 0" in summary, summary
         assert (tmp_path / f"{part}.txt").stat().st_size > 0
     step = (tmp_path / "bench_step.txt").read_text(encoding="utf-8")
@@ -28,3 +28,5 @@ def test_gpu_check_dry_run(tmp_path):
     assert "marching tets" in (tmp_path / "bench_stage2.txt").read_text(encoding="utf-8")
     mvdream = (tmp_path / "bench_mvdream.txt").read_text(encoding="utf-8")
     assert "step/floor" in mvdream and "projected 10000 steps" in mvdream, mvdream
+    gaussians = (tmp_path / "bench_gaussians.txt").read_text(encoding="utf-8")
+    assert "densify" in gaussians and "gaussians" in gaussians and "volume" in gaussians, gaussians

@@ -111,3 +111,33 @@ def test_every_scene_kind_trains_with_four_views(tiny_mvdream, prior):
         infos = [opt.train_step() for _ in range(2)]
         assert all(torch.isfinite(torch.tensor(i.losses["guidance"])) for i in infos), kind
         assert any(not torch.equal(a, b) for a, b in zip(before, _params(opt.scene))), kind
+
+
+def test_gaussian_splats_train_with_four_views(tiny_mvdream, prior):
+    """Issue 24 item 7 for the Gaussian scene kind (issue 25): gaussian-preview-cpu's splats with MVDream's
+    guidance train on whole 4-view objects, and the prior sees the views of each object together."""
+    calls = []
+    predict = prior.predict_noise
+
+    def spy(z_t, t, embeddings, **kw):
+        calls.append((z_t.shape[0], kw["num_views"]))
+        return predict(z_t, t, embeddings, **kw)
+
+    guidance = {k: v for k, v in get_preset("mvdream-cpu").to_dict()["guidance"].items()
+                if k not in ("min_step_percent", "max_step_percent")}
+    cfg = get_preset("gaussian-preview-cpu").with_steps(2).replace(
+        prior={"model": str(tiny_mvdream["checkpoint"]), "model_config": str(tiny_mvdream["tokenizer_folder"])},
+        guidance={**guidance, "prompt": "a cat"}, scene={"gaussians": {"num_points": 200}},
+        camera={"batch_size": 4, "n_views": 4, "relative_distance": True, "distance_range": [0.8, 1.0],
+                "fovy_range": [30.0, 40.0], "height": 16, "width": 16},
+        optim={"checkpoint_every": 0, "preview_every": 0})
+    import unittest.mock as mock
+
+    with mock.patch.object(prior, "predict_noise", spy):
+        opt = Optimization(cfg, prior)
+        assert opt.scene.kind == "gaussians"
+        before = _params(opt.scene)
+        infos = [opt.train_step() for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(i.losses["guidance"])) for i in infos)
+    assert calls and all(n == 8 and views == 4 for n, views in calls)
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(opt.scene)))

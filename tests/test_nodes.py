@@ -15,7 +15,7 @@ import torch
 import comfy_stubs as cs
 
 MY_NODES = {"CSDLoadDiffusionModel", "CSDGuidance", "CSDScene", "CSDCameras", "CSDOptimize", "CSDRenderViews",
-            "CSDRefineMesh", "CSDTextureMesh", "CSDLoadMesh", "CSDDepthControlNet"}
+            "CSDRefineMesh", "CSDTextureMesh", "CSDLoadMesh", "CSDDepthControlNet", "CSDSaveGaussians"}
 SMALL_SCENE = dict(radius=1.0, n_levels=4, log2_hashmap_size=12, max_resolution=64, background="neural_env")
 
 

@@ -398,6 +398,14 @@ def test_api_workflow_runs_end_to_end(name, env, classes):
             model_file = run.outputs[nid]["result"][0]
             assert not model_file.startswith("/") and (env.output_dir / model_file).is_file()
             assert model_file.endswith(".glb")
+        elif kind == "CSDSaveGaussians":  # the trained splats as a 3DGS .ply under the output folder
+            from csd_backend.export import load_splats
+
+            rel = run.results[nid][0]
+            (item,) = run.outputs[nid]["3d"]
+            assert rel == f"{item['subfolder']}/{item['filename']}" and rel.endswith("_00001_.ply")
+            splats = load_splats(env.output_dir / rel)
+            assert torch.equal(splats.means, run.results[node["inputs"]["scene"][0]][0].means)
     if name == cs.TEMPLATES["edit"]:
         _check_edit(env, prompt, run)
     if name in (cs.TEMPLATES["two_stage"], cs.TEMPLATES["texture"]):

@@ -94,6 +94,35 @@ def silhouette_level(scene, density_fn, chunk: int = 1 << 18,
     return best
 
 
+#: a scene without a texture field (Gaussian splats): the new one is fitted to its albedo in this many Adam steps
+TEXTURE_FIT_STEPS = 200
+TEXTURE_FIT_BATCH = 8192
+
+
+def inherit_texture(scene, out, surface: torch.Tensor, seed: int) -> None:
+    """The stage-2 texture field of ``out``: the volume's hash grid and albedo MLP, copied; for a scene without
+    them (Gaussian splats) a fresh field fitted to the scene's albedo at the points ``surface`` ``[M, 3]`` near
+    the surface (``TEXTURE_FIT_STEPS`` Adam steps of the squared error, batches drawn from ``seed``)."""
+    volume = getattr(scene, "volume", None)
+    if isinstance(volume, torch.nn.Module) and hasattr(volume, "feature_mlp"):
+        texture = {k: v for k, v in volume.state_dict().items() if k.startswith(("encoding.", "feature_mlp."))}
+        out.texture.load_state_dict(texture)
+        return
+    if surface.shape[0] == 0:
+        return
+    target = torch.from_numpy(SceneField(scene).albedo(surface.cpu().numpy())).to(surface.device)  # [M, 3]
+    gen = torch.Generator().manual_seed(int(seed))
+    adam = torch.optim.Adam(out.texture.parameters(), lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(TEXTURE_FIT_STEPS):  # a fit of the field: a loop over optimiser steps
+            pick = torch.randint(0, surface.shape[0], (min(TEXTURE_FIT_BATCH, surface.shape[0]),), generator=gen)
+            pick = pick.to(surface.device)
+            loss = (out.texture.albedo(surface[pick]) - target[pick]).square().mean()
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+
+
 def fresh_background(cfg: SceneConfig, seed: int) -> torch.nn.Module:
     """A newly initialised background of ``cfg`` whose weights follow ``seed`` alone (torch's global RNG is left as
     it was)."""
@@ -106,12 +135,13 @@ def fresh_background(cfg: SceneConfig, seed: int) -> torch.nn.Module:
 def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, str, None] = None,
                     fix_geometry: bool = False, chunk: int = 1 << 18, keep_background: bool = False, seed: int = 0,
                     progress: Optional[Callable[[float], None]] = None):
-    """A ``dmtet`` MeshScene converted from a stage-1 ``Scene`` (spec §5.3): the grid fills the tight box of the
-    surface ``σ = τ`` (``threshold``: a number, "auto", "silhouette" (``silhouette_level``) or None for the scene's
-    ``isosurface_threshold``; "auto" as threestudio's coarse-to-fine extraction: the box from the mean density
-    where there is any over the whole box, then τ = that mean over the grid's vertices in the box),
+    """A ``dmtet`` MeshScene converted from a stage-1 ``Scene`` or Gaussian splats (spec §5.3): the grid fills the
+    tight box of the surface ``σ = τ`` (``threshold``: a number, "auto", "silhouette" (``silhouette_level``) or None
+    for the scene's ``isosurface_threshold``; "auto" as threestudio's coarse-to-fine extraction: the box from the
+    mean density where there is any over the whole box, then τ = that mean over the grid's vertices in the box),
     ``sdf = clamp(τ − σ, −1, 1)`` at the grid vertices, no deformation, the hash grid and albedo MLP copied from the
-    volume, and the background a fresh one from ``seed`` (``keep_background``: the volume's, copied).
+    volume (``inherit_texture``: fitted to the albedo of splats), and the background a fresh one from ``seed``
+    (``keep_background``: the volume's, copied).
     ``progress(f)``: the fraction done (the level search is most of it)."""
     tick = progress if progress is not None else (lambda f: None)
     field = SceneField(scene, chunk)
@@ -139,8 +169,7 @@ def volume_to_dmtet(scene, tet_resolution: int = 256, threshold: Union[float, st
                           f"no tetrahedral grid vertex of resolution {tet_resolution} lies inside the surface at "
                           f"the density level {tau:g} (the density peaks at {float(sigma.max()):.4g} there); raise "
                           "the tet grid's resolution (scene.tet_resolution) or lower the level")
-    texture = {k: v for k, v in scene.volume.state_dict().items() if k.startswith(("encoding.", "feature_mlp."))}
-    out.texture.load_state_dict(texture)
+    inherit_texture(scene, out, out.geometry.grid_world_vertices()[(tau - sigma).abs() < 1.0], seed)
     background = scene.background if keep_background else fresh_background(cfg, seed)
     out.background.load_state_dict(background.state_dict())
     tick(1.0)

@@ -8,7 +8,7 @@ Main entry points::
 
 Modules: ``config`` (ExportConfig), ``mesh`` (TexturedMesh, MeshError, ComfyUI tensors), ``isosurface`` (grid,
 threshold, marching cubes, clean-up), ``texture`` (xatlas unwrap, UV rasteriser, bake, gutter fill),
-``writers`` (files, output names), ``pipeline`` (scene → TexturedMesh).
+``writers`` (files, output names), ``pipeline`` (scene → TexturedMesh), ``splats`` (Gaussian splats ↔ 3DGS .ply).
 
 Needs scikit-image (marching cubes), scipy, trimesh, and for textures xatlas, for simplification
 fast-simplification; each is imported when used and a missing one raises ``MeshError`` naming the pip package.
@@ -26,7 +26,9 @@ _EXPORTS = {
     "UVAtlas": "texture", "bake_texture": "texture", "sample_texture": "texture", "unwrap": "texture",
     "FORMATS": "writers", "check_portable_name": "writers", "portable_name_error": "writers",
     "relative_model_path": "writers", "resolve_output_prefix": "writers",
-    "save_mesh": "writers", "save_mesh_unique": "writers", "to_trimesh": "writers",
+    "save_mesh": "writers", "save_mesh_unique": "writers", "save_unique": "writers", "to_trimesh": "writers",
+    "load_splats": "splats", "read_splats": "splats", "write_splats": "splats", "save_splats_unique": "splats",
+    "SplatFileError": "splats",
 }
 
 __all__ = sorted(_EXPORTS)

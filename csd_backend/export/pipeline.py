@@ -33,7 +33,8 @@ class SceneField:
     """Chunked numpy access to a scene's density and albedo on the scene's own device and dtype.
 
     Works with any object that has ``albedo(points) -> [N, 3]`` and, for the density, ``volume.density(points)
-    -> [N]`` (torch tensors in world units): ``csd_backend.scene.volume.Scene`` or a ``MeshScene``.
+    -> [N]`` (torch tensors in world units): ``csd_backend.scene.volume.Scene``, a ``MeshScene`` or a
+    ``GaussianScene`` (its ``volume`` is the splats' density field, ``scene/gaussian_field.py``).
     """
 
     def __init__(self, scene, chunk_size: int = 262144, tick: Optional[Callable[[float], None]] = None):
@@ -144,7 +145,7 @@ def extract_textured_mesh(scene, config: Optional[ExportConfig] = None,
 
     field = SceneField(scene, cfg.chunk_size, tick=tick)
     floaters = cfg.floater_area if cfg.remove_floaters else None
-    if getattr(scene, "kind", "volume") == "volume":
+    if getattr(scene, "kind", "volume") in ("volume", "gaussians"):  # a density field: marching cubes
         iso = extract_isosurface(field.density, field.radius, resolution=cfg.resolution,
                                  threshold=cfg.threshold_value(), coarse_to_fine=cfg.coarse_to_fine,
                                  narrow_band=cfg.narrow_band, floater_area=floaters,

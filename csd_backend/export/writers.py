@@ -159,10 +159,11 @@ def save_mesh(mesh: TexturedMesh, path: PathLike, format: Optional[str] = None) 
 _COUNTER = re.compile(r"_(\d{5,})_\.")
 
 
-def save_mesh_unique(mesh: TexturedMesh, folder: PathLike, stem: str, format: str = "glb") -> Path:
-    """Save as ``folder/<stem>_<NNNNN>_.<format>`` with the next counter after the highest one in use (ComfyUI's
-    convention); retries with the next counter if another writer takes the name meanwhile."""
-    fmt = _check_format(format)
+def save_unique(folder: PathLike, stem: str, suffix: str, write, taken=None) -> Path:
+    """``write(folder/<stem>_<NNNNN>_.<suffix>)`` with the next counter after the highest one in use (ComfyUI's
+    convention, as its SaveImage); ``write`` raises ``OutputExistsError`` when another writer took the name
+    meanwhile, and the next counter is tried. ``taken(path)``: a name is also taken when this says so (files
+    written beside it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     used = 0
@@ -173,14 +174,21 @@ def save_mesh_unique(mesh: TexturedMesh, folder: PathLike, stem: str, format: st
                 used = max(used, int(m.group(1)))
     counter = used + 1
     for _ in range(1000):
-        path = folder / f"{stem}_{counter:05d}_.{fmt}"
-        if not path.exists() and not any(p.exists() for p in companion_paths(mesh, path, fmt)):
+        path = folder / f"{stem}_{counter:05d}_.{suffix}"
+        if not path.exists() and not (taken is not None and taken(path)):
             try:
-                return save_mesh(mesh, path, fmt)
+                return write(path)
             except OutputExistsError:
                 pass
         counter += 1
     raise OutputExistsError(f"could not find a free file name for {folder / stem} after 1000 tries")
+
+
+def save_mesh_unique(mesh: TexturedMesh, folder: PathLike, stem: str, format: str = "glb") -> Path:
+    """Save as ``folder/<stem>_<NNNNN>_.<format>`` with the next free counter (``save_unique``)."""
+    fmt = _check_format(format)
+    return save_unique(folder, stem, fmt, lambda path: save_mesh(mesh, path, fmt),
+                       taken=lambda path: any(p.exists() for p in companion_paths(mesh, path, fmt)))
 
 
 #: device names Windows reserves in every folder, also with an extension ("nul.glb") and in any case (Microsoft,

@@ -41,6 +41,9 @@ class MeshRenderer(nn.Module):
     def update(self, step: int, scene, generator: torch.Generator) -> bool:
         return False
 
+    def after_update(self, step: int, scene, optimizer, out: RenderOutput, generator: torch.Generator) -> bool:
+        return False
+
     def render(self, scene, cams: Cameras, shading: str = "albedo", bg_colors: Optional[torch.Tensor] = None,
                need_normals: bool = False, generator: Optional[torch.Generator] = None,
                ambient_ratio: Optional[float] = None) -> RenderOutput:

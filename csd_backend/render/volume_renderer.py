@@ -224,6 +224,9 @@ class RenderOutput:
     num_samples: int
     #: mesh scenes: the rendered mesh (vertices [V, 3] world, faces [F, 3]) for the mesh regularisers
     mesh: Optional[tuple] = None
+    #: Gaussian scenes: the projected splats (means2d [B, N, 2] keeping its gradient, radius [B, N], width,
+    #: height) for the density control
+    splats: Optional[dict] = None
 
 
 class VolumeRenderer(nn.Module):
@@ -251,6 +254,10 @@ class VolumeRenderer(nn.Module):
     def update(self, step: int, scene, generator: torch.Generator) -> bool:
         """The per-step bookkeeping of the optimisation loop: the occupancy grid update."""
         return self.update_grid(step, scene.volume, generator)
+
+    def after_update(self, step: int, scene, optimizer, out: "RenderOutput", generator: torch.Generator) -> bool:
+        """The loop's hook after each parameter update (Gaussian scenes densify there); nothing for a volume."""
+        return False
 
     def render(self, scene, cams: Cameras, shading: str = "albedo", bg_colors: Optional[torch.Tensor] = None,
                need_normals: bool = False, generator: Optional[torch.Generator] = None,

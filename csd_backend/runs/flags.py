@@ -60,8 +60,11 @@ def parse_overrides(items: List[str]) -> dict:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError("--set", f"'{item}' is not SECTION.FIELD=VALUE, e.g. optim.lr=0.01")
         key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = parse_value(value, key)
+        *path, name = key.split(".")  # nested sections too: scene.gaussians.max_gaussians
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[name] = parse_value(value, key)
     return out
 
 
@@ -125,8 +128,8 @@ def check_resume_flags(args, run_dir: Path, saved) -> None:
     The flags are turned into a configuration exactly as for a new run; schedules are stretched to the run's
     planned length (its config.json), which is what the original --steps did. Flags left out keep the saved
     values; --steps sets where the resumed run ends; the model, device and dtype may change."""
-    from ..optimize import load_scene
     from ..presets import PRESETS
+    from .folders import load_init_scene
 
     if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
         raise ConfigError("--out", f"{args.out} is not the folder of the run being resumed ({run_dir}); a resumed "
@@ -136,7 +139,7 @@ def check_resume_flags(args, run_dir: Path, saved) -> None:
     if not given:
         return
     preset = args.preset or (saved.preset if saved.preset in PRESETS else "csd-coarse")
-    init_cfg = load_scene(args.init_scene)[0].cfg if args.init_scene else None
+    init_cfg = load_init_scene(args.init_scene).cfg if args.init_scene else None
     # --steps of the original command stretched the schedules to the run's planned length: do the same
     new = flatten(build_config(args, preset, saved.optim.steps, init_cfg).to_dict())
     old = flatten(saved.to_dict())

@@ -1,5 +1,6 @@
 """Run folders on disk: an output folder checked (and made) before anything slow runs, and removed again when a
-command fails before it starts; which run ``--resume PATH`` means; paths quoted as a user would type them."""
+command fails before it starts; which run ``--resume PATH`` means; the scene ``--init-scene PATH`` names; paths
+quoted as a user would type them."""
 from __future__ import annotations
 
 import os
@@ -68,3 +69,17 @@ def resume_target(path: Path):
 def quoted(path) -> str:
     """``path`` as it goes into a command a user can paste into a shell."""
     return shlex.quote(str(path))
+
+
+def load_init_scene(path, scene_cfg=None):
+    """The scene ``--init-scene PATH`` names: a run folder or checkpoint (``optimize.load_scene``), or a 3DGS ``.ply``
+    of Gaussian splats (``export.load_splats``; a file that is not one is refused naming what it lacks). The splats
+    take ``scene_cfg``'s Gaussian settings (renderer, rates, density control) when that is a Gaussian scene's."""
+    p = Path(path)
+    if p.suffix.lower() == ".ply" and not p.is_dir():
+        from ..export.splats import load_splats
+
+        return load_splats(p, scene_cfg if scene_cfg is not None and scene_cfg.kind == "gaussians" else None)
+    from ..optimize import load_scene
+
+    return load_scene(p)[0]

@@ -14,7 +14,7 @@ from typing import Optional
 
 from ..errors import ConfigError
 from .flags import build_config, check_resume_flags
-from .folders import check_out_dir, remove_empty, resume_target
+from .folders import check_out_dir, load_init_scene, remove_empty, resume_target
 from .lock import RunLock
 from .outputs import MIN_PNG_SIDE, save_png
 from .progress import echo, training_bar
@@ -126,7 +126,6 @@ def open_new_run(args):
     """(Optimization, run folder, lock) for a new run of ``generate``'s flags; the folder is checked (and made)
     and locked before the model loads. ``args.start_scene(config)``: makes the scene to start from (``texture``);
     ``args.init_scene``: a run whose scene it starts from (``refine``, editing). Release the lock when done."""
-    from ..optimize import load_scene
     from ..priors import load_prior
     from ..scene_kinds import starting_scene
     from .progress import conversion_bar
@@ -149,7 +148,7 @@ def open_new_run(args):
         make_scene = getattr(args, "start_scene", None)
         scene = make_scene(config) if make_scene is not None else None
         if args.init_scene:
-            scene = load_scene(args.init_scene)[0]
+            scene = load_init_scene(args.init_scene, config.scene)
             progress = conversion_bar(scene, config.scene, args.quiet)
             try:
                 scene = starting_scene(scene, config.scene, config.optim.seed, progress=progress)

@@ -202,15 +202,36 @@ def write_run_mesh(outputs: RunOutputs, scene, out: Path, preset: str, say=echo)
         return None
 
 
+#: the splats of a Gaussian run, beside its mesh
+SPLATS_FILE = "gaussians.ply"
+
+
+def write_run_splats(scene, out: Path, say=echo) -> Path:
+    """``out/gaussians.ply`` (a new name beside it when it exists: a resumed run keeps the earlier file)."""
+    from ..export.splats import write_splats
+    from ..io import unique_path
+
+    path = out / SPLATS_FILE
+    path = path if not path.exists() else unique_path(out, "gaussians", ".ply")
+    write_splats(scene, path)
+    say(f"splats: {path} ({scene.num_gaussians} Gaussians)")
+    return path
+
+
 def finish_run(scene, opt, out: Path, outputs: RunOutputs, say=echo, phase=None, only_missing: bool = False) -> dict:
-    """Write the ring of views (``renders/view_NN.png``) and the mesh of a trained run. Returns ``{"renders":
-    [paths], "mesh": path or None}`` (what this call wrote). ``only_missing``: the scene is the one the existing
+    """Write the splats of a Gaussian run (``gaussians.ply``), the ring of views (``renders/view_NN.png``) and the
+    mesh of a trained run. Returns ``{"renders": [paths], "mesh": path or None}`` (and ``"splats"``: what this call
+    wrote). ``only_missing``: the scene is the one the existing
     files show (a resumed run with nothing left to train), so only the views and the mesh that are not there yet
     are written; otherwise an existing file gets a new name beside it. ``say(line)`` gets the mesh line or the
     warning that no mesh was written; ``phase(text)`` is told what is being done ("while rendering the views")."""
     from ..io import unique_path
 
     written: dict = {"renders": [], "mesh": None}
+    if getattr(scene, "kind", None) == "gaussians" and not (only_missing and (out / SPLATS_FILE).is_file()):
+        if phase is not None:
+            phase("while writing the splats")
+        written["splats"] = write_run_splats(scene, out, say)
     if phase is not None:
         phase("while rendering the views")
     raise_pending()  # a signal during the last step's update

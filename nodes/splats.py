@@ -1,0 +1,72 @@
+"""CSD Save Gaussians: the splats of a Gaussian scene → a standard 3DGS .ply under the output folder (never
+overwriting), whose relative path is the node's STRING output. All the work is in ``csd_backend.export.splats``."""
+from __future__ import annotations
+
+from . import pack
+from .model_folders import output_directory
+
+DEFAULT_PREFIX = "csd3d/gaussians"
+
+
+class CSDSaveGaussians:
+    DESCRIPTION = ("Save the 3D Gaussian splats of a Gaussian scene (CSD Optimize with csd-gaussian, sds-gaussian or "
+                   "gaussian-preview-cpu) as a standard 3DGS .ply under ComfyUI's output folder (the INRIA layout "
+                   "of 3D Gaussian Splatting, which splat viewers such as SuperSplat read). Files are never "
+                   "overwritten: a counter is added. The ply_file output is the path relative to the output folder. "
+                   "ComfyUI 0.3.64 has no splat viewer; for a mesh of the same scene use CSD Extract Mesh.")
+    CATEGORY = pack.CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("ply_file",)
+    OUTPUT_TOOLTIPS = ("The saved .ply, relative to the output folder with '/' separators.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "scene": (pack.SCENE, {"tooltip": "A Gaussian scene: CSD Optimize with a Gaussian preset, or CSD 3D Scene "
+                                              "loading a Gaussian run."}),
+            "filename_prefix": ("STRING", {"default": DEFAULT_PREFIX,
+                                           "tooltip": "Sub-folder and name inside the output folder; a counter and "
+                                                      ".ply are added. Refused when queued: '..', absolute paths, "
+                                                      "names Windows reserves, names over 255 bytes and paths over "
+                                                      "259 characters (as CSD Save Mesh)."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        if filename_prefix is None:  # linked from another node: checked when it runs
+            return True
+        from csd_backend.errors import ConfigError
+        from csd_backend.export.writers import resolve_output_prefix
+
+        try:
+            resolve_output_prefix(str(output_directory()), str(filename_prefix), field="filename_prefix")
+        except ConfigError as e:
+            return str(e)
+        return True
+
+    def save(self, scene, filename_prefix):
+        import folder_paths  # type: ignore
+
+        from csd_backend.errors import ConfigError
+        from csd_backend.export import relative_model_path, resolve_output_prefix, save_splats_unique
+
+        kind = getattr(scene, "kind", None)
+        if kind != "gaussians":
+            what = f"a {kind} scene" if isinstance(kind, str) else f"a {type(scene).__name__}"
+            raise ConfigError("scene", f"CSD Save Gaussians got {what}, not Gaussian splats: connect the scene "
+                                       "of a CSD Optimize with a Gaussian preset (csd-gaussian, sds-gaussian, "
+                                       "gaussian-preview-cpu) or of CSD 3D Scene loading a Gaussian run; for "
+                                       "other scenes use CSD Extract Mesh and CSD Save Mesh")
+        output_dir = folder_paths.get_output_directory()
+        folder, stem = resolve_output_prefix(output_dir, filename_prefix, field="filename_prefix")
+        path = save_splats_unique(scene, folder, stem)
+        pack.log.info("CSD Save Gaussians: %d splats -> %s", scene.num_gaussians, path)
+        rel = relative_model_path(path, output_dir)
+        return {"ui": {"3d": [{"filename": path.name, "subfolder": rel.rpartition("/")[0], "type": "output"}]},
+                "result": (rel,)}
+
+
+NODE_CLASS_MAPPINGS = {"CSDSaveGaussians": CSDSaveGaussians}
+NODE_DISPLAY_NAME_MAPPINGS = {"CSDSaveGaussians": "CSD Save Gaussians"}
