@@ -8,7 +8,7 @@ import importlib
 
 from . import pack
 from .execution import Progress, check_interrupt, model_management
-from .model_folders import output_directory
+from .model_folders import check_output_prefix
 
 TEXTURED_MESH = "CSD_TEXTURED_MESH"
 FORMATS = ["glb", "obj", "ply"]
@@ -139,19 +139,7 @@ class CSDSaveMesh:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix=None):
-        """Refuse a prefix that leaves the output folder, a name Windows reserves (con, nul, com1, ... also with
-        an extension), a name over 255 bytes or a path over Windows' 259 characters when the prompt is queued,
-        before anything runs (the rule is ``resolve_output_prefix``'s, shared with the command line)."""
-        if filename_prefix is None:  # linked from another node: checked when it runs
-            return True
-        from csd_backend.errors import ConfigError
-        from csd_backend.export.writers import resolve_output_prefix
-
-        try:
-            resolve_output_prefix(str(output_directory()), str(filename_prefix), field="filename_prefix")
-        except ConfigError as e:
-            return str(e)
-        return True
+        return check_output_prefix(filename_prefix)
 
     def save(self, textured_mesh, format, filename_prefix):
         import folder_paths  # type: ignore

@@ -51,6 +51,22 @@ def output_directory() -> Path:
     return Path(fp.get_output_directory()) if fp is not None else Path("output").resolve()
 
 
+def check_output_prefix(filename_prefix) -> object:
+    """A save node's VALIDATE_INPUTS: True, or the error text for a prefix that leaves the output folder, a name
+    Windows reserves (con, nul, com1, ... also with an extension), a name over 255 bytes or a path over Windows'
+    259 characters, checked when the prompt is queued (the rule is ``resolve_output_prefix``'s, shared with the
+    command line). ``None`` (linked from another node) is checked when it runs."""
+    if filename_prefix is None:
+        return True
+    from csd_backend.errors import ConfigError
+    from csd_backend.export.writers import resolve_output_prefix
+
+    try:
+        resolve_output_prefix(str(output_directory()), str(filename_prefix), field="filename_prefix")
+    except ConfigError as e:
+        return str(e)
+    return True
+
 
 def diffusers_models() -> List[str]:
     """Diffusers folders (with model_index.json) under every ``diffusers`` model path, relative, with '/'."""

@@ -3,7 +3,7 @@ overwriting), whose relative path is the node's STRING output. All the work is i
 from __future__ import annotations
 
 from . import pack
-from .model_folders import output_directory
+from .model_folders import check_output_prefix
 
 DEFAULT_PREFIX = "csd3d/gaussians"
 
@@ -35,16 +35,7 @@ class CSDSaveGaussians:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix=None):
-        if filename_prefix is None:  # linked from another node: checked when it runs
-            return True
-        from csd_backend.errors import ConfigError
-        from csd_backend.export.writers import resolve_output_prefix
-
-        try:
-            resolve_output_prefix(str(output_directory()), str(filename_prefix), field="filename_prefix")
-        except ConfigError as e:
-            return str(e)
-        return True
+        return check_output_prefix(filename_prefix)
 
     def save(self, scene, filename_prefix):
         import folder_paths  # type: ignore
