@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -222,7 +223,12 @@ def try_without_weights() -> str:
 
 
 def entry() -> None:
-    """The process's entry (``python -m csd_backend``, ``csd3d``): ``main``, then exit with its code."""
+    """The process's entry (``python -m csd_backend``, ``csd3d``): ``main``, then exit with its code. ``kill -USR1
+    PID`` prints every thread's stack to stderr and the command goes on (to see where a run that seems stuck is)."""
+    import faulthandler
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     sys.exit(main(exiting=True))
 
 

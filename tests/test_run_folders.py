@@ -314,7 +314,11 @@ def test_ctrl_c_is_told_at_once_and_a_second_one_never_skips_the_checkpoint(tmp_
     args = ["generate", "--prompt", "a red ball", "--model", "analytic:64", "--preset", "preview-cpu",
             "--steps", "1000", "--out", str(out), "--quiet", "--no-mesh", "--checkpoint-every", "0",
             "--preview-every", "1", "--set", "camera.height=64", "--set", "camera.width=64",
-            "--set", "camera.batch_size=2", "--set", "render.num_samples_per_ray=192"]  # about 2 s a step
+            "--set", "camera.batch_size=2", "--set", "render.num_samples_per_ray=192",  # about 2 s a step
+            # a 2^21 hash table: a checkpoint of ~400 MB takes a second or more to save, so the second Ctrl-C (sent
+            # once the notice is seen) lands while the command is still stopping (with the preset's 2^16 table
+            # the stop took milliseconds and the second signal sometimes came after it)
+            "--set", "scene.log2_hashmap_size=21"]
     proc = start_cli(args, out)
     lines: list = []  # (seconds since the first Ctrl-C, line) as they arrive
     reader = threading.Thread(target=lambda: [lines.append((time.time(), line)) for line in proc.stderr])
@@ -322,12 +326,18 @@ def test_ctrl_c_is_told_at_once_and_a_second_one_never_skips_the_checkpoint(tmp_
     try:
         t0 = time.time()
         proc.send_signal(signal.SIGINT)
-        # the second Ctrl-C follows at once: the first stops the step within milliseconds and the checkpoint of
-        # so small a scene is saved in a few more, so waiting for the notice first lost the race at times
-        time.sleep(0.02)
+        while time.time() - t0 < 10 and not any(NOTICE in line for _, line in lines):
+            time.sleep(0.02)
         assert proc.poll() is None, "the run ended before the second Ctrl-C"
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=240)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:  # stuck: the CLI prints every thread's stack on SIGUSR1
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            reader.join(timeout=10)
+            pytest.fail("the run did not stop:\n" + "".join(line for _, line in lines)[-6000:])
         reader.join(timeout=10)
     finally:
         if proc.poll() is None:
@@ -369,3 +379,23 @@ def test_previews_say_what_they_show(tmp_path):
     assert (band.max(-1) >= 250).sum() > 20 and np.median(band) < 90  # white text on a dark band
     assert shading_label(RenderConfig(textureless_normal=True), "textureless") == "normal map (shape only)"
     assert shading_label(RenderConfig(), "albedo") == "colour (albedo)"
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX only")
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(tmp_path):
+    out = tmp_path / "run"
+    args = ["generate", "--prompt", "a red ball", "--model", "analytic:16", "--preset", "preview-cpu", "--steps",
+            "100000", "--out", str(out), "--quiet", "--no-mesh", "--preview-every", "1",
+            "--set", "camera.height=16", "--set", "camera.width=16"]
+    proc = start_cli(args, out)
+    try:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the run stopped on SIGUSR1"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "most recent call first" in err and proc.returncode == 130, err[-2000:]
+    assert load_checkpoint(out)["step"] >= 1
