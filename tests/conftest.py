@@ -70,3 +70,24 @@ def tiny_mvdream(tmp_path_factory):
     from tiny_mvdream import build_tiny_mvdream
 
     return build_tiny_mvdream(tmp_path_factory.mktemp("tiny_mvdream"))
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored(request):
+    """Every test leaves SIGINT / SIGTERM as it found them. A test that left SIGINT ignored in the pytest process
+    (something in a full run did: Ray or an in-process command) made every later CLI subprocess inherit "ignored",
+    so the Ctrl-C tests' runs never stopped (found in a full CI run with the CLI's SIGUSR1 stack dump)."""
+    import signal
+
+    names = [s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None]
+    before = {s: signal.getsignal(s) for s in names}
+    yield
+    for s, handler in before.items():
+        if signal.getsignal(s) is not handler and handler is not None:
+            if os.environ.get("CSD_SIGNAL_LOG"):
+                with open(os.environ["CSD_SIGNAL_LOG"], "a") as f:
+                    f.write(f"{request.node.nodeid}: {s} {handler} -> {signal.getsignal(s)}\n")
+            try:
+                signal.signal(s, handler)
+            except ValueError:  # not the main thread
+                pass

@@ -33,10 +33,18 @@ def cli_env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
+def default_signals() -> None:
+    """In the child before it starts: SIGINT and SIGTERM as in a terminal's foreground job (a child inherits
+    "ignored" from its parent, and Python then leaves Ctrl-C ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def start_cli(args, out: Path, wait_for: str = "previews/step_00001.png") -> subprocess.Popen:
     """``python -m csd_backend ARGS`` in a subprocess, returned once ``out/wait_for`` exists."""
     proc = subprocess.Popen([sys.executable, "-m", "csd_backend", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=str(ROOT))
+                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=str(ROOT),
+                            preexec_fn=default_signals if os.name == "posix" else None)
     deadline = time.time() + 240
     while not (out / wait_for).exists():
         if proc.poll() is not None:
