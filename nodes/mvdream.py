@@ -9,7 +9,7 @@ from csd_backend.presets import MVDREAM_NEGATIVE_PROMPT, PRESETS
 
 from . import pack
 from .execution import autograd_allowed
-from .input_errors import named_error, validate_config
+from .input_errors import validate_config
 from .optimize import CSDOptimize
 from .run_folders import UNTRAINED_ATTR
 from .widgets import bool_input, combo_input, int_input, string_input
@@ -63,17 +63,11 @@ class CSDMVDream(CSDOptimize):
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    @staticmethod
-    def run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every, preview_every,
+    @classmethod
+    def run_config(cls, prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every, preview_every,
                    where: str = "CSD MVDream"):
         """The preset's RunConfig with the prompts ``guidance`` = (prompt, negative prompt) and the run settings."""
-        from csd_backend.errors import ConfigError
-        from csd_backend.presets import get_preset
-
-        try:
-            cfg = get_preset(preset).with_steps(int(steps))
-        except ConfigError as e:
-            raise named_error(e, where) from e
+        cfg = cls.preset_config(preset, steps, where)
         prompt, negative = guidance
         cfg = cfg.replace(guidance={"prompt": str(prompt), "negative_prompt": str(negative)},
                           scene=dataclasses.asdict(scene.cfg),

@@ -104,16 +104,23 @@ class CSDOptimize:
 
     # ------------------------------------------------------------------------------------------------ config
     @staticmethod
-    def run_config(prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every, preview_every,
-                   where: str = "CSD Optimize"):
-        """The full RunConfig of a new run (validated; errors name the node input)."""
+    def preset_config(preset, steps, where: str):
+        """The preset's RunConfig stretched to ``steps`` (an error names the node input)."""
         from csd_backend.errors import ConfigError
         from csd_backend.presets import get_preset
 
         try:
-            cfg = get_preset(preset).with_steps(int(steps))
+            return get_preset(preset).with_steps(int(steps))
         except ConfigError as e:
             raise named_error(e, where) from e
+
+    @classmethod
+    def run_config(cls, prior, guidance, scene, cameras, preset, steps, lr, seed, checkpoint_every, preview_every,
+                   where: str = "CSD Optimize"):
+        """The full RunConfig of a new run (validated; errors name the node input)."""
+        from csd_backend.errors import ConfigError
+
+        cfg = cls.preset_config(preset, steps, where)
         if not isinstance(guidance, GuidanceSpec):
             raise ConfigError("guidance", f"expected the output of CSD Guidance, got {type(guidance).__name__}")
         guidance.validate()
