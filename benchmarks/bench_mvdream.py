@@ -23,6 +23,7 @@ trained object may occupy more or less of the box than the blob.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -83,17 +84,12 @@ def peak_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def bench_phase(prior, cfg, start: int, args) -> dict:
-    """Median step and UNet floor of ``--steps`` steps after ``--warmup`` steps, all from step ``start``."""
-    if prior.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(prior.device)
-    opt = Optimization(cfg, prior)
-    opt.step = start
-    # the occupancy grid as a run has it by then: every cell evaluated against the scene (the first 256 steps' rule);
-    # a fresh grid marks every cell occupied, and a run at step 5000 would not render the blob's empty space
-    opt.renderer.update_grid(0, opt.scene.volume, opt.generator)
-    calls = []
+@contextlib.contextmanager
+def timed_unet(prior):
+    """While inside: every ``prior.predict_noise`` call is timed (synchronised) into the yielded list as
+    ``(seconds, z_t shape, keyword arguments)``."""
     predict = prior.predict_noise
+    calls = []
 
     def timed(z_t, t, emb, **kw):
         sync(prior.device)
@@ -104,8 +100,23 @@ def bench_phase(prior, cfg, start: int, args) -> dict:
         return out
 
     prior.predict_noise = timed
-    steps, unet = [], []
     try:
+        yield calls
+    finally:
+        prior.predict_noise = predict
+
+
+def bench_phase(prior, cfg, start: int, args) -> dict:
+    """Median step and UNet floor of ``--steps`` steps after ``--warmup`` steps, all from step ``start``."""
+    if prior.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(prior.device)
+    opt = Optimization(cfg, prior)
+    opt.step = start
+    # the occupancy grid as a run has it by then: every cell evaluated against the scene (the first 256 steps' rule);
+    # a fresh grid marks every cell occupied, and a run at step 5000 would not render the blob's empty space
+    opt.renderer.update_grid(0, opt.scene.volume, opt.generator)
+    steps, unet = [], []
+    with timed_unet(prior) as calls:
         for i in range(args.warmup + args.steps):
             calls.clear()
             sync(prior.device)
@@ -117,8 +128,6 @@ def bench_phase(prior, cfg, start: int, args) -> dict:
                 unet.append(sum(c[0] for c in calls))
             print(f"  step {opt.step - 1}: {time.perf_counter() - t0:.2f} s, shading {info.shading}, "
                   f"{info.num_samples} samples", flush=True)
-    finally:
-        prior.predict_noise = predict
     _, shape, kw = calls[-1]
     z = torch.randn(*shape, device=prior.device)
     t = torch.full((shape[0],), 500, device=prior.device, dtype=torch.long)
@@ -149,19 +158,7 @@ def bench_prior_phase(prior, cfg, start: int, args) -> dict:
     g = torch.Generator().manual_seed(0)
     batch, height, width = cfg.camera.size_at(start)
     steps, unet = [], []
-    predict = prior.predict_noise
-    calls = []
-
-    def timed(z_t, t, emb, **kw):
-        sync(prior.device)
-        t0 = time.perf_counter()
-        out = predict(z_t, t, emb, **kw)
-        sync(prior.device)
-        calls.append((time.perf_counter() - t0, z_t.shape, kw))
-        return out
-
-    prior.predict_noise = timed
-    try:
+    with timed_unet(prior) as calls:
         for i in range(args.warmup + args.steps):
             cams = sample_cameras(cfg.camera, start + i, g)
             images = torch.rand(batch, height, width, 3, generator=g).to(prior.device).requires_grad_(True)
@@ -176,8 +173,6 @@ def bench_prior_phase(prior, cfg, start: int, args) -> dict:
                 steps.append(time.perf_counter() - t0)
                 unet.append(sum(c[0] for c in calls))
             print(f"  prior step {start + i}: {time.perf_counter() - t0:.2f} s (UNet {calls[-1][0]:.2f} s)", flush=True)
-    finally:
-        prior.predict_noise = predict
     _, shape, _ = calls[-1]
     return dict(batch=batch, size=f"{height}x{width}", unet_batch=shape[0], latent=f"{shape[-2]}x{shape[-1]}",
                 step=statistics.median(steps), unet=statistics.median(unet), floor=statistics.median(unet),
