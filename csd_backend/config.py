@@ -322,6 +322,10 @@ class OptimConfig:
     #: learning rates of parts of the scene by parameter-name prefix, e.g. {"background": 0.001} (threestudio's
     #: optimizer.params); every other parameter uses ``lr``
     group_lr: Dict[str, float] = field(default_factory=dict)
+    #: a multiplier on every learning rate of the scene at each step (a schedule, stretched with the run like the
+    #: others), e.g. ``[75, 1.0, 0.1, 150]``: the full rate until step 75, then down to a tenth at step 150. It
+    #: multiplies whatever rate a group has at that step (Gaussian splats' decaying position rate included)
+    lr_scale: ScheduleSpec = schedule(1.0)
     #: the scene's optimiser (threestudio's optimizer.name): adam | adamw (decoupled weight decay)
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -511,6 +515,7 @@ class RunConfig:
 
         int_range("steps", o.steps, 1, 10_000_000)
         positive("optim.lr", o.lr)
+        validate_schedule(o.lr_scale, "optim.lr_scale", positive=True)
         vec("optim.betas", o.betas, 2, 0.0, 0.999999)
         choice("optim.optimizer", o.optimizer, OPTIMIZERS)
         in_range("optim.weight_decay", o.weight_decay, 0.0, 1.0)

@@ -299,7 +299,7 @@ class Optimization:
         total.backward()
         t0 = self._tick("backward", t0)
         self._updating = True
-        self.optimizer.step()
+        scaled_step(self.optimizer, schedule_value(cfg.optim.lr_scale, s))
         self.guidance.update()  # VSD: the LoRA's step, with the scene's (its gradients come from the guidance call)
         t0 = self._tick("optimizer", t0)
         # part of the update: Gaussian scenes densify, prune and set the next step's position lr here
@@ -446,6 +446,23 @@ def scene_optimizer(scene: torch.nn.Module, o: OptimConfig) -> torch.optim.Optim
     own = getattr(scene, "parameter_groups", None)  # a scene with its own per-parameter rates (Gaussian splats)
     groups = own(o) if own is not None else parameter_groups(scene, o.lr, o.group_lr)
     return cls(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, **extra)
+
+
+def scaled_step(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """One ``optimizer.step()`` with every group's learning rate times ``scale`` (``optim.lr_scale``); the groups'
+    own rates are restored after it, so a rate that a scene schedules itself (splats' position lr) composes with
+    the scale, and a checkpoint holds the unscaled rates."""
+    if scale == 1.0:
+        optimizer.step()
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * scale
+    try:
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, rates):
+            group["lr"] = lr
 
 
 def parameter_groups(scene: torch.nn.Module, lr: float, group_lr: Dict[str, float]) -> list:

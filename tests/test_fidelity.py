@@ -9,7 +9,7 @@ import torch
 
 from csd_backend.config import CameraConfig, RunConfig
 from csd_backend.errors import ConfigError
-from csd_backend.optimize import Optimization, parameter_groups
+from csd_backend.optimize import Optimization, parameter_groups, scaled_step
 from csd_backend.presets import get_preset
 from csd_backend.priors.analytic import AnalyticPrior
 from csd_backend.render.cameras import get_rays, make_cameras, sample_cameras
@@ -304,3 +304,31 @@ def test_group_lr_in_a_run():
     opt.run()
     with pytest.raises(ConfigError, match="optim.group_lr"):
         small_config(optim={"group_lr": {"background": -1.0}}).validate(require_model=False)
+
+
+# ----------------------------------------------------------------- learning-rate schedule
+def test_scaled_step_multiplies_every_rate_for_that_step_only():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.5}, {"params": [b], "lr": 0.2}])
+    a.grad, b.grad = torch.ones(1), torch.ones(1)
+    scaled_step(opt, 0.1)
+    assert a.item() == pytest.approx(-0.05) and b.item() == pytest.approx(-0.02)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.2]  # a group's own rate (and a checkpoint's) unscaled
+    scaled_step(opt, 1.0)
+    assert a.item() == pytest.approx(-0.55)
+
+
+def test_lr_scale_in_a_run_validates_and_stretches():
+    def moved(scale):
+        cfg = small_config(steps=3, optim={"lr_scale": scale})
+        opt = Optimization(cfg, AnalyticPrior(resolution=16))
+        before = [p.detach().clone() for p in opt.scene.parameters()]
+        opt.run()
+        return max(float((p.detach() - q).abs().max()) for p, q in zip(opt.scene.parameters(), before))
+
+    assert moved(1e-8) < 1e-6 < moved(1.0)
+    assert moved([0, 1.0, 1e-8, 1]) < moved(1.0)  # the first step at the full rate, then almost none
+    with pytest.raises(ConfigError, match="optim.lr_scale"):
+        small_config(optim={"lr_scale": [0, 1.0, 0.0, 10]}).validate(require_model=False)
+    assert small_config(steps=10, optim={"lr_scale": [5, 1.0, 0.1, 10]}).with_steps(20).optim.lr_scale == \
+        [10, 1.0, 0.1, 20]
