@@ -158,7 +158,7 @@ def bench_preset(name: str, prior, args, backend: str = "preset") -> dict:
     med["floor"] = statistics.median(floor)
     med["unet_batch"] = n
     med["engine"] = med["step"] - med["unet"]
-    med.update(unsynced=unsynced, first=first, backends=backends)
+    med.update(unsynced=unsynced, first=first, backends=backends, views=cfg.camera.size_at(opt.step)[0] * cfg.camera.n_views)
     return med
 
 
@@ -190,22 +190,26 @@ def main():
         cols = ["grid", "render", "prior", "unet", "backward", "optimizer", "engine", "step", "floor", "unsynced"]
         print("(columns in milliseconds; samples = packed samples per step after empty-space skipping)")
         print(f"{'preset':<22}{'backend':>9}" + "".join(f"{c:>10}" for c in cols)
-              + f"{'step/floor':>12}{'unsync/floor':>14}{'first s':>9}{'samples':>10}{'peak GB':>9}{'10k steps':>11}"
-              + "  encoding/compositing")
+              + f"{'step/floor':>12}{'unsync/floor':>14}{'first s':>9}{'samples':>10}{'per view':>10}"
+              + f"{'vs base':>9}{'peak GB':>9}{'10k steps':>11}  encoding/compositing")
         for name in args.presets.split(","):
+            base = None  # the preset's first backend: the baseline of its rows, measured in this same run
             for backend in args.backends.split(","):
                 reset_peak(prior.device)
                 m = bench_preset(name, prior, args, backend)
+                base = base or m
                 print(f"{name + ' @' + str(prior.resolution) + ' x' + str(m['unet_batch']):<22}{backend:>9}"
                       + "".join(f"{m.get(c, 0.0) * 1000:>9.1f}m" for c in cols)
                       + f"{m['step'] / m['floor']:>12.2f}{m['unsynced'] / m['floor']:>14.2f}{m['first']:>9.1f}"
-                      + f"{int(m['samples']):>10}{peak_gb(prior.device):>9.2f}"
+                      + f"{int(m['samples']):>10}{int(m['samples'] / m['views']):>10}"
+                      + f"{base['step'] / m['step']:>8.2f}x{peak_gb(prior.device):>9.2f}"
                       + f"{m['step'] * 10000 / 60:>9.1f}min  {m['backends']}", flush=True)
         print("(milliseconds, medians; @prior input size, xUNet batch; 'prior' = VAE encode + UNet; "
               "'engine' = step − UNet forward; 'floor' = one UNet forward on the step's batch; 'peak GB' = peak "
               "CUDA memory allocated during that preset (on the CPU: the process's peak resident memory so far); "
-              "'10k steps' = the median step × 10000, the projected time of a full coarse stage; 'unsynced' = the "
-              "mean step without the split's per-phase syncs; 'first s' = the first step in seconds, compiling "
+              "'10k steps' = the median step × 10000, the projected time of a full coarse stage; 'vs base' = the "
+              "step time of the preset's first --backends entry ÷ this row's (measured in this run: > 1 is faster); "
+              "'per view' = samples ÷ views in the step's batch; 'unsynced' = the mean step without the split's per-phase syncs; 'first s' = the first step in seconds, compiling "
               "included)")
 
 
