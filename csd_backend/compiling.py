@@ -5,8 +5,9 @@ Every compiled function comes from :func:`compiled`: one ``torch.compile`` per f
 arguments, each with its own code object, so one configuration's graphs never count against another's recompile
 limit. :func:`resolve_compiled_backend` turns a setting ``auto | torch | compiled`` into the backend used here:
 ``auto`` is compiled on CUDA when a trial compile (:func:`compile_problem`) works, else torch with one warning
-naming the cause; on the CPU torch (a first compile takes about a minute on 2 cores, which short runs and tests
-never recover); an explicit ``compiled`` that cannot compile is a ConfigError naming the field.
+naming the cause; on the CPU torch here, because whether compiling pays depends on the run's length, which the
+run decides before building its parts (``auto_backends.py``); an explicit ``compiled`` that cannot compile is a
+ConfigError naming the field.
 """
 from __future__ import annotations
 

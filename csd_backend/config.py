@@ -1,8 +1,8 @@
 """Typed configuration of a run. Defaults come from the spec (CSD_SPEC.md); presets override them.
 
-One definition drives the presets (``presets.py``), the command line and the ComfyUI nodes: each section is a
-dataclass, ``RunConfig.from_dict`` accepts nested dicts (unknown keys are an error naming the key), and
-``validate()`` checks every value and raises ``ConfigError`` naming the field and the fix.
+One definition drives the presets (``presets.py``), the command line and the nodes: each section is a dataclass,
+``RunConfig.from_dict`` accepts nested dicts (an unknown key is an error naming it), ``validate()`` checks every
+value and raises ``ConfigError`` naming the field and the fix.
 """
 from __future__ import annotations
 
@@ -309,8 +309,7 @@ class LossConfig:
     opaque: ScheduleSpec = schedule(0.0)
     #: mesh scenes: mean over mesh edges of 1 − cos of the vertex normals at its ends (stage 2: 1000)
     normal_consistency: ScheduleSpec = schedule(0.0)
-    #: mesh scenes: uniform Laplacian smoothing of the vertices
-    laplacian: ScheduleSpec = schedule(0.0)
+    laplacian: ScheduleSpec = schedule(0.0)  #: mesh scenes: uniform Laplacian smoothing of the vertices
 
 
 @dataclass
@@ -322,9 +321,7 @@ class OptimConfig:
     #: learning rates of parts of the scene by parameter-name prefix, e.g. {"background": 0.001} (threestudio's
     #: optimizer.params); every other parameter uses ``lr``
     group_lr: Dict[str, float] = field(default_factory=dict)
-    #: a multiplier on every learning rate of the scene at each step (a schedule, stretched with the run like the
-    #: others), e.g. ``[75, 1.0, 0.1, 150]``: the full rate until step 75, then down to a tenth at step 150. It
-    #: multiplies whatever rate a group has at that step (Gaussian splats' decaying position rate included)
+    #: a schedule multiplying every learning rate at each step, e.g. ``[75, 1.0, 0.1, 150]``: a tenth from step 150
     lr_scale: ScheduleSpec = schedule(1.0)
     #: the scene's optimiser (threestudio's optimizer.name): adam | adamw (decoupled weight decay)
     optimizer: str = "adam"

@@ -29,6 +29,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import io
+from .auto_backends import resolve_auto_backends
 from .config import OptimConfig, RunConfig
 from .errors import Cancelled, CheckpointError, ConfigError, CSDError, DiskFullError
 from .guidance import ScoreDistillation
@@ -123,9 +124,13 @@ class Optimization:
         if getattr(prior, "multiview", False) and config.camera.n_views == 1:
             log.warning("the %s prior is a multi-view model but camera.n_views is 1: each render is seen alone, not "
                         "as MVDream was trained (4 views an object; the *-mvdream presets set it)", prior.name)
-        self.scene = (copy.deepcopy(scene) if scene is not None else make_scene(config.scene, self.device)
+        # "auto" backends on a CPU: compiled where the run repays the compile (auto_backends.py); config keeps auto
+        built = resolve_auto_backends(config, self.device) if scene is None else config
+        #: the first steps compile the CPU kernels that "auto" chose (a progress bar says so)
+        self.compiles_kernels = built is not config
+        self.scene = (copy.deepcopy(scene) if scene is not None else make_scene(built.scene, self.device)
                       ).to(self.device)
-        self.renderer = make_renderer(config.render, config.scene, self.device)
+        self.renderer = make_renderer(built.render, built.scene, self.device)
         self.guidance = ScoreDistillation(config.guidance, prior, optim=o)
         self.optimizer = scene_optimizer(self.scene, o)
         self.generator = torch.Generator().manual_seed(o.seed)

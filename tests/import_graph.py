@@ -23,7 +23,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
                     "csd_backend.compiling"]),
     ("settings", ["csd_backend.schedules", "csd_backend.config_checks", "csd_backend.gaussian_config",
                   "csd_backend.config", "csd_backend.presets",
-                  "csd_backend.scene_kinds"]),
+                  "csd_backend.scene_kinds", "csd_backend.auto_backends"]),
     ("priors", ["csd_backend.priors"]),
     ("representations", ["csd_backend.scene"]),
     ("rendering", ["csd_backend.render"]),

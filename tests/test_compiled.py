@@ -293,3 +293,62 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert list(losses) == ["guidance", "orient", "total", "grad_norm"] and len(seen[0].timesteps) == 2
     assert losses["total"] == pytest.approx(losses["guidance"] + losses["orient"])
     assert seen[0].preview.shape == (1, 24, 24, 3) and seen[0].preview.device.type == "cpu"
+
+
+# --------------------------------------------------------------------------------- auto on a CPU: compiled when it pays
+def test_planned_ray_samples_follow_the_size_phases():
+    from csd_backend.auto_backends import planned_ray_samples
+    from csd_backend.presets import get_preset
+
+    assert planned_ray_samples(get_preset("preview-cpu")) == 150 * 1 * 64 * 64 * 96
+    cfg = small_config(steps=10, camera={"height": [8, 16], "width": [8, 16], "batch_size": [2, 1],
+                                         "resolution_milestones": [4]}, render={"num_samples_per_ray": 10})
+    assert planned_ray_samples(cfg) == 4 * 2 * 8 * 8 * 10 + 6 * 1 * 16 * 16 * 10
+
+
+def test_auto_takes_the_compiled_cpu_path_only_where_it_pays(monkeypatch, caplog):
+    from csd_backend import auto_backends as ab
+    from csd_backend.presets import get_preset
+
+    monkeypatch.setattr(ab, "compile_problem", lambda device: None)  # no trial compile in this test
+    short, coarse = small_config(steps=60), get_preset("csd-coarse")
+    assert ab.resolve_auto_backends(short, "cpu") is short  # tests and the demos: the torch reference
+    assert ab.resolve_auto_backends(get_preset("preview-cpu"), "cpu").scene.encoding_backend == "auto"
+    long_run = ab.resolve_auto_backends(coarse, "cpu")  # 10k steps at batch 4: compiled
+    assert (long_run.scene.encoding_backend, long_run.render.backend) == ("compiled", "compiled")
+    assert coarse.scene.encoding_backend == "auto"  # the run's own config keeps "auto"
+    assert ab.resolve_auto_backends(coarse, "cuda:0") is coarse  # CUDA decides per backend (trial compile)
+    explicit = coarse.replace(scene={"encoding_backend": "torch"})
+    assert ab.resolve_auto_backends(explicit, "cpu").scene.encoding_backend == "torch"
+    assert ab.resolve_auto_backends(explicit, "cpu").render.backend == "compiled"
+    splats = get_preset("csd-gaussian")
+    assert ab.resolve_auto_backends(splats, "cpu") is splats
+    # no C++ compiler: the torch path with one warning that says what would help
+    monkeypatch.setattr(ab, "compile_problem", lambda device: "CalledProcessError: g++ not found")
+    with caplog.at_level(logging.WARNING, logger="csd_backend.auto_backends"):
+        assert ab.resolve_auto_backends(coarse, "cpu") is coarse
+    (record,) = [r for r in caplog.records if r.name == "csd_backend.auto_backends"]
+    assert "g++ not found" in record.getMessage() and "C++ compiler" in record.getMessage()
+
+
+def test_a_long_cpu_run_builds_the_compiled_path_and_records_it(monkeypatch):
+    from csd_backend import auto_backends as ab
+
+    monkeypatch.setattr(ab, "compile_problem", lambda device: None)
+    cfg = small_config(steps=100000)  # 5.5 G ray samples: past the break-even
+    opt = Optimization(cfg, AnalyticPrior(resolution=16))
+    assert type(opt.scene.volume.encoding) is CompiledHashGridEncoding and opt.compiles_kernels
+    assert opt.config.scene.encoding_backend == "auto"
+    assert opt.resolved()["scene.encoding_backend"] == "compiled"
+    short = Optimization(small_config(steps=60), AnalyticPrior(resolution=16))
+    assert type(short.scene.volume.encoding) is HashGridEncoding and not short.compiles_kernels
+
+
+def test_the_progress_bar_says_when_the_first_step_compiles(tmp_path, capsys):
+    from csd_backend.runs.life import train_run
+
+    opt = Optimization(small_config(steps=2), AnalyticPrior(resolution=16))
+    opt.compiles_kernels = True  # as "auto" sets it for a long CPU run
+    train_run(opt, tmp_path, quiet=False)
+    err = capsys.readouterr().err
+    assert "compiling CPU kernels first" in err and "training: 100%" in err
