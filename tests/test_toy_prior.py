@@ -20,12 +20,13 @@ from csd_backend.config import PriorConfig  # noqa: E402
 from csd_backend.priors import TOY_MODEL, TOY_PROMPTS, load_prior, toy_model_path  # noqa: E402
 
 #: the CI run: object, steps and the margins by which its silhouette IoU must beat the other objects and the starting
-#: blob. Measured (1 thread, the second toy prior): cone 0.806 after preview-cpu's 150 steps, best other object (mug)
-#: 0.559, blob 0.510; the curve over longer runs is in the README ("Shape quality").
+#: blob. Measured (1 thread, the second toy prior, preview-cpu with the sparsity 3 → 1): cone 0.866 after the
+#: preset's 150 steps, best other object (mug) 0.588, blob 0.510 (before the sparsity schedule: 0.806, 0.559); the
+#: curve over longer runs is in the README ("Shape quality").
 CI_OBJECT = "cone"
 CI_STEPS = 150  # the preset's own length (the demo's)
-CI_MARGIN_OBJECTS = 0.15
-CI_MARGIN_BLOB = 0.2
+CI_MARGIN_OBJECTS = 0.2
+CI_MARGIN_BLOB = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,27 @@ def test_texture_quality_scores_the_mean_albedo_against_the_colour_word():
     albedo = np.array([[0.9, 0.1, 0.1], [0.7, 0.1, 0.1]])
     r = scores(albedo, (0.86, 0.12, 0.10))
     assert r["rgb"] == [0.8, 0.1, 0.1] and abs(r["error"] - 0.06) < 1e-6 and abs(r["spread"] - 0.1 / 3) < 1e-6
+
+
+def test_demo_pictures_rows_of_run_renders_and_never_overwrite(tmp_path, monkeypatch):
+    import demo_pictures
+    from PIL import Image
+
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / name / "renders").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (64, 64), colour).save(tmp_path / name / "renders" / f"view_{i:02d}.png")
+    out = tmp_path / "pics" / "sheet.png"
+    args = ["demo_pictures.py", "--out", str(out), "--views", "2", "--size", "32",
+            f"before={tmp_path / 'a'}", f"now={tmp_path / 'b'}"]
+    monkeypatch.setattr(sys, "argv", args)
+    demo_pictures.main()
+    sheet = Image.open(out).convert("RGB")
+    assert sheet.size == (demo_pictures.LABEL_WIDTH + 2 * 32, 2 * 32)
+    assert sheet.getpixel((demo_pictures.LABEL_WIDTH + 40, 10)) == (255, 0, 0)
+    assert sheet.getpixel((demo_pictures.LABEL_WIDTH + 40, 40)) == (0, 0, 255)
+    with pytest.raises(SystemExit, match="exists"):
+        demo_pictures.main()
+    monkeypatch.setattr(sys, "argv", ["demo_pictures.py", "--out", str(tmp_path / "x.png"), f"x={tmp_path}"])
+    with pytest.raises(SystemExit, match="no renders"):
+        demo_pictures.main()
