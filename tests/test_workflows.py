@@ -268,6 +268,9 @@ def test_thumbnail_recipes_run_every_trainer_cpu_sized(name):
     assert trainers, "a template trains something"
     for inputs in trainers:
         assert inputs["preset"].endswith("-cpu") and inputs["steps"] <= 150, inputs
+        guidance = api[inputs["guidance"][0]]["inputs"] if "guidance" in inputs else {}
+        if inputs["preset"] == "texture-cpu":  # the guidance node's t widgets would override the preset's 0.98
+            assert guidance["t_max_start"] == guidance["t_max_end"] == 0.98, guidance
 
 
 # ------------------------------------------------------------------------------------- the default view
