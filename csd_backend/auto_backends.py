@@ -5,10 +5,11 @@ On CUDA ``auto`` is decided where each backend is built (``compiling.resolve_com
 trial compile works). On a CPU the answer depends on the run: a first compile (C++ kernels through inductor) costs
 about a minute on 2 cores, and a step of the compiled path is 2-6x faster than the reference's, so a long run gains
 and a short one loses. Measured on the 2-core development machine, 1 torch thread, the ``preview-cpu`` demo (150
-steps, 59 M ray samples): the whole command took 66 s on the torch path, 94 s compiled with an empty inductor cache
-and 34 s compiled with the cache of an earlier run: the cold compile costs about 60 s, a step of that size saves
-about 0.24 s, so a run repays a cold compile from about 250 such steps, ``CPU_COMPILE_BREAK_EVEN`` ray samples.
-``csd-coarse`` (10,000 steps at batch 4, 512 samples per ray: 84 G) passes it by far; tests and the demos do not.
+steps, 59 M ray samples, ``--views 0 --no-mesh``): the command took 66 s on the torch path, 94 s compiled with an
+empty inductor cache and 34 s compiled with the cache of an earlier run: the cold compile costs about 60 s, a step
+of that size saves about 0.24 s, so a run repays a cold compile from about 250 such steps:
+``CPU_COMPILE_BREAK_EVEN`` ray samples. ``csd-coarse`` (10,000 steps at batch 4, 512 samples per ray: 84 G) passes
+it by far; tests and the demos do not.
 
 The decision uses the run's planned work (its configuration), never timings, so a seed gives the same run on the
 same machine every time, and a resumed run takes the path it started on. The run's ``config.json`` keeps ``auto``
