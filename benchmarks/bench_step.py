@@ -83,10 +83,15 @@ def overrides(items, backend: str) -> dict:
     return out
 
 
-def bench_preset(name: str, prior, args, backend: str = "preset") -> dict:
+def bench_config(name: str, items=(), backend: str = "preset"):
+    """The benchmarks' run of preset ``name``: a fixed prompt, no checkpoints, ``--set`` items and a backend."""
     cfg = get_preset(name).replace(guidance={"prompt": "a DSLR photo of a corgi"}, prior={"model": "bench"},
                                    optim={"checkpoint_every": 0})
-    cfg = cfg.replace(**overrides(args.set, backend))
+    return cfg.replace(**overrides(items, backend))
+
+
+def bench_preset(name: str, prior, args, backend: str = "preset") -> dict:
+    cfg = bench_config(name, args.set, backend)
     # the preset's prior input size (512 for csd-coarse: 64² renders upsampled for the VAE), or an override
     prior.resolution = args.resolution or cfg.prior.resolution or prior.resolution
     opt = Optimization(cfg, prior)
@@ -158,7 +163,8 @@ def bench_preset(name: str, prior, args, backend: str = "preset") -> dict:
     med["floor"] = statistics.median(floor)
     med["unet_batch"] = n
     med["engine"] = med["step"] - med["unet"]
-    med.update(unsynced=unsynced, first=first, backends=backends, views=cfg.camera.size_at(opt.step)[0] * cfg.camera.n_views)
+    views = cfg.camera.size_at(opt.step)[0] * cfg.camera.n_views
+    med.update(unsynced=unsynced, first=first, backends=backends, views=views)
     return med
 
 
@@ -209,8 +215,8 @@ def main():
               "CUDA memory allocated during that preset (on the CPU: the process's peak resident memory so far); "
               "'10k steps' = the median step × 10000, the projected time of a full coarse stage; 'vs base' = the "
               "step time of the preset's first --backends entry ÷ this row's (measured in this run: > 1 is faster); "
-              "'per view' = samples ÷ views in the step's batch; 'unsynced' = the mean step without the split's per-phase syncs; 'first s' = the first step in seconds, compiling "
-              "included)")
+              "'per view' = samples ÷ views in the step's batch; 'unsynced' = the mean step without the split's "
+              "per-phase syncs; 'first s' = the first step in seconds, compiling included)")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_step import bench_config  # noqa: E402
 from csd_backend.optimize import Optimization  # noqa: E402
-from csd_backend.presets import get_preset  # noqa: E402
 
 
 def memory_gb() -> tuple:
@@ -66,12 +68,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         prior = load_stable_diffusion(build_tiny_sd(Path(d))["folder"], device="cpu", dtype="auto")
-        over = {"guidance": {"prompt": "a DSLR photo of a corgi"}, "prior": {"model": "bench"},
-                "optim": {"checkpoint_every": 0}, "scene": {"encoding_backend": args.backend},
-                "render": {"backend": args.backend}}
-        if args.batch:
-            over["camera"] = {"batch_size": args.batch}
-        cfg = get_preset(args.preset).replace(**over)
+        cfg = bench_config(args.preset, [f"camera.batch_size={args.batch}"] if args.batch else [], args.backend)
         prior.resolution = cfg.prior.resolution or prior.resolution
         opt = Optimization(cfg, prior)
         print(f"{args.preset}, {args.backend}, batch {cfg.camera.size_at(0)[0]}, {torch.get_num_threads()} torch "

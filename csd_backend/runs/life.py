@@ -70,14 +70,15 @@ def train_run(opt, out: Path, quiet: bool, on_step=None):
 
     every = opt.config.optim.preview_every
     bar, update = training_bar(opt.config.optim.steps, opt.step, quiet)
-    compiling = [bar is not None and getattr(opt, "compiles_kernels", False)]
-    if compiling[0]:
+    compiling = bar is not None and opt.compiles_kernels
+    if compiling:
         bar.set_description("training (compiling CPU kernels first: about a minute, seconds once cached)")
 
     def progress(info):
+        nonlocal compiling
         raise_pending()  # a signal during this step's update: stop now (the engine saves the finished step)
-        if compiling[0]:  # the first step compiled its kernels
-            compiling[0] = False
+        if compiling:  # the first step compiled its kernels
+            compiling = False
             bar.desc = "training"
         update(info)
         if every and (info.step % every == 0 or info.step == info.total):
