@@ -162,13 +162,6 @@ def cpu_sized(api: dict, recipe: Recipe) -> dict:
             inputs.update({"preset": preset, "steps": steps})
             if "lr" in inputs:  # CSD MVDream takes its learning rate from the preset
                 inputs["lr"] = lr if lr is not None else get_preset(preset).optim.lr
-            # a CSD Guidance node's t widgets override the preset's t-range: give them the CPU preset's where it
-            # has a constant one of its own (texture-cpu: t up to 0.98, which colours the vase in 150 steps)
-            t_max = get_preset(preset).guidance.max_step_percent
-            link = inputs.get("guidance")
-            if isinstance(t_max, (int, float)) and isinstance(link, list) and \
-                    out[link[0]]["class_type"] == "CSDGuidance":
-                out[link[0]]["inputs"].update({"t_max_start": float(t_max), "t_max_end": float(t_max)})
     return out
 
 

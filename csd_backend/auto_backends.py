@@ -3,13 +3,14 @@ compiled kernels when the run is long enough to repay their first compile, else 
 
 On CUDA ``auto`` is decided where each backend is built (``compiling.resolve_compiled_backend``: compiled when a
 trial compile works). On a CPU the answer depends on the run: a first compile (C++ kernels through inductor) costs
-about a minute on 2 cores, and a step of the compiled path is 2-6x faster than the reference's, so a long run gains
-and a short one loses. Measured on the 2-core development machine, 1 torch thread, the ``preview-cpu`` demo (150
-steps, 59 M ray samples, ``--views 0 --no-mesh``): the command took 66 s on the torch path, 94 s compiled with an
-empty inductor cache and 34 s compiled with the cache of an earlier run: the cold compile costs about 60 s, a step
-of that size saves about 0.24 s, so a run repays a cold compile from about 250 such steps:
-``CPU_COMPILE_BREAK_EVEN`` ray samples. ``csd-coarse`` (10,000 steps at batch 4, 512 samples per ray: 84 G) passes
-it by far; tests and the demos do not.
+30-60 s on 2 cores, and the compiled path gains only on large steps now that the reference's hash grid has its
+own backward (issue 26). Measured on the 2-core development machine, 1 torch thread: the ``preview-cpu`` demo (150
+steps, 59 M ray samples, ``--views 0 --no-mesh``) took 19.3 / 18.3 s on the torch path, 50.6 s compiled with an
+empty inductor cache and 19.9 s with the cache of an earlier run (no gain a step: its grid is small); a
+``csd-coarse`` step (``benchmarks/bench_step.py``, 2.1 M ray samples a view) saves 0.29 s at batch 1 (1.59 → 1.30
+s) and 1.46 s at batch 4 (6.27 → 4.80 s), so a cold compile is repaid after 100-200 batch-1 steps or 20-40 batch-4
+steps: 0.2-0.4 G planned ray samples. ``CPU_COMPILE_BREAK_EVEN`` is 0.5 G: ``csd-coarse`` (10,000 steps at batch
+4, 512 samples per ray: 84 G) compiles; tests, the demos and short runs stay on the reference.
 
 The decision uses the run's planned work (its configuration), never timings, so a seed gives the same run on the
 same machine every time, and a resumed run takes the path it started on. The run's ``config.json`` keeps ``auto``
@@ -28,8 +29,8 @@ from .config import RunConfig
 log = logging.getLogger(__name__)
 
 #: ray samples (steps x views x height x width x samples per ray, over the run's size phases) from which the
-#: compiled volume path repays a cold compile on a CPU (module docstring: 250 steps of preview-cpu)
-CPU_COMPILE_BREAK_EVEN = 100e6
+#: compiled volume path repays a cold compile on a CPU (module docstring: csd-coarse-sized steps)
+CPU_COMPILE_BREAK_EVEN = 500e6
 _FIELDS = (("scene", "encoding_backend"), ("render", "backend"))
 
 

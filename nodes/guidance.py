@@ -58,14 +58,19 @@ class CSDGuidance:
                                      "w(t): uniform (CSD), sds (1 − ᾱ, DreamFusion) or fantasia3d"),
             "grad_normalize": bool_input(_D.grad_normalize, "divide the gradient by its L2 norm over the whole batch "
                                                              "(CSD stage 1: on)"),
-            "t_min": float_input(_D.t_min, 0.0, 1.0, 0.01, "smallest diffusion timestep, as a fraction of T"),
-            "t_max_start": float_input(_D.t_max_start, 0.0, 1.0, 0.01,
-                                       "largest diffusion timestep (fraction of T) before the switch"),
-            "t_max_end": float_input(_D.t_max_end, 0.0, 1.0, 0.01,
-                                     "largest diffusion timestep (fraction of T) after the switch"),
-            "t_max_switch_at": float_input(_D.t_max_switch_at, 0.0, 1.0, 0.01,
+            "t_min": float_input(_D.t_min, PRESET_VALUE, 1.0, 0.01,
+                                 "smallest diffusion timestep, as a fraction of T (paper: 0.02). -1: the preset's"),
+            "t_max_start": float_input(_D.t_max_start, PRESET_VALUE, 1.0, 0.01,
+                                       "largest diffusion timestep (fraction of T) before the switch (paper: "
+                                       "0.98). -1 here and in t_max_end: the preset's schedule (some anneal "
+                                       "linearly, which these widgets cannot express)"),
+            "t_max_end": float_input(_D.t_max_end, PRESET_VALUE, 1.0, 0.01,
+                                     "largest diffusion timestep (fraction of T) after the switch (paper: 0.5). "
+                                     "-1: the preset's"),
+            "t_max_switch_at": float_input(_D.t_max_switch_at, PRESET_VALUE, 1.0, 0.01,
                                            "fraction of the run at which the largest timestep drops from "
-                                           "t_max_start to t_max_end (spec: 0.5 = step 5000 of 10000)"),
+                                           "t_max_start to t_max_end (paper: 0.5 = step 5000 of 10000); needed "
+                                           "when they differ"),
             "view_dependent": bool_input(_D.view_dependent,
                                          "add ', front view' / ', side view' / ', back view' / ', overhead view' "
                                          "to the prompt by camera angle"),

@@ -14,7 +14,6 @@ from .widgets import PRESET_VALUE, default_of
 
 STEPS_REF = int(default_of(OptimConfig, "steps"))  # the spec's run length (10000): schedules are given for it
 _NEG = default_of(GuidanceConfig, "negative_weight")  # [0, 0.0, 1.0, 5000]
-_TMAX = default_of(GuidanceConfig, "max_step_percent")  # [5000, 0.98, 0.5, 5001]
 
 
 @dataclass(frozen=True)
@@ -38,11 +37,12 @@ class GuidanceSpec:
     cfg_scale: float = float(default_of(GuidanceConfig, "cfg_scale"))
     weighting: str = default_of(GuidanceConfig, "weighting")
     grad_normalize: bool = bool(default_of(GuidanceConfig, "grad_normalize"))
-    t_min: float = float(default_of(GuidanceConfig, "min_step_percent"))
-    t_max_start: float = float(_TMAX[1])
-    t_max_end: float = float(_TMAX[2])
-    #: the largest timestep drops from t_max_start to t_max_end at this fraction of the run (spec: 5000 of 10000)
-    t_max_switch_at: float = _TMAX[0] / STEPS_REF
+    #: the timestep range; negative (-1): the preset's (whatever its schedule: a jump, a linear anneal, ...).
+    #: The largest timestep drops from t_max_start to t_max_end at t_max_switch_at (a fraction of the run)
+    t_min: float = PRESET_VALUE
+    t_max_start: float = PRESET_VALUE
+    t_max_end: float = PRESET_VALUE
+    t_max_switch_at: float = PRESET_VALUE
     view_dependent: bool = bool(default_of(GuidanceConfig, "view_dependent"))
     #: Perp-Neg: "preset" (the preset's setting: on for the character presets), "on" or "off"
     perp_neg: str = "preset"
@@ -58,28 +58,43 @@ class GuidanceSpec:
         else:
             end = max(1, int(round(self.negative_weight_anneal_until * steps)))
             negative_weight = [0, float(self.negative_weight_start), float(self.negative_weight_end), end]
-        if self.t_max_start == self.t_max_end:
-            max_step: Any = float(self.t_max_end)
-        else:  # a jump, written like threestudio: [N, start, end, N + 1]
-            at = int(round(self.t_max_switch_at * steps))
-            max_step = [at, float(self.t_max_start), float(self.t_max_end), at + 1]
         return {
             "mode": self.mode, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
             "source_prompt": self.source_prompt, "guidance_weight": float(self.guidance_weight),
             "negative_weight": negative_weight, "cfg_scale": float(self.cfg_scale), "weighting": self.weighting,
-            "grad_normalize": bool(self.grad_normalize), "min_step_percent": float(self.t_min),
-            "max_step_percent": max_step, "view_dependent": bool(self.view_dependent),
+            "grad_normalize": bool(self.grad_normalize), **self._t_range(steps),
+            "view_dependent": bool(self.view_dependent),
             **({} if self.perp_neg == "preset" else {"perp_neg": self.perp_neg == "on"}),
             **{name: float(getattr(self, name)) for name in ("lora_lr", "camera_condition_drop")
                if getattr(self, name) >= 0},
         }
+
+    def _t_range(self, steps: int) -> Dict[str, Any]:
+        """The timestep fields the widgets set (those at -1 are left to the preset)."""
+        out: Dict[str, Any] = {} if self.t_min < 0 else {"min_step_percent": float(self.t_min)}
+        if self.t_max_start < 0 and self.t_max_end < 0:
+            return out
+        for name in ("t_max_start", "t_max_end"):
+            if getattr(self, name) < 0:
+                other = "t_max_end" if name == "t_max_start" else "t_max_start"
+                raise ConfigError(name, f"is -1 (the preset's) but {other} is set: set both, or both to -1 to "
+                                        "keep the preset's largest timestep")
+        if self.t_max_start == self.t_max_end:
+            out["max_step_percent"] = float(self.t_max_end)
+        elif self.t_max_switch_at < 0:
+            raise ConfigError("t_max_switch_at", f"is -1 but t_max_start ({self.t_max_start}) and t_max_end "
+                                                 f"({self.t_max_end}) differ: say when t_max drops (0.5 = halfway)")
+        else:  # a jump, written like threestudio: [N, start, end, N + 1]
+            at = int(round(self.t_max_switch_at * steps))
+            out["max_step_percent"] = [at, float(self.t_max_start), float(self.t_max_end), at + 1]
+        return out
 
     def config(self, steps: int = STEPS_REF) -> GuidanceConfig:
         return RunConfig().replace(guidance=self.overrides(steps)).guidance
 
     def validate(self) -> "GuidanceSpec":
         """Raise ConfigError naming the node input when a setting is invalid or inconsistent."""
-        if not self.t_min <= min(self.t_max_start, self.t_max_end):
+        if 0 <= self.t_max_start and 0 <= self.t_max_end and not self.t_min <= min(self.t_max_start, self.t_max_end):
             raise ConfigError("t_min", f"{self.t_min} must not exceed t_max_start ({self.t_max_start}) and "
                                        f"t_max_end ({self.t_max_end}): t is drawn from [t_min, t_max]")
         g = self.overrides(STEPS_REF)

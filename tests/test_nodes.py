@@ -250,14 +250,15 @@ def test_widget_defaults_come_from_the_engine_configs(pack):
 
 @pytest.mark.parametrize("preset,steps", [("csd-coarse", 10000), ("preview-cpu", 150), ("csd-coarse", 1000)])
 def test_guidance_defaults_reproduce_the_presets(pack, part, preset, steps):
-    """The Guidance node's defaults are the spec's stage 1: with the preset's run length they give exactly the
-    preset's schedules, and a shorter run keeps the same phases (as RunConfig.with_steps)."""
+    """The Guidance node's defaults are the spec's stage 1 (and the preset's t range): merged into the preset as
+    Optimize does, with the preset's run length they give exactly the preset's schedules, and a shorter run keeps
+    the same phases (as RunConfig.with_steps)."""
     from csd_backend.presets import get_preset
 
     node = pack.NODE_CLASS_MAPPINGS["CSDGuidance"]()
     (spec,) = node.build(**defaults(type(node)))
-    got = spec.config(steps)
     want = get_preset(preset).with_steps(steps).guidance
+    got = get_preset(preset).with_steps(steps).replace(guidance=spec.overrides(steps)).guidance
     from csd_backend.schedules import schedule_value
 
     for name in ("mode", "guidance_weight", "weighting", "grad_normalize", "min_step_percent", "negative_prompt",
@@ -353,7 +354,9 @@ BAD_VALUES = [
     ("CSDCameras", {"batch_size": 0}, "batch_size"),
     ("CSDGuidance", {"prompt": "  "}, "prompt"),
     ("CSDGuidance", {"mode": "edit", "source_prompt": ""}, "source_prompt"),
-    ("CSDGuidance", {"t_min": 0.6}, "t_min"),
+    ("CSDGuidance", {"t_min": 0.6, "t_max_start": 0.5, "t_max_end": 0.5}, "t_min"),
+    ("CSDGuidance", {"t_max_start": 0.9}, "t_max_start"),
+    ("CSDGuidance", {"t_max_start": 0.9, "t_max_end": 0.4}, "t_max_switch_at"),
     ("CSDGuidance", {"t_max_end": 1.5}, "t_max_end"),
     ("CSDGuidance", {"mode": "no-such-mode"}, "mode"),
     ("CSDScene", {"max_resolution": 8}, "max_resolution"),
@@ -408,6 +411,31 @@ def test_guidance_spec_is_the_guidance_config(part):
     assert (cfg.mode, cfg.source_prompt, cfg.negative_weight, cfg.max_step_percent) == ("edit", "a corgi", 1.0, 0.5)
     ramp = dataclasses.replace(spec, negative_weight_start=0.0, negative_weight_anneal_until=0.25).config(2000)
     assert ramp.negative_weight == [0, 0.0, 1.0, 500]
+
+
+def test_the_t_range_is_the_presets_unless_the_widgets_set_it(part):
+    """t widgets at -1 (the default) leave each preset's schedule alone: texture-cpu's 0.98, sds-gaussian's linear
+    anneal (a widget cannot express it); set, they override it as before."""
+    from csd_backend.errors import ConfigError
+    from csd_backend.presets import get_preset
+
+    specs = part("specs")
+    default = specs.GuidanceSpec()
+    assert not {"min_step_percent", "max_step_percent"} & set(default.overrides(150))
+    for preset in ("texture-cpu", "sds-gaussian", "preview-cpu"):
+        cfg = get_preset(preset)
+        merged = cfg.replace(guidance=default.overrides(cfg.optim.steps)).guidance
+        assert (merged.min_step_percent, merged.max_step_percent) == \
+            (cfg.guidance.min_step_percent, cfg.guidance.max_step_percent), preset
+    chosen = specs.GuidanceSpec(t_min=0.05, t_max_start=0.9, t_max_end=0.4, t_max_switch_at=0.25).overrides(200)
+    assert (chosen["min_step_percent"], chosen["max_step_percent"]) == (0.05, [50, 0.9, 0.4, 51])
+    assert specs.GuidanceSpec(t_max_start=0.7, t_max_end=0.7).overrides(200)["max_step_percent"] == 0.7
+    assert "max_step_percent" not in specs.GuidanceSpec(t_min=0.1).overrides(200)
+    for bad, named in (({"t_max_end": 0.5}, "t_max_start"),  # the one left at -1
+                       ({"t_max_start": 0.9, "t_max_end": 0.5}, "t_max_switch_at")):
+        with pytest.raises(ConfigError) as info:
+            specs.GuidanceSpec(**bad).validate()
+        assert info.value.field == named
 
 
 def test_is_changed_follows_the_checkpoint_on_disk(env, pack):

@@ -269,8 +269,9 @@ def test_thumbnail_recipes_run_every_trainer_cpu_sized(name):
     for inputs in trainers:
         assert inputs["preset"].endswith("-cpu") and inputs["steps"] <= 150, inputs
         guidance = api[inputs["guidance"][0]]["inputs"] if "guidance" in inputs else {}
-        if inputs["preset"] == "texture-cpu":  # the guidance node's t widgets would override the preset's 0.98
-            assert guidance["t_max_start"] == guidance["t_max_end"] == 0.98, guidance
+        # the t range is the preset's (texture-cpu's t up to 0.98 colours the vase in 150 steps; sds-gaussian and
+        # mvdream anneal t linearly, which the widgets cannot express)
+        assert all(guidance.get(k, -1) == -1 for k in ("t_min", "t_max_start", "t_max_end", "t_max_switch_at"))
 
 
 # ------------------------------------------------------------------------------------- the default view

@@ -9,15 +9,15 @@ Hash-grid encoding (``scene.encoding_backend``):
   backends. Dynamic in the number of points (one graph for every step's sample count; inputs of 0 or 1 point
   use the reference), and every level is evaluated with the inactive ones masked to zero, so the progressive band
   never recompiles. Gradients with respect to the points go through the Jacobian the compiled graph returns
-  (``_JacobianLink``): analytic normals and their second-order gradients reach the parameters; the second
-  derivatives with respect to the points themselves are dropped (zero; nothing trains the sample points).
+  (``encoding.JacobianLink``, as in the reference): analytic normals and their second-order gradients reach the
+  parameters; the second derivatives with respect to the points themselves are dropped (nothing trains the
+  sample points).
 - ``tcnn``: tiny-cuda-nn's fused ``HashGrid`` with the *same* flat parameter vector (``params``, level-major,
   tinycudann's layout). tinycudann is not on PyPI: it is built from source on a CUDA machine.
 - ``auto``: on CUDA tcnn when it imports and runs a trial call, else compiled when a trial compile works, else
-  torch (with one warning naming the cause); on the CPU torch: there a first compile takes about a minute on 2
-  cores (seconds once inductor's on-disk cache holds the graphs), which short runs and tests never recover. Long
-  CPU runs gain from an explicit ``compiled`` (preview-cpu, 1 thread: 1.6 s → 0.27 s a step;
-  ``benchmarks/bench_step.py --backends torch,compiled``, ``benchmarks/bench_compiled.py``).
+  torch (with one warning naming the cause); on the CPU the run decides (``auto_backends.py``: compiled for runs
+  long enough to repay the first compile, such as csd-coarse; 1.2-1.3x a step there, ``benchmarks/bench_step.py
+  --backends torch,compiled``), and a part built outside a run takes torch.
 
 The volume renderer's compositing (``render.backend``: auto | torch | compiled) resolves the same way (``compiling.py``).
 """
@@ -31,7 +31,7 @@ from torch import nn
 
 from ..compiling import compiled, resolve_compiled_backend
 from ..errors import ConfigError
-from .encoding import HashGridEncoding, hash_grid_features
+from .encoding import CORNERS, HashGridEncoding, JacobianLink, hash_grid_features
 
 TCNN_HINT = ("tinycudann is optional and needs CUDA; build it on a CUDA machine with "
              "`pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch`, "
@@ -97,22 +97,6 @@ class TcnnHashGridEncoding(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- compiled hash grid
-class _JacobianLink(torch.autograd.Function):
-    """Returns ``feats`` with ``d feats / d x = jac``: the gradient for the points is ``Σ_k g_k · jac_k``, built
-    from differentiable ops, so second-order gradients (analytic normals) reach the parameters through ``jac``'s
-    compiled, first-order backward (a compiled graph has no double backward of its own)."""
-
-    @staticmethod
-    def forward(ctx, feats, jac, x):
-        ctx.save_for_backward(jac)
-        return feats.view_as(feats)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (jac,) = ctx.saved_tensors
-        return grad, None, torch.einsum("nk,nkd->nd", grad, jac)
-
-
 class CompiledHashGridEncoding(HashGridEncoding):
     """:class:`HashGridEncoding` (same parameters, layout and ``state_dict``) evaluated by a compiled graph."""
 
@@ -122,6 +106,8 @@ class CompiledHashGridEncoding(HashGridEncoding):
                  base_resolution: int = 16, per_level_scale: float = 1.447269237440378):
         super().__init__(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale)
         self.levels = self.level_specs()
+        # on the module's device, so the forward never copies from the host (a sync on CUDA)
+        self.register_buffer("corners", CORNERS.clone(), persistent=False)
         # the level of each output feature, to mask the inactive ones on the device (no host copy)
         self.register_buffer("feature_level", torch.arange(n_levels).repeat_interleave(n_features_per_level),
                              persistent=False)
@@ -139,7 +125,7 @@ class CompiledHashGridEncoding(HashGridEncoding):
         if not with_jacobian:
             return fn(xd, self.params, mask, self.corners)
         feats, jac = fn(xd, self.params, mask, self.corners)
-        return _JacobianLink.apply(feats, jac, x)
+        return JacobianLink.apply(feats, jac, x)
 
 
 def make_hash_grid(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale,
