@@ -73,8 +73,7 @@ class HashGridEncoding(nn.Module):
 
     def level_table(self, level: int) -> torch.Tensor:
         """View of one level's table ``[size, F]``."""
-        F = self.n_features
-        return self.params[self.offsets[level] * F:self.offsets[level + 1] * F].view(-1, F)
+        return level_view(self.params, self.level_specs()[level], self.n_features)
 
     def set_active_levels(self, n: int) -> None:
         self.active_levels = max(1, min(int(n), self.n_levels))
@@ -94,6 +93,12 @@ class HashGridEncoding(nn.Module):
 
 #: one level's (offset in table entries, table size, scale, resolution, hashed)
 LevelSpec = Tuple[int, int, float, int, bool]
+
+
+def level_view(flat: torch.Tensor, level: LevelSpec, n_features: int) -> torch.Tensor:
+    """One level's rows ``[size, F]`` of a flat vector in the tables' layout (the parameters or their gradient)."""
+    offset, size = level[:2]
+    return flat[offset * n_features:(offset + size) * n_features].view(size, n_features)
 
 
 def corner_sum(terms: torch.Tensor) -> torch.Tensor:
@@ -119,8 +124,9 @@ def hash_grid_features(x: torch.Tensor, params: torch.Tensor, mask: Optional[tor
     cb = corners.bool()
     sign = corners.to(x.dtype) * 2 - 1  # [8, 3]: d w_c / d frac_d = ±(product over the other dims)
     feats, jacs = [], []
-    for offset, size, scale, res, hashed in levels:
-        table = params[offset * F:(offset + size) * F].view(size, F)
+    for level in levels:
+        _, size, scale, res, hashed = level
+        table = level_view(params, level, F)
         pos = x * scale + 0.5  # [N, 3]
         grid = torch.floor(pos)
         frac = pos - grid
@@ -183,13 +189,12 @@ def eager_features(x: torch.Tensor, params: torch.Tensor, levels: Tuple[LevelSpe
                    with_jacobian: bool):
     """``hash_grid_features`` without a mask, computed corner-major (about 2x faster in eager mode; the
     compiled graph prefers the point-major form) → features and the Jacobian or None."""
-    F = n_features
     xt = x.t().contiguous()
     feats, jacs = [], []
     for level in levels:
-        offset, size, scale = level[:3]
+        scale = level[2]
         rows, w, dw = level_lookup(xt, level, with_jacobian)
-        values = params[offset * F:(offset + size) * F].view(size, F)[rows]  # [8, N, F]
+        values = level_view(params, level, n_features)[rows]  # [8, N, F]
         feats.append((values * w.unsqueeze(-1)).sum(0))
         if with_jacobian:
             jacs.append(torch.stack([scale * (values * dw[d].unsqueeze(-1)).sum(0) for d in range(3)], -1))
@@ -216,16 +221,14 @@ class HashGridLookup(torch.autograd.Function):
         xt = x.t().contiguous()
         grad = x.new_zeros(ctx.n_params)
         for i, level in enumerate(ctx.levels):
-            offset, size, scale = level[:3]
             rows, w, dw = level_lookup(xt, level, g_jac is not None)
-            coeff = w.new_zeros(w.shape + (F,))  # [8, N, F]
-            if g_feats is not None:
-                coeff += w.unsqueeze(-1) * g_feats[:, i * F:(i + 1) * F]
+            # autograd hands a zero tensor for an unused output (materialised grads), so g_feats is never None
+            coeff = w.unsqueeze(-1) * g_feats[:, i * F:(i + 1) * F]  # [8, N, F]
             if g_jac is not None:
-                gj = g_jac[:, i * F:(i + 1) * F] * scale  # [N, F, 3]
+                gj = g_jac[:, i * F:(i + 1) * F] * level[2]  # [N, F, 3], times the level's scale
                 for d in range(3):
                     coeff += dw[d].unsqueeze(-1) * gj[..., d]
-            grad[offset * F:(offset + size) * F].view(size, F).index_add_(0, rows.view(-1), coeff.view(-1, F))
+            level_view(grad, level, F).index_add_(0, rows.view(-1), coeff.view(-1, F))
         return None, grad, None, None, None
 
 
