@@ -214,6 +214,23 @@ def run_step(trainer, batches, timer: Timer) -> dict:
     return row
 
 
+def step_line(row: dict) -> str:
+    """One step's seconds and their split."""
+    return (f"{row['step']:.3f} s  (render {row['render']:.3f}, guidance {row['guidance']:.3f} [UNet "
+            f"{row['unet']:.3f}], other {row['other']:.3f}, backward {row['backward']:.3f}, optimizer "
+            f"{row['optimizer']:.3f}, camera {row['data']:.3f})")
+
+
+def report(rows: list, warmup: int, iters: int) -> None:
+    """The measured steps' medians and the peer's run length at that median."""
+    first, rows = rows[0]["step"], rows[warmup:]
+    if rows:
+        med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        print(f"median over {len(rows)} steps (after {warmup} warm-up, first step {first:.3f} s): step "
+              + step_line(med))
+        print(f"projected {iters} steps at this median: {med['step'] * iters / 60:.1f} min")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peer", required=True, type=Path, help="checkout of ashawkey/stable-dreamfusion")
@@ -315,25 +332,12 @@ def main():
               f"(network queries per view: {rays * (opt.num_steps + opt.upsample_steps + per_ray)}: density() on "
               f"the {opt.num_steps} + {opt.upsample_steps}, then forward() with an autograd normal on all {per_ray})")
 
-        first = None
         rows = []
         for i in range(args.warmup + args.steps):
-            row = run_step(trainer, it, timer)
-            first = first if first is not None else row["step"]
+            rows.append(run_step(trainer, it, timer))
             if i >= args.warmup:
-                rows.append(row)
-                print(f"step {i - args.warmup + 1}: {row['step']:.3f} s  (render {row['render']:.3f}, guidance "
-                      f"{row['guidance']:.3f} [UNet {row['unet']:.3f}], other {row['other']:.3f}, backward "
-                      f"{row['backward']:.3f}, optimizer {row['optimizer']:.3f}, camera {row['data']:.3f})",
-                      flush=True)
-        if rows:
-            med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            print(f"median over {len(rows)} steps (after {args.warmup} warm-up, first step {first:.3f} s): "
-                  f"step {med['step']:.3f} s = render {med['render']:.3f} + guidance {med['guidance']:.3f} "
-                  f"(UNet {med['unet']:.3f}) + other {med['other']:.3f} + backward {med['backward']:.3f} + "
-                  f"optimizer {med['optimizer']:.3f} + camera {med['data']:.3f}")
-            print(f"projected {opt.iters} steps at this median: {med['step'] * opt.iters / 60:.1f} min")
-
+                print(f"step {i - args.warmup + 1}: {step_line(rows[-1])}", flush=True)
+        report(rows, args.warmup, opt.iters)
 
 if __name__ == "__main__":
     main()
