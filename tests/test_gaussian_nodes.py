@@ -95,7 +95,7 @@ def test_save_gaussians_writes_a_splat_file_with_a_counter_and_refuses_other_sce
     from csd_backend.export import SplatFileError, load_splats
 
     save = nodes["CSDSaveGaussians"]
-    assert save.RETURN_TYPES == ("STRING",) and save.OUTPUT_NODE
+    assert save.RETURN_TYPES == ("STRING", "FILE_3D_SPLAT_ANY") and save.OUTPUT_NODE
     assert save.VALIDATE_INPUTS("csd3d/gaussians") is True
     assert "filename_prefix" in save.VALIDATE_INPUTS("../outside/splats")
     scene = _new_scene(nodes)
@@ -103,6 +103,7 @@ def test_save_gaussians_writes_a_splat_file_with_a_counter_and_refuses_other_sce
     second = save().save(scene, "csd3d/splats")
     assert [first["result"][0], second["result"][0]] == ["csd3d/splats_00001_.ply", "csd3d/splats_00002_.ply"]
     assert first["ui"]["3d"] == [{"filename": "splats_00001_.ply", "subfolder": "csd3d", "type": "output"}]
+    assert first["result"][1] is None  # ComfyUI 0.3.64 (as these stubs): no 3D file type
     back = load_splats(env.output_dir / first["result"][0])
     assert torch.equal(back.means, scene.means) and back.num_gaussians == 2000
     volume = _new_scene(nodes, preset="preview-cpu", n_levels=4, log2_hashmap_size=12, max_resolution=64)
@@ -114,6 +115,26 @@ def test_save_gaussians_writes_a_splat_file_with_a_counter_and_refuses_other_sce
         save().save(scene, "csd3d/splats")
     assert sorted(p.name for p in (env.output_dir / "csd3d").iterdir()) == ["splats_00001_.ply",
                                                                             "splats_00002_.ply"]
+
+
+def test_save_gaussians_gives_newer_comfyui_a_splat_file(env, nodes, monkeypatch):
+    """Where ComfyUI has 3D file types (``comfy_api.latest.Types.File3D``, newer than 0.3.64), the second output is
+    the saved .ply as one, for Preview Gaussian Splat."""
+    import sys
+    import types
+
+    class File3D:  # the documented constructor: File3D(source=path or BytesIO, file_format=...)
+        def __init__(self, source, file_format=""):
+            self.source, self.format = source, file_format
+
+    latest = types.ModuleType("comfy_api.latest")
+    latest.Types = types.SimpleNamespace(File3D=File3D)
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    out = nodes["CSDSaveGaussians"]().save(_new_scene(nodes), "csd3d/splats")
+    rel, splat = out["result"]
+    assert isinstance(splat, File3D) and splat.format == "ply"
+    assert splat.source == str(env.output_dir / rel) and (env.output_dir / rel).is_file()
 
 
 def test_render_views_and_extract_mesh_take_a_gaussian_scene(env, nodes):
