@@ -36,9 +36,19 @@ def sphere_splats(n=3000, radius=0.3, seed=0) -> GaussianScene:
     return scene.eval()
 
 
-def test_the_density_field_sums_the_splats_exactly():
+@pytest.mark.parametrize("bin_budget", [None, 2000], ids=["cells", "cells-grown-to-the-bin-budget"])
+def test_the_density_field_sums_the_splats_exactly(bin_budget, monkeypatch):
+    """The field against a brute-force sum over every splat; with one splat 30x the others' size, whose box would
+    fill a grid of fine cells, and a bin budget small enough that the cells must grow to hold it."""
+    import csd_backend.scene.gaussian_field as gaussian_field
+
+    if bin_budget is not None:
+        monkeypatch.setattr(gaussian_field, "BIN_BUDGET", bin_budget)
     scene = sphere_splats(400)
+    with torch.no_grad():
+        scene.log_scales[0] += math.log(30.0)
     field = scene.volume
+    assert bin_budget is None or int(field.count.sum()) <= bin_budget
     pts = torch.rand(500, 3) * 0.8 - 0.4
     cov = scene.covariances()
     d = pts[:, None, :] - scene.means[None]  # [M, N, 3]

@@ -5,7 +5,10 @@ DC colours ``c_i``. The mesh export and the conversions read a Gaussian scene th
 Each Gaussian reaches ``CUTOFF`` standard deviations along each axis (its box ``μ ± CUTOFF·sqrt(diag Σ)``); the
 boxes are binned into a uniform grid of cells, and a query point is evaluated against the Gaussians binned into
 its cell only (pairs built with ``repeat_interleave``, sums with ``index_add``): no loop over Gaussians or points.
-Gaussians below ``MIN_OPACITY`` are left out (DreamGaussian's pre-filter).
+Cells are half the median reach (measured on a trained gaussian-preview-cpu run, 4144 splats, 96³ points: 25 pairs
+a point instead of 102 with cells of twice the reach, 4x faster, the same sums), doubled while the binning would
+hold more than ``BIN_BUDGET`` entries (a few huge splats). Gaussians below ``MIN_OPACITY`` are left out
+(DreamGaussian's pre-filter).
 """
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ import torch
 #: Gaussians are evaluated within this many standard deviations of their mean (per axis)
 CUTOFF = 3.0
 MIN_OPACITY = 0.005
-#: the grid has at most this many cells a side; cells are at least as large as twice the median Gaussian reach
+#: the grid has at most this many cells a side; a cell's side starts at CELL_REACH times the median Gaussian reach
 MAX_CELLS = 128
-#: point-Gaussian pairs evaluated at once
-PAIR_BUDGET = 1 << 22
+CELL_REACH = 0.5
+#: (Gaussian, cell) entries the binning may hold; the cells grow (x2) until it fits
+BIN_BUDGET = 1 << 22
+#: point-Gaussian pairs evaluated at once (small enough that the temporaries stay in the allocator's reuse)
+PAIR_BUDGET = 1 << 18
 
 
 class GaussianField:
@@ -41,16 +47,7 @@ class GaussianField:
             self.ids = torch.zeros(0, dtype=torch.long, device=self.device)
             self.reach = torch.zeros(0, 3, device=self.device)
             return
-        lo, hi = (self.means - reach).amin(0), (self.means + reach).amax(0)
-        extent = float((hi - lo).max())
-        self.cell = max(2.0 * float(reach.amax(-1).median()), extent / MAX_CELLS, 1e-6)
-        self.lo = lo
-        dims = torch.ceil((hi - lo) / self.cell).long().clamp(1, MAX_CELLS)
-        self.dims = dims.cpu()
-        c0 = self._cell_coords(self.means - reach)  # [G, 3]
-        c1 = self._cell_coords(self.means + reach)
-        span = c1 - c0 + 1  # [G, 3]
-        per = span.prod(-1)  # cells each Gaussian touches
+        c0, span, per = self._choose_cells(reach)
         gid = torch.repeat_interleave(torch.arange(len(per), device=self.device), per)
         k = torch.arange(gid.shape[0], device=self.device) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
         sx, sy = span[gid, 0], span[gid, 1]
@@ -63,6 +60,22 @@ class GaussianField:
         n_cells = int(self.dims.prod())
         self.count = torch.bincount(cells, minlength=n_cells)  # [n_cells]
         self.start = torch.cumsum(self.count, 0) - self.count
+
+    def _choose_cells(self, reach: torch.Tensor):
+        """Sets the grid (``lo``, ``cell``, ``dims``); returns each Gaussian's first cell ``[G, 3]``, its span in
+        cells ``[G, 3]`` and the number of cells it touches ``[G]``."""
+        lo, hi = (self.means - reach).amin(0), (self.means + reach).amax(0)
+        self.lo = lo
+        cell = max(CELL_REACH * float(reach.amax(-1).median()), float((hi - lo).max()) / MAX_CELLS, 1e-6)
+        while True:
+            self.cell = cell
+            self.dims = torch.ceil((hi - lo) / cell).long().clamp(1, MAX_CELLS).cpu()
+            c0 = self._cell_coords(self.means - reach)
+            span = self._cell_coords(self.means + reach) - c0 + 1
+            per = span.prod(-1)
+            if int(per.sum()) <= BIN_BUDGET or int(self.dims.max()) == 1:
+                return c0, span, per
+            cell *= 2.0
 
     def _cell_coords(self, points: torch.Tensor) -> torch.Tensor:
         dims = self.dims.to(points.device)
