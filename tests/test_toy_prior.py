@@ -88,11 +88,10 @@ def test_short_csd_run_makes_its_own_object(toy_prior, preset, name, steps, marg
     opt = Optimization(cfg, toy_prior)
     blob = opt.trained_scene()
     scorer = Scorer(OBJECTS, size=64, points=False)
-    before = scorer.score(blob, cfg.render, opt.renderer, own=[obj.name], meshes=False, normals=False)[0][obj.name]
+    before = scorer.score(blob, cfg.render, own=[obj.name], meshes=False, normals=False)[0][obj.name]["iou"]
     opt.run()
     after = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[obj.name], meshes=False,
                          normals=False)[0][obj.name]["iou"]
-    before = before["iou"]
     others = {k: v for k, v in after.items() if k != obj.name}
     msg = f"{preset}: IoU after {steps} steps {after}, blob {before}"
     assert after[obj.name] > max(others.values()) + margin_objects, msg
