@@ -4,8 +4,6 @@ Preview3D node. All the work is in ``csd_backend.export``; nothing heavy is impo
 """
 from __future__ import annotations
 
-import importlib
-
 from . import pack
 from .execution import Progress, check_interrupt, model_management
 from .model_folders import check_output_prefix
@@ -29,12 +27,7 @@ class Mesh:
 def mesh_class():
     """ComfyUI's own MESH class (``comfy_api.latest._util`` in newer versions, ``comfy_extras.nodes_hunyuan3d`` in
     0.3.x), else the local stand-in."""
-    for module, attr in (("comfy_api.latest._util", "MESH"), ("comfy_extras.nodes_hunyuan3d", "MESH")):
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except Exception:  # not in this ComfyUI version, or no ComfyUI at all
-            continue
-    return Mesh
+    return pack.comfy_attribute(("comfy_api.latest._util", "MESH"), ("comfy_extras.nodes_hunyuan3d", "MESH")) or Mesh
 
 
 def _progress_callback():

@@ -3,7 +3,6 @@ overwriting), whose relative path is the node's STRING output and, in a ComfyUI 
 a ``FILE_3D_SPLAT_ANY`` for its Preview Gaussian Splat node. All the work is in ``csd_backend.export.splats``."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from . import pack
@@ -17,12 +16,8 @@ SPLAT_FILE_TYPE = "FILE_3D_SPLAT_ANY"
 def splat_file(path: Path):
     """``path`` as ComfyUI's ``File3D`` (``comfy_api.latest.Types``, newer versions), or None where this ComfyUI
     has no 3D file type (0.3.64: nothing there takes a ``FILE_3D_SPLAT_ANY`` either)."""
-    try:
-        types = importlib.import_module("comfy_api.latest").Types
-        file_3d = types.File3D
-    except Exception:  # no ComfyUI, or one without 3D file types
-        return None
-    return file_3d(source=str(path), file_format="ply")
+    file_3d = pack.comfy_attribute(("comfy_api.latest", "Types.File3D"))
+    return None if file_3d is None else file_3d(source=str(path), file_format="ply")
 
 
 class CSDSaveGaussians:
