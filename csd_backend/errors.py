@@ -30,6 +30,11 @@ class OutputExistsError(CSDError, FileExistsError):
     """An output file already exists; outputs are never overwritten."""
 
 
+class EmptySceneError(CSDError):
+    """Nothing a training render shows depends on a trained parameter any more (the object vanished): the run cannot
+    recover and stops; the last checkpoint is kept."""
+
+
 class Cancelled(CSDError):
     """The run was cancelled by a callback; the last checkpoint is kept."""
 

@@ -31,7 +31,7 @@ import torch
 from . import io
 from .auto_backends import resolve_auto_backends
 from .config import OptimConfig, RunConfig
-from .errors import Cancelled, CheckpointError, ConfigError, CSDError, DiskFullError
+from .errors import Cancelled, CheckpointError, ConfigError, CSDError, DiskFullError, EmptySceneError
 from .guidance import ScoreDistillation
 from .priors.base import DiffusionPrior
 from .priors.controlnet import depth_condition
@@ -300,6 +300,8 @@ class Optimization:
                 losses[name] = fn(out)
                 total = total + weights[name] * losses[name]
         self._watch_finite(s, [("loss", total), *((f"{k} loss", v) for k, v in g.extra_losses.items())])
+        if not total.requires_grad:  # an attribute: no host sync
+            raise self._empty_scene_error(s)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         t0 = self._tick("backward", t0)
@@ -328,6 +330,14 @@ class Optimization:
                         seconds=time.perf_counter() - t_start, num_samples=out.num_samples)
 
     # ------------------------------------------------------------- finite check
+    def _empty_scene_error(self, step: int) -> EmptySceneError:
+        where = f" in {self.checkpoint_path}" if self.out_dir is not None else ""
+        return EmptySceneError(
+            f"the object vanished at step {step}: nothing the training renders show depends on a trained parameter "
+            f"(a volume's density fell so low everywhere that the renderer skips every ray sample: "
+            f"render.alpha_threshold, render.grid_threshold), and nothing can bring it back. Try another optim.seed, "
+            f"fewer optim.steps, or a lower loss.sparsity. The last checkpoint is kept{where}.")
+
     @staticmethod
     def _nonfinite_error(name: str, value: float, step: int) -> CSDError:
         return CSDError(f"the {name} became {value} at step {step}; lower optim.lr (guidance.lora_lr for the lora "

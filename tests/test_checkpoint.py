@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from csd_backend import io
-from csd_backend.errors import Cancelled, CheckpointError, OutputExistsError
+from csd_backend.errors import Cancelled, CheckpointError, EmptySceneError, OutputExistsError
 from csd_backend.optimize import Optimization, load_scene
 from csd_backend.priors.analytic import AnalyticPrior
 from engine_helpers import small_config
@@ -162,6 +162,23 @@ def test_out_of_memory_gives_the_fix_and_keeps_the_checkpoint(tmp_path, monkeypa
     msg = str(e.value)
     assert "out of memory at step 4" in msg and "batch_size" in msg and "num_samples_per_ray" in msg
     assert "last checkpoint is kept" in msg
+    assert io.load_checkpoint(tmp_path)["step"] == 3
+
+
+def test_a_vanished_object_stops_the_run_with_the_fix_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A volume whose density underflows to 0 everywhere (a collapsed run) renders no sample, so nothing gets a
+    gradient: a clear error, not torch's "element 0 of tensors does not require grad" from inside backward."""
+    opt = Optimization(_cfg(steps=8), AnalyticPrior(16), out_dir=tmp_path)
+
+    def collapse_after_step_4(info):
+        if info.step == 4:  # softplus(raw + bias) is exactly 0 in float32 below ≈ -104
+            monkeypatch.setattr(opt.scene.volume, "density_bias", lambda p: torch.full(p.shape[:-1], -1000.0))
+
+    with pytest.raises(EmptySceneError) as e:
+        opt.run(progress=collapse_after_step_4)
+    msg = str(e.value)
+    assert "vanished at step 4" in msg and "optim.seed" in msg and "loss.sparsity" in msg
+    assert "last checkpoint is kept" in msg and str(tmp_path) in msg
     assert io.load_checkpoint(tmp_path)["step"] == 3
 
 
