@@ -120,9 +120,8 @@ def main(argv=None) -> int:
             r = fit(kind, obj, args)
             scores, _ = scorer.score(r.pop("scene"), r.pop("render"), own=(obj.name,), meshes=False, normals=False)
             s = scores[obj.name]
-            other = max((v, k) for k, v in s["iou"].items() if k != obj.name)
             r.update(iou=s["iou"][obj.name], colour_err=s["colour_err"], margin=own_margin(s["iou"], obj.name),
-                     nearest=other[1])
+                     nearest=max((k for k in s["iou"] if k != obj.name), key=s["iou"].get))
             results.append(r)
             count = f", {r['count']} splats" if r["count"] is not None else ""
             print(f"{obj.name:<6} {kind:<10} IoU {r['iou']:.3f}  margin {r['margin']:+.3f} over {r['nearest']:<5}"
