@@ -144,6 +144,7 @@ class Optimization:
         self.timings: Dict[str, float] = {}
         self._updating = False  # inside optimizer.step()
         self._step_start: dict = {}
+        self._step_done = True  # self.step's state is complete (False from a step's start to its update's end)
         self.saved_step: Optional[int] = None  # the step of the checkpoint this object last wrote (None: none yet)
 
     # ----------------------------------------------------------------- state
@@ -266,6 +267,7 @@ class Optimization:
     def train_step(self) -> StepInfo:
         cfg, s, gen = self.config, self.step, self.generator
         self._step_start = self._step_start_state()  # to save a clean state if interrupted mid-step
+        self._step_done = False  # after the capture: an interrupt before it keeps the last complete step as is
         t_start = time.perf_counter()
         self.scene.train()
         self.renderer.train()
@@ -311,9 +313,10 @@ class Optimization:
         t0 = self._tick("optimizer", t0)
         # part of the update: Gaussian scenes densify, prune and set the next step's position lr here
         self.renderer.after_update(s + 1, self.scene, self.optimizer, out, gen)
+        self.step += 1
+        self._step_done = True  # both inside the update: no interrupt falls between them
         self._updating = False
         t0 = self._tick("densify", t0)
-        self.step += 1
         if self.sync_free:
             if self.step % self.finite_check_every == 0:
                 self.check_finite()
@@ -374,52 +377,58 @@ class Optimization:
             raise self._nonfinite_error(name, value, step)
 
     # ------------------------------------------------------------------- run
+    def _save_on_interrupt(self) -> None:
+        """What an interrupt (Ctrl-C, SIGTERM) keeps. After a complete step: that step. Before a step's parameter
+        update: the weights are those of the last finished step, so the RNGs and the grid are rewound to that
+        step's start and saved (the resumed run then equals an uninterrupted one). Inside the update: the weights
+        are half-updated, so the last periodic checkpoint stays."""
+        if self.out_dir is None or self._updating:
+            return
+        if not self._step_done:
+            self.generator.set_state(self._step_start["generator"])
+            torch.set_rng_state(self._step_start["torch"])
+            self.renderer.load_state_dict(self._step_start["renderer"])
+        self._save_unless_saved()
+
     def run(self, progress: Optional[Callable[[StepInfo], None]] = None,
             cancel: Optional[Callable[[], bool]] = None) -> Scene:
         """Optimise until ``config.optim.steps``. ``progress`` is called after every step; when ``cancel``
         returns True the run saves its checkpoint (if it has an out_dir) and raises ``Cancelled``."""
         o = self.config.optim
-        while self.step < o.steps:
-            if cancel is not None and cancel():
-                self._save_unless_saved()
-                raise Cancelled(f"cancelled at step {self.step} of {o.steps}"
-                                + (f"; resume from {self.checkpoint_path}" if self.out_dir is not None else ""))
-            try:
-                info = self.train_step()
-            except KeyboardInterrupt:
-                # Interrupted before the parameter update: the weights are those of the last finished step, so
-                # rewind the RNGs and the grid to that step's start and save: the resumed run then equals an
-                # uninterrupted one.
-                # Interrupted inside the update: the weights are half-updated; keep the last periodic checkpoint.
-                if self.out_dir is not None and not self._updating:
-                    self.generator.set_state(self._step_start["generator"])
-                    torch.set_rng_state(self._step_start["torch"])
-                    self.renderer.load_state_dict(self._step_start["renderer"])
+        try:  # Ctrl-C / SIGTERM anywhere in the loop, not only inside train_step
+            while self.step < o.steps:
+                if cancel is not None and cancel():
                     self._save_unless_saved()
-                raise
-            except torch.OutOfMemoryError as e:
-                c = self.config
-                batch, height, width = c.camera.size_at(self.step)
-                where = f" The last checkpoint is kept in {self.checkpoint_path}." if self.out_dir else ""
-                raise CSDError(
-                    f"out of memory at step {self.step} on {self.device}. Try, in this order: fp16 weights "
-                    f"(dtype float16 on CUDA), a smaller camera.batch_size (now {batch}), fewer "
-                    f"render.num_samples_per_ray (now {c.render.num_samples_per_ray}), a smaller render "
-                    f"({height}x{width}) or prior resolution, or the preview-cpu preset." + where
-                ) from e
-            except Exception as e:
-                if not isinstance(e, CSDError):
-                    self.check_finite()  # sync_free: a failure that follows a non-finite loss reports that loss
-                raise
-            if self.out_dir is not None and o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0:
-                self.save_checkpoint()
-            if progress is not None:
+                    raise Cancelled(f"cancelled at step {self.step} of {o.steps}"
+                                    + (f"; resume from {self.checkpoint_path}" if self.out_dir is not None else ""))
                 try:
-                    progress(info)
-                except BaseException:
-                    # the state right after a step is consistent: keep it so the run can resume
-                    self._save_unless_saved()
+                    info = self.train_step()
+                except torch.OutOfMemoryError as e:
+                    c = self.config
+                    batch, height, width = c.camera.size_at(self.step)
+                    where = f" The last checkpoint is kept in {self.checkpoint_path}." if self.out_dir else ""
+                    raise CSDError(
+                        f"out of memory at step {self.step} on {self.device}. Try, in this order: fp16 weights "
+                        f"(dtype float16 on CUDA), a smaller camera.batch_size (now {batch}), fewer "
+                        f"render.num_samples_per_ray (now {c.render.num_samples_per_ray}), a smaller render "
+                        f"({height}x{width}) or prior resolution, or the preview-cpu preset." + where
+                    ) from e
+                except Exception as e:
+                    if not isinstance(e, CSDError):
+                        self.check_finite()  # sync_free: a failure that follows a non-finite loss reports that loss
                     raise
+                if self.out_dir is not None and o.checkpoint_every > 0 and self.step % o.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if progress is not None:
+                    try:
+                        progress(info)
+                    except BaseException:
+                        # the state right after a step is consistent: keep it so the run can resume
+                        self._save_unless_saved()
+                        raise
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
         self._save_unless_saved()
         return self.scene
 

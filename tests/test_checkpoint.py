@@ -216,6 +216,38 @@ def test_ctrl_c_mid_step_saves_a_clean_state_and_resumes_identically(tmp_path, m
     _assert_same(_params(full.scene), _params(resumed.scene))
 
 
+@pytest.mark.parametrize("where", ["after_update", "between_steps"])
+def test_ctrl_c_after_a_step_or_between_steps_saves_that_step_and_resumes_identically(tmp_path, monkeypatch, where):
+    """A signal lands wherever the interpreter is: right after a step's update (before train_step returns) or in the
+    loop between two steps. Both keep the complete step (before: the first saved the updated weights with the
+    step's start RNGs, the second saved nothing)."""
+    cfg = _cfg(steps=7)
+    full = Optimization(cfg, AnalyticPrior(16))
+    full.run()
+    part = Optimization(cfg, AnalyticPrior(16), out_dir=tmp_path)
+    if where == "after_update":
+        real_tick = part._tick
+
+        def tick(name, t0):
+            if name == "densify" and part.step == 5:
+                raise KeyboardInterrupt
+            return real_tick(name, t0)
+
+        monkeypatch.setattr(part, "_tick", tick)
+        run = part.run
+    else:
+        def run():
+            part.run(cancel=lambda: (_ for _ in ()).throw(KeyboardInterrupt) if part.step == 5 else False)
+
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
+    assert io.load_checkpoint(tmp_path)["step"] == 5
+    resumed = Optimization.resume(tmp_path, AnalyticPrior(16))
+    resumed.run()
+    _assert_same(_params(full.scene), _params(resumed.scene))
+
+
 def test_resume_refuses_fewer_steps_or_another_prior(tmp_path):
     from csd_backend.errors import ConfigError
     from csd_backend.priors.base import DiffusionPrior
