@@ -144,7 +144,6 @@ class Optimization:
         self.timings: Dict[str, float] = {}
         self._updating = False  # inside optimizer.step()
         self._step_start: dict = {}
-        self._step_done = True  # self.step's state is complete (False from a step's start to its update's end)
         self.saved_step: Optional[int] = None  # the step of the checkpoint this object last wrote (None: none yet)
 
     # ----------------------------------------------------------------- state
@@ -261,13 +260,12 @@ class Optimization:
     def _step_start_state(self) -> dict:
         """What a step changes before its parameter update: the RNGs and the renderer's state (the occupancy
         grid, 32³: cheap)."""
-        return {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+        return {"step": self.step, "generator": self.generator.get_state(), "torch": torch.get_rng_state(),
                 "renderer": {k: v.clone() for k, v in self.renderer.state_dict().items()}}
 
     def train_step(self) -> StepInfo:
         cfg, s, gen = self.config, self.step, self.generator
         self._step_start = self._step_start_state()  # to save a clean state if interrupted mid-step
-        self._step_done = False  # after the capture: an interrupt before it keeps the last complete step as is
         t_start = time.perf_counter()
         self.scene.train()
         self.renderer.train()
@@ -313,8 +311,7 @@ class Optimization:
         t0 = self._tick("optimizer", t0)
         # part of the update: Gaussian scenes densify, prune and set the next step's position lr here
         self.renderer.after_update(s + 1, self.scene, self.optimizer, out, gen)
-        self.step += 1
-        self._step_done = True  # both inside the update: no interrupt falls between them
+        self.step += 1  # inside the update: an interrupt sees the step before it or the complete one
         self._updating = False
         t0 = self._tick("densify", t0)
         if self.sync_free:
@@ -384,7 +381,7 @@ class Optimization:
         are half-updated, so the last periodic checkpoint stays."""
         if self.out_dir is None or self._updating:
             return
-        if not self._step_done:
+        if self._step_start.get("step") == self.step:  # this step started and has not been updated yet
             self.generator.set_state(self._step_start["generator"])
             torch.set_rng_state(self._step_start["torch"])
             self.renderer.load_state_dict(self._step_start["renderer"])
