@@ -55,10 +55,12 @@ class ImageFit:
         pass
 
 
-def fit_config(kind: str, obj, steps: int, size: int, batch: int, seed: int):
+def fit_config(kind: str, obj, steps: int, size: int, batch: int, seed: int, base=None):
+    """The fit's settings: ``base`` (default: the kind's preset, ``KIND_PRESETS``) stretched to ``steps``, the MSE to
+    exact renders on white for the guidance, albedo only, no regulariser."""
     from csd_backend.presets import get_preset
 
-    cfg = get_preset(KIND_PRESETS[kind]).with_steps(steps)
+    cfg = (base if base is not None else get_preset(KIND_PRESETS[kind])).with_steps(steps)
     return cfg.replace(
         guidance={"prompt": obj.prompt}, prior={"model": "analytic"},
         camera={"height": size, "width": size, "batch_size": batch, "resolution_milestones": []},
@@ -68,12 +70,14 @@ def fit_config(kind: str, obj, steps: int, size: int, batch: int, seed: int):
         optim={"seed": seed, "checkpoint_every": 0, "preview_every": 0})
 
 
-def fit(kind: str, obj, args) -> dict:
+def fit(kind: str, obj, args, base=None) -> dict:
+    """Fit a scene of ``kind`` (the settings of ``base``, default the kind's preset) to exact renders of ``obj``:
+    ``args.steps`` steps at ``args.size``² and batch ``args.batch``, seed ``args.seed``."""
     import csd_backend.optimize as optimize
     from csd_backend.optimize import Optimization
     from csd_backend.priors.analytic import AnalyticPrior
 
-    cfg = fit_config(kind, obj, args.steps, args.size, args.batch, args.seed)
+    cfg = fit_config(kind, obj, args.steps, args.size, args.batch, args.seed, base)
     opt = Optimization(cfg, AnalyticPrior(args.size))
     loss = ImageFit(obj)
     opt.guidance = loss
@@ -94,6 +98,24 @@ def fit(kind: str, obj, args) -> dict:
     scene = opt.trained_scene()
     return {"kind": kind, "object": obj.name, "seconds": seconds, "final_mse": float(info.losses["guidance"]),
             "count": getattr(scene, "num_gaussians", None), "scene": scene, "render": cfg.render}
+
+
+def exact_start(cfg, obj, steps: int = 200, size: int = 64, batch: int = 2):
+    """The scene a run of ``cfg`` starts from instead of its blob: its own scene kind and settings fitted to exact
+    renders of ``obj`` (``fit``, seed ``cfg.optim.seed``), with a fresh background of the run's kind (the fit's is
+    white). ``shape_quality.py --start exact``: is the exact object a fixed point of the distillation?"""
+    from csd_backend.auto_backends import resolve_auto_backends
+    from csd_backend.scene_kinds import make_scene
+
+    fitted = fit(cfg.scene.kind, obj, SimpleNamespace(steps=steps, size=size, batch=batch, seed=cfg.optim.seed),
+                 base=cfg)["scene"]
+    torch.manual_seed(cfg.optim.seed)
+    scene = make_scene(resolve_auto_backends(cfg, torch.device("cpu")).scene, torch.device("cpu"))
+    state = {k: v for k, v in fitted.state_dict().items() if not k.startswith("background.")}
+    missing = scene.load_state_dict(state, strict=False).missing_keys
+    if any(not k.startswith("background.") for k in missing):
+        raise RuntimeError(f"the fitted scene lacks {missing}")
+    return scene
 
 
 def main(argv=None) -> int:

@@ -23,12 +23,17 @@ objects.py``):
 
 * **IoU below**: the silhouette IoU of the 4 views from below alone, where density that training cameras rarely
   see (a "skirt" under the object) shows.
+* **size**: the run's silhouette area over the object's (the same pixels as the IoU): above 1 the run is larger
+  than its object, below 1 smaller — an IoU that falls against every object says neither.
 
 Runs go ``--jobs`` at a time (processes, default 2) with ``--threads`` torch threads each (default 1).
 ``--seeds 0,1,2`` runs each (object, method) once per seed and reports the seeds' mean (with the IoU's range): one
 seed's IoU varies by about ±0.2 with this prior, so a single-seed difference smaller than that is noise.
 ``--every N`` also scores the silhouette IoU every N steps of each run (a curve: does the shape hold, or peak and
-erode?).
+erode?). ``--start exact`` starts each run from its object instead of the blob — the run's own scene fitted to
+exact renders (``capacity_fit.exact_start``: 200 steps, IoU about 0.97), with a fresh background — and its curve
+from step 0: is the exact object a fixed point of the distillation, or does the prior's signal move it away (and
+which way: the size)?
 
 The **blob** row is the starting scene (step 0, same seed) scored against each object: a method has to beat it.
 The **cross-object matrix** scores the run for prompt A against every object B (silhouette IoU): its own object
@@ -148,6 +153,12 @@ def silhouette_iou(pred_opacity: torch.Tensor, true_cov: torch.Tensor) -> float:
     return float((p & t).sum() / union) if union > 0 else float("nan")
 
 
+def silhouette_size(pred_opacity: torch.Tensor, true_cov: torch.Tensor) -> float:
+    """The run's silhouette area over the object's (opacity > 0.5 against coverage > 0.5, all views): above 1 the
+    run is larger than its object, below 1 smaller (an IoU alone does not say which)."""
+    return float((pred_opacity > 0.5).sum() / (true_cov > 0.5).sum().clamp(min=1))
+
+
 def own_margin(ious: Dict[str, float], own: str, among: Optional[List[str]] = None) -> float:
     """The IoU against ``own`` minus the best IoU against another object (of ``among``, default all in ``ious``):
     issue 23 asks for 0.10 in every row of the cross-object table."""
@@ -237,7 +248,8 @@ class Scorer:
         pts, info = mesh_points(scene) if meshes else (None, {})
         out = {}
         for name in own:
-            r = {"iou": dict(iou), "iou_below": below[name], **info}
+            r = {"iou": dict(iou), "iou_below": below[name], "size": silhouette_size(opacity, self.gt[name]["mask"]),
+                 **info}
             r["colour_err"], r["rgb"] = colour_error(albedo, opacity, self.gt[name])
             if meshes:
                 r.update(mesh_scores(pts, self.pts[name]))
@@ -268,9 +280,11 @@ def train_scene(cfg, prior, scene=None, every: int = 0, on_step=None):
     return opt, time.perf_counter() - t0 - spent[0]
 
 
-def curve_point(step: int, ious: Dict[str, float], own: str) -> list:
-    """``[step, IoU against the own object, best IoU against another object]``."""
-    return [step, ious[own], max((v for k, v in ious.items() if k != own), default=math.nan)]
+def curve_point(step: int, scores: dict, own: str) -> list:
+    """``[step, IoU against the own object, best IoU against another object, silhouette size]`` of a run's scores
+    (``Scorer.score(...)[0][own]``)."""
+    ious = scores["iou"]
+    return [step, ious[own], max((v for k, v in ious.items() if k != own), default=math.nan), scores["size"]]
 
 
 def refine_scene(stage1, obj: ToyObject, prior, seed: int):
@@ -291,7 +305,7 @@ _WORKER: dict = {}
 
 def _run_one(job, scorer: Optional[Scorer] = None):
     """Train and score one (object, method) run; in a worker process the prior and the scorer are cached."""
-    name, method, seed, steps, preset, model, resolution, meshes, threads, names, overrides, every = job
+    name, method, seed, steps, preset, model, resolution, meshes, threads, names, overrides, every, start = job
     from csd_backend.priors import load_prior
 
     torch.set_num_threads(threads)
@@ -308,18 +322,25 @@ def _run_one(job, scorer: Optional[Scorer] = None):
     curve = []
 
     def on_step(o):  # silhouette IoU during the run (stage 1 only)
-        ious = scorer.score(o.trained_scene(), cfg.render, o.renderer, own=[name], meshes=False, normals=False)[0]
-        curve.append(curve_point(o.step, ious[name]["iou"], name))
+        scores = scorer.score(o.trained_scene(), cfg.render, o.renderer, own=[name], meshes=False, normals=False)[0]
+        curve.append(curve_point(o.step, scores[name], name))
 
-    opt, secs = train_scene(cfg, _WORKER[key], every=every, on_step=on_step)
+    scene = None
+    if start == "exact":  # the object itself, fitted to its exact renders: is it a fixed point of the distillation?
+        from capacity_fit import exact_start
+
+        scene = exact_start(cfg, obj)
+        scores = scorer.score(scene, cfg.render, own=[name], meshes=False, normals=False)[0]
+        curve.append(curve_point(0, scores[name], name))
+    opt, secs = train_scene(cfg, _WORKER[key], scene=scene, every=every, on_step=on_step)
     if method.endswith(REFINE):
         opt, more = refine_scene(opt, obj, _WORKER[key], seed)
         secs += more
     rs, rend = scorer.score(opt.trained_scene(), cfg.render, opt.renderer, own=[name], meshes=meshes)
     r = rs[name]
     r["seconds"] = secs
-    if every:  # the last point is the final score (after stage 2 for a refined run: left out there)
-        r["curve"] = curve + ([] if method.endswith(REFINE) else [curve_point(steps, r["iou"], name)])
+    if curve or every:  # the last point is the final score (after stage 2 for a refined run: left out there)
+        r["curve"] = curve + ([] if method.endswith(REFINE) else [curve_point(steps, r, name)])
     return r, rend
 
 
@@ -363,9 +384,9 @@ def _iou_cell(r: dict, own: str) -> str:
 
 def write_table(results: dict, objects: List[ToyObject], methods: List[str], path: Path, header: str) -> str:
     lines = [header, "",
-             "| object | method | IoU ↑ | IoU below ↑ | Chamfer ↓ (acc / comp) | F@0.05 ↑ | largest part ↑ (parts) "
-             "| colour err ↓ | mean rgb (true) | time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| object | method | IoU ↑ | size | IoU below ↑ | Chamfer ↓ (acc / comp) | F@0.05 ↑ | largest part ↑ "
+             "(parts) | colour err ↓ | mean rgb (true) | time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in objects:
         for m in ["blob"] + methods:
             r = results.get(f"{o.name}/{m}")
@@ -377,7 +398,8 @@ def write_table(results: dict, objects: List[ToyObject], methods: List[str], pat
             true_s = "(" + ", ".join(f"{v:.2f}" for v in o.color) + ")"
             parts = "—" if r.get("largest_part") is None else \
                 f"{_fmt(r.get('largest_part'))} ({_fmt(r.get('parts_raw'), 1)} → {_fmt(r.get('parts_kept'), 1)})"
-            lines.append(f"| {o.name} | {m} | {_iou_cell(r, o.name)} | {_fmt(r.get('iou_below'))} | {ch} | "
+            size = "—" if r.get("size") is None else f"×{r['size']:.2f}"
+            lines.append(f"| {o.name} | {m} | {_iou_cell(r, o.name)} | {size} | {_fmt(r.get('iou_below'))} | {ch} | "
                          f"{_fmt(r.get('fscore'))} | {parts} | "
                          f"{_fmt(r.get('colour_err'))} | {rgb_s} {true_s} | "
                          f"{_fmt(r.get('seconds'), 0) if r.get('seconds') else '—'} s |")
@@ -411,17 +433,19 @@ def write_table(results: dict, objects: List[ToyObject], methods: List[str], pat
 
 
 def curve_table(results: dict, objects: List[ToyObject], methods: List[str]) -> List[str]:
-    """The silhouette IoU during each run (``--every``): own object, and the best other object in brackets."""
+    """The silhouette IoU during each run (``--every``, ``--start exact``): own object, the best other object in
+    brackets, and the silhouette's size (its area over the object's)."""
     rows = [(o.name, m, results[f"{o.name}/{m}"]["curve"]) for m in methods for o in objects
             if "curve" in results.get(f"{o.name}/{m}", {})]
     if not rows:
         return []
     steps = sorted({p[0] for _, _, c in rows for p in c})
-    lines = ["", "Silhouette IoU during the run: own object (best other object):", "",
+    lines = ["", "Silhouette IoU during the run: own object (best other object) ×size (the run's silhouette area over "
+                 "the object's):", "",
              "| object | method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for name, m, curve in rows:
         at = {p[0]: p for p in curve}
-        cells = [f"{at[s][1]:.3f} ({at[s][2]:.3f})" if s in at else "—" for s in steps]
+        cells = [f"{at[s][1]:.3f} ({at[s][2]:.3f}) ×{at[s][3]:.2f}" if s in at else "—" for s in steps]
         lines.append(f"| {name} | {m} | " + " | ".join(cells) + " |")
     return lines
 
@@ -471,6 +495,10 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=0, metavar="N",
                     help="also score the silhouette IoU every N steps during each run (a table of the curve: does "
                          "the shape hold, or peak and erode?); default 0: only at the end")
+    ap.add_argument("--start", choices=("blob", "exact"), default="blob",
+                    help="what each run starts from: the scene kind's own start (blob), or its object fitted to "
+                         "exact renders (capacity_fit.py, 200 steps): does the distillation keep the exact object? "
+                         "(its curve then starts at step 0)")
     ap.add_argument("--out", type=Path, default=Path("runs/shape_quality"))
     args = ap.parse_args(argv)
     if args.steps <= 0:
@@ -515,7 +543,7 @@ def main(argv=None) -> int:
 
     jobs = [(o.name, m, seed) for m in methods for o in objects for seed in seeds]
     common = (args.steps, args.preset, args.model, args.resolution or None, not args.no_mesh,
-              args.threads, [o.name for o in objects], overrides, max(args.every, 0))
+              args.threads, [o.name for o in objects], overrides, max(args.every, 0), args.start)
 
     def report(name, m, seed, r):
         print(f"{name:5s} {m} seed {seed}: IoU {r['iou'][name]:.3f} (best other "
@@ -543,6 +571,7 @@ def main(argv=None) -> int:
             sheet.append((f"{o.name} / {m}", outs[(o.name, m, seeds[0])][1], scorer.gt[o.name]))
     header = (f"Shape quality with the toy prior: preset {args.preset}, {args.steps} steps, "
               f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+              f"{', from the exact objects (--start exact)' if args.start == 'exact' else ''}"
               f"{' (the mean; IoU range in brackets)' if len(seeds) > 1 else ''}, "
               f"prior resolution {args.resolution or 'preset'}, {args.jobs} job(s) × {args.threads} torch thread(s); "
               f"{'settings ' + ' '.join(args.set) + '; ' if args.set else ''}"

@@ -109,28 +109,57 @@ def test_shape_quality_scores_during_the_run(toy_prior):
     opt, secs = train_scene(cfg, toy_prior, every=2, on_step=lambda o: seen.append(o.step))
     assert seen == [2, 4] and opt.step == 5 and secs > 0
 
-    point = curve_point(5, {"cone": 0.7, "mug": 0.5, "ball": 0.6}, "cone")
-    assert point == [5, 0.7, 0.6]
-    results = {"cone/csd": {"curve": [[2, 0.55, 0.5], point]}, "mug/csd": {}}
+    point = curve_point(5, {"iou": {"cone": 0.7, "mug": 0.5, "ball": 0.6}, "size": 1.25}, "cone")
+    assert point == [5, 0.7, 0.6, 1.25]
+    results = {"cone/csd": {"curve": [[2, 0.55, 0.5, 0.9], point]}, "mug/csd": {}}
     lines = curve_table(results, [get_object("cone"), get_object("mug")], ["csd"])
     assert lines[3] == "| object | method | step 2 | step 5 |"
-    assert lines[5] == "| cone | csd | 0.550 (0.500) | 0.700 (0.600) |"
+    assert lines[5] == "| cone | csd | 0.550 (0.500) ×0.90 | 0.700 (0.600) ×1.25 |"
     assert curve_table({"cone/csd": {}}, [get_object("cone")], ["csd"]) == []
+
+
+def test_silhouette_size_says_larger_or_smaller_where_the_iou_cannot():
+    from shape_quality import silhouette_iou, silhouette_size
+
+    truth = torch.zeros(1, 8, 8)
+    truth[:, 2:6, 2:6] = 1  # 16 pixels
+    big, small = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
+    big[:, 1:7, 1:7], small[:, 3:5, 3:5] = 0.9, 0.9  # 36 and 4 pixels: IoU 16/36 and 4/16
+    assert silhouette_iou(big, truth) == pytest.approx(16 / 36) and silhouette_size(big, truth) == pytest.approx(2.25)
+    assert silhouette_iou(small, truth) == pytest.approx(0.25) and silhouette_size(small, truth) == pytest.approx(0.25)
+
+
+def test_an_exact_start_is_the_object_in_the_runs_own_scene(toy_prior):
+    """``shape_quality.py --start exact``: the run's scene kind and settings fitted to exact renders, with the run's
+    own (fresh) background instead of the fit's white one; it then trains as any run."""
+    from capacity_fit import exact_start
+    from shape_quality import Scorer, run_config, train_scene
+    from toy_prior.objects import get_object
+
+    cone = get_object("cone")
+    cfg = run_config(cone, "csd", 3, seed=0)
+    scene = exact_start(cfg, cone, steps=30, size=32)
+    assert scene.cfg.background == cfg.scene.background == "neural_env"
+    scorer = Scorer([cone, get_object("ball")], size=32, points=False)
+    fitted = scorer.score(scene, cfg.render, own=["cone"], meshes=False, normals=False)[0]["cone"]
+    assert fitted["iou"]["cone"] > 0.75 > fitted["iou"]["ball"], fitted
+    opt, _ = train_scene(cfg, toy_prior, scene=scene)
+    assert opt.step == 3
 
 
 def test_shape_quality_combines_seeds_into_means_and_an_iou_range():
     from shape_quality import _iou_cell, combine_seeds
 
     a = {"iou": {"cone": 0.8, "mug": 0.4}, "rgb": [0.0, 1.0, 0.0], "chamfer": float("nan"), "faces": 10,
-         "curve": [[50, 0.6, 0.5], [100, 0.8, 0.4]], "error": "no surface"}
+         "curve": [[50, 0.6, 0.5, 1.0], [100, 0.8, 0.4, 1.2]], "error": "no surface"}
     b = {"iou": {"cone": 0.4, "mug": 0.6}, "rgb": [0.2, 0.8, 0.0], "chamfer": 0.1, "faces": 20,
-         "curve": [[50, 0.4, 0.5], [100, 0.4, 0.6]]}
+         "curve": [[50, 0.4, 0.5, 1.0], [100, 0.4, 0.6, 0.8]]}
     r = combine_seeds({1: b, 0: a}, "cone")
     assert r["iou"] == pytest.approx({"cone": 0.6, "mug": 0.5})
     assert r["rgb"] == pytest.approx([0.1, 0.9, 0.0])
     assert r["chamfer"] == pytest.approx(0.1)  # the seeds with a mesh
     assert r["faces"] == 15 and r["error"] == "no surface"
-    assert r["curve"] == [[50, 0.5, 0.5], [100, pytest.approx(0.6), 0.5]]
+    assert r["curve"] == [[50, 0.5, 0.5, 1.0], [100, pytest.approx(0.6), 0.5, pytest.approx(1.0)]]
     assert r["iou_range"] == [0.4, 0.8] and list(r["per_seed"]) == ["0", "1"]
     assert _iou_cell(r, "cone") == "0.600 (0.40–0.80)"
     assert combine_seeds({0: a}, "cone") == a and _iou_cell(a, "cone") == "0.800"
