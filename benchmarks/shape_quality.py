@@ -328,7 +328,9 @@ def _run_one(job, scorer: Optional[Scorer] = None):
     scene = None
     if start == "exact":  # the object itself, fitted to its exact renders: is it a fixed point of the distillation?
         from capacity_fit import exact_start
+        from csd_backend.auto_backends import resolve_auto_backends
 
+        cfg = resolve_auto_backends(cfg, "cpu")  # as a run from the blob would: its renderer's backend too
         scene = exact_start(cfg, obj)
         scores = scorer.score(scene, cfg.render, own=[name], meshes=False, normals=False)[0]
         curve.append(curve_point(0, scores[name], name))
