@@ -211,3 +211,57 @@ def test_demo_pictures_rows_of_run_renders_and_never_overwrite(tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["demo_pictures.py", "--out", str(tmp_path / "x.png"), f"x={tmp_path}"])
     with pytest.raises(SystemExit, match="no renders"):
         demo_pictures.main()
+
+
+def test_toy_training_views_can_keep_the_apparent_size():
+    """``train.py --relative-distance A,B``: the training cameras' distance is U[A, B] / tan(fovy / 2) (the engine's
+    ``camera.relative_distance``), so every object fills about the same part of every view; the presets' own
+    distances (1.5–2, fovy 40–70° drawn apart) vary it about 2.6×."""
+    import argparse
+
+    from toy_prior.render_dataset import distance_range, sample_views
+
+    g = torch.Generator().manual_seed(0)
+    fixed = sample_views(64, g, relative_distance=(0.85, 0.95))
+    k = fixed.distance * torch.tan(torch.deg2rad(fixed.fovy) / 2)
+    assert fixed.c2w.shape == (64, 4, 4) and float(k.min()) >= 0.85 - 1e-5 and float(k.max()) <= 0.95 + 1e-5
+    free = sample_views(64, g)
+    k = free.distance * torch.tan(torch.deg2rad(free.fovy) / 2)
+    assert float(k.max() / k.min()) > 1.8 and 1.5 - 1e-5 <= float(free.distance.min())
+    assert distance_range("0.85,0.95") == (0.85, 0.95)
+    for bad in ("0.9", "a,b", "0.95,0.85", "0,1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            distance_range(bad)
+
+
+def test_toy_variants_are_captioned_only_unconditionally():
+    """``train.py --variants-per-object``: renders of each object larger or smaller than it is, or recoloured, that
+    only the empty caption and the negative prompt name (so "a red cube" differs from ∅ in size and colour too)."""
+    from toy_prior.objects import OBJECTS
+    from toy_prior.render_dataset import _variant, render_dataset, sample_views
+    from toy_prior.train import default_negative_prompt, draw_captions
+
+    g = torch.Generator().manual_seed(0)
+    cams = sample_views(8, g, relative_distance=(0.9, 0.9))
+    seen = set()
+    for _ in range(12):
+        obj, moved = _variant(OBJECTS[0], cams, g)
+        f = cams.distance / moved.distance  # the apparent size's factor
+        colour = torch.tensor(obj.color) - torch.tensor(OBJECTS[0].color)
+        if not torch.allclose(f, torch.ones(8)):
+            assert bool(((f >= 0.6) & (f <= 0.8)).all() or ((f >= 1.25) & (f <= 1.6)).all()), f
+            assert torch.allclose(moved.c2w[:, :3, 3], cams.c2w[:, :3, 3] / f[:, None])
+            seen.add("size")
+        if colour.abs().max() > 0:
+            assert float(colour.abs().max()) <= 0.35 + 1e-6  # (at least 0.15 in one channel before the clipping)
+            seen.add("colour")
+    assert seen == {"size", "colour"}
+
+    data = render_dataset(2, seed=0, batch=2, log=lambda *_: None, variants=True)
+    assert data["variant"].all() and data["images"].shape == (10, 64, 64, 3)
+    data["variant"][:5] = False
+    caps = draw_captions(data, torch.arange(10).repeat(20), torch.Generator().manual_seed(0))
+    objects = [c for n, c in enumerate(caps) if n % 10 < 5]
+    variants = [c for n, c in enumerate(caps) if n % 10 >= 5]
+    assert set(variants) == {"", default_negative_prompt()}
+    assert any(c.startswith("a red cube") for c in objects)

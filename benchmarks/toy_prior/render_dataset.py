@@ -22,7 +22,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +38,12 @@ IMAGE_SIZE = 64
 CAMERA_MIX = (("csd-coarse", 0.7), ("sds-dreamfusion", 0.3))
 SHADING_MIX = (("albedo", 0.55), ("textureless", 0.20), ("diffuse", 0.15), ("grey", 0.10))
 BACKGROUND_MIX = (("solid", 0.35), ("white", 0.15), ("grey", 0.10), ("env", 0.40))
+#: variants (``render_dataset(variants=True)``): what changes — the apparent size, the colour or both — and how
+VARIANT_MIX = (("size", 0.5), ("colour", 0.25), ("both", 0.25))
+#: a variant's apparent size is the object's times one of these ranges (smaller or larger; never about its own)
+VARIANT_SCALES = ((0.6, 0.8), (1.25, 1.6))
+#: a variant's albedo moves by up to this much per channel (at least 0.15 in one channel), then clipped to [0, 1]
+VARIANT_COLOUR_SHIFT = 0.35
 #: cameras drawn per call of the sampler (the csd-r1 elevation rule picks one of its two modes per call)
 CAMERA_CHUNK = 8
 
@@ -50,6 +56,17 @@ def _pick(mix, g: torch.Generator) -> str:
 def _logit(x: torch.Tensor) -> torch.Tensor:
     x = x.clamp(1e-4, 1 - 1e-4)
     return torch.log(x / (1 - x))
+
+
+def distance_range(text: str) -> Tuple[float, float]:
+    """``"A,B"`` → ``(A, B)`` with 0 < A ≤ B (the ``--relative-distance`` option of this script and train.py)."""
+    try:
+        a, b = (float(x) for x in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers A,B (e.g. 0.85,0.95), got {text!r}") from None
+    if not 0 < a <= b:
+        raise argparse.ArgumentTypeError(f"expected 0 < A <= B, got {text!r}")
+    return a, b
 
 
 def random_backgrounds(kinds, g: torch.Generator) -> torch.Tensor:
@@ -72,13 +89,17 @@ def random_backgrounds(kinds, g: torch.Generator) -> torch.Tensor:
     return coeffs
 
 
-def sample_views(n: int, g: torch.Generator):
-    """``n`` training cameras (64×64) drawn with the presets' camera settings, in chunks of CAMERA_CHUNK."""
+def sample_views(n: int, g: torch.Generator, relative_distance: Optional[Sequence[float]] = None):
+    """``n`` training cameras (64×64) drawn with the presets' camera settings, in chunks of CAMERA_CHUNK. With
+    ``relative_distance`` ``(a, b)`` the distance is ``U[a, b] / tan(fovy / 2)`` (``camera.relative_distance``):
+    every object fills about the same part of every view, whatever the field of view."""
     from csd_backend.presets import get_preset
     from csd_backend.render.cameras import Cameras, sample_cameras
 
-    cfgs = {name: dataclasses.replace(get_preset(name).camera, batch_size=CAMERA_CHUNK, height=IMAGE_SIZE,
-                                      width=IMAGE_SIZE) for name, _ in CAMERA_MIX}
+    size = dict(batch_size=CAMERA_CHUNK, height=IMAGE_SIZE, width=IMAGE_SIZE)
+    if relative_distance is not None:
+        size.update(relative_distance=True, distance_range=[float(d) for d in relative_distance])
+    cfgs = {name: dataclasses.replace(get_preset(name).camera, **size) for name, _ in CAMERA_MIX}
     parts = []
     while sum(len(p) for p in parts) < n:
         cfg = cfgs[_pick(CAMERA_MIX, g)]
@@ -88,25 +109,58 @@ def sample_views(n: int, g: torch.Generator):
                    cat("light_positions"), IMAGE_SIZE, IMAGE_SIZE)
 
 
-def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print) -> Dict[str, torch.Tensor]:
+def _variant(obj, cams, g: torch.Generator):
+    """The object and cameras of one batch of variants: seen larger or smaller (each camera moved along its line to
+    the origin by the factor) and/or with another albedo."""
+    from csd_backend.render.cameras import Cameras
+
+    kind = _pick(VARIANT_MIX, g)
+    if kind in ("size", "both"):
+        lo, hi = VARIANT_SCALES[int(torch.randint(0, len(VARIANT_SCALES), (1,), generator=g))]
+        f = lo + (hi - lo) * torch.rand(len(cams), generator=g)
+        c2w = cams.c2w.clone()
+        c2w[:, :3, 3] /= f[:, None]
+        cams = Cameras(c2w, cams.fovy, cams.elevation, cams.azimuth, cams.distance / f, cams.light_positions,
+                       cams.height, cams.width)
+    if kind in ("colour", "both"):
+        shift = (torch.rand(3, generator=g) * 2 - 1) * VARIANT_COLOUR_SHIFT
+        k = int(shift.abs().argmax())
+        shift[k] = shift[k].sign() * max(float(shift[k].abs()), 0.15)
+        color = tuple(float(c) for c in (torch.tensor(obj.color) + shift).clamp(0, 1))
+        obj = dataclasses.replace(obj, color=color)
+    return obj, cams
+
+
+def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print,
+                   relative_distance: Optional[Sequence[float]] = None,
+                   variants: bool = False) -> Dict[str, torch.Tensor]:
     """Images ``uint8 [N, 64, 64, 3]`` with ``object`` ``[N]`` (index into OBJECTS), ``elevation``/``azimuth``
-    ``[N]`` degrees, ``shading`` ``[N]`` (index into SHADING_MIX) and ``background`` ``[N]`` (BACKGROUND_MIX)."""
+    ``[N]`` degrees, ``shading`` ``[N]`` (index into SHADING_MIX), ``background`` ``[N]`` (BACKGROUND_MIX) and ``variant``
+    ``[N]`` (bool); ``relative_distance``: see :func:`sample_views`.
+
+    ``variants``: every image is a variant of its object that no caption names — seen at 0.6–0.8× or 1.25–1.6× its
+    apparent size, or with its albedo moved (up to ±0.35 per channel), or both (``VARIANT_MIX``). ``train.py
+    --variants-per-object`` captions them only with the unconditional captions, so that a prompt's classifier
+    direction ε(y) − ε(∅) tells the object from ∅ by its size and colour as well as its shape."""
     from csd_backend.render.cameras import Cameras
 
     g = torch.Generator().manual_seed(seed)
     shading_names = [s for s, _ in SHADING_MIX]
     bg_names = [b for b, _ in BACKGROUND_MIX]
-    out = {k: [] for k in ("images", "object", "elevation", "azimuth", "shading", "background")}
+    out = {k: [] for k in ("images", "object", "elevation", "azimuth", "shading", "background", "variant")}
     t0 = time.perf_counter()
     for oi, obj in enumerate(OBJECTS):
-        cams = sample_views(per_object, g)
+        cams = sample_views(per_object, g, relative_distance)
         for s in range(0, per_object, batch):
             sl = slice(s, min(s + batch, per_object))
             sub = Cameras(cams.c2w[sl], cams.fovy[sl], cams.elevation[sl], cams.azimuth[sl], cams.distance[sl],
                           cams.light_positions[sl], IMAGE_SIZE, IMAGE_SIZE)
+            target = obj
+            if variants:
+                target, sub = _variant(obj, sub, g)
             shading = _pick(SHADING_MIX, g)
             kinds = [_pick(BACKGROUND_MIX, g) for _ in range(len(sub))]
-            r = render_object(obj, sub, "albedo" if shading == "albedo" else shading,
+            r = render_object(target, sub, "albedo" if shading == "albedo" else shading,
                               env_coeffs=random_backgrounds(kinds, g))
             out["images"].append((r["rgb"].clamp(0, 1) * 255 + 0.5).to(torch.uint8))
             out["object"].append(torch.full((len(sub),), oi, dtype=torch.long))
@@ -114,6 +168,7 @@ def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print) ->
             out["azimuth"].append(sub.azimuth.clone())
             out["shading"].append(torch.full((len(sub),), shading_names.index(shading), dtype=torch.long))
             out["background"].append(torch.tensor([bg_names.index(k) for k in kinds]))
+            out["variant"].append(torch.full((len(sub),), variants))
         log(f"  rendered {obj.name}: {per_object} images ({time.perf_counter() - t0:.1f} s so far)")
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -136,10 +191,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="save the tensors here (torch.save)")
     ap.add_argument("--sheet", type=Path, default=None, help="write a PNG with some images of every object")
+    ap.add_argument("--relative-distance", type=distance_range, default=None, metavar="A,B",
+                    help="camera distance U[A, B] / tan(fovy / 2) (the same apparent size in every view)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = render_dataset(args.per_object, args.seed)
+    data = render_dataset(args.per_object, args.seed, relative_distance=args.relative_distance)
     print(f"{len(data['images'])} images in {time.perf_counter() - t0:.1f} s")
     if args.out:
         torch.save(data, args.out)

@@ -69,7 +69,7 @@ for _p in (_HERE.parents[1], _HERE.parent):
         sys.path.insert(0, str(_p))
 
 from toy_prior.objects import OBJECTS  # noqa: E402
-from toy_prior.render_dataset import IMAGE_SIZE, SHADING_MIX, render_dataset, save_sheet  # noqa: E402
+from toy_prior.render_dataset import IMAGE_SIZE, SHADING_MIX, distance_range, render_dataset, save_sheet  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ settings
 MAX_LENGTH = 32
@@ -77,6 +77,8 @@ MAX_LENGTH = 32
 VIEW_THRESHOLDS = (30.0, 45.0)
 OVERHEAD_THRESHOLD = 60.0
 CAPTION_MIX = {"view": 0.65, "plain": 0.15, "empty": 0.15, "negative": 0.05}
+#: the captions of the variants (``--variants-per-object``): the unconditional ones only, as often as above
+VARIANT_CAPTION_MIX = {"empty": 0.75, "negative": 0.25}
 VIEWS = ("front", "side", "back", "overhead")
 
 
@@ -181,11 +183,19 @@ def all_captions() -> List[str]:
 
 
 def draw_captions(data, idx: torch.Tensor, g: torch.Generator) -> List[str]:
-    kinds, probs = zip(*CAPTION_MIX.items())
-    pick = torch.multinomial(torch.tensor(probs), len(idx), replacement=True, generator=g)
+    """A caption per image (``CAPTION_MIX``); a variant (``render_dataset(variants=True)``) gets only the
+    unconditional ones (``VARIANT_CAPTION_MIX``)."""
+    def pick(mix: dict) -> List[str]:
+        kinds, probs = zip(*mix.items())
+        return [kinds[int(k)] for k in torch.multinomial(torch.tensor(probs), len(idx), True, generator=g)]
+
+    kind = pick(CAPTION_MIX)
     thr = torch.randint(0, len(VIEW_THRESHOLDS), (len(idx),), generator=g)
-    return [caption_for(int(data["object"][i]), float(data["elevation"][i]), float(data["azimuth"][i]),
-                        kinds[int(k)], VIEW_THRESHOLDS[int(t)]) for i, k, t in zip(idx.tolist(), pick, thr)]
+    variant = data["variant"][idx]
+    if variant.any():  # drawn only then: a training without variants draws exactly what it drew before them
+        kind = [v if is_variant else k for k, v, is_variant in zip(kind, pick(VARIANT_CAPTION_MIX), variant)]
+    return [caption_for(int(data["object"][i]), float(data["elevation"][i]), float(data["azimuth"][i]), k,
+                        VIEW_THRESHOLDS[int(t)]) for i, k, t in zip(idx.tolist(), kind, thr)]
 
 
 def make_portable(folder: Path) -> None:
@@ -260,6 +270,21 @@ def build_models(tokenizer, arch: dict):
                               beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                               steps_offset=1, prediction_type="epsilon")
     return dict(vae=vae, unet=unet, text_encoder=text_encoder, scheduler=scheduler)
+
+
+def load_models(folder: Path):
+    """VAE, UNet, text encoder and scheduler of a saved prior (``--init-from``), in fp32."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"--init-from {folder}: not a saved prior (no model_index.json there); give a folder "
+                         f"this script wrote, e.g. csd_backend/priors/toy_model")
+    kw = dict(torch_dtype=torch.float32)
+    return dict(vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw),
+                unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw),
+                text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw),
+                scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"))
 
 
 def n_params(m) -> int:
@@ -705,9 +730,11 @@ def final_checks(folder: Path, test: dict, args, log) -> dict:
     return out
 
 
+#: options that are in a phase's settings only when given (so the checkpoints of earlier runs still resume)
+OPTIONAL_KEYS = ("relative_distance", "init_from", "variants_per_object")
 #: the options each phase's result depends on (a checkpoint made with other values is not resumed)
 VAE_KEYS = ("seed", "per_object", "vae_channels", "vae_layers", "vae_steps", "vae_batch", "vae_lr",
-            "vae_crop_fraction", "vae_kl")
+            "vae_crop_fraction", "vae_kl") + OPTIONAL_KEYS
 UNET_KEYS = VAE_KEYS + ("unet_channels", "unet_layers", "unet_heads", "unet_attn_levels", "text_dim", "text_layers",
                         "unet_steps", "unet_batch", "lr", "warmup", "ema_decay", "snr_gamma", "bf16")
 
@@ -767,6 +794,18 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-model", type=Path, default=None,
                     help="no training: only the samples and checks of this diffusers folder (e.g. the shipped "
                          "prior) on this --work's held-out renders")
+    ap.add_argument("--relative-distance", type=distance_range, default=None, metavar="A,B",
+                    help="render the training set with camera distances U[A, B] / tan(fovy / 2) "
+                         "(camera.relative_distance: every object at about the same apparent size) instead of the "
+                         "presets' distances 1.5-2")
+    ap.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                    help="fine-tune a saved prior (e.g. csd_backend/priors/toy_model): its VAE is kept as it is "
+                         "(no VAE phase; its scaling_factor), its UNet and text encoder train on for --unet-steps "
+                         "at --lr; the architecture options are ignored")
+    ap.add_argument("--variants-per-object", type=int, default=None, metavar="N",
+                    help="also train on N variants of every object that no caption names (smaller or larger, "
+                         "recoloured; render_dataset.py), captioned only with the empty caption or the negative "
+                         "prompt: the prompts' classifier direction then tells the object from ∅ by size and colour")
     ap.add_argument("--smoke", action="store_true", help="tiny models and a few steps: checks the pipeline")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -779,6 +818,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt_dir = args.work / "ckpt"
+    ckpt_dir.mkdir(exist_ok=True)
     log_file = open(args.work / "train.log", "a")
 
     def log(msg: str) -> None:
@@ -793,16 +833,18 @@ def main(argv=None) -> int:
 
     # 1. render
     t0 = time.perf_counter()
-    cache = args.work / f"dataset_{args.per_object}_{args.seed}.pt"
+    rel = args.relative_distance
+    cache = args.work / (f"dataset_{args.per_object}_{args.seed}" + (f"_rel{rel[0]}-{rel[1]}" if rel else "") + ".pt")
     if cache.exists():
         data = torch.load(cache)
         log(f"[render] loaded {cache}")
     else:
-        data = render_dataset(args.per_object, seed=args.seed, batch=32, log=log)
+        data = render_dataset(args.per_object, seed=args.seed, batch=32, log=log, relative_distance=rel)
         torch.save(data, cache)
     save_sheet(data, args.work / "dataset_sheet.png")
     times["render"] = time.perf_counter() - t0
     n = data["images"].shape[0]
+    data.setdefault("variant", torch.zeros(n, dtype=torch.bool))  # (a dataset cached before variants existed)
     log(f"[render] {n} images in {times['render']:.1f} s")
 
     # held-out images for the checks: every 50th render of each object (2 %) is never trained on. (Strided, not
@@ -815,6 +857,17 @@ def main(argv=None) -> int:
     train_ids = torch.nonzero(~held).squeeze(-1)
     train = {k: v[train_ids] for k, v in data.items()}
     test = {k: v[held] for k, v in data.items()}
+    if args.variants_per_object:  # trained on only (the checks are about the captioned objects)
+        vcache = cache.with_name(cache.stem + f"_variants{args.variants_per_object}.pt")
+        if vcache.exists():
+            variants = torch.load(vcache)
+        else:
+            variants = render_dataset(args.variants_per_object, seed=args.seed + 1, batch=8, log=log,
+                                      relative_distance=rel, variants=True)
+            torch.save(variants, vcache)
+        save_sheet(variants, args.work / "variants_sheet.png")
+        train = {k: torch.cat([v, variants[k]]) for k, v in train.items()}
+        log(f"[render] + {len(variants['images'])} variants (unconditional captions only)")
 
     if args.eval_model is not None:  # checks of an existing model only
         t0 = time.perf_counter()
@@ -826,18 +879,24 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     tokenizer = build_tokenizer(known_words())
     torch.manual_seed(args.seed)
-    models = build_models(tokenizer, arch)
+    if args.init_from is not None:
+        models = load_models(args.init_from)
+        arch = {"init_from": str(args.init_from)}
+    else:
+        models = build_models(tokenizer, arch)
     vae, unet, text_encoder, scheduler = models["vae"], models["unet"], models["text_encoder"], models["scheduler"]
     log(f"architecture {json.dumps(arch)}; parameters: vae {n_params(vae):,}, unet {n_params(unet):,}, "
         f"text encoder {n_params(text_encoder):,}")
-    settings = {k: getattr(args, k) for k in UNET_KEYS}
-    vae_settings = {k: settings[k] for k in VAE_KEYS}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k in UNET_KEYS
+                if (v := getattr(args, k)) is not None or k not in OPTIONAL_KEYS}
+    vae_settings = {k: settings[k] for k in VAE_KEYS if k in settings}
 
     # 2. VAE
     t0 = time.perf_counter()
     vae_ckpt = PhaseCheckpoint(ckpt_dir, "vae", vae_settings, args.checkpoint_every, log)
-    train_vae(vae, train["images"], args.vae_steps, args.vae_batch, args.vae_lr, g, log, args.vae_crop_fraction,
-              args.vae_kl, vae_ckpt)
+    if args.init_from is None:
+        train_vae(vae, train["images"], args.vae_steps, args.vae_batch, args.vae_lr, g, log, args.vae_crop_fraction,
+                  args.vae_kl, vae_ckpt)
     vae_rng_after = g.get_state()
     times["vae"] = time.perf_counter() - t0
     rep = vae_report(vae, test["images"])
@@ -849,7 +908,8 @@ def main(argv=None) -> int:
     lat = torch.load(lat_path) if lat_path.is_file() else None
     if lat is None or lat.get("settings") != vae_settings:
         mean, std = encode_latents(vae, train["images"])
-        scale = float(1.0 / mean.std())
+        # a fine-tuned prior keeps its VAE's scale (its UNet was trained on latents of that scale)
+        scale = float(vae.config.scaling_factor if args.init_from else 1.0 / mean.std())
         lat = {"mean": mean, "std": std, "scale": scale, "settings": vae_settings}
         torch.save(lat, lat_path)
     scale = lat["scale"]
