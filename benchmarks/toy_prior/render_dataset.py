@@ -135,8 +135,8 @@ def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print,
                    relative_distance: Optional[Sequence[float]] = None,
                    variants: bool = False) -> Dict[str, torch.Tensor]:
     """Images ``uint8 [N, 64, 64, 3]`` with ``object`` ``[N]`` (index into OBJECTS), ``elevation``/``azimuth``
-    ``[N]`` degrees, ``shading`` ``[N]`` (index into SHADING_MIX), ``background`` ``[N]`` (BACKGROUND_MIX) and ``variant``
-    ``[N]`` (bool); ``relative_distance``: see :func:`sample_views`.
+    ``[N]`` degrees, ``shading`` ``[N]`` (index into SHADING_MIX), ``background`` ``[N]`` (BACKGROUND_MIX) and
+    ``variant`` ``[N]`` (bool); ``relative_distance``: see :func:`sample_views`.
 
     ``variants``: every image is a variant of its object that no caption names — seen at 0.6–0.8× or 1.25–1.6× its
     apparent size, or with its albedo moved (up to ±0.35 per channel), or both (``VARIANT_MIX``). ``train.py
