@@ -6,7 +6,9 @@
 Each argument is ``LABEL=RUN_FOLDER``; the row shows ``--views`` of the run's ``renders/view_NN.png`` (spread over
 the ring), each cropped to its central ``--crop`` fraction (the demos' objects fill about half of a render), with
 the label on the left. The README's pictures were made this way; the "before" runs came from the first toy prior
-(``git show 249b6f7~1:csd_backend/priors/toy_model``) with the preset of that time (``--set loss.opaque=0``).
+(``git archive 249b6f7~1 csd_backend/priors/toy_model``) with the presets of that time (the cone: ``--set
+loss.opaque=0 --set loss.sparsity=1 --set camera.batch_size=1``; the vase: ``--set guidance.max_step_percent=0.5``),
+the previous release's cone with ``--set camera.batch_size=1``.
 """
 from __future__ import annotations
 

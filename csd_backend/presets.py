@@ -14,9 +14,9 @@
   centre / up jitter, dreamfusion light jitter, threestudio's elevation sampling, view thresholds 45°.
 - ``csd-edit``: edit an existing scene: the source description in the negative slot, ω1 = ω2 = 1, stage-2-like
   t-range and weighting, short.
-- ``preview-cpu``: a small grid, few samples and 150 steps that converge on a laptop CPU; the opacity pushed to 0 or
-  1 (``loss.opaque`` 0 → 100 over the run) so that so short a run ends as a surface, not a cloud, and the sparsity
-  3 → 1 over the run (a tighter early shape).
+- ``preview-cpu``: a small grid, few samples and 150 steps of 4 views that converge on a laptop CPU; the opacity
+  pushed to 0 or 1 (``loss.opaque`` 0 → 100 over the run) so that so short a run ends as a surface, not a cloud, and
+  the sparsity 3 → 1 over the run (a tighter early shape).
 
 VSD (ProlificDreamer, ``guidance.mode`` vsd, ``vsd.py``: a camera-conditioned LoRA of the prior's own UNet learns
 the renders and is subtracted from the frozen CFG prediction):
@@ -173,7 +173,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "preview-cpu": _merge(_STAGE1_OBJECT, {
         "guidance": {"negative_weight": [0, 0.0, 1.0, 75], "max_step_percent": [75, 0.98, 0.5, 76]},
         "scene": {"n_levels": 8, "log2_hashmap_size": 16, "per_level_scale": None, "max_resolution": 256},
-        "camera": {"height": 64, "width": 64, "batch_size": 1},
+        # 4 views a step, stratified in azimuth (the official object config's batch). Measured with the toy prior,
+        # csd, 5 objects × 3 seeds: mean silhouette IoU 0.797 → 0.857 (seeds 0-1 at batch 2: 0.706), for about 3.5×
+        # the time a step. README, "Shape quality"
+        "camera": {"height": 64, "width": 64, "batch_size": 4},
         "render": {"num_samples_per_ray": 96, "ambient_only_steps": 56, "grid_warmup_steps": 32,
                    "grid_update_every": 8},
         # the opacity's binary entropy, 0 → 100 over the run: a short run at 64² otherwise ends as a soft, half-

@@ -300,7 +300,7 @@ def test_planned_ray_samples_follow_the_size_phases():
     from csd_backend.auto_backends import planned_ray_samples
     from csd_backend.presets import get_preset
 
-    assert planned_ray_samples(get_preset("preview-cpu")) == 150 * 1 * 64 * 64 * 96
+    assert planned_ray_samples(get_preset("preview-cpu")) == 150 * 4 * 64 * 64 * 96
     cfg = small_config(steps=10, camera={"height": [8, 16], "width": [8, 16], "batch_size": [2, 1],
                                          "resolution_milestones": [4]}, render={"num_samples_per_ray": 10})
     assert planned_ray_samples(cfg) == 4 * 2 * 8 * 8 * 10 + 6 * 1 * 16 * 16 * 10

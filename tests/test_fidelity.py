@@ -68,7 +68,7 @@ def test_official_batch_sizes():
     assert get_preset("csd-coarse").camera.batch_size == 4 and get_preset("csd-coarse").camera.stratified_azimuth
     assert get_preset("csd-edit").camera.batch_size == 4
     assert get_preset("csd-coarse-character").camera.batch_size == 1
-    assert get_preset("preview-cpu").camera.batch_size == 1
+    assert get_preset("preview-cpu").camera.batch_size == 4
     assert CameraConfig().batch_size == 4
 
 
