@@ -20,6 +20,12 @@ training is unchanged): held-out ε-MSE and Min-SNR-weighted loss at fixed noise
 training can be tried in the engine; ``--eval-model DIR`` runs the final checks on any saved prior (e.g. the shipped
 one) with this ``--work``'s held-out renders.
 
+**Fine-tuning and other training sets** (README, "Fine-tuned at one apparent size"): ``--init-from DIR`` starts from
+a saved prior (its VAE kept as it is: no VAE phase, its ``scaling_factor``; the UNet and text encoder train on for
+``--unet-steps`` at ``--lr``); ``--relative-distance A,B`` renders the training set at one apparent size (distance
+U[A, B] / tan(fovy / 2)); ``--variants-per-object N`` adds N resized or recoloured renders of every object that
+only the unconditional captions name. Each is part of the checkpoints' settings only when given.
+
 Phases (each prints its time):
 
 1. **render**: ``--per-object`` renders of every object (``render_dataset.py``: the engine's cameras, shadings and
