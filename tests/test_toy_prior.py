@@ -21,10 +21,10 @@ from csd_backend.priors import TOY_MODEL, TOY_PROMPTS, load_prior, toy_model_pat
 
 #: the CI runs: (preset, object, steps, margins by which its silhouette IoU must beat every other object and the
 #: starting blob). Measured (1 thread, the second toy prior, 64² scoring, seed 0): preview-cpu at 4 views a step:
-#: cone 0.894 after the preset's 150 steps, best other object (mug) 0.590, blob 0.511 (at 1 view a step: 0.866, 0.588;
-#: before the sparsity schedule: 0.806, 0.559); gaussian-preview-cpu after its 120 steps: cone 0.852, mug 0.610, blob 0.509 (before its
-#: start radius and rates were set for the toy's cameras: below the blob). The curves over longer runs are in the
-#: README ("Shape quality").
+#: cone 0.894 after the preset's 150 steps, best other object (mug) 0.590, blob 0.511 (at 1 view a step: 0.866,
+#: 0.588; before the sparsity schedule: 0.806, 0.559); gaussian-preview-cpu after its 120 steps: cone 0.852, mug
+#: 0.610, blob 0.509 (before its start radius and rates were set for the toy's cameras: below the blob). The curves
+#: over longer runs are in the README ("Shape quality").
 CI_RUNS = [("preview-cpu", "cone", 150, 0.2, 0.25), ("gaussian-preview-cpu", "cone", 120, 0.15, 0.25)]
 
 
