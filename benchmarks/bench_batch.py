@@ -31,11 +31,13 @@ MODES = ("generate", "workers-1", "workers-2", "ray-local", "ray-auto")
 
 
 def run_flags(steps: int) -> list:
-    """preview-cpu made smaller (32² renders, 48 samples a ray) so that a shared 2-core machine runs the benchmark
-    in minutes; a ring of 4 views at 64² and a 64³ mesh with vertex colours (a UV unwrap of the noisy mesh of a
-    short run takes longer than its training), as a user's run writes them."""
+    """preview-cpu made smaller (32² renders at 1 view a step, as the README's table was measured; 48 samples a ray)
+    so that a shared 2-core machine runs the benchmark in minutes; a ring of 4 views at 64² and a 64³ mesh with
+    vertex colours (a UV unwrap of the noisy mesh of a short run takes longer than its training), as a user's run
+    writes them."""
     return ["--preset", "preview-cpu", "--model", "analytic", "--steps", str(steps), "--set", "camera.height=32",
-            "--set", "camera.width=32", "--set", "render.num_samples_per_ray=48", "--views", "4", "--view-size", "64",
+            "--set", "camera.width=32", "--set", "camera.batch_size=1", "--set", "render.num_samples_per_ray=48",
+            "--views", "4", "--view-size", "64",
             "--mesh-resolution", "64", "--mesh-texture-size", "0", "--quiet"]
 
 
