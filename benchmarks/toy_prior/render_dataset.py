@@ -112,16 +112,13 @@ def sample_views(n: int, g: torch.Generator, relative_distance: Optional[Sequenc
 def _variant(obj, cams, g: torch.Generator):
     """The object and cameras of one batch of variants: seen larger or smaller (each camera moved along its line to
     the origin by the factor) and/or with another albedo."""
-    from csd_backend.render.cameras import Cameras
-
     kind = _pick(VARIANT_MIX, g)
     if kind in ("size", "both"):
         lo, hi = VARIANT_SCALES[int(torch.randint(0, len(VARIANT_SCALES), (1,), generator=g))]
         f = lo + (hi - lo) * torch.rand(len(cams), generator=g)
         c2w = cams.c2w.clone()
         c2w[:, :3, 3] /= f[:, None]
-        cams = Cameras(c2w, cams.fovy, cams.elevation, cams.azimuth, cams.distance / f, cams.light_positions,
-                       cams.height, cams.width)
+        cams = dataclasses.replace(cams, c2w=c2w, distance=cams.distance / f)
     if kind in ("colour", "both"):
         shift = (torch.rand(3, generator=g) * 2 - 1) * VARIANT_COLOUR_SHIFT
         k = int(shift.abs().argmax())
@@ -142,8 +139,6 @@ def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print,
     apparent size, or with its albedo moved (up to ±0.35 per channel), or both (``VARIANT_MIX``). ``train.py
     --variants-per-object`` captions them only with the unconditional captions, so that a prompt's classifier
     direction ε(y) − ε(∅) tells the object from ∅ by its size and colour as well as its shape."""
-    from csd_backend.render.cameras import Cameras
-
     g = torch.Generator().manual_seed(seed)
     shading_names = [s for s, _ in SHADING_MIX]
     bg_names = [b for b, _ in BACKGROUND_MIX]
@@ -153,8 +148,7 @@ def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print,
         cams = sample_views(per_object, g, relative_distance)
         for s in range(0, per_object, batch):
             sl = slice(s, min(s + batch, per_object))
-            sub = Cameras(cams.c2w[sl], cams.fovy[sl], cams.elevation[sl], cams.azimuth[sl], cams.distance[sl],
-                          cams.light_positions[sl], IMAGE_SIZE, IMAGE_SIZE)
+            sub = cams[sl]
             target = obj
             if variants:
                 target, sub = _variant(obj, sub, g)

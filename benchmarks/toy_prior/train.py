@@ -863,7 +863,15 @@ def main(argv=None) -> int:
     train_ids = torch.nonzero(~held).squeeze(-1)
     train = {k: v[train_ids] for k, v in data.items()}
     test = {k: v[held] for k, v in data.items()}
-    if args.variants_per_object:  # trained on only (the checks are about the captioned objects)
+
+    if args.eval_model is not None:  # checks of an existing model only
+        t0 = time.perf_counter()
+        res = final_checks(args.eval_model, test, args, log)
+        log(f"[eval-model] {args.eval_model}: {json.dumps(res)} ({time.perf_counter() - t0:.0f} s)")
+        (args.work / "eval_model.json").write_text(json.dumps({"model": str(args.eval_model), **res}, indent=2))
+        return 0
+
+    if args.variants_per_object:  # trained on only: the checks are about the captioned objects
         vcache = cache.with_name(cache.stem + f"_variants{args.variants_per_object}.pt")
         if vcache.exists():
             variants = torch.load(vcache)
@@ -874,13 +882,6 @@ def main(argv=None) -> int:
         save_sheet(variants, args.work / "variants_sheet.png")
         train = {k: torch.cat([v, variants[k]]) for k, v in train.items()}
         log(f"[render] + {len(variants['images'])} variants (unconditional captions only)")
-
-    if args.eval_model is not None:  # checks of an existing model only
-        t0 = time.perf_counter()
-        res = final_checks(args.eval_model, test, args, log)
-        log(f"[eval-model] {args.eval_model}: {json.dumps(res)} ({time.perf_counter() - t0:.0f} s)")
-        (args.work / "eval_model.json").write_text(json.dumps({"model": str(args.eval_model), **res}, indent=2))
-        return 0
 
     g = torch.Generator().manual_seed(args.seed)
     tokenizer = build_tokenizer(known_words())
