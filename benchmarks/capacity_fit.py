@@ -105,16 +105,17 @@ def exact_start(cfg, obj, steps: int = 200, size: int = 64, batch: int = 2):
     renders of ``obj`` (``fit``, seed ``cfg.optim.seed``), with a fresh background of the run's kind (the fit's is
     white). ``shape_quality.py --start exact``: is the exact object a fixed point of the distillation?"""
     from csd_backend.auto_backends import resolve_auto_backends
+    from csd_backend.convert.volume_to_dmtet import fresh_background
     from csd_backend.scene_kinds import make_scene
 
     fitted = fit(cfg.scene.kind, obj, SimpleNamespace(steps=steps, size=size, batch=batch, seed=cfg.optim.seed),
                  base=cfg)["scene"]
-    torch.manual_seed(cfg.optim.seed)
-    scene = make_scene(resolve_auto_backends(cfg, torch.device("cpu")).scene, torch.device("cpu"))
+    scene_cfg = resolve_auto_backends(cfg, torch.device("cpu")).scene
+    with torch.random.fork_rng(devices=[]):  # every weight is loaded below: the global RNG is left as it was
+        scene = make_scene(scene_cfg, torch.device("cpu"))
     state = {k: v for k, v in fitted.state_dict().items() if not k.startswith("background.")}
-    missing = scene.load_state_dict(state, strict=False).missing_keys
-    if any(not k.startswith("background.") for k in missing):
-        raise RuntimeError(f"the fitted scene lacks {missing}")
+    state.update({f"background.{k}": v for k, v in fresh_background(scene_cfg, cfg.optim.seed).state_dict().items()})
+    scene.load_state_dict(state, strict=True)
     return scene
 
 

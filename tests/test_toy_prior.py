@@ -133,6 +133,7 @@ def test_an_exact_start_is_the_object_in_the_runs_own_scene(toy_prior):
     """``shape_quality.py --start exact``: the run's scene kind and settings fitted to exact renders, with the run's
     own (fresh) background instead of the fit's white one; it then trains as any run."""
     from capacity_fit import exact_start
+    from csd_backend.convert.volume_to_dmtet import fresh_background
     from shape_quality import Scorer, run_config, train_scene
     from toy_prior.objects import get_object
 
@@ -140,6 +141,8 @@ def test_an_exact_start_is_the_object_in_the_runs_own_scene(toy_prior):
     cfg = run_config(cone, "csd", 3, seed=0)
     scene = exact_start(cfg, cone, steps=30, size=32)
     assert scene.cfg.background == cfg.scene.background == "neural_env"
+    fresh = fresh_background(cfg.scene, cfg.optim.seed).state_dict()  # the stage-2 conversion's fresh background
+    assert all(torch.equal(v, fresh[k]) for k, v in scene.background.state_dict().items())
     scorer = Scorer([cone, get_object("ball")], size=32, points=False)
     fitted = scorer.score(scene, cfg.render, own=["cone"], meshes=False, normals=False)[0]["cone"]
     assert fitted["iou"]["cone"] > 0.75 > fitted["iou"]["ball"], fitted
@@ -265,3 +268,4 @@ def test_toy_variants_are_captioned_only_unconditionally():
     variants = [c for n, c in enumerate(caps) if n % 10 >= 5]
     assert set(variants) == {"", default_negative_prompt()}
     assert any(c.startswith("a red cube") for c in objects)
+
