@@ -269,3 +269,32 @@ def test_toy_variants_are_captioned_only_unconditionally():
     assert set(variants) == {"", default_negative_prompt()}
     assert any(c.startswith("a red cube") for c in objects)
 
+
+def test_toy_morph_variants_blend_two_shapes_in_the_objects_colour():
+    """``train.py --variant-kind morph``: each object's shape blended with another's, in the object's own colour
+    (captioned only unconditionally, as every variant): "a red cube" is then not a red rounded box."""
+    from toy_prior.objects import get_object, render_object
+    from toy_prior.render_dataset import MORPH_MIX, MORPH_SIZE_MIX, _variant, morph_object, sample_views
+
+    cube, ball = get_object("cube"), get_object("ball")
+    p = torch.rand(64, 3) * 1.2 - 0.6
+    assert torch.allclose(morph_object(cube, ball, 0.0).sdf(p), cube.sdf(p))
+    assert torch.allclose(morph_object(cube, ball, 1.0).sdf(p), ball.sdf(p))
+    half = morph_object(cube, ball, 0.5)
+    assert torch.allclose(half.sdf(p), 0.5 * (cube.sdf(p) + ball.sdf(p)))
+    assert (half.name, half.color) == (cube.name, cube.color)
+
+    g = torch.Generator().manual_seed(0)
+    cams = sample_views(2, g)
+    obj, same = _variant(cube, cams, g, MORPH_MIX)
+    assert same is cams and obj.color == cube.color and not torch.allclose(obj.sdf(p), cube.sdf(p))
+    own, morphed = render_object(cube, cams)["mask"], render_object(obj, cams)["mask"]
+    assert morphed.any() and (own != morphed).any()
+
+    kinds = set()  # half morphs, half resized
+    for _ in range(12):
+        obj, moved = _variant(cube, cams, g, MORPH_SIZE_MIX)
+        assert obj.color == cube.color
+        kinds.add("size" if moved is not cams else "morph")
+        assert (moved is cams) != torch.allclose(obj.sdf(p), cube.sdf(p))
+    assert kinds == {"size", "morph"}

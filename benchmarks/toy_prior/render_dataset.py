@@ -40,6 +40,13 @@ SHADING_MIX = (("albedo", 0.55), ("textureless", 0.20), ("diffuse", 0.15), ("gre
 BACKGROUND_MIX = (("solid", 0.35), ("white", 0.15), ("grey", 0.10), ("env", 0.40))
 #: variants (``render_dataset(variants=True)``): what changes — the apparent size, the colour or both — and how
 VARIANT_MIX = (("size", 0.5), ("colour", 0.25), ("both", 0.25))
+#: the other kind of variant (``render_dataset(variant_mix=MORPH_MIX)``): the object's shape blended with another's
+MORPH_MIX = (("morph", 1.0),)
+#: morphs and resized objects, half each (a morph is often smaller than its object: the resized ones say that a
+#: smaller or a larger object is not the prompt either)
+MORPH_SIZE_MIX = (("morph", 0.5), ("size", 0.5))
+#: a morph's share of the other object's signed distance
+MORPH_RANGE = (0.3, 0.7)
 #: a variant's apparent size is the object's times one of these ranges (smaller or larger; never about its own)
 VARIANT_SCALES = ((0.6, 0.8), (1.25, 1.6))
 #: a variant's albedo moves by up to this much per channel (at least 0.15 in one channel), then clipped to [0, 1]
@@ -109,10 +116,26 @@ def sample_views(n: int, g: torch.Generator, relative_distance: Optional[Sequenc
                    cat("light_positions"), IMAGE_SIZE, IMAGE_SIZE)
 
 
-def _variant(obj, cams, g: torch.Generator):
-    """The object and cameras of one batch of variants: seen larger or smaller (each camera moved along its line to
-    the origin by the factor) and/or with another albedo."""
-    kind = _pick(VARIANT_MIX, g)
+def morph_object(obj, other, share: float):
+    """``obj`` whose signed distance is ``(1 − share)·obj + share·other`` (a shape between the two; a convex mix of
+    1-Lipschitz distances is 1-Lipschitz, a distance bound that sphere tracing can step by), with ``obj``'s name and
+    colour."""
+    f, h = obj.sdf_fn, other.sdf_fn
+    box = (tuple(map(min, obj.box[0], other.box[0])), tuple(map(max, obj.box[1], other.box[1])))
+    return dataclasses.replace(obj, sdf_fn=lambda p: (1 - share) * f(p) + share * h(p),
+                               bound=max(obj.bound, other.bound), box=box)
+
+
+def _variant(obj, cams, g: torch.Generator, mix=VARIANT_MIX):
+    """The object and cameras of one batch of variants (a kind of ``mix``; one kind: nothing drawn): seen larger or
+    smaller (each camera moved along its line to the origin by the factor) and/or with another albedo, or its shape
+    morphed with another object's (``morph_object``, a share in ``MORPH_RANGE``)."""
+    kind = mix[0][0] if len(mix) == 1 else _pick(mix, g)
+    if kind == "morph":
+        others = [o for o in OBJECTS if o.name != obj.name]
+        other = others[int(torch.randint(0, len(others), (1,), generator=g))]
+        lo, hi = MORPH_RANGE
+        return morph_object(obj, other, float(lo + (hi - lo) * torch.rand(1, generator=g))), cams
     if kind in ("size", "both"):
         lo, hi = VARIANT_SCALES[int(torch.randint(0, len(VARIANT_SCALES), (1,), generator=g))]
         f = lo + (hi - lo) * torch.rand(len(cams), generator=g)
@@ -130,13 +153,14 @@ def _variant(obj, cams, g: torch.Generator):
 
 def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print,
                    relative_distance: Optional[Sequence[float]] = None,
-                   variants: bool = False) -> Dict[str, torch.Tensor]:
+                   variants: bool = False, variant_mix=VARIANT_MIX) -> Dict[str, torch.Tensor]:
     """Images ``uint8 [N, 64, 64, 3]`` with ``object`` ``[N]`` (index into OBJECTS), ``elevation``/``azimuth``
     ``[N]`` degrees, ``shading`` ``[N]`` (index into SHADING_MIX), ``background`` ``[N]`` (BACKGROUND_MIX) and
     ``variant`` ``[N]`` (bool); ``relative_distance``: see :func:`sample_views`.
 
     ``variants``: every image is a variant of its object that no caption names — seen at 0.6–0.8× or 1.25–1.6× its
-    apparent size, or with its albedo moved (up to ±0.35 per channel), or both (``VARIANT_MIX``). ``train.py
+    apparent size, or with its albedo moved (up to ±0.35 per channel), or both (``variant_mix``, default
+    ``VARIANT_MIX``), or its shape morphed with another object's (``MORPH_MIX``). ``train.py
     --variants-per-object`` captions them only with the unconditional captions, so that a prompt's classifier
     direction ε(y) − ε(∅) tells the object from ∅ by its size and colour as well as its shape."""
     g = torch.Generator().manual_seed(seed)
@@ -151,7 +175,7 @@ def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print,
             sub = cams[sl]
             target = obj
             if variants:
-                target, sub = _variant(obj, sub, g)
+                target, sub = _variant(obj, sub, g, variant_mix)
             shading = _pick(SHADING_MIX, g)
             kinds = [_pick(BACKGROUND_MIX, g) for _ in range(len(sub))]
             r = render_object(target, sub, "albedo" if shading == "albedo" else shading,

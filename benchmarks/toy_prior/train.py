@@ -24,7 +24,8 @@ one) with this ``--work``'s held-out renders.
 a saved prior (its VAE kept as it is: no VAE phase, its ``scaling_factor``; the UNet and text encoder train on for
 ``--unet-steps`` at ``--lr``); ``--relative-distance A,B`` renders the training set at one apparent size (distance
 U[A, B] / tan(fovy / 2)); ``--variants-per-object N`` adds N resized or recoloured renders of every object that
-only the unconditional captions name. Each is part of the checkpoints' settings only when given.
+only the unconditional captions name (``--variant-kind morph``: its shape blended with another object's instead;
+``morph-resize``: half each). Each is part of the checkpoints' settings only when given.
 
 Phases (each prints its time):
 
@@ -75,7 +76,8 @@ for _p in (_HERE.parents[1], _HERE.parent):
         sys.path.insert(0, str(_p))
 
 from toy_prior.objects import OBJECTS  # noqa: E402
-from toy_prior.render_dataset import IMAGE_SIZE, SHADING_MIX, distance_range, render_dataset, save_sheet  # noqa: E402
+from toy_prior.render_dataset import (IMAGE_SIZE, MORPH_MIX, MORPH_SIZE_MIX, SHADING_MIX, VARIANT_MIX,  # noqa: E402
+                                     distance_range, render_dataset, save_sheet)
 
 # ------------------------------------------------------------------------------------------------ settings
 MAX_LENGTH = 32
@@ -737,7 +739,9 @@ def final_checks(folder: Path, test: dict, args, log) -> dict:
 
 
 #: options that are in a phase's settings only when given (so the checkpoints of earlier runs still resume)
-OPTIONAL_KEYS = ("relative_distance", "init_from", "variants_per_object")
+OPTIONAL_KEYS = ("relative_distance", "init_from", "variants_per_object", "variant_kind")
+#: ``--variant-kind``: what the variants change (``render_dataset.py``)
+VARIANT_KINDS = {"resize-recolour": VARIANT_MIX, "morph": MORPH_MIX, "morph-resize": MORPH_SIZE_MIX}
 #: the options each phase's result depends on (a checkpoint made with other values is not resumed)
 VAE_KEYS = ("seed", "per_object", "vae_channels", "vae_layers", "vae_steps", "vae_batch", "vae_lr",
             "vae_crop_fraction", "vae_kl") + OPTIONAL_KEYS
@@ -812,6 +816,10 @@ def main(argv=None) -> int:
                     help="also train on N variants of every object that no caption names (smaller or larger, "
                          "recoloured; render_dataset.py), captioned only with the empty caption or the negative "
                          "prompt: the prompts' classifier direction then tells the object from ∅ by size and colour")
+    ap.add_argument("--variant-kind", choices=sorted(VARIANT_KINDS), default=None,
+                    help="with --variants-per-object: what the variants change (default resize-recolour; morph: "
+                         "the object's shape blended with another object's, in its own colour; morph-resize: half "
+                         "morphs, half resized)")
     ap.add_argument("--smoke", action="store_true", help="tiny models and a few steps: checks the pipeline")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -872,12 +880,14 @@ def main(argv=None) -> int:
         return 0
 
     if args.variants_per_object:  # trained on only: the checks are about the captioned objects
-        vcache = cache.with_name(cache.stem + f"_variants{args.variants_per_object}.pt")
+        kind = args.variant_kind or "resize-recolour"
+        tag = "variants" if kind == "resize-recolour" else kind.replace("morph", "morphs")
+        vcache = cache.with_name(cache.stem + f"_{tag}{args.variants_per_object}.pt")
         if vcache.exists():
             variants = torch.load(vcache)
         else:
             variants = render_dataset(args.variants_per_object, seed=args.seed + 1, batch=8, log=log,
-                                      relative_distance=rel, variants=True)
+                                      relative_distance=rel, variants=True, variant_mix=VARIANT_KINDS[kind])
             torch.save(variants, vcache)
         save_sheet(variants, args.work / "variants_sheet.png")
         train = {k: torch.cat([v, variants[k]]) for k, v in train.items()}
