@@ -112,8 +112,10 @@ def eval_cameras(size: int = EVAL_SIZE):
 
 # ------------------------------------------------------------------------------------------------- configs
 def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str = "preview-cpu",
-               model: str = "toy", resolution: Optional[int] = None, overrides: Optional[dict] = None):
-    """The run of ``method`` for ``obj``'s prompt: the preset stretched to ``steps``, then ``overrides``
+               model: str = "toy", resolution: Optional[int] = None, overrides: Optional[dict] = None,
+               rescale: bool = True):
+    """The run of ``method`` for ``obj``'s prompt: the preset stretched to ``steps`` (``rescale`` False: its
+    schedules kept in absolute steps, as ``generate --no-rescale-schedules``), then ``overrides``
     (``{section: {field: value}}``, in the run's own steps) on top."""
     from csd_backend.presets import get_preset
 
@@ -129,7 +131,7 @@ def run_config(obj: ToyObject, method: str, steps: int, seed: int, preset: str =
     if METHOD_GUIDANCE[method] is not None:  # the method's guidance, stretched from its preset's run length
         source = get_preset(METHOD_GUIDANCE[method]).with_steps(cfg.optim.steps).guidance
         over["guidance"].update({k: getattr(source, k) for k in GUIDANCE_FIELDS})
-    cfg = cfg.replace(**over).with_steps(steps)
+    cfg = cfg.replace(**over).with_steps(steps, rescale_schedules=rescale)
     return cfg.replace(**overrides) if overrides else cfg
 
 
@@ -305,13 +307,13 @@ _WORKER: dict = {}
 
 def _run_one(job, scorer: Optional[Scorer] = None):
     """Train and score one (object, method) run; in a worker process the prior and the scorer are cached."""
-    name, method, seed, steps, preset, model, resolution, meshes, threads, names, overrides, every, start = job
+    name, method, seed, steps, preset, model, resolution, meshes, threads, names, overrides, every, start, rescale = job
     from csd_backend.priors import load_prior
 
     torch.set_num_threads(threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     obj = get_object(name)
-    cfg = run_config(obj, method, steps, seed, preset, model, resolution, overrides)
+    cfg = run_config(obj, method, steps, seed, preset, model, resolution, overrides, rescale)
     if scorer is None:
         if "scorer" not in _WORKER:
             _WORKER["scorer"] = Scorer([get_object(n) for n in names], points=meshes)
@@ -480,6 +482,9 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", default=",".join(o.name for o in OBJECTS))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=0, help="training steps (default 0: the preset's own, 150 for preview-cpu)")
+    ap.add_argument("--no-rescale-schedules", action="store_true",
+                    help="with --steps: keep the preset's schedules in absolute steps instead of stretching them "
+                         "(generate's option of that name)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", default="", metavar="S,S,...",
                     help="run every (object, method) with each of these seeds (instead of --seed) and report the "
@@ -531,7 +536,7 @@ def main(argv=None) -> int:
     blobs, prior = {}, None
     for seed in seeds:
         cfg0 = run_config(objects[0], methods[0], args.steps, seed, args.preset, args.model,
-                          args.resolution or None, overrides)
+                          args.resolution or None, overrides, not args.no_rescale_schedules)
         prior = prior or load_prior(cfg0.prior)  # the same for every seed: loaded once
         blob = Optimization(cfg0, prior).trained_scene()
         blobs[seed], rend = scorer.score(blob, cfg0.render, own=[b.name for b in objects], meshes=not args.no_mesh)
@@ -545,7 +550,8 @@ def main(argv=None) -> int:
 
     jobs = [(o.name, m, seed) for m in methods for o in objects for seed in seeds]
     common = (args.steps, args.preset, args.model, args.resolution or None, not args.no_mesh,
-              args.threads, [o.name for o in objects], overrides, max(args.every, 0), args.start)
+              args.threads, [o.name for o in objects], overrides, max(args.every, 0), args.start,
+              not args.no_rescale_schedules)
 
     def report(name, m, seed, r):
         print(f"{name:5s} {m} seed {seed}: IoU {r['iou'][name]:.3f} (best other "
@@ -574,6 +580,7 @@ def main(argv=None) -> int:
     header = (f"Shape quality with the toy prior: preset {args.preset}, {args.steps} steps, "
               f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
               f"{', from the exact objects (--start exact)' if args.start == 'exact' else ''}"
+              f"{', the schedules in absolute steps' if args.no_rescale_schedules else ''}"
               f"{' (the mean; IoU range in brackets)' if len(seeds) > 1 else ''}, "
               f"prior resolution {args.resolution or 'preset'}, {args.jobs} job(s) × {args.threads} torch thread(s); "
               f"{'settings ' + ' '.join(args.set) + '; ' if args.set else ''}"

@@ -118,6 +118,22 @@ def test_shape_quality_scores_during_the_run(toy_prior):
     assert curve_table({"cone/csd": {}}, [get_object("cone")], ["csd"]) == []
 
 
+def test_shape_quality_can_keep_the_presets_schedules_in_absolute_steps():
+    """``shape_quality.py --steps 600 --no-rescale-schedules`` runs what ``generate --steps 600
+    --no-rescale-schedules`` runs: the preset's 150-step schedules end at step 150 and hold their last values."""
+    from csd_backend.presets import get_preset
+    from shape_quality import run_config
+    from toy_prior.objects import get_object
+
+    preset, cube = get_preset("preview-cpu"), get_object("cube")
+    kept = run_config(cube, "csd", 600, seed=0, rescale=False)
+    assert kept.optim.steps == 600 and kept.loss.sparsity == preset.loss.sparsity == [0, 3.0, 1.0, 150]
+    assert kept.guidance.max_step_percent == preset.guidance.max_step_percent
+    assert kept.render.ambient_only_steps == preset.render.ambient_only_steps
+    stretched = run_config(cube, "csd", 600, seed=0)
+    assert stretched.loss.sparsity == [0, 3.0, 1.0, 600] and stretched.render.ambient_only_steps == 4 * 56
+
+
 def test_silhouette_size_says_larger_or_smaller_where_the_iou_cannot():
     from shape_quality import silhouette_iou, silhouette_size
 
