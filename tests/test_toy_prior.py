@@ -307,6 +307,11 @@ def test_toy_morph_variants_blend_two_shapes_in_the_objects_colour():
     own, morphed = render_object(cube, cams)["mask"], render_object(obj, cams)["mask"]
     assert morphed.any() and (own != morphed).any()
 
+    from toy_prior.train import main as train_main
+
+    with pytest.raises(SystemExit):  # a kind without variants would change nothing: refused
+        train_main(["--out", "unused", "--work", "unused", "--variant-kind", "morph"])
+
     kinds = set()  # half morphs, half resized
     for _ in range(12):
         obj, moved = _variant(cube, cams, g, MORPH_SIZE_MIX)

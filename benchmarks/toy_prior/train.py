@@ -822,6 +822,8 @@ def main(argv=None) -> int:
                          "morphs, half resized)")
     ap.add_argument("--smoke", action="store_true", help="tiny models and a few steps: checks the pipeline")
     args = ap.parse_args(argv)
+    if args.variant_kind and not args.variants_per_object:
+        ap.error("--variant-kind says what the variants change: give --variants-per-object N as well")
     if args.smoke:
         args.per_object, args.vae_steps, args.unet_steps, args.samples = 32, 20, 20, 2
         args.arch, args.eval_every, args.eval_images, args.checkpoint_every = "smoke", 20, 8, 10
