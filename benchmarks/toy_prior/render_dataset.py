@@ -56,8 +56,9 @@ CAMERA_CHUNK = 8
 
 
 def _pick(mix, g: torch.Generator) -> str:
+    """A name of ``mix`` ((name, probability) pairs) drawn from ``g``; a mix of one name draws nothing."""
     names, probs = zip(*mix)
-    return names[int(torch.multinomial(torch.tensor(probs), 1, generator=g))]
+    return names[0] if len(names) == 1 else names[int(torch.multinomial(torch.tensor(probs), 1, generator=g))]
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:
@@ -127,10 +128,10 @@ def morph_object(obj, other, share: float):
 
 
 def _variant(obj, cams, g: torch.Generator, mix=VARIANT_MIX):
-    """The object and cameras of one batch of variants (a kind of ``mix``; one kind: nothing drawn): seen larger or
-    smaller (each camera moved along its line to the origin by the factor) and/or with another albedo, or its shape
-    morphed with another object's (``morph_object``, a share in ``MORPH_RANGE``)."""
-    kind = mix[0][0] if len(mix) == 1 else _pick(mix, g)
+    """The object and cameras of one batch of variants (a kind drawn from ``mix``): seen larger or smaller (each
+    camera moved along its line to the origin by the factor) and/or with another albedo, or its shape morphed with
+    another object's (``morph_object``, a share in ``MORPH_RANGE``)."""
+    kind = _pick(mix, g)
     if kind == "morph":
         others = [o for o in OBJECTS if o.name != obj.name]
         other = others[int(torch.randint(0, len(others), (1,), generator=g))]

@@ -740,8 +740,9 @@ def final_checks(folder: Path, test: dict, args, log) -> dict:
 
 #: options that are in a phase's settings only when given (so the checkpoints of earlier runs still resume)
 OPTIONAL_KEYS = ("relative_distance", "init_from", "variants_per_object", "variant_kind")
-#: ``--variant-kind``: what the variants change (``render_dataset.py``)
-VARIANT_KINDS = {"resize-recolour": VARIANT_MIX, "morph": MORPH_MIX, "morph-resize": MORPH_SIZE_MIX}
+#: ``--variant-kind``: what the variants change (``render_dataset.py``) and the name of their cache file
+VARIANT_KINDS = {"resize-recolour": (VARIANT_MIX, "variants"), "morph": (MORPH_MIX, "morphs"),
+                 "morph-resize": (MORPH_SIZE_MIX, "morphs-resize")}
 #: the options each phase's result depends on (a checkpoint made with other values is not resumed)
 VAE_KEYS = ("seed", "per_object", "vae_channels", "vae_layers", "vae_steps", "vae_batch", "vae_lr",
             "vae_crop_fraction", "vae_kl") + OPTIONAL_KEYS
@@ -882,14 +883,13 @@ def main(argv=None) -> int:
         return 0
 
     if args.variants_per_object:  # trained on only: the checks are about the captioned objects
-        kind = args.variant_kind or "resize-recolour"
-        tag = "variants" if kind == "resize-recolour" else kind.replace("morph", "morphs")
+        mix, tag = VARIANT_KINDS[args.variant_kind or "resize-recolour"]
         vcache = cache.with_name(cache.stem + f"_{tag}{args.variants_per_object}.pt")
         if vcache.exists():
             variants = torch.load(vcache)
         else:
             variants = render_dataset(args.variants_per_object, seed=args.seed + 1, batch=8, log=log,
-                                      relative_distance=rel, variants=True, variant_mix=VARIANT_KINDS[kind])
+                                      relative_distance=rel, variants=True, variant_mix=mix)
             torch.save(variants, vcache)
         save_sheet(variants, args.work / "variants_sheet.png")
         train = {k: torch.cat([v, variants[k]]) for k, v in train.items()}
