@@ -319,3 +319,30 @@ def test_toy_morph_variants_blend_two_shapes_in_the_objects_colour():
         kinds.add("size" if moved is not cams else "morph")
         assert (moved is cams) != torch.allclose(obj.sdf(p), cube.sdf(p))
     assert kinds == {"size", "morph"}
+
+
+def test_toy_blob_variants_are_the_object_on_its_way_from_the_starting_blob():
+    """``train.py --variant-kind blob``: each object's distance blended with the starting blob's (a sphere of radius
+    0.5) by a share in ``BLOB_RANGE``, in the object's colour: larger and rounder than the object, the ring's hole
+    closing — the shapes a run from the blob passes through, which no caption names."""
+    from toy_prior.objects import get_object, render_object
+    from toy_prior.render_dataset import BLOB, BLOB_MIX, BLOB_RANGE, _variant, sample_views
+
+    p = torch.rand(256, 3) * 1.2 - 0.6
+    assert torch.allclose(BLOB.sdf(p), p.norm(dim=-1) - 0.5)
+    g = torch.Generator().manual_seed(0)
+    cams = sample_views(2, g)
+    for name in ("cube", "ring"):
+        own = get_object(name)
+        obj, same = _variant(own, cams, g, BLOB_MIX)
+        assert same is cams and (obj.name, obj.color) == (own.name, own.color)
+        d, b = own.sdf(p), BLOB.sdf(p)
+        share = float(((obj.sdf(p) - d) / (b - d)).median())  # the drawn share, recovered from the blend
+        assert BLOB_RANGE[0] <= share <= BLOB_RANGE[1]
+        assert torch.allclose(obj.sdf(p), (1 - share) * d + share * b, atol=1e-5)
+        assert render_object(obj, cams)["mask"].sum() > render_object(own, cams)["mask"].sum()  # larger
+    ring = get_object("ring")  # at the top of the range the hole (the origin, inside the torus's circle) has closed
+    from toy_prior.render_dataset import morph_object
+
+    origin = torch.zeros(1, 3)
+    assert ring.sdf(origin) > 0 and morph_object(ring, BLOB, BLOB_RANGE[1]).sdf(origin) < 0

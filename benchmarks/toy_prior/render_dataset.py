@@ -31,7 +31,7 @@ for _p in (_HERE.parents[1], _HERE.parent):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from toy_prior.objects import OBJECTS, render_object  # noqa: E402
+from toy_prior.objects import OBJECTS, ToyObject, render_object  # noqa: E402
 
 IMAGE_SIZE = 64
 #: (camera preset, probability): whose camera settings the views are drawn from
@@ -47,6 +47,14 @@ MORPH_MIX = (("morph", 1.0),)
 MORPH_SIZE_MIX = (("morph", 0.5), ("size", 0.5))
 #: a morph's share of the other object's signed distance
 MORPH_RANGE = (0.3, 0.7)
+#: the third kind (``render_dataset(variant_mix=BLOB_MIX)``): the object on its way from the engine's starting
+#: blob — its signed distance blended with ``BLOB``'s (a share in ``BLOB_RANGE``): rounder, larger, holes closing
+BLOB_MIX = (("blob", 1.0),)
+#: the sphere every object fits in (objects.py), the size of the engine's starting blob (``density_blob_std`` 0.5)
+BLOB = ToyObject("blob", "", (0.5, 0.5, 0.5), lambda p: p.norm(dim=-1) - 0.5, bound=0.55,
+                 box=((-0.5,) * 3, (0.5,) * 3), description="sphere, radius 0.5")
+#: a blob morph's share of ``BLOB``'s distance (0.1: the cube at volume IoU 0.85, 0.4: 0.63)
+BLOB_RANGE = (0.1, 0.4)
 #: a variant's apparent size is the object's times one of these ranges (smaller or larger; never about its own)
 VARIANT_SCALES = ((0.6, 0.8), (1.25, 1.6))
 #: a variant's albedo moves by up to this much per channel (at least 0.15 in one channel), then clipped to [0, 1]
@@ -130,8 +138,11 @@ def morph_object(obj, other, share: float):
 def _variant(obj, cams, g: torch.Generator, mix=VARIANT_MIX):
     """The object and cameras of one batch of variants (a kind drawn from ``mix``): seen larger or smaller (each
     camera moved along its line to the origin by the factor) and/or with another albedo, or its shape morphed with
-    another object's (``morph_object``, a share in ``MORPH_RANGE``)."""
+    another object's (``morph_object``, a share in ``MORPH_RANGE``) or with ``BLOB`` (a share in ``BLOB_RANGE``)."""
     kind = _pick(mix, g)
+    if kind == "blob":
+        lo, hi = BLOB_RANGE
+        return morph_object(obj, BLOB, float(lo + (hi - lo) * torch.rand(1, generator=g))), cams
     if kind == "morph":
         others = [o for o in OBJECTS if o.name != obj.name]
         other = others[int(torch.randint(0, len(others), (1,), generator=g))]
@@ -161,7 +172,8 @@ def render_dataset(per_object: int, seed: int = 0, batch: int = 8, log=print,
 
     ``variants``: every image is a variant of its object that no caption names — seen at 0.6–0.8× or 1.25–1.6× its
     apparent size, or with its albedo moved (up to ±0.35 per channel), or both (``variant_mix``, default
-    ``VARIANT_MIX``), or its shape morphed with another object's (``MORPH_MIX``). ``train.py
+    ``VARIANT_MIX``), or its shape morphed with another object's (``MORPH_MIX``) or with the starting blob
+    (``BLOB_MIX``). ``train.py
     --variants-per-object`` captions them only with the unconditional captions, so that a prompt's classifier
     direction ε(y) − ε(∅) tells the object from ∅ by its size and colour as well as its shape."""
     g = torch.Generator().manual_seed(seed)

@@ -25,7 +25,8 @@ a saved prior (its VAE kept as it is: no VAE phase, its ``scaling_factor``; the 
 ``--unet-steps`` at ``--lr``); ``--relative-distance A,B`` renders the training set at one apparent size (distance
 U[A, B] / tan(fovy / 2)); ``--variants-per-object N`` adds N resized or recoloured renders of every object that
 only the unconditional captions name (``--variant-kind morph``: its shape blended with another object's instead;
-``morph-resize``: half each). Each is part of the checkpoints' settings only when given.
+``morph-resize``: half each; ``blob``: its shape blended with the engine's starting blob). Each is part of the
+checkpoints' settings only when given.
 
 Phases (each prints its time):
 
@@ -76,8 +77,8 @@ for _p in (_HERE.parents[1], _HERE.parent):
         sys.path.insert(0, str(_p))
 
 from toy_prior.objects import OBJECTS  # noqa: E402
-from toy_prior.render_dataset import (IMAGE_SIZE, MORPH_MIX, MORPH_SIZE_MIX, SHADING_MIX, VARIANT_MIX,  # noqa: E402
-                                     distance_range, render_dataset, save_sheet)
+from toy_prior.render_dataset import (BLOB_MIX, IMAGE_SIZE, MORPH_MIX, MORPH_SIZE_MIX, SHADING_MIX,  # noqa: E402
+                                     VARIANT_MIX, distance_range, render_dataset, save_sheet)
 
 # ------------------------------------------------------------------------------------------------ settings
 MAX_LENGTH = 32
@@ -742,7 +743,7 @@ def final_checks(folder: Path, test: dict, args, log) -> dict:
 OPTIONAL_KEYS = ("relative_distance", "init_from", "variants_per_object", "variant_kind")
 #: ``--variant-kind``: what the variants change (``render_dataset.py``) and the name of their cache file
 VARIANT_KINDS = {"resize-recolour": (VARIANT_MIX, "variants"), "morph": (MORPH_MIX, "morphs"),
-                 "morph-resize": (MORPH_SIZE_MIX, "morphs-resize")}
+                 "morph-resize": (MORPH_SIZE_MIX, "morphs-resize"), "blob": (BLOB_MIX, "blobs")}
 #: the options each phase's result depends on (a checkpoint made with other values is not resumed)
 VAE_KEYS = ("seed", "per_object", "vae_channels", "vae_layers", "vae_steps", "vae_batch", "vae_lr",
             "vae_crop_fraction", "vae_kl") + OPTIONAL_KEYS
@@ -820,7 +821,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-kind", choices=sorted(VARIANT_KINDS), default=None,
                     help="with --variants-per-object: what the variants change (default resize-recolour; morph: "
                          "the object's shape blended with another object's, in its own colour; morph-resize: half "
-                         "morphs, half resized)")
+                         "morphs, half resized; blob: the object's shape blended with the starting blob's, rounder "
+                         "and larger)")
     ap.add_argument("--smoke", action="store_true", help="tiny models and a few steps: checks the pipeline")
     args = ap.parse_args(argv)
     if args.variant_kind and not args.variants_per_object:
