@@ -346,3 +346,14 @@ def test_toy_blob_variants_are_the_object_on_its_way_from_the_starting_blob():
 
     origin = torch.zeros(1, 3)
     assert ring.sdf(origin) > 0 and morph_object(ring, BLOB, BLOB_RANGE[1]).sdf(origin) < 0
+
+    from toy_prior.render_dataset import MORPH_BLOB_MIX  # half morphs (another object's shape), half blob morphs
+
+    cube = get_object("cube")
+    d, b, kinds = cube.sdf(p), BLOB.sdf(p), set()
+    for _ in range(12):
+        obj, same = _variant(cube, cams, g, MORPH_BLOB_MIX)
+        assert same is cams and obj.color == cube.color and not torch.allclose(obj.sdf(p), d)
+        ratio = (obj.sdf(p) - d) / (b - d)  # one share everywhere only for a blend with the blob
+        kinds.add("blob" if torch.allclose(ratio, ratio.median().expand_as(ratio), atol=1e-4) else "morph")
+    assert kinds == {"blob", "morph"}

@@ -55,6 +55,8 @@ BLOB = ToyObject("blob", "", (0.5, 0.5, 0.5), lambda p: p.norm(dim=-1) - 0.5, bo
                  box=((-0.5,) * 3, (0.5,) * 3), description="sphere, radius 0.5")
 #: a blob morph's share of ``BLOB``'s distance (0.1: the cube at volume IoU 0.85, 0.4: 0.63)
 BLOB_RANGE = (0.1, 0.4)
+#: morphs and blob morphs, half each (the morphs are often smaller than their object, the blob morphs larger)
+MORPH_BLOB_MIX = (("morph", 0.5), ("blob", 0.5))
 #: a variant's apparent size is the object's times one of these ranges (smaller or larger; never about its own)
 VARIANT_SCALES = ((0.6, 0.8), (1.25, 1.6))
 #: a variant's albedo moves by up to this much per channel (at least 0.15 in one channel), then clipped to [0, 1]
