@@ -358,6 +358,13 @@ def test_toy_blob_variants_are_the_object_on_its_way_from_the_starting_blob():
         kinds.add("blob" if torch.allclose(ratio, ratio.median().expand_as(ratio), atol=1e-4) else "morph")
     assert kinds == {"blob", "morph"}
 
+    from toy_prior.render_dataset import MORPH_BLOB_RECOLOUR_MIX  # the same shapes, recoloured
+
+    for _ in range(4):
+        obj, same = _variant(cube, cams, g, MORPH_BLOB_RECOLOUR_MIX)
+        assert same is cams and obj.color != cube.color and not torch.allclose(obj.sdf(p), d)
+        assert max(abs(a - b) for a, b in zip(obj.color, cube.color)) > 0.05
+
 
 def test_prefer_exact_scores_the_prompt_higher_on_its_own_object():
     """``prefer_exact.py``: the prompt's advantage over "" (what CSD's direction climbs), here of "a red cube" on

@@ -57,6 +57,9 @@ BLOB = ToyObject("blob", "", (0.5, 0.5, 0.5), lambda p: p.norm(dim=-1) - 0.5, bo
 BLOB_RANGE = (0.1, 0.4)
 #: morphs and blob morphs, half each (the morphs are often smaller than their object, the blob morphs larger)
 MORPH_BLOB_MIX = (("morph", 0.5), ("blob", 0.5))
+#: the same, each recoloured as the colour variants (in the object's own colour, shapes between the objects in ∅
+#: also say that the prompt's colour is not what tells it from ∅)
+MORPH_BLOB_RECOLOUR_MIX = (("morph+colour", 0.5), ("blob+colour", 0.5))
 #: a variant's apparent size is the object's times one of these ranges (smaller or larger; never about its own)
 VARIANT_SCALES = ((0.6, 0.8), (1.25, 1.6))
 #: a variant's albedo moves by up to this much per channel (at least 0.15 in one channel), then clipped to [0, 1]
@@ -140,23 +143,24 @@ def morph_object(obj, other, share: float):
 def _variant(obj, cams, g: torch.Generator, mix=VARIANT_MIX):
     """The object and cameras of one batch of variants (a kind drawn from ``mix``): seen larger or smaller (each
     camera moved along its line to the origin by the factor) and/or with another albedo, or its shape morphed with
-    another object's (``morph_object``, a share in ``MORPH_RANGE``) or with ``BLOB`` (a share in ``BLOB_RANGE``)."""
-    kind = _pick(mix, g)
+    another object's (``morph_object``, a share in ``MORPH_RANGE``) or with ``BLOB`` (a share in ``BLOB_RANGE``);
+    a kind ``"morph+colour"`` recolours the morph too."""
+    kind, _, then = _pick(mix, g).partition("+")  # "morph+colour": a morph, then recoloured
     if kind == "blob":
         lo, hi = BLOB_RANGE
-        return morph_object(obj, BLOB, float(lo + (hi - lo) * torch.rand(1, generator=g))), cams
+        obj = morph_object(obj, BLOB, float(lo + (hi - lo) * torch.rand(1, generator=g)))
     if kind == "morph":
         others = [o for o in OBJECTS if o.name != obj.name]
         other = others[int(torch.randint(0, len(others), (1,), generator=g))]
         lo, hi = MORPH_RANGE
-        return morph_object(obj, other, float(lo + (hi - lo) * torch.rand(1, generator=g))), cams
+        obj = morph_object(obj, other, float(lo + (hi - lo) * torch.rand(1, generator=g)))
     if kind in ("size", "both"):
         lo, hi = VARIANT_SCALES[int(torch.randint(0, len(VARIANT_SCALES), (1,), generator=g))]
         f = lo + (hi - lo) * torch.rand(len(cams), generator=g)
         c2w = cams.c2w.clone()
         c2w[:, :3, 3] /= f[:, None]
         cams = dataclasses.replace(cams, c2w=c2w, distance=cams.distance / f)
-    if kind in ("colour", "both"):
+    if kind in ("colour", "both") or then == "colour":
         shift = (torch.rand(3, generator=g) * 2 - 1) * VARIANT_COLOUR_SHIFT
         k = int(shift.abs().argmax())
         shift[k] = shift[k].sign() * max(float(shift[k].abs()), 0.15)
