@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -128,7 +129,9 @@ def test_sigterm_keeps_a_checkpoint_and_a_run_without_one_restarts_from_step_0(t
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err
+    # torch's own logged warnings (its "W1207 12:00:00.000 ..." lines) may hold a traceback of its compile cache
+    # (an entry written by a script whose __main__ imports torch fails to unpickle here; torch then recompiles)
+    assert "Traceback" not in "\n".join(ln for ln in err.splitlines() if not re.match(r"[IWE]\d{4} ", ln))
     last = err.strip().splitlines()[-1]
     assert last.startswith("stopped by SIGTERM at step") and f"generate --resume {out}" in last
     done = load_checkpoint(out)["step"]
