@@ -190,7 +190,9 @@ def test_the_camera_embedding_changes_the_output_but_not_the_distance(prior):
     b = prior.predict_noise(z, t, emb, cameras=orbit_cameras(4, start_azimuth=40.0).c2w, num_views=4)
     assert ((a - b).abs().amax(dim=(1, 2, 3)) > 1e-4).all()
     far = prior.predict_noise(z, t, emb, cameras=orbit_cameras(4, distance=5.0).c2w, num_views=4)
-    torch.testing.assert_close(far, a, rtol=1e-5, atol=1e-6)  # normalize_camera: only directions count
+    torch.testing.assert_close(far, a, rtol=1e-4, atol=1e-5)  # normalize_camera: only directions count (the
+    # normalised camera rounds differently across CPUs: 1.1e-6 apart on an AMD EPYC without AVX-512; a camera change
+    # moves the output by more than 1e-4, above)
 
 
 def test_predict_noise_needs_cameras_and_whole_objects(prior):
