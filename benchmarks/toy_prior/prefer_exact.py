@@ -27,8 +27,7 @@ for _p in (_HERE.parents[1], _HERE.parent):
 
 from toy_prior.objects import OBJECTS, get_object, render_object  # noqa: E402
 from toy_prior.render_dataset import BLOB, morph_object, sample_views  # noqa: E402
-
-TIMESTEPS = (100, 250, 400, 550, 700, 850)
+from toy_prior.train import CLASSIFIER_TIMESTEPS  # noqa: E402
 
 
 @torch.no_grad()
@@ -38,7 +37,7 @@ def prompt_advantage(prior, images: torch.Tensor, prompt: str, seed: int = 1) ->
     vae, unet = prior.vae, prior.unet
     z = vae.encode(images.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
     emb = prior.encode_text([prompt, ""]).float()  # [2, L, D], as the engine encodes its prompts
-    ts = torch.tensor(TIMESTEPS)
+    ts = torch.tensor(CLASSIFIER_TIMESTEPS)
     a = prior.alphas_cumprod.float().cpu()[ts].view(-1, 1, 1, 1)
     g = torch.Generator().manual_seed(seed)
     out = []

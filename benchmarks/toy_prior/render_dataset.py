@@ -39,7 +39,7 @@ CAMERA_MIX = (("csd-coarse", 0.7), ("sds-dreamfusion", 0.3))
 SHADING_MIX = (("albedo", 0.55), ("textureless", 0.20), ("diffuse", 0.15), ("grey", 0.10))
 BACKGROUND_MIX = (("solid", 0.35), ("white", 0.15), ("grey", 0.10), ("env", 0.40))
 #: variants (``render_dataset(variants=True)``): what changes — the apparent size, the colour or both — and how
-VARIANT_MIX = (("size", 0.5), ("colour", 0.25), ("both", 0.25))
+VARIANT_MIX = (("size", 0.5), ("colour", 0.25), ("size+colour", 0.25))
 #: the other kind of variant (``render_dataset(variant_mix=MORPH_MIX)``): the object's shape blended with another's
 MORPH_MIX = (("morph", 1.0),)
 #: morphs and resized objects, half each (a morph is often smaller than its object: the resized ones say that a
@@ -72,6 +72,11 @@ def _pick(mix, g: torch.Generator) -> str:
     """A name of ``mix`` ((name, probability) pairs) drawn from ``g``; a mix of one name draws nothing."""
     names, probs = zip(*mix)
     return names[0] if len(names) == 1 else names[int(torch.multinomial(torch.tensor(probs), 1, generator=g))]
+
+
+def _uniform(bounds: Tuple[float, float], g: torch.Generator) -> float:
+    lo, hi = bounds
+    return float(lo + (hi - lo) * torch.rand(1, generator=g))
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:
@@ -144,23 +149,21 @@ def _variant(obj, cams, g: torch.Generator, mix=VARIANT_MIX):
     """The object and cameras of one batch of variants (a kind drawn from ``mix``): seen larger or smaller (each
     camera moved along its line to the origin by the factor) and/or with another albedo, or its shape morphed with
     another object's (``morph_object``, a share in ``MORPH_RANGE``) or with ``BLOB`` (a share in ``BLOB_RANGE``);
-    a kind ``"morph+colour"`` recolours the morph too."""
+    a kind ``"X+colour"`` recolours it too (``"size+colour"``: resized and recoloured)."""
     kind, _, then = _pick(mix, g).partition("+")  # "morph+colour": a morph, then recoloured
     if kind == "blob":
-        lo, hi = BLOB_RANGE
-        obj = morph_object(obj, BLOB, float(lo + (hi - lo) * torch.rand(1, generator=g)))
+        obj = morph_object(obj, BLOB, _uniform(BLOB_RANGE, g))
     if kind == "morph":
         others = [o for o in OBJECTS if o.name != obj.name]
         other = others[int(torch.randint(0, len(others), (1,), generator=g))]
-        lo, hi = MORPH_RANGE
-        obj = morph_object(obj, other, float(lo + (hi - lo) * torch.rand(1, generator=g)))
-    if kind in ("size", "both"):
+        obj = morph_object(obj, other, _uniform(MORPH_RANGE, g))
+    if kind == "size":
         lo, hi = VARIANT_SCALES[int(torch.randint(0, len(VARIANT_SCALES), (1,), generator=g))]
         f = lo + (hi - lo) * torch.rand(len(cams), generator=g)
         c2w = cams.c2w.clone()
         c2w[:, :3, 3] /= f[:, None]
         cams = dataclasses.replace(cams, c2w=c2w, distance=cams.distance / f)
-    if kind in ("colour", "both") or then == "colour":
+    if "colour" in (kind, then):
         shift = (torch.rand(3, generator=g) * 2 - 1) * VARIANT_COLOUR_SHIFT
         k = int(shift.abs().argmax())
         shift[k] = shift[k].sign() * max(float(shift[k].abs()), 0.15)

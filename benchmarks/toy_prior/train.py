@@ -609,6 +609,10 @@ def save_grid(rows: torch.Tensor, labels: List[str], path: Path, pad: int = 2) -
     canvas.save(path)
 
 
+#: the timesteps of the diffusion-classifier checks (``caption_accuracy``, ``prefer_exact.py``)
+CLASSIFIER_TIMESTEPS = (100, 250, 400, 550, 700, 850)
+
+
 @torch.no_grad()
 def caption_accuracy(unet, text_encoder, tokenizer, alphas_cumprod, data, mean, n_images: int, seed: int,
                      details: bool = False):
@@ -622,7 +626,7 @@ def caption_accuracy(unet, text_encoder, tokenizer, alphas_cumprod, data, mean, 
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(mean.shape[0], generator=g)[:n_images]
     cache = TextCache(tokenizer)
-    ts = torch.tensor([100, 250, 400, 550, 700, 850])
+    ts = torch.tensor(CLASSIFIER_TIMESTEPS)
     a = alphas_cumprod[ts].view(-1, 1, 1, 1)
     K = len(OBJECTS)
     confusion = torch.zeros(K, K, dtype=torch.long)
