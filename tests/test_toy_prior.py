@@ -4,6 +4,7 @@ short CSD run with it makes the prompted object (silhouette IoU against the exac
 from __future__ import annotations
 
 import fnmatch
+import math
 import sys
 import tomllib
 from pathlib import Path
@@ -366,6 +367,37 @@ def test_toy_blob_variants_are_the_object_on_its_way_from_the_starting_blob():
         assert max(abs(a - b) for a, b in zip(obj.color, cube.color)) > 0.05
 
 
+def test_toy_sized_variants_look_as_large_as_their_object():
+    """``"+sized"`` (``--variant-kind morph-blob-sized``): a morph or blob morph seen from cameras moved so that its
+    silhouette is its object's size (``silhouette_area``), so that only its shape tells it from the object; half
+    of them recoloured."""
+    from toy_prior.objects import get_object, render_object
+    from toy_prior.render_dataset import (BLOB, MORPH_BLOB_SIZED_MIX, _variant, morph_object, sample_views,
+                                          silhouette_area)
+
+    ball = get_object("ball")  # radius 0.4: a disc of area π·0.4² in the square [−0.6, 0.6]²
+    assert silhouette_area(ball) == pytest.approx(math.pi * 0.16 / 1.44, rel=0.05)
+    assert silhouette_area(BLOB) > silhouette_area(morph_object(ball, BLOB, 0.5)) > silhouette_area(ball)
+    g = torch.Generator().manual_seed(0)
+    cams = sample_views(4, g)
+    p = torch.rand(256, 3) - 0.5
+    for name in ("cube", "ring", "mug"):
+        own = get_object(name)
+        exact = render_object(own, cams)["mask"].sum()
+        kinds, colours, ratios = set(), set(), []
+        for _ in range(8):
+            obj, moved = _variant(own, cams, g, MORPH_BLOB_SIZED_MIX)
+            assert not torch.allclose(obj.sdf(p), own.sdf(p))
+            f = float(moved.distance[0] / cams.distance[0])
+            assert torch.allclose(moved.distance / cams.distance, torch.tensor(f))  # one move for the batch
+            kinds.add("away" if f > 1 else "nearer")  # a blob morph (larger) is seen from further away
+            colours.add(obj.color == own.color)
+            ratios.append(float(render_object(obj, moved)["mask"].sum() / exact))
+        assert colours == {True, False}  # (unsized, these ratios are 0.5–1.5)
+        assert max(abs(r - 1) for r in ratios) < 0.2 and abs(sum(ratios) / len(ratios) - 1) < 0.08, (name, ratios)
+    assert "away" in kinds
+
+
 def test_prefer_exact_scores_the_prompt_higher_on_its_own_object():
     """``prefer_exact.py``: the prompt's advantage over "" (what CSD's direction climbs), here of "a red cube" on
     renders of the cube against renders of the ring (the shipped prior tells them apart: accuracy 0.99), and one
@@ -382,3 +414,5 @@ def test_prefer_exact_scores_the_prompt_higher_on_its_own_object():
     assert own.shape == (2,) and bool((own > other).all())
     adv = compare(prior, "cube", views=2, shares=(0.3,))
     assert set(adv) == {"exact", "blob 0.3"} and torch.allclose(adv["exact"], own)  # the same views and noise
+    sized = compare(prior, "cube", views=2, shares=(0.3,), sized=True)  # the morph seen from further away
+    assert torch.equal(sized["exact"], adv["exact"]) and not torch.allclose(sized["blob 0.3"], adv["blob 0.3"])

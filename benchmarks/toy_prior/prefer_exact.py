@@ -9,7 +9,8 @@ the prompt's log-likelihood edge over the empty caption, ``Σ_t ‖ε̂(z_t, ∅
 timesteps of the caption-accuracy check (100…850, the same noise for every render of a view): what CSD's direction
 ε(y) − ε(∅) climbs. Printed per object: the mean advantage of the exact renders and of each share's morphs, and how
 often the exact render of a view beats its morph ("wins"; 0.5: the prompt cannot tell the object from its rounder,
-larger version, so nothing pushes a run from one to the other).
+larger version, so nothing pushes a run from one to the other). ``--sized``: the morphs seen from cameras moved so
+that they look as large as the object, so that only their shape tells them from it.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ for _p in (_HERE.parents[1], _HERE.parent):
         sys.path.insert(0, str(_p))
 
 from toy_prior.objects import OBJECTS, get_object, render_object  # noqa: E402
-from toy_prior.render_dataset import BLOB, morph_object, sample_views  # noqa: E402
+from toy_prior.render_dataset import BLOB, at_size_of, morph_object, sample_views  # noqa: E402
 from toy_prior.train import CLASSIFIER_TIMESTEPS  # noqa: E402
 
 
@@ -51,13 +52,16 @@ def prompt_advantage(prior, images: torch.Tensor, prompt: str, seed: int = 1) ->
     return torch.stack(out)
 
 
-def compare(prior, name: str, views: int = 24, shares: Sequence[float] = (0.15, 0.3)) -> Dict[str, torch.Tensor]:
+def compare(prior, name: str, views: int = 24, shares: Sequence[float] = (0.15, 0.3),
+            sized: bool = False) -> Dict[str, torch.Tensor]:
     """The advantages of ``name``'s prompt on its exact renders (``exact``) and on its blob morphs (one key per
-    share), ``[views]`` each, the same cameras and noise for all."""
+    share), ``[views]`` each, the same cameras and noise for all; ``sized``: each morph seen from cameras moved so
+    that it looks as large as the object (``render_dataset.at_size_of``: only the shape differs)."""
     obj = get_object(name)
     cams = sample_views(views, torch.Generator().manual_seed(5))
     shapes = {"exact": obj, **{f"blob {s:g}": morph_object(obj, BLOB, s) for s in shares}}
-    return {k: prompt_advantage(prior, render_object(o, cams)["rgb"].clamp(0, 1), obj.prompt)
+    return {k: prompt_advantage(prior, render_object(o, at_size_of(obj, o, cams) if sized else cams)["rgb"]
+                                .clamp(0, 1), obj.prompt)
             for k, o in shapes.items()}
 
 
@@ -67,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", default=",".join(o.name for o in OBJECTS))
     ap.add_argument("--views", type=int, default=24)
     ap.add_argument("--shares", default="0.15,0.3", help="the blob's shares of the morphs")
+    ap.add_argument("--sized", action="store_true",
+                    help="see each morph at the object's own apparent size (only the shape differs)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -75,9 +81,9 @@ def main(argv=None) -> int:
     prior = load_stable_diffusion(args.model, device="cpu", dtype="float32")
     shares = [float(s) for s in args.shares.split(",")]
     print(f"{args.model}: the prompt's advantage over \"\" (mean of {args.views} views) and how often the exact "
-          f"render beats its morph")
+          f"render beats its morph" + (" (seen at the object's size)" if args.sized else ""))
     for name in args.objects.split(","):
-        adv = compare(prior, name, args.views, shares)
+        adv = compare(prior, name, args.views, shares, args.sized)
         exact = adv.pop("exact")
         cells = "  ".join(f"{k} {float(v.mean()):+.4f} (exact wins {float((exact > v).float().mean()):.2f})"
                           for k, v in adv.items())

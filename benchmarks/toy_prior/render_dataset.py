@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,6 +62,10 @@ MORPH_BLOB_MIX = (("morph", 0.5), ("blob", 0.5))
 #: the same, each recoloured as the colour variants (in the object's own colour, shapes between the objects in ∅
 #: also say that the prompt's colour is not what tells it from ∅)
 MORPH_BLOB_RECOLOUR_MIX = (("morph+colour", 0.5), ("blob+colour", 0.5))
+#: morphs and blob morphs, each seen at its object's own apparent size (``+sized``: neither smaller nor larger, so
+#: that only the shape tells them from the object), half of them recoloured
+MORPH_BLOB_SIZED_MIX = (("morph+sized", 0.25), ("blob+sized", 0.25),
+                        ("morph+sized+colour", 0.25), ("blob+sized+colour", 0.25))
 #: a variant's apparent size is the object's times one of these ranges (smaller or larger; never about its own)
 VARIANT_SCALES = ((0.6, 0.8), (1.25, 1.6))
 #: a variant's albedo moves by up to this much per channel (at least 0.15 in one channel), then clipped to [0, 1]
@@ -135,6 +141,45 @@ def sample_views(n: int, g: torch.Generator, relative_distance: Optional[Sequenc
                    cat("light_positions"), IMAGE_SIZE, IMAGE_SIZE)
 
 
+#: the directions ``silhouette_area`` looks from, (elevation, azimuth) in degrees: around the object, level and
+#: from above, as most of the dataset's views (the area of a parallel projection is the same from the opposite side)
+AREA_VIEWS = tuple((e, a) for e in (0, 30) for a in (0, 45, 90, 135))
+
+
+def silhouette_area(obj, resolution: int = 40) -> float:
+    """How large ``obj`` looks: its silhouette's area seen along each of ``AREA_VIEWS`` (a parallel projection of
+    its occupancy on a ``resolution``³ grid over [−0.6, 0.6]³ turned to the view), as a fraction of the square
+    [−0.6, 0.6]², averaged over the views — what a ``"+sized"`` variant keeps."""
+    s = torch.linspace(-0.6, 0.6, resolution)
+    grid = torch.stack(torch.meshgrid(s, s, s, indexing="ij"), -1).reshape(-1, 3)  # (depth, across, up)
+    areas = []
+    for elevation, azimuth in AREA_VIEWS:
+        e, a = math.radians(elevation), math.radians(azimuth)
+        depth = torch.tensor([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])
+        across = torch.tensor([-math.sin(a), math.cos(a), 0.0])
+        up = torch.linalg.cross(depth, across)
+        occupied = (obj.sdf_fn(grid @ torch.stack([depth, across, up])) < 0).reshape(resolution, -1)
+        areas.append(float(occupied.any(0).float().mean()))
+    return sum(areas) / len(areas)
+
+
+@functools.lru_cache(maxsize=None)
+def _object_area(name: str) -> float:
+    return silhouette_area(next(o for o in OBJECTS if o.name == name))
+
+
+def _moved(cams, f: torch.Tensor):
+    """``cams`` with each camera moved along its line to the origin so that everything looks ``f`` times as large."""
+    c2w = cams.c2w.clone()
+    c2w[:, :3, 3] /= f[:, None]
+    return dataclasses.replace(cams, c2w=c2w, distance=cams.distance / f)
+
+
+def at_size_of(exact, obj, cams):
+    """``cams`` moved so that ``obj`` (a variant of ``exact``, one of ``OBJECTS``) looks as large as ``exact``."""
+    return _moved(cams, torch.full((len(cams),), math.sqrt(_object_area(exact.name) / silhouette_area(obj))))
+
+
 def morph_object(obj, other, share: float):
     """``obj`` whose signed distance is ``(1 − share)·obj + share·other`` (a shape between the two; a convex mix of
     1-Lipschitz distances is 1-Lipschitz, a distance bound that sphere tracing can step by), with ``obj``'s name and
@@ -148,9 +193,11 @@ def morph_object(obj, other, share: float):
 def _variant(obj, cams, g: torch.Generator, mix=VARIANT_MIX):
     """The object and cameras of one batch of variants (a kind drawn from ``mix``): seen larger or smaller (each
     camera moved along its line to the origin by the factor) and/or with another albedo, or its shape morphed with
-    another object's (``morph_object``, a share in ``MORPH_RANGE``) or with ``BLOB`` (a share in ``BLOB_RANGE``);
-    a kind ``"X+colour"`` recolours it too (``"size+colour"``: resized and recoloured)."""
-    kind, _, then = _pick(mix, g).partition("+")  # "morph+colour": a morph, then recoloured
+    another object's (``morph_object``, a share in ``MORPH_RANGE``) or with ``BLOB`` (a share in ``BLOB_RANGE``).
+    A kind's ``"+"`` modifiers: ``"+sized"`` moves the cameras so that the variant looks as large as its object
+    (``silhouette_area``), ``"+colour"`` recolours it (``"size+colour"``: resized and recoloured)."""
+    kind, *mods = _pick(mix, g).split("+")  # "blob+sized+colour": a blob morph, at the object's size, recoloured
+    exact = obj
     if kind == "blob":
         obj = morph_object(obj, BLOB, _uniform(BLOB_RANGE, g))
     if kind == "morph":
@@ -159,11 +206,10 @@ def _variant(obj, cams, g: torch.Generator, mix=VARIANT_MIX):
         obj = morph_object(obj, other, _uniform(MORPH_RANGE, g))
     if kind == "size":
         lo, hi = VARIANT_SCALES[int(torch.randint(0, len(VARIANT_SCALES), (1,), generator=g))]
-        f = lo + (hi - lo) * torch.rand(len(cams), generator=g)
-        c2w = cams.c2w.clone()
-        c2w[:, :3, 3] /= f[:, None]
-        cams = dataclasses.replace(cams, c2w=c2w, distance=cams.distance / f)
-    if "colour" in (kind, then):
+        cams = _moved(cams, lo + (hi - lo) * torch.rand(len(cams), generator=g))
+    if "sized" in mods:
+        cams = at_size_of(exact, obj, cams)
+    if "colour" in (kind, *mods):
         shift = (torch.rand(3, generator=g) * 2 - 1) * VARIANT_COLOUR_SHIFT
         k = int(shift.abs().argmax())
         shift[k] = shift[k].sign() * max(float(shift[k].abs()), 0.15)
