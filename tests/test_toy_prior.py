@@ -396,6 +396,11 @@ def test_toy_sized_variants_look_as_large_as_their_object():
         assert colours == {True, False}  # (unsized, these ratios are 0.5–1.5)
         assert max(abs(r - 1) for r in ratios) < 0.2 and abs(sum(ratios) / len(ratios) - 1) < 0.08, (name, ratios)
     assert "away" in kinds
+    ball = get_object("ball")  # a blob morph of the ball at its own size would be the ball: a morph instead
+    for _ in range(8):
+        obj, _ = _variant(ball, cams, g, MORPH_BLOB_SIZED_MIX)
+        ratio = (obj.sdf(p) - ball.sdf(p)) / (BLOB.sdf(p) - ball.sdf(p))
+        assert not torch.allclose(ratio, ratio.median().expand_as(ratio), atol=1e-3)  # not a blend with the blob
 
 
 def test_prefer_exact_scores_the_prompt_higher_on_its_own_object():

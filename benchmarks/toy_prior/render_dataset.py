@@ -55,6 +55,9 @@ BLOB_MIX = (("blob", 1.0),)
 #: the sphere every object fits in (objects.py), the size of the engine's starting blob (``density_blob_std`` 0.5)
 BLOB = ToyObject("blob", "", (0.5, 0.5, 0.5), lambda p: p.norm(dim=-1) - 0.5, bound=0.55,
                  box=((-0.5,) * 3, (0.5,) * 3), description="sphere, radius 0.5")
+#: the objects that are spheres about the origin, as ``BLOB`` is: a blend of the two is the object at another size, so
+#: their ``"blob+sized"`` variants are morphs instead (the object itself would be in ∅)
+SPHERES = frozenset({"ball"})
 #: a blob morph's share of ``BLOB``'s distance (0.1: the cube at volume IoU 0.85, 0.4: 0.63)
 BLOB_RANGE = (0.1, 0.4)
 #: morphs and blob morphs, half each (the morphs are often smaller than their object, the blob morphs larger)
@@ -198,6 +201,8 @@ def _variant(obj, cams, g: torch.Generator, mix=VARIANT_MIX):
     (``silhouette_area``), ``"+colour"`` recolours it (``"size+colour"``: resized and recoloured)."""
     kind, *mods = _pick(mix, g).split("+")  # "blob+sized+colour": a blob morph, at the object's size, recoloured
     exact = obj
+    if kind == "blob" and "sized" in mods and obj.name in SPHERES:
+        kind = "morph"
     if kind == "blob":
         obj = morph_object(obj, BLOB, _uniform(BLOB_RANGE, g))
     if kind == "morph":
