@@ -395,6 +395,16 @@ def test_toy_sized_variants_look_as_large_as_their_object():
             ratios.append(float(render_object(obj, moved)["mask"].sum() / exact))
         assert colours == {True, False} and "away" in kinds  # (unsized, these ratios are 0.5–1.5)
         assert max(abs(r - 1) for r in ratios) < 0.2 and abs(sum(ratios) / len(ratios) - 1) < 0.08, (name, ratios)
+    from toy_prior.render_dataset import MORPH_BLOB_SIZED_RESIZE_MIX  # and the object itself, resized
+
+    cube, kinds = get_object("cube"), set()
+    for _ in range(16):
+        obj, moved = _variant(cube, cams, g, MORPH_BLOB_SIZED_RESIZE_MIX)
+        resized = torch.allclose(obj.sdf(p), cube.sdf(p))
+        kinds.add("resized" if resized else "shape")
+        if resized:  # the cube itself, nearer or further
+            assert obj.color == cube.color and not torch.allclose(moved.distance, cams.distance)
+    assert kinds == {"resized", "shape"}
     ball = get_object("ball")  # a blob morph of the ball at its own size would be the ball: a morph instead
     for _ in range(8):
         obj, _ = _variant(ball, cams, g, MORPH_BLOB_SIZED_MIX)

@@ -69,6 +69,10 @@ MORPH_BLOB_RECOLOUR_MIX = (("morph+colour", 0.5), ("blob+colour", 0.5))
 #: that only the shape tells them from the object), half of them recoloured
 MORPH_BLOB_SIZED_MIX = (("morph+sized", 0.25), ("blob+sized", 0.25),
                         ("morph+sized+colour", 0.25), ("blob+sized+colour", 0.25))
+#: those and the object itself resized, a fifth each (at one apparent size, ``--relative-distance``, what tells a
+#: larger or smaller object from the prompt)
+MORPH_BLOB_SIZED_RESIZE_MIX = (("morph+sized", 0.2), ("blob+sized", 0.2), ("morph+sized+colour", 0.2),
+                               ("blob+sized+colour", 0.2), ("size", 0.2))
 #: a variant's apparent size is the object's times one of these ranges (smaller or larger; never about its own)
 VARIANT_SCALES = ((0.6, 0.8), (1.25, 1.6))
 #: a variant's albedo moves by up to this much per channel (at least 0.15 in one channel), then clipped to [0, 1]

@@ -27,7 +27,7 @@ U[A, B] / tan(fovy / 2)); ``--variants-per-object N`` adds N resized or recolour
 only the unconditional captions name (``--variant-kind morph``: its shape blended with another object's instead;
 ``morph-resize``: half each; ``blob``: its shape blended with the engine's starting blob; ``morph-blob``: half
 morphs, half blob morphs; ``morph-blob-recolour``: those recoloured; ``morph-blob-sized``: those seen at their
-object's own size, half recoloured). Each is part of the checkpoints' settings
+object's own size, half recoloured; ``morph-blob-sized-resize``: those and resized objects). Each is part of the checkpoints' settings
 only when given.
 
 Phases (each prints its time):
@@ -80,8 +80,8 @@ for _p in (_HERE.parents[1], _HERE.parent):
 
 from toy_prior.objects import OBJECTS  # noqa: E402
 from toy_prior.render_dataset import (BLOB_MIX, IMAGE_SIZE, MORPH_BLOB_MIX, MORPH_BLOB_RECOLOUR_MIX,  # noqa: E402
-                                     MORPH_BLOB_SIZED_MIX, MORPH_MIX, MORPH_SIZE_MIX, SHADING_MIX, VARIANT_MIX,
-                                     distance_range, render_dataset, save_sheet)
+                                     MORPH_BLOB_SIZED_MIX, MORPH_BLOB_SIZED_RESIZE_MIX, MORPH_MIX, MORPH_SIZE_MIX,
+                                     SHADING_MIX, VARIANT_MIX, distance_range, render_dataset, save_sheet)
 
 # ------------------------------------------------------------------------------------------------ settings
 MAX_LENGTH = 32
@@ -753,7 +753,8 @@ VARIANT_KINDS = {"resize-recolour": (VARIANT_MIX, "variants"), "morph": (MORPH_M
                  "morph-resize": (MORPH_SIZE_MIX, "morphs-resize"), "blob": (BLOB_MIX, "blobs"),
                  "morph-blob": (MORPH_BLOB_MIX, "morphs-blobs"),
                  "morph-blob-recolour": (MORPH_BLOB_RECOLOUR_MIX, "morphs-blobs-recolour"),
-                 "morph-blob-sized": (MORPH_BLOB_SIZED_MIX, "morphs-blobs-sized")}
+                 "morph-blob-sized": (MORPH_BLOB_SIZED_MIX, "morphs-blobs-sized"),
+                 "morph-blob-sized-resize": (MORPH_BLOB_SIZED_RESIZE_MIX, "morphs-blobs-sized-resize")}
 #: the options each phase's result depends on (a checkpoint made with other values is not resumed)
 VAE_KEYS = ("seed", "per_object", "vae_channels", "vae_layers", "vae_steps", "vae_batch", "vae_lr",
             "vae_crop_fraction", "vae_kl") + OPTIONAL_KEYS
@@ -833,7 +834,8 @@ def main(argv=None) -> int:
                          "the object's shape blended with another object's, in its own colour; morph-resize: half "
                          "morphs, half resized; blob: the object's shape blended with the starting blob's, rounder "
                          "and larger; morph-blob: half morphs, half blob morphs; morph-blob-recolour: those "
-                         "recoloured; morph-blob-sized: those at their object's own apparent size, half recoloured)")
+                         "recoloured; morph-blob-sized: those at their object's own apparent size, half recoloured; "
+                         "morph-blob-sized-resize: those and resized objects)")
     ap.add_argument("--smoke", action="store_true", help="tiny models and a few steps: checks the pipeline")
     args = ap.parse_args(argv)
     if args.variant_kind and not args.variants_per_object:
