@@ -33,7 +33,7 @@ for _p in (_HERE.parents[1], _HERE.parent):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from toy_prior.objects import OBJECTS, ToyObject, render_object  # noqa: E402
+from toy_prior.objects import OBJECTS, ToyObject, get_object, render_object  # noqa: E402
 
 IMAGE_SIZE = 64
 #: (camera preset, probability): whose camera settings the views are drawn from
@@ -172,7 +172,7 @@ def silhouette_area(obj, resolution: int = 40) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _object_area(name: str) -> float:
-    return silhouette_area(next(o for o in OBJECTS if o.name == name))
+    return silhouette_area(get_object(name))
 
 
 def _moved(cams, f: torch.Tensor):

@@ -27,8 +27,8 @@ U[A, B] / tan(fovy / 2)); ``--variants-per-object N`` adds N resized or recolour
 only the unconditional captions name (``--variant-kind morph``: its shape blended with another object's instead;
 ``morph-resize``: half each; ``blob``: its shape blended with the engine's starting blob; ``morph-blob``: half
 morphs, half blob morphs; ``morph-blob-recolour``: those recoloured; ``morph-blob-sized``: those seen at their
-object's own size, half recoloured; ``morph-blob-sized-resize``: those and resized objects). Each is part of the checkpoints' settings
-only when given.
+object's own size, half recoloured; ``morph-blob-sized-resize``: those and resized objects). Each is part of the
+checkpoints' settings only when given.
 
 Phases (each prints its time):
 
